@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quick   the main job (fetch MNIST, train a model briefly on the CPU)
+#   make test    the test suite
+# Both create .venv on first use and reinstall only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+# The PyTorch build to install first. The default is the CPU wheel; pick your own, e.g.
+#   make test TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: quick test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+quick: $(STAMP)
+	$(BIN)/distrep data fetch mnist
+	$(BIN)/distrep train --model ReLU2-Neg --epochs 300 --eval-every 10 --seed 0 --out runs/quick --force
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,107 @@
+"""The command line, run as a user runs it: a subprocess, its exit status and its stderr."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distrep.models import ALIASES
+from distrep.storage import read_arrays, read_json
+
+
+def distrep(*args, env=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "distrep.cli", *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_models_lists_every_alias():
+    r = distrep("models")
+    assert r.returncode == 0
+    for name, spec in ALIASES.items():
+        assert name in r.stdout and spec in r.stdout
+
+
+def test_unknown_model_lists_the_valid_ones(tmp_path):
+    r = distrep("train", "--model", "ReLU3", "--out", tmp_path / "x", "--epochs", 1)
+    assert_one_line_error(r, "unknown model 'ReLU3'", "ReLU2-Neg", "Abs-L2-Neg")
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--epochs", "0", "--epochs: must be a positive integer, got 0"),
+    ("--epochs", "-5", "--epochs: must be a positive integer, got -5"),
+    ("--epochs", "ten", "--epochs: expected a positive integer"),
+    ("--lr", "0", "--lr: must be a positive finite number"),
+    ("--lr", "-0.01", "--lr: must be a positive finite number"),
+    ("--lr", "nan", "--lr: must be a positive finite number"),
+    ("--train-subset", "0", "--train-subset: must be a positive integer"),
+])
+def test_bad_numbers_are_refused(tmp_path, flag, value, fragment):
+    r = distrep("train", "--model", "ReLU", "--out", tmp_path / "x", flag, value)
+    assert_one_line_error(r, fragment)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_dataset(tmp_path):
+    r = distrep("train", "--model", "ReLU", "--out", tmp_path / "x", "--dataset", "cifar10")
+    assert_one_line_error(r, "unknown dataset 'cifar10'", "mnist")
+    assert_one_line_error(distrep("data", "fetch", "imagenet"), "unknown dataset 'imagenet'")
+
+
+def test_missing_data_with_no_source(tmp_path):
+    env = {"DISTREP_DATA": str(tmp_path / "empty-cache"), "DISTREP_OFFLINE": "1"}
+    r = distrep("train", "--model", "ReLU", "--out", tmp_path / "x", "--epochs", 1, env=env)
+    assert_one_line_error(r, "dataset mnist is not in the cache", "DISTREP_OFFLINE",
+                          "distrep data fetch mnist --from DIR")
+    assert not (tmp_path / "x").exists()
+    r = distrep("data", "fetch", "mnist", "--from", tmp_path / "nothing-here", env=env)
+    assert_one_line_error(r, "cannot read mnist: --from", "nothing-here is not a directory")
+
+
+def test_fetch_from_directory_and_verify(tmp_path):
+    from tests.conftest import make_synthetic
+    from distrep.data import cache_dir, MNIST
+    # the real files, laid out as torchvision keeps them, fetched into a fresh cache
+    src = tmp_path / "tv" / "MNIST" / "raw"
+    src.mkdir(parents=True)
+    for f in MNIST.files:
+        (src / f.name).symlink_to(cache_dir(MNIST) / f.name)
+    env = {"DISTREP_DATA": str(tmp_path / "cache"), "DISTREP_OFFLINE": "1"}
+    r = distrep("data", "fetch", "mnist", "--from", tmp_path / "tv", env=env)
+    assert r.returncode == 0, r.stderr
+    assert distrep("data", "verify", "mnist", env=env).returncode == 0
+    assert distrep("data", "path", env=env).stdout.strip() == str(tmp_path / "cache")
+
+
+def test_train_writes_a_run_and_refuses_to_mix(tmp_path, mnist):
+    out = tmp_path / "run"
+    args = ["train", "--model", "ReLU2-Neg", "--epochs", 3, "--seed", 4, "--out", out,
+            "--train-subset", 200, "--eval-every", 2, "--quiet"]
+    r = distrep(*args)
+    assert r.returncode == 0, r.stderr
+    assert "ReLU2-Neg: test accuracy" in r.stdout
+    assert read_json(out / "config.json")["config"]["seed"] == 4
+    assert read_arrays(out / "metrics.npz")["test_epochs"].tolist() == [2, 3]
+    again = distrep(*args)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    other = distrep(*[a if a != 4 else 5 for a in args])
+    assert_one_line_error(other, "holds a finished run with a different config", "--force")
+    assert read_json(out / "config.json")["config"]["seed"] == 4, "earlier result must survive"
+    forced = distrep(*[a if a != 4 else 5 for a in args], "--force")
+    assert forced.returncode == 0 and read_json(out / "config.json")["config"]["seed"] == 5
+
+
+def test_progress_bar_is_shown_unless_quiet(tmp_path, mnist):
+    r = distrep("train", "--model", "Abs", "--epochs", 2, "--out", tmp_path / "a",
+                "--train-subset", 100)
+    assert r.returncode == 0 and "epoch" in r.stderr and "2/2" in r.stderr
