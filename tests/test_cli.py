@@ -68,8 +68,7 @@ def test_missing_data_with_no_source(tmp_path):
     assert_one_line_error(r, "cannot read mnist: --from", "nothing-here is not a directory")
 
 
-def test_fetch_from_directory_and_verify(tmp_path):
-    from tests.conftest import make_synthetic
+def test_fetch_from_directory_and_verify(tmp_path, mnist):
     from distrep.data import cache_dir, MNIST
     # the real files, laid out as torchvision keeps them, fetched into a fresh cache
     src = tmp_path / "tv" / "MNIST" / "raw"
