@@ -87,7 +87,53 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--force", action="store_true",
                        help="overwrite a finished run made with a different config")
+    sweep = commands.add_parser("sweep", help="train R runs of several models together (batched engine)")
+    sweep.add_argument("--models", required=True, type=comma_list,
+                       help="comma-separated paper names or specs, e.g. ReLU,ReLU2-Neg")
+    sweep.add_argument("--out", required=True, type=Path, help="experiment directory")
+    sweep.add_argument("--runs", type=positive_int, default=20)
+    sweep.add_argument("--epochs", type=positive_int, default=5000)
+    sweep.add_argument("--lr", type=positive_float, default=1e-3)
+    sweep.add_argument("--width", type=positive_int, default=128)
+    sweep.add_argument("--dataset", default="mnist")
+    sweep.add_argument("--preprocess", choices=data_mod.PREPROCESS_MODES, default="raw")
+    sweep.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
+    sweep.add_argument("--eval-every", type=positive_int, default=10, metavar="K")
+    sweep.add_argument("--offsetl2-form", choices=OFFSETL2_FORMS, default="paper")
+    sweep.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default="fp32",
+                       help="fp32 (exact, default); bf16 first-layer products (CPU/GPU); tf32 (GPU)")
+    sweep.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    sweep.add_argument("--base-seed", type=non_negative_int, default=0)
+    sweep.add_argument("--unpaired", action="store_true",
+                       help="give every model its own seeds (default: run i of every model "
+                            "starts from the same first-layer weights)")
+    sweep.add_argument("--max-memory", type=memory_size, default="8G", metavar="SIZE",
+                       help="memory budget for one chunk of runs, e.g. 8G or 512M (default 8G)")
+    sweep.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument("--force", action="store_true",
+                       help="discard results in --out made with a different config")
     return parser
+
+
+def comma_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of models")
+    return items
+
+
+def memory_size(text: str) -> int:
+    """'8G', '8GiB', '512M', '1.5g' or plain bytes -> bytes (binary units)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 8G or 512M, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return int(value)
 
 
 def cmd_data(args) -> None:
@@ -136,10 +182,52 @@ def cmd_train(args) -> None:
           f"{result.final['train_loss']:.4f} after {config.epochs} epochs{status} -> {args.out}")
 
 
+def cmd_sweep(args) -> None:
+    import shutil
+
+    from distrep.provenance import resolve_device
+    from distrep.storage import read_json, write_json
+    from distrep.sweep import Sweep, SweepConfig, describe_sweep, save_results
+
+    config = SweepConfig(
+        models=args.models, runs=args.runs, epochs=args.epochs, lr=args.lr, width=args.width,
+        dataset=args.dataset, preprocess=args.preprocess, train_subset=args.train_subset,
+        eval_every=args.eval_every, offsetl2_form=args.offsetl2_form, precision=args.precision,
+        base_seed=args.base_seed, paired=not args.unpaired, device=args.device,
+        max_memory=args.max_memory, checkpoint_every=args.checkpoint_every).validate()
+    data_mod.get_spec(config.dataset)
+    out: Path = args.out
+    config_file = out / "config.json"
+    if config_file.exists():
+        try:
+            previous = read_json(config_file).get("result_fields")
+        except ValueError:
+            previous = None
+        if previous != config.result_fields:
+            if not args.force:
+                raise DistrepError(f"{out} holds an experiment with a different config; use "
+                                   f"another --out or --force")
+            for stale in ("checkpoint.safetensors", "summary.csv", "models"):
+                path = out / stale
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    device = resolve_device(config.device)
+    write_json(config_file, describe_sweep(config, device))
+    data = data_mod.load_dataset(config.dataset, config.preprocess)
+    sweep = Sweep(config, data, checkpoint=out / "checkpoint.safetensors", progress=not args.quiet)
+    results = sweep.run()
+    save_results(results, config, out)
+    for res in results:
+        acc = 100 * res.arrays["final_test_acc"]
+        print(f"{res.name:<16} test accuracy {acc.mean():6.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} %"
+              f"  ({len(acc)} runs, {int(res.diverged.sum())} diverged)")
+    print(f"results in {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"data": cmd_data, "models": cmd_models, "train": cmd_train}[args.command](args)
+        {"data": cmd_data, "models": cmd_models, "train": cmd_train,
+         "sweep": cmd_sweep}[args.command](args)
     except DistrepError as e:
         print(f"distrep: error: {e}", file=sys.stderr)
         return 2

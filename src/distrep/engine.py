@@ -1,0 +1,471 @@
+"""The batched engine: every run of every variant trained together with full-batch SGD.
+
+Layout. Activations are kept feature-major, ``[runs, features, examples]``, so that each run's
+block is contiguous: the first layer of all runs is ONE matrix product
+``W1_all [runs*width, 784] @ X^T [784, n]`` and its weight gradient one more,
+``dH_all [runs*width, n] @ X [n, 784]``; the later layers are batched products over runs. The
+gradients are written by hand into buffers allocated once, so a step allocates (and
+page-faults) almost nothing.
+
+Each run's update is exactly its own: the loss of run r is its mean cross-entropy, its gradient
+touches only its parameters, and nothing in the step mixes runs. A run whose loss becomes
+non-finite is marked diverged and frozen (its gradient is zeroed from then on).
+
+Runs are trained in chunks sized to a memory budget. Every operation used computes each run's
+slice independently of the others in the chunk (checked by the tests: chunked and unchunked
+training give bit-identical results), so the chunking never changes a result.
+
+Precision: ``fp32`` (default) keeps every operation in fp32; ``bf16`` runs the two first-layer
+products (nearly all the arithmetic) on bf16 copies of their operands; ``tf32`` lets CUDA
+matrix products use TF32. OffsetL2 layers accumulate their squared distances in float64 (see
+:func:`distrep.layers.squared_distance_expanded`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from distrep.errors import DistrepError
+from distrep.layers import CODED_CLAMP
+from distrep.models import LayerSpec, Net
+
+PRECISIONS = ("fp32", "bf16", "tf32")
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.bmm`` whose result for each batch entry does not depend on the batch size.
+
+    PyTorch computes a batch of one with its plain matrix product, whose rounding differs from
+    the batched kernel's; doubling a batch of one keeps every run on the batched kernel.
+    """
+    if a.shape[0] != 1:
+        return torch.bmm(a, b, out=out)
+    two = torch.bmm(a.expand(2, -1, -1).contiguous(), b.expand(2, -1, -1).contiguous())
+    if out is None:
+        return two[:1].clone()
+    return out.copy_(two[:1])
+
+
+def _onednn_nt() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b^T for row-major ``a [M, K]`` and ``b [N, K]``, returns ``[M, N]``.
+
+    On the CPU this goes through oneDNN's inner product (AVX-512 on AMD too, ~10 % faster here
+    than the MKL path ``torch.mm`` takes for this shape); elsewhere through ``torch.mm``, whose
+    BLAS reads the transposed operand in place.
+    """
+    if a.device.type == "cpu" and a.dtype == torch.float32 and _onednn_nt():
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return torch.mm(a, b.t())
+
+
+# --------------------------------------------------------------------------- activations
+
+def activation_forward(kind: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a = f(h) elementwise into ``out`` (any shape)."""
+    if kind == "relu":
+        return torch.clamp_min(h, 0.0, out=out)
+    if kind == "abs":
+        return torch.abs(h, out=out)
+    if kind == "neg":
+        return torch.neg(h, out=out)
+    if kind == "identity":
+        return out.copy_(h)
+    fn = {"tanh": torch.tanh, "sigmoid": torch.sigmoid,
+          "gelu": torch.nn.functional.gelu, "softplus": torch.nn.functional.softplus,
+          "elu": torch.nn.functional.elu}[kind]
+    return out.copy_(fn(h))
+
+
+def activation_backward(kind: str, h: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dL/dh = dL/da * f'(h), written into ``g``. ``h`` is the input, ``a`` = f(h); ``h`` may be
+    overwritten (nothing needs it afterwards), which spares allocating a temporary as large as it.
+
+    relu: 1[h > 0] · abs: sign(h) · neg: -1 · tanh: 1 - a^2 · sigmoid: a (1 - a)
+    softplus: sigmoid(h) · elu: 1 if h > 0 else a + 1 · gelu: Phi(h) + h phi(h)
+    """
+    if kind == "relu":  # PyTorch's own ReLU gradient kernel, in place
+        return torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g)
+    if kind == "abs":
+        return g.mul_(torch.sign(h, out=h))
+    if kind == "neg":
+        return g.neg_()
+    if kind == "identity":
+        return g
+    if kind == "tanh":
+        return g.mul_(1 - a * a)
+    if kind == "sigmoid":
+        return g.mul_(a * (1 - a))
+    if kind == "softplus":  # PyTorch's softplus is linear above h = 20
+        return g.mul_(torch.where(h > 20, torch.ones_like(h), torch.sigmoid(h)))
+    if kind == "elu":
+        return g.mul_(torch.where(h > 0, torch.ones_like(h), a + 1))
+    if kind == "gelu":
+        cdf = 0.5 * (1 + torch.erf(h / math.sqrt(2)))
+        pdf = torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
+        return g.mul_(cdf + h * pdf)
+    raise DistrepError(f"the engine has no gradient for activation {kind!r}")
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+def cross_entropy_backward(z: torch.Tensor, y: torch.Tensor, grad: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-run mean cross-entropy of logits ``z [R, C, n]`` for labels ``y [n]``.
+
+    loss_r = mean_n( logsumexp_c z_rcn - z_r,y_n,n ); writes dloss_r/dz = (softmax - onehot)/n
+    into ``grad`` and returns ``(loss [R], correct [R])`` (correct = examples classified right).
+    Written elementwise so each run's numbers do not depend on the other runs.
+    """
+    n = z.shape[2]
+    zmax = z.amax(1, keepdim=True)
+    torch.sub(z, zmax, out=grad)
+    grad.exp_()
+    total = grad.sum(1, keepdim=True)
+    index = y.view(1, 1, n).expand(z.shape[0], 1, n)
+    target = z.gather(1, index)
+    loss = (zmax + total.log() - target).sum(2).squeeze(1) / n
+    correct = (first_argmax(z) == y).sum(1)
+    grad.div_(total)
+    grad.scatter_add_(1, index, torch.full_like(target, -1.0))
+    grad.div_(n)
+    return loss, correct
+
+
+@torch.no_grad()
+def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss [R], correct [R])`` of logits ``z [R, C, n]``, without a gradient."""
+    n = z.shape[2]
+    zmax = z.amax(1, keepdim=True)
+    total = (z - zmax).exp().sum(1, keepdim=True)
+    target = z.gather(1, y.view(1, 1, n).expand(z.shape[0], 1, n))
+    return (zmax + total.log() - target).sum(2).squeeze(1) / n, (first_argmax(z) == y).sum(1)
+
+
+def first_argmax(z: torch.Tensor) -> torch.Tensor:
+    """``z.argmax(1)`` for ``z [R, C, n]``: the first class holding the maximum (ties are common:
+    a ReLU output layer often gives several classes exactly 0). A pass per class over the
+    contiguous ``[R, n]`` slices; PyTorch's argmax across the strided class axis is ~20x slower."""
+    best, index = z[:, 0].clone(), torch.zeros(z.shape[0], z.shape[2], dtype=torch.long, device=z.device)
+    for c in range(1, z.shape[1]):
+        better = (z[:, c] > best) | (z[:, c].isnan() & ~best.isnan())   # argmax treats NaN as max
+        best = torch.where(better, z[:, c], best)
+        index.masked_fill_(better, c)
+    return index
+
+
+# --------------------------------------------------------------------------- stacked layers
+
+class StackedLinear:
+    """R linear layers: y_r = W_r x_r + b_r. W ``[R, out, in]``, b ``[R, out]`` or None.
+
+    With a shared input (the first layer) x is ``[in, n]`` for all runs and the product is one
+    ``[R*out, in] @ [in, n]`` matrix product.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+        self.params = {"weight": weight} | ({"bias": bias} if bias is not None else {})
+        self.grads = {k: torch.zeros_like(v) for k, v in self.params.items()}
+
+    def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+        R, o, i = self.weight.shape
+        n = x.shape[-1]
+        if out is None:
+            out = torch.empty(R, o, n, dtype=x.dtype, device=x.device)
+        if shared and self.bias is not None:   # the bias rides along in the product
+            torch.addmm(self.bias.view(R * o, 1), self.weight.view(R * o, i), x, out=out.view(R * o, n))
+            return out
+        if shared:
+            torch.mm(self.weight.view(R * o, i), x, out=out.view(R * o, n))
+        else:
+            bmm(self.weight, x, out=out)
+        if self.bias is not None:
+            out.add_(self.bias.unsqueeze(2))
+        return out
+
+    def backward(self, g: torch.Tensor, x: torch.Tensor, shared: bool, need_dx: bool,
+                 dx_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """dW = g x^T, db = sum_n g, dx = W^T g (into ``dx_out``)."""
+        R, o, i = self.weight.shape
+        if shared:
+            self.grads["weight"].view(R * o, i).copy_(matmul_nt(g.view(R * o, -1), x))
+        else:
+            bmm(g, x.transpose(1, 2), out=self.grads["weight"])
+        if self.bias is not None:
+            torch.sum(g, 2, out=self.grads["bias"])
+        if not need_dx:
+            return None
+        return bmm(self.weight.transpose(1, 2), g, out=dx_out)
+
+
+class StackedOffsetL2:
+    """R OffsetL2 layers: y_rjn = sqrt(sum_i w_rji (x_rin - mu_rji)^2), w = alpha^2 (paper) or
+    alpha (coded, with the square root's argument clamped at 1e-12). mu, alpha ``[R, out, in]``.
+
+    The squared distance is expanded into products, accumulated in float64:
+        s = w @ x^2 - 2 (w*mu) @ x + sum_i w mu^2
+    and its gradients (g_s = dL/ds = g_y / (2 y) where the root is differentiable, else 0):
+        dL/dx  = 2 (x * (w^T g_s) - (w*mu)^T g_s)
+        dL/dw  = g_s (x^2)^T - 2 mu * (g_s x^T) + mu^2 * sum_n g_s
+        dL/dmu = -2 w * (g_s x^T - mu * sum_n g_s)
+        dL/dalpha = 2 alpha * dL/dw (paper) or dL/dw (coded)
+    """
+
+    def __init__(self, mu: torch.Tensor, alpha: torch.Tensor, form: str):
+        self.mu, self.alpha, self.form = mu, alpha, form
+        self.params = {"mu": mu, "alpha": alpha}
+        self.grads = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        self._x64 = self._sq = None      # float64 work buffers [R, in, n], reused every step
+        self._cache = None
+
+    def _work(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and x^2 in float64, in the reused buffers when training."""
+        if not keep:
+            x64 = x.double()
+            return x64, x64 * x64
+        if self._x64 is None or self._x64.shape != x.shape:
+            self._x64 = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+            self._sq = torch.empty_like(self._x64)
+        self._x64.copy_(x)
+        return self._x64, torch.mul(self._x64, self._x64, out=self._sq)
+
+    @staticmethod
+    def _mm(a, b, shared_b, out=None):
+        """a ``[R, p, q]`` times b: shared ``[q, n]`` (one product) or per-run ``[R, q, n]``."""
+        if shared_b:
+            R, p, q = a.shape
+            return (a.reshape(R * p, q) @ b).view(R, p, -1)
+        return bmm(a, b, out=out)
+
+    def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None,
+                keep: bool = True) -> torch.Tensor:
+        x64, sq = self._work(x, keep)
+        w = (self.alpha * self.alpha if self.form == "paper" else self.alpha).double()
+        mu = self.mu.double()
+        s = self._mm(w, sq, shared)
+        s.sub_(self._mm(2 * w * mu, x64, shared)).add_((w * mu * mu).sum(2, keepdim=True))
+        s.clamp_min_(0.0)
+        if self.form == "paper":
+            active = s > 0
+            y = torch.where(active, s, 1.0).sqrt_().mul_(active)
+        else:
+            active = s > CODED_CLAMP
+            y = s.clamp_min(CODED_CLAMP).sqrt_()
+        if keep:
+            self._cache = (x64, sq, w, mu, y, active)
+        if out is None:
+            return y.to(x.dtype)
+        return out.copy_(y)
+
+    def backward(self, g: torch.Tensor, x: torch.Tensor, shared: bool, need_dx: bool,
+                 dx_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        x64, sq, w, mu, y, active = self._cache
+        self._cache = None
+        gs = torch.where(active, g.double() / (2 * torch.where(active, y, 1.0)), 0.0)
+        if shared:
+            R, o, _ = gs.shape
+            gx = (gs.reshape(R * o, -1) @ x64.t()).view(R, o, -1)
+            gx2 = (gs.reshape(R * o, -1) @ sq.t()).view(R, o, -1)
+        else:
+            gx, gx2 = bmm(gs, x64.transpose(1, 2)), bmm(gs, sq.transpose(1, 2))
+        q = gs.sum(2, keepdim=True)
+        grad_w = gx2 - 2 * mu * gx + mu * mu * q
+        self.grads["mu"].copy_(-2 * w * (gx - mu * q))
+        self.grads["alpha"].copy_(2 * self.alpha.double() * grad_w if self.form == "paper" else grad_w)
+        if not need_dx:
+            return None
+        # dx = 2 (x * (w^T g_s) - (w*mu)^T g_s), built in the two work buffers (x^2 is spent)
+        t = bmm(w.transpose(1, 2), gs, out=sq).mul_(x64)
+        t.sub_(bmm((w * mu).transpose(1, 2), gs, out=x64)).mul_(2.0)
+        return t.to(g.dtype) if dx_out is None else dx_out.copy_(t)
+
+
+class StackedActivation:
+    def __init__(self, kind: str):
+        self.kind, self.params, self.grads = kind, {}, {}
+
+    def forward(self, x, shared, out=None, keep=True):
+        if out is None:
+            out = torch.empty_like(x)
+        return activation_forward(self.kind, x, out)
+
+
+# --------------------------------------------------------------------------- a variant's runs
+
+@dataclass
+class StackedRuns:
+    """R runs of one variant, parameters stacked along a leading run dimension.
+
+    ``layers`` mirror the variant's layer specs; ``names`` are the ``nn.Sequential`` parameter
+    names (``"0.weight"`` ...), so stacked tensors map one to one onto a single run's state dict.
+    """
+
+    layers: list
+    specs: tuple[LayerSpec, ...]
+
+    @classmethod
+    def from_state(cls, specs: tuple[LayerSpec, ...], state: dict[str, torch.Tensor],
+                   offsetl2_form: str = "paper") -> "StackedRuns":
+        """Layers over stacked parameters ``{"0.weight": [R, out, in], ...}`` (used in place)."""
+        layers = []
+        for k, spec in enumerate(specs):
+            if spec.kind == "linear":
+                layers.append(StackedLinear(state[f"{k}.weight"], state.get(f"{k}.bias")))
+            elif spec.kind == "offsetl2":
+                layers.append(StackedOffsetL2(state[f"{k}.mu"], state[f"{k}.alpha"], offsetl2_form))
+            else:
+                layers.append(StackedActivation(spec.kind))
+        return cls(layers, specs)
+
+    @classmethod
+    def from_models(cls, models: list[Net], device: torch.device | str = "cpu") -> "StackedRuns":
+        """Stack the parameters of R identically built models (each initialised on its own)."""
+        names = [name for name, _ in models[0].named_parameters()]
+        state = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(device)
+                 for name in names}
+        return cls.from_state(models[0].layer_specs, state, models[0].offsetl2_form)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``{"0.weight": [R, out, in], ...}``: the stacked parameters by their model names."""
+        return {f"{k}.{name}": p for k, layer in enumerate(self.layers)
+                for name, p in layer.params.items()}
+
+    @property
+    def runs(self) -> int:
+        return next(iter(self.state().values())).shape[0]
+
+
+# Activations whose derivative needs only their input: the buffer holding their output can
+# receive the gradient flowing back into them.
+INPUT_ONLY_DERIVATIVE = {"relu", "abs", "neg", "identity", "softplus", "gelu"}
+
+
+class Trainer:
+    """Trains a chunk of runs (several variants' :class:`StackedRuns`) on one full batch.
+
+    The training input is ``x_t [in, n]`` (feature-major). Buffers are allocated on the first
+    step and reused.
+    """
+
+    def __init__(self, groups: list[StackedRuns], precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise DistrepError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        for group in groups:
+            if not group.specs[0].affine:
+                raise DistrepError("the engine needs an affine first layer (linear or offsetl2)")
+        self.groups, self.precision = groups, precision
+        self._buffers: dict = {}
+
+    def _buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != torch.Size(shape):
+            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def _forward_group(self, gi: int, group: StackedRuns, x_t: torch.Tensor, train: bool,
+                       x_bf16: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(the input of every layer, the logits ``[R, C, n]``) of one group."""
+        h, inputs = x_t, []
+        for k, layer in enumerate(group.layers):
+            inputs.append(h)
+            out = self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t) if train else None
+            if isinstance(layer, StackedLinear) and k == 0 and x_bf16 is not None:
+                h = first_linear_bf16(layer, x_bf16, out)
+            elif isinstance(layer, StackedOffsetL2):
+                h = layer.forward(h, shared=k == 0, out=out, keep=train)
+            else:
+                h = layer.forward(h, shared=k == 0, out=out)
+        return inputs, h
+
+    def step(self, x_t, y, lr: float, frozen: list[torch.Tensor],
+             x_bf16: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One SGD step for every run; returns per group ``(loss [R], correct [R])`` of the
+        parameters before the step. ``frozen[g]`` (bool ``[R]``) marks runs not to update; runs
+        whose loss is non-finite now are added to it. ``x_bf16`` (``x_t`` in bf16) selects bf16
+        for the first layer's two products."""
+        results = []
+        for gi, group in enumerate(self.groups):
+            inputs, z = self._forward_group(gi, group, x_t, True, x_bf16)
+            g = self._buffer((gi, "logits"), z.shape, z)
+            loss, correct = cross_entropy_backward(z, y, g)
+            frozen[gi] |= ~torch.isfinite(loss)
+            outputs = inputs[1:] + [z]
+            for k in range(len(group.layers) - 1, -1, -1):
+                layer = group.layers[k]
+                if isinstance(layer, StackedActivation):
+                    g = activation_backward(layer.kind, inputs[k], outputs[k], g)
+                elif k == 0 and x_bf16 is not None and isinstance(layer, StackedLinear):
+                    first_linear_bf16_backward(layer, g, x_bf16)
+                else:
+                    g = layer.backward(g, inputs[k], shared=k == 0, need_dx=k > 0,
+                                       dx_out=self._dx_buffer(gi, group, k, inputs))
+            self._update(group, lr, frozen[gi])
+            results.append((loss, correct))
+        return results
+
+    def _dx_buffer(self, gi, group, k, inputs) -> torch.Tensor | None:
+        """Where layer k writes the gradient of its input: over that input itself when the
+        activation before it does not need its own output back (saves one big buffer)."""
+        if k == 0:
+            return None
+        before = group.layers[k - 1]
+        if isinstance(before, StackedActivation) and before.kind in INPUT_ONLY_DERIVATIVE:
+            return inputs[k]
+        return self._buffer((gi, k, "dx"), inputs[k].shape, inputs[k])
+
+    @staticmethod
+    def _update(group: StackedRuns, lr: float, frozen: torch.Tensor) -> None:
+        """p <- p - lr * grad for every run not frozen (the operation torch.optim.SGD uses)."""
+        any_frozen = bool(frozen.any())
+        for layer in group.layers:
+            for name, p in layer.params.items():
+                grad = layer.grads[name]
+                if any_frozen:
+                    grad[frozen] = 0.0
+                p.add_(grad, alpha=-lr)
+
+    @torch.no_grad()
+    def evaluate(self, x_t: torch.Tensor, y: torch.Tensor, batch: int = 10000
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group ``(mean loss [R], correct [R])`` on ``x_t [in, n]``, in fp32, ``batch``
+        examples at a time."""
+        n = x_t.shape[1]
+        totals = [(0.0, 0) for _ in self.groups]
+        for start in range(0, n, batch):
+            xs, ys = x_t[:, start:start + batch].contiguous(), y[start:start + batch]
+            for gi, group in enumerate(self.groups):
+                loss, correct = cross_entropy(self._forward_group(gi, group, xs, False, None)[1], ys)
+                totals[gi] = (totals[gi][0] + loss * len(ys), totals[gi][1] + correct)
+        return [(loss / n, correct) for loss, correct in totals]
+
+
+def _out_shape(layer, h: torch.Tensor, runs: int) -> tuple[int, ...]:
+    n = h.shape[-1]
+    if isinstance(layer, StackedLinear):
+        return (runs, layer.weight.shape[1], n)
+    if isinstance(layer, StackedOffsetL2):
+        return (runs, layer.mu.shape[1], n)
+    return tuple(h.shape)
+
+
+def first_linear_bf16(layer: StackedLinear, x_bf16: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The first layer's product on bf16 copies of W and x (fp32 master weights, fp32 output)."""
+    R, o, i = layer.weight.shape
+    out.view(R * o, -1).copy_(layer.weight.view(R * o, i).bfloat16() @ x_bf16)
+    if layer.bias is not None:
+        out.add_(layer.bias.unsqueeze(2))
+    return out
+
+
+def first_linear_bf16_backward(layer: StackedLinear, g: torch.Tensor, x_bf16: torch.Tensor) -> None:
+    R, o, i = layer.weight.shape
+    layer.grads["weight"].view(R * o, i).copy_(g.reshape(R * o, -1).bfloat16() @ x_bf16.t())
+    if layer.bias is not None:
+        torch.sum(g, 2, out=layer.grads["bias"])

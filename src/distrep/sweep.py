@@ -1,0 +1,392 @@
+"""Many runs of many variants, trained by the batched engine, with checkpoints and exact resume.
+
+A sweep is R runs of each of several variants with one protocol. Run i of a variant starts
+from ``create_model(variant, seed=seed_i)``, exactly as the reference trainer would start it,
+and its seed depends only on the base seed, i and (in the unpaired design) the variant: never
+on which other runs share its batch. In the default *paired* design seed_i = base_seed + i for
+every variant, so run i of every variant starts from the same first-layer weights.
+
+Results (``[runs, epochs]`` arrays per variant) and all state are checkpointed as plain tensors
+(safetensors) at most every ``checkpoint_every`` seconds and after every chunk, atomically. A
+job killed at any moment and started again resumes from its checkpoint and finishes with
+results bit-identical to an uninterrupted job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distrep.data import PREPROCESS_MODES, Dataset, load_dataset
+from distrep.engine import PRECISIONS, StackedRuns, Trainer
+from distrep.errors import DistrepError
+from distrep.layers import OFFSETL2_FORMS
+from distrep.models import canonical_spec, create_model, display_name, parse
+from distrep.provenance import describe_device, resolve_device, software_versions
+from distrep.storage import read_tensors, write_json, write_tensors
+
+GiB = 1 << 30
+METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
+FINAL_KEYS = tuple(f"final_{k}" for k in METRIC_KEYS)
+
+
+@dataclass
+class SweepConfig:
+    """R runs of each model under one protocol. Fields that change results are ``result_fields``."""
+
+    models: list[str]
+    runs: int = 20
+    epochs: int = 5000
+    lr: float = 1e-3
+    width: int = 128
+    dataset: str = "mnist"
+    preprocess: str = "raw"
+    train_subset: int | None = None
+    eval_every: int = 10
+    offsetl2_form: str = "paper"
+    precision: str = "fp32"
+    base_seed: int = 0
+    paired: bool = True
+    device: str = "cpu"
+    max_memory: int = 8 * GiB
+    checkpoint_every: float = 300.0
+
+    # device, memory budget and checkpoint interval never change a result (fp32 CPU/GPU differ
+    # only in rounding); everything else does.
+    @property
+    def result_fields(self) -> dict:
+        d = asdict(self)
+        for key in ("device", "max_memory", "checkpoint_every"):
+            d.pop(key)
+        d["models"] = [canonical_spec(m) for m in self.models]
+        return d
+
+    def validate(self) -> "SweepConfig":
+        if not self.models:
+            raise DistrepError("no models given")
+        for m in self.models:
+            canonical_spec(m)
+        specs = [canonical_spec(m) for m in self.models]
+        if len(set(specs)) != len(specs):
+            raise DistrepError(f"a model is listed twice: {', '.join(self.models)}")
+        for name in ("runs", "epochs", "width", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DistrepError(f"{name} must be a positive integer, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DistrepError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.base_seed < 0:
+            raise DistrepError(f"base seed must be non-negative, got {self.base_seed}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise DistrepError(f"train subset must be a positive integer, got {self.train_subset}")
+        for value, allowed, what in ((self.preprocess, PREPROCESS_MODES, "preprocessing"),
+                                     (self.offsetl2_form, OFFSETL2_FORMS, "OffsetL2 form"),
+                                     (self.precision, PRECISIONS, "precision")):
+            if value not in allowed:
+                raise DistrepError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+        if self.max_memory <= 0:
+            raise DistrepError(f"max memory must be positive, got {self.max_memory}")
+        device = resolve_device(self.device)
+        if self.precision == "tf32" and device.type != "cuda":
+            raise DistrepError("tf32 is a CUDA precision; on the CPU use fp32 or bf16")
+        return self
+
+    def seeds(self, model: str) -> list[int]:
+        """Run i's seed: base + i (paired), or base + i + an offset fixed by the model's spec."""
+        offset = 0 if self.paired else 1_000_003 * (1 + zlib.crc32(canonical_spec(model).encode()) % 10_007)
+        return [self.base_seed + offset + i for i in range(self.runs)]
+
+    def test_epochs(self) -> np.ndarray:
+        return np.array(sorted({*range(self.eval_every, self.epochs + 1, self.eval_every), self.epochs}))
+
+
+@dataclass
+class VariantResult:
+    """The results of one variant's R runs: arrays ``[R, epochs]``, ``[R, k]`` and ``[R]``."""
+
+    name: str
+    spec: str
+    seeds: np.ndarray
+    arrays: dict[str, np.ndarray]          # train_loss, train_acc [R, E]; test_* [R, K]; final_* [R]
+    diverged_epoch: np.ndarray             # [R], 0 where the run did not diverge
+    params: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)   # "0.weight": [R, ...]
+
+    @property
+    def diverged(self) -> np.ndarray:
+        return self.diverged_epoch > 0
+
+
+# --------------------------------------------------------------------------- memory and chunks
+
+def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes: int) -> int:
+    """Working memory of one run in the engine: fp32 buffers for every layer's output and the
+    gradient flowing back (n values per feature), float64 copies inside OffsetL2, parameters
+    with their gradients."""
+    total, fan_in = 0, in_features
+    for layer in parse(model, width, in_features, num_classes):
+        features = layer.out_features if layer.affine else fan_in
+        total += 2 * 4 * n * features
+        if layer.kind == "offsetl2":
+            total += 4 * 8 * n * layer.in_features + 3 * 4 * 2 * layer.in_features * layer.out_features
+        elif layer.kind == "linear":
+            total += 3 * 4 * layer.in_features * layer.out_features
+        fan_in = features
+    return total
+
+
+def plan_chunks(units: list[tuple[int, int]], cost: list[int], budget: int) -> list[list[tuple[int, int]]]:
+    """Split ``(variant, run)`` units, in order, into consecutive chunks whose summed ``cost``
+    (per variant) stays within ``budget``."""
+    chunks, current, used = [], [], 0
+    for unit in units:
+        c = cost[unit[0]]
+        if current and used + c > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(unit)
+        used += c
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def verify_fp32_matmul(device: torch.device) -> None:
+    """Refuse to run 'fp32' if matrix products on ``device`` are silently done in lower
+    precision (TF32 or bf16 back-ends): their error would be ~1e-3 instead of ~1e-6."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 512, generator=g), torch.randn(512, 256, generator=g)
+    exact = a.double() @ b.double()
+    got = (a.to(device) @ b.to(device)).double().cpu()
+    rel = float((got - exact).abs().max() / exact.abs().max())
+    if rel > 1e-5:
+        raise DistrepError(f"fp32 matrix products on {device} have relative error {rel:.1e}: a "
+                           f"reduced-precision back-end is enabled (TF32?); refusing to call it fp32")
+
+
+def set_precision(config: SweepConfig, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.precision == "tf32"
+    if config.precision == "fp32":
+        verify_fp32_matmul(device)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+class Sweep:
+    """Trains a :class:`SweepConfig` with the engine, checkpointing into ``checkpoint`` (a path
+    or None). ``run()`` returns one :class:`VariantResult` per model."""
+
+    def __init__(self, config: SweepConfig, data: Dataset | None = None,
+                 checkpoint: str | os.PathLike | None = None, progress: bool = True):
+        self.config = config.validate()
+        data = data if data is not None else load_dataset(config.dataset, config.preprocess)
+        self.data = data.subset(config.train_subset)
+        self.device = resolve_device(config.device)
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.progress = progress
+        self.names = [display_name(m) for m in config.models]
+        self.specs = [canonical_spec(m) for m in config.models]
+        R, E, K = config.runs, config.epochs, len(config.test_epochs())
+        self.state: dict[str, torch.Tensor] = {"epochs_done": torch.zeros(len(self.specs), R, dtype=torch.int64),
+                                               "diverged_epoch": torch.zeros(len(self.specs), R, dtype=torch.int64)}
+        for v in range(len(self.specs)):
+            for key, cols in (("train_loss", E), ("train_acc", E), ("test_loss", K), ("test_acc", K)):
+                self.state[f"{v}/{key}"] = torch.full((R, cols), float("nan"), dtype=torch.float64)
+            for key in FINAL_KEYS:
+                self.state[f"{v}/{key}"] = torch.full((R,), float("nan"), dtype=torch.float64)
+        self.params: dict[int, dict[str, torch.Tensor]] = {}     # variant -> stacked [R, ...] (CPU)
+        self._last_save = time.monotonic()
+        self._load_checkpoint()
+
+    # ---- checkpoint
+
+    def _meta(self) -> dict:
+        return {"config": json.dumps(self.config.result_fields, sort_keys=True)}
+
+    def _load_checkpoint(self) -> None:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return
+        from safetensors import safe_open
+        with safe_open(self.checkpoint, "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("config") != self._meta()["config"]:
+            raise DistrepError(f"checkpoint {self.checkpoint} was made with a different config; "
+                               f"use another output directory or --force")
+        saved = read_tensors(self.checkpoint)
+        for key in self.state:
+            self.state[key] = saved[key]
+        for key, tensor in saved.items():
+            if key.startswith("params/"):
+                _, v, name = key.split("/", 2)
+                self.params.setdefault(int(v), {})[name] = tensor
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint is None:
+            return
+        tensors = dict(self.state)
+        for v, params in self.params.items():
+            tensors.update({f"params/{v}/{name}": p for name, p in params.items()})
+        write_tensors(self.checkpoint, tensors, metadata=self._meta())
+        self._last_save = time.monotonic()
+
+    # ---- training
+
+    def _initial_params(self, v: int) -> dict[str, torch.Tensor]:
+        """Stacked initial parameters of every run of variant v (each from its own seed)."""
+        models = [self._model(v, s) for s in self.config.seeds(self.specs[v])]
+        return StackedRuns.from_models(models, torch.device("cpu")).state()
+
+    def _model(self, v: int, seed: int):
+        c = self.config
+        return create_model(self.specs[v], c.width, in_features=self.data.num_features,
+                            num_classes=self.data.num_classes, offsetl2_form=c.offsetl2_form, seed=seed)
+
+    def chunks(self) -> list[list[tuple[int, int]]]:
+        """The unfinished ``(variant, run)`` units, grouped into chunks that fit the memory budget
+        and share a starting epoch."""
+        c, d = self.config, self.data
+        n = max(len(d.y_train), len(d.y_test))
+        cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes) for s in self.specs]
+        fixed = 4 * n * d.num_features * (2 if c.precision == "bf16" else 1)
+        budget = c.max_memory - fixed
+        if budget < max(cost):
+            need = (fixed + max(cost)) / GiB
+            raise DistrepError(f"--max-memory {c.max_memory / GiB:.2f} GiB is too small: one run "
+                               f"needs {need:.2f} GiB with the data")
+        done = self.state["epochs_done"]
+        units = [(v, r) for v in range(len(self.specs)) for r in range(c.runs) if done[v, r] < c.epochs]
+        chunks = []
+        for start in sorted({int(done[v, r]) for v, r in units}):
+            chunks += plan_chunks([u for u in units if done[u] == start], cost, budget)
+        return chunks
+
+    def run(self) -> list[VariantResult]:
+        c = self.config
+        set_precision(c, self.device)
+        chunks = self.chunks()
+        remaining = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
+        bar = tqdm(total=remaining, unit="run-epoch", unit_scale=True, disable=not self.progress,
+                   dynamic_ncols=True, desc="training")
+        for chunk in chunks:
+            self._train_chunk(chunk, bar)
+            self.save_checkpoint()
+        bar.close()
+        return self.results()
+
+    def _train_chunk(self, chunk: list[tuple[int, int]], bar) -> None:
+        c, dev, d = self.config, self.device, self.data
+        variants = sorted({v for v, _ in chunk})
+        rows = {v: torch.tensor([r for w, r in chunk if w == v]) for v in variants}
+        for v in variants:
+            if v not in self.params:
+                self.params[v] = self._initial_params(v)
+        groups = [StackedRuns.from_state(
+            parse(self.specs[v], c.width, d.num_features, d.num_classes),
+            {name: p[rows[v]].to(dev) for name, p in self.params[v].items()}, c.offsetl2_form)
+            for v in variants]
+        trainer = Trainer(groups, c.precision)
+        x_t, y = d.x_train.t().contiguous().to(dev), d.y_train.to(dev)
+        x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
+        x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None
+        n = len(y)
+        test_epochs = c.test_epochs()
+        test_index = {int(e): k for k, e in enumerate(test_epochs)}
+        start = int(self.state["epochs_done"][chunk[0]])
+        frozen = [self.state["diverged_epoch"][v, rows[v]].to(dev) > 0 for v in variants]
+        runs_in_chunk = len(chunk)
+        for epoch in range(start + 1, c.epochs + 1):
+            stats = trainer.step(x_t, y, c.lr, frozen, x_bf16)
+            for gi, v in enumerate(variants):
+                loss, correct = (t.double().cpu() for t in stats[gi])
+                was = self.state["diverged_epoch"][v, rows[v]] > 0
+                now = frozen[gi].cpu()
+                self.state["diverged_epoch"][v, rows[v][now & ~was]] = epoch
+                acc = torch.where(now, float("nan"), correct / n)
+                self.state[f"{v}/train_loss"][rows[v], epoch - 1] = torch.where(now, float("nan"), loss)
+                self.state[f"{v}/train_acc"][rows[v], epoch - 1] = acc
+            if epoch in test_index:
+                self._evaluate_into(trainer, variants, rows, frozen, x_test_t, y_test, test_index[epoch])
+            for gi, v in enumerate(variants):
+                self.state["epochs_done"][v, rows[v]] = epoch
+            bar.update(runs_in_chunk)
+            if self.checkpoint is not None and time.monotonic() - self._last_save > c.checkpoint_every:
+                self._store_params(groups, variants, rows)
+                self.save_checkpoint()
+        self._store_params(groups, variants, rows)
+        self._finalize(trainer, variants, rows, x_t, y, x_test_t, y_test)
+
+    def _evaluate_into(self, trainer, variants, rows, frozen, x_t, y, k) -> None:
+        for gi, (loss, correct) in enumerate(trainer.evaluate(x_t, y)):
+            v, dead = variants[gi], frozen[gi].cpu()
+            self.state[f"{v}/test_loss"][rows[v], k] = torch.where(dead, float("nan"), loss.double().cpu())
+            self.state[f"{v}/test_acc"][rows[v], k] = torch.where(dead, float("nan"),
+                                                                  correct.double().cpu() / len(y))
+
+    def _finalize(self, trainer, variants, rows, x_t, y, x_test_t, y_test) -> None:
+        """Loss and accuracy of the final parameters on the training and test sets."""
+        for split, xs, ys in (("train", x_t, y), ("test", x_test_t, y_test)):
+            for gi, (loss, correct) in enumerate(trainer.evaluate(xs, ys)):
+                v = variants[gi]
+                self.state[f"{v}/final_{split}_loss"][rows[v]] = loss.double().cpu()
+                self.state[f"{v}/final_{split}_acc"][rows[v]] = correct.double().cpu() / len(ys)
+
+    def _store_params(self, groups, variants, rows) -> None:
+        for group, v in zip(groups, variants):
+            for name, p in group.state().items():
+                self.params[v][name][rows[v]] = p.detach().cpu()
+
+    def results(self) -> list[VariantResult]:
+        out = []
+        for v, (name, spec) in enumerate(zip(self.names, self.specs)):
+            arrays = {key: self.state[f"{v}/{key}"].numpy() for key in METRIC_KEYS + FINAL_KEYS}
+            out.append(VariantResult(name, spec, np.array(self.config.seeds(spec)), arrays,
+                                     self.state["diverged_epoch"][v].numpy(),
+                                     self.params.get(v, {})))
+        return out
+
+
+def describe_sweep(config: SweepConfig, device: torch.device) -> dict:
+    return {"config": asdict(config), "result_fields": config.result_fields,
+            "models": [{"name": display_name(m), "spec": canonical_spec(m),
+                        "seeds": config.seeds(m)} for m in config.models],
+            "design": "paired: run i of every model starts from the same first-layer weights"
+                      if config.paired else "unpaired: every model has its own seeds",
+            "versions": software_versions(), "device": describe_device(device)}
+
+
+# --------------------------------------------------------------------------- results on disk
+
+SUMMARY_COLUMNS = ("model", "spec", "run", "seed", "test_acc", "train_acc", "train_loss",
+                   "test_loss", "epochs", "diverged", "diverged_epoch")
+
+
+def save_results(results: list[VariantResult], config: SweepConfig, out_dir: str | os.PathLike) -> None:
+    """Write ``summary.csv`` (one row per run) and, per model, ``models/<name>/metrics.npz``
+    (``train_loss``/``train_acc`` ``[runs, epochs]``, ``test_loss``/``test_acc`` ``[runs, k]``,
+    ``test_epochs [k]``, ``final_*``/``seeds``/``diverged_epoch`` ``[runs]``) and
+    ``models/<name>/params.safetensors`` (stacked ``[runs, ...]``). All atomic."""
+    from distrep.storage import atomic_write_bytes, write_arrays
+    out = Path(out_dir)
+    lines = [",".join(SUMMARY_COLUMNS)]
+    for res in results:
+        folder = out / "models" / res.name
+        write_arrays(folder / "metrics.npz", {**res.arrays, "test_epochs": config.test_epochs(),
+                                              "seeds": res.seeds, "diverged_epoch": res.diverged_epoch})
+        write_tensors(folder / "params.safetensors", res.params, metadata={"spec": res.spec})
+        for r in range(config.runs):
+            a = res.arrays
+            lines.append(",".join(str(v) for v in (
+                res.name, res.spec, r, int(res.seeds[r]), repr(float(a["final_test_acc"][r])),
+                repr(float(a["final_train_acc"][r])), repr(float(a["final_train_loss"][r])),
+                repr(float(a["final_test_loss"][r])), config.epochs, bool(res.diverged[r]),
+                int(res.diverged_epoch[r]))))
+    atomic_write_bytes(out / "summary.csv", ("\n".join(lines) + "\n").encode())
