@@ -104,3 +104,52 @@ def test_progress_bar_is_shown_unless_quiet(tmp_path, mnist):
     r = distrep("train", "--model", "Abs", "--epochs", 2, "--out", tmp_path / "a",
                 "--train-subset", 100)
     assert r.returncode == 0 and "epoch" in r.stderr and "2/2" in r.stderr
+
+
+def test_sweep_killed_by_a_signal_resumes_bit_identically(tmp_path, mnist):
+    import signal
+    import time
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    args = ["sweep", "--models", "ReLU2-Neg,Abs-L2", "--runs", 2, "--epochs", 500,
+            "--train-subset", 200, "--eval-every", 25, "--checkpoint-every", 0, "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "distrep.cli", *map(str, args), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint, done, deadline = killed / "checkpoint.safetensors", 0, time.time() + 300
+    while done < 100 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if checkpoint.exists():
+            done = int(load_file(checkpoint)["epochs_done"].sum())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < done < 2 * 2 * 500, f"the job should be killed part-way (done {done})"
+    resumed = distrep(*args, "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint" in resumed.stderr
+    straight = distrep(*args, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    assert (killed / "summary.csv").read_text() == (tmp_path / "straight" / "summary.csv").read_text()
+    for model in ("ReLU2-Neg", "Abs-L2"):
+        a = read_arrays(killed / "models" / model / "metrics.npz")
+        b = read_arrays(tmp_path / "straight" / "models" / model / "metrics.npz")
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
+        pa = load_file(killed / "models" / model / "params.safetensors")
+        pb = load_file(tmp_path / "straight" / "models" / model / "params.safetensors")
+        assert all(pa[k].equal(pb[k]) for k in pb)
+
+
+def test_sweep_refuses_to_mix_configs(tmp_path, mnist):
+    args = ["sweep", "--models", "ReLU", "--runs", 1, "--epochs", 2, "--train-subset", 50,
+            "--quiet", "--out", tmp_path / "x"]
+    assert distrep(*args).returncode == 0
+    other = distrep(*[a if a != 2 else 3 for a in args])
+    assert_one_line_error(other, "holds an experiment with a different config", "--force")
+    assert distrep(*[a if a != 2 else 3 for a in args], "--force").returncode == 0
+    assert_one_line_error(distrep("sweep", "--models", "ReLU,Nope", "--out", tmp_path / "y"),
+                          "unknown model 'Nope'")
+    assert_one_line_error(distrep("sweep", "--models", "ReLU", "--max-memory", "lots",
+                                  "--out", tmp_path / "y"), "expected a size like 8G")

@@ -214,6 +214,10 @@ def cmd_sweep(args) -> None:
     write_json(config_file, describe_sweep(config, device))
     data = data_mod.load_dataset(config.dataset, config.preprocess)
     sweep = Sweep(config, data, checkpoint=out / "checkpoint.safetensors", progress=not args.quiet)
+    done = int(sweep.state["epochs_done"].sum())
+    if done:
+        total = config.runs * config.epochs * len(config.models)
+        print(f"resuming from the checkpoint: {done} of {total} run-epochs done", file=sys.stderr)
     results = sweep.run()
     save_results(results, config, out)
     for res in results:

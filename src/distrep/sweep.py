@@ -162,11 +162,13 @@ def plan_chunks(units: list[tuple[int, int]], cost: list[int], budget: int) -> l
 def verify_fp32_matmul(device: torch.device) -> None:
     """Refuse to run 'fp32' if matrix products on ``device`` are silently done in lower
     precision (TF32 or bf16 back-ends): their error would be ~1e-3 instead of ~1e-6."""
+    from distrep.engine import matmul_nt
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(256, 512, generator=g), torch.randn(512, 256, generator=g)
-    exact = a.double() @ b.double()
-    got = (a.to(device) @ b.to(device)).double().cpu()
-    rel = float((got - exact).abs().max() / exact.abs().max())
+    exact = torch.from_numpy(a.double().numpy() @ b.double().numpy())
+    a, b = a.to(device), b.to(device)
+    rel = max(float((got.double().cpu() - exact).abs().max() / exact.abs().max())
+              for got in (a @ b, matmul_nt(a, b.t().contiguous())))   # both paths the engine uses
     if rel > 1e-5:
         raise DistrepError(f"fp32 matrix products on {device} have relative error {rel:.1e}: a "
                            f"reduced-precision back-end is enabled (TF32?); refusing to call it fp32")
