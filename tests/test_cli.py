@@ -153,3 +153,11 @@ def test_sweep_refuses_to_mix_configs(tmp_path, mnist):
                           "unknown model 'Nope'")
     assert_one_line_error(distrep("sweep", "--models", "ReLU", "--max-memory", "lots",
                                   "--out", tmp_path / "y"), "expected a size like 8G")
+
+
+def test_bench_prints_every_figure(mnist):
+    r = distrep("bench", "--device", "cpu", "--runs", 1, "--epochs", 1, "--train-subset", 300)
+    assert r.returncode == 0, r.stderr
+    for fragment in ("GEMM peak", "author-style loop", "Table 1 variants x 1 runs, fp32",
+                     "Table 3 variants", "bf16", "x the author-style loop", "peak memory"):
+        assert fragment in r.stdout, fragment

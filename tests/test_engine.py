@@ -165,3 +165,13 @@ def test_fp32_check_catches_reduced_precision(monkeypatch):
                         lambda a, b: real(a.bfloat16(), b.bfloat16()).float())
     with pytest.raises(DistrepError, match="reduced-precision"):
         verify_fp32_matmul(torch.device("cpu"))
+
+
+def test_flop_count_by_hand():
+    from distrep.bench import flops_per_run_epoch
+    # ReLU, one example, no test pass: first layer forward + dW (2 x 784x128 MACs), output
+    # layer forward + dW + dx (3 x 128x10 MACs), 2 FLOPs per MAC
+    assert flops_per_run_epoch("ReLU", 1, 0, 10) == 2 * (2 * 784 * 128 + 3 * 128 * 10)
+    # OffsetL2 heads do two products (x^2 and x terms) in each direction
+    assert flops_per_run_epoch("ReLU-L2", 1, 0, 10) == 2 * (2 * 784 * 128 + 2 * 3 * 128 * 10)
+    assert flops_per_run_epoch("ReLU", 0, 100, 10) == 2 * 100 * (784 * 128 + 128 * 10) / 10

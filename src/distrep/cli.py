@@ -113,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.add_argument("--force", action="store_true",
                        help="discard results in --out made with a different config")
+    bench = commands.add_parser("bench", help="measure the engine against an author-style loop")
+    bench.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    bench.add_argument("--runs", type=positive_int, default=20, help="runs per variant")
+    bench.add_argument("--epochs", type=positive_int, default=2, help="timed epochs per chunk")
+    bench.add_argument("--max-memory", type=memory_size, default="8G", metavar="SIZE")
+    bench.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
+    bench.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
+    bench.add_argument("--accuracy", action="store_true",
+                       help="also train Table 1's variants briefly in fp32 and bf16 and compare")
     return parser
 
 
@@ -227,11 +236,19 @@ def cmd_sweep(args) -> None:
     print(f"results in {out}")
 
 
+def cmd_bench(args) -> None:
+    from distrep.bench import accuracy_check, run_bench
+    run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
+              bf16=not args.no_bf16)
+    if args.accuracy:
+        accuracy_check()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"data": cmd_data, "models": cmd_models, "train": cmd_train,
-         "sweep": cmd_sweep}[args.command](args)
+        {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sweep": cmd_sweep,
+         "bench": cmd_bench}[args.command](args)
     except DistrepError as e:
         print(f"distrep: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,176 @@
+"""``distrep bench``: the engine against an author-style training loop, side by side, one process.
+
+Everything printed is measured in the same invocation on the same device: the GEMM peak, the
+author-style loop (one ``nn.Module``, ``torch.optim.SGD``, full batch, a test pass every epoch,
+as the paper's code trains), and the engine on the paper's variants. Engine times are steady
+state (after one warm-up step, buffers allocated), include a test pass every 10 epochs (the
+engine's default) and cover every chunk the memory budget asks for.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distrep.data import Dataset, load_dataset
+from distrep.engine import StackedRuns, Trainer, matmul_nt
+from distrep.models import TABLE1, TABLE3, create_model, parse
+from distrep.provenance import describe_device, resolve_device
+from distrep.sweep import GiB, Sweep, SweepConfig, set_precision
+
+# run-epochs of each table's protocol: runs x variants x epochs
+PROTOCOL = {"Table 1": (20 * 6, 5000), "Table 2": (20 * 6, 5000), "Table 3": (20 * 4, 50000)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Seconds per call of ``fn`` (after one untimed call)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def gemm_peak(device: torch.device, dtype=torch.float32) -> float:
+    """The best GFLOP/s of a large square product, through each path the engine may use."""
+    size = 4096 if device.type == "cpu" else 8192
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    paths = [lambda: a @ b]
+    if dtype == torch.float32:
+        paths.append(lambda: matmul_nt(a, b))
+    return max(2 * size ** 3 / timed(p, device, 3) / 1e9 for p in paths)
+
+
+def flops_per_run_epoch(model: str, n: int, n_test: int, eval_every: int, width: int = 128,
+                        in_features: int = 784, classes: int = 10) -> float:
+    """Multiply-adds x 2 of one training epoch (forward, weight gradients, input gradients
+    where needed) plus a test forward pass every ``eval_every`` epochs."""
+    train = test = 0.0
+    for k, layer in enumerate(l for l in parse(model, width, in_features, classes) if l.affine):
+        mac = layer.in_features * layer.out_features
+        products = 2 if layer.kind == "offsetl2" else 1           # x^2 and x terms
+        train += 2 * n * mac * products * (2 + (k > 0))           # forward, dW, dx
+        test += 2 * n_test * mac * products
+    return train + test / eval_every
+
+
+def author_loop(data: Dataset, device: torch.device, epochs: int) -> float:
+    """Seconds per run-epoch of the paper's own way: module, optimizer, test pass every epoch."""
+    model = create_model("ReLU2", seed=0).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    xt, yt = data.x_test.to(device), data.y_test.to(device)
+
+    def epoch():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            (model(xt).argmax(1) == yt).float().mean().item()
+    return timed(epoch, device, epochs)
+
+
+def engine(models: list[str], runs: int, data: Dataset, device: torch.device, precision: str,
+           epochs: int, max_memory: int, eval_every: int = 10) -> float:
+    """Seconds per run-epoch of the engine, summed over the chunks the memory budget needs."""
+    config = SweepConfig(models=models, runs=runs, epochs=epochs, precision=precision,
+                         device=str(device), max_memory=max_memory, eval_every=eval_every)
+    sweep = Sweep(config, data, progress=False)
+    set_precision(config, device)
+    x_t, y = data.x_train.t().contiguous().to(device), data.y_train.to(device)
+    x_test_t, y_test = data.x_test.t().contiguous().to(device), data.y_test.to(device)
+    x_bf16 = x_t.bfloat16() if precision == "bf16" else None
+    total = 0.0
+    for chunk in sweep.chunks():
+        variants = sorted({v for v, _ in chunk})
+        groups = [StackedRuns.from_models(
+            [sweep._model(v, s) for s in (sweep.config.seeds(sweep.specs[v])[r] for w, r in chunk if w == v)],
+            device) for v in variants]
+        trainer = Trainer(groups, precision)
+        frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
+        step = timed(lambda: trainer.step(x_t, y, 1e-3, frozen, x_bf16), device, epochs)
+        test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1)
+        total += step + test / eval_every
+        del trainer, groups
+    return total / (runs * len(models))
+
+
+def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
+              max_memory: int = 8 * GiB, train_subset: int | None = None,
+              bf16: bool = True, log=print) -> dict:
+    device = resolve_device(device_name)
+    data = load_dataset("mnist", "raw").subset(train_subset)
+    n, n_test = len(data.y_train), len(data.y_test)
+    log(f"device: {describe_device(device)}; {n} training images, {runs} runs per variant, "
+        f"{epochs} timed epochs after a warm-up")
+    out: dict = {"device": describe_device(device), "n_train": n, "runs": runs}
+    out["peak_fp32"] = gemm_peak(device)
+    out["peak_bf16"] = gemm_peak(device, torch.bfloat16) if bf16 else float("nan")
+    log(f"GEMM peak (4096^3 on CPU / 8192^3 on GPU): fp32 {out['peak_fp32']:.0f} GFLOP/s"
+        + (f", bf16 {out['peak_bf16']:.0f} GFLOP/s" if bf16 else ""))
+    out["author_s"] = author_loop(data, device, max(epochs, 3))
+    log(f"author-style loop (nn.Module + torch.optim.SGD, test pass every epoch): "
+        f"{out['author_s']:.4f} s per run-epoch")
+
+    if device.type == "cpu":
+        resource.getrusage(resource.RUSAGE_SELF)
+    elif device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for label, models, precision in (("Table 1", list(TABLE1), "fp32"),
+                                     ("Table 3", list(TABLE3), "fp32"),
+                                     *((("Table 1", list(TABLE1), "bf16"),) if bf16 else ())):
+        seconds = engine(models, runs, data, device, precision, epochs, max_memory)
+        flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
+        key = f"{label} {precision}"
+        out[key] = {"s": seconds, "gflops": flops / seconds / 1e9}
+        peak = out["peak_bf16" if precision == "bf16" else "peak_fp32"]
+        log(f"engine, {label} variants x {runs} runs, {precision}: {seconds:.4f} s per run-epoch, "
+            f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / peak:.0%} of the "
+            f"{precision} GEMM peak; {out['author_s'] / seconds:.2f}x the author-style loop")
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
+    else:
+        out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    log(f"peak memory: {out['peak_memory_gib']:.2f} GiB "
+        f"({'process RSS' if device.type == 'cpu' else 'CUDA allocations'}; budget {max_memory / GiB:.1f} GiB)")
+    if n == 60000:
+        for table, (run_count, table_epochs) in PROTOCOL.items():
+            speed = out["Table 3 fp32" if table == "Table 3" else "Table 1 fp32"]["s"]
+            hours = run_count * table_epochs * speed / 3600
+            log(f"projected {table} ({run_count} runs x {table_epochs} epochs, fp32): {hours:.1f} h"
+                + (" (Table 2's variants cost what Table 1's do)" if table == "Table 2" else ""))
+    return out
+
+
+def accuracy_check(runs: int = 5, epochs: int = 300, train_subset: int = 10000, log=print) -> dict:
+    """Final test accuracy of the Table 1 variants in fp32 and bf16 (same seeds, same data)."""
+    data = load_dataset("mnist", "raw")
+    out = {}
+    results = {}
+    for precision in ("fp32", "bf16"):
+        config = SweepConfig(models=list(TABLE1), runs=runs, epochs=epochs, train_subset=train_subset,
+                             precision=precision, eval_every=epochs)
+        start = time.perf_counter()
+        results[precision] = Sweep(config, data, progress=False).run()
+        out[f"{precision}_s"] = time.perf_counter() - start
+    for a, b in zip(results["fp32"], results["bf16"]):
+        fa, fb = 100 * a.arrays["final_test_acc"], 100 * b.arrays["final_test_acc"]
+        out[a.name] = (fa.mean(), fb.mean())
+        log(f"{a.name:<10} fp32 {fa.mean():6.2f} %  bf16 {fb.mean():6.2f} %  difference of means "
+            f"{fb.mean() - fa.mean():+.2f} points, largest per-run |difference| {np.abs(fa - fb).max():.2f}")
+    log(f"wall time fp32 {out['fp32_s']:.0f} s, bf16 {out['bf16_s']:.0f} s "
+        f"({runs} runs x {len(TABLE1)} variants x {epochs} epochs on {train_subset} images)")
+    return out
