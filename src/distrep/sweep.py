@@ -278,7 +278,8 @@ class Sweep:
         remaining = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
         bar = tqdm(total=remaining, unit="run-epoch", unit_scale=True, disable=not self.progress,
                    dynamic_ncols=True, desc="training")
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            bar.set_description(f"chunk {i + 1}/{len(chunks)} ({len(chunk)} runs)")
             self._train_chunk(chunk, bar)
             self.save_checkpoint()
         bar.close()
@@ -304,7 +305,7 @@ class Sweep:
         test_index = {int(e): k for k, e in enumerate(test_epochs)}
         start = int(self.state["epochs_done"][chunk[0]])
         frozen = [self.state["diverged_epoch"][v, rows[v]].to(dev) > 0 for v in variants]
-        runs_in_chunk = len(chunk)
+        runs_in_chunk, began = len(chunk), time.perf_counter()
         for epoch in range(start + 1, c.epochs + 1):
             stats = trainer.step(x_t, y, c.lr, frozen, x_bf16)
             for gi, v in enumerate(variants):
@@ -320,6 +321,8 @@ class Sweep:
             for gi, v in enumerate(variants):
                 self.state["epochs_done"][v, rows[v]] = epoch
             bar.update(runs_in_chunk)
+            bar.set_postfix_str(f"{(epoch - start) / (time.perf_counter() - began):.2f} epochs/s",
+                                refresh=False)
             if self.checkpoint is not None and time.monotonic() - self._last_save > c.checkpoint_every:
                 self._store_params(groups, variants, rows)
                 self.save_checkpoint()

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+from scipy import stats as sp
+
+from distrep import stats as S
+
+
+@pytest.fixture
+def samples():
+    rng = np.random.default_rng(0)
+    return rng.normal(96.5, 0.2, 20), rng.normal(96.3, 0.4, 20), rng.normal(95.0, 2.0, 13)
+
+
+def test_hand_computed_values():
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 4.0, 6.0]
+    assert S.mean(a) == 2.5
+    assert S.std(a) == pytest.approx(np.sqrt(5 / 3))          # sum of squares 5, n-1 = 3
+    assert S.std(a, ddof=0) == pytest.approx(np.sqrt(5 / 4))
+    # d = a - b = [-1, 0, -1, -2]: mean -1, s_d = sqrt(2/3), t = -1 / (s_d / 2) = -2.449...
+    paired = S.paired_t(a, b)
+    assert paired.t == pytest.approx(-1 / (np.sqrt(2 / 3) / 2)) and paired.df == 3
+    assert S.cohens_dz(a, b) == pytest.approx(-1 / np.sqrt(2 / 3))
+    # pooled: s_a^2 = 5/3, s_b^2 = 11/3, s_p^2 = 8/3; t = -1 / sqrt(8/3 * 1/2)
+    assert S.student_t(a, b).t == pytest.approx(-1 / np.sqrt(8 / 3 / 2)) and S.student_t(a, b).df == 6
+    assert S.cohens_d(a, b) == pytest.approx(-1 / np.sqrt(8 / 3))
+    # 95% interval of [1, 2, 3, 4]: 2.5 ± 3.182446 * 1.290994 / 2
+    assert S.t_interval(a) == pytest.approx([2.5 - 2.0542603, 2.5 + 2.0542603], abs=1e-6)
+
+
+def test_against_scipy(samples):
+    a, b, c = samples
+    for x, y in ((a, b), (a, c), (b, c)):
+        ref = sp.ttest_ind(x, y)
+        got = S.student_t(x, y)
+        assert got.t == pytest.approx(ref.statistic) and got.p == pytest.approx(ref.pvalue)
+        ref = sp.ttest_ind(x, y, equal_var=False)
+        got = S.welch_t(x, y)
+        assert got.t == pytest.approx(ref.statistic) and got.p == pytest.approx(ref.pvalue)
+        assert got.df == pytest.approx(ref.df)
+    ref = sp.ttest_rel(a, b)
+    got = S.paired_t(a, b)
+    assert got.t == pytest.approx(ref.statistic) and got.p == pytest.approx(ref.pvalue)
+    lo, hi = sp.t.interval(0.95, len(c) - 1, loc=c.mean(), scale=sp.sem(c))
+    assert S.t_interval(c) == pytest.approx([lo, hi])
+
+
+def test_every_interval_contains_its_mean(samples):
+    rng = np.random.default_rng(1)
+    for x in (*samples, rng.exponential(size=5), np.array([3.0, 3.0, 3.0])):
+        lo, hi = S.t_interval(x)
+        assert lo <= S.mean(x) <= hi
+
+
+def test_holm_matches_a_worked_example():
+    # p sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06 by the running max), 0.5 (x1)
+    got = S.holm([0.03, 0.5, 0.01, 0.02])
+    assert got == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert S.holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])         # capped and monotone
+    got = S.holm([0.01, np.nan, 0.04])
+    assert got[0] == pytest.approx(0.02) and np.isnan(got[1]) and got[2] == pytest.approx(0.04)
+
+
+def test_zero_spread_gives_infinite_t_not_an_error():
+    same = S.paired_t([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])                # d constant 0.5
+    assert same.t == np.inf and same.p == 0.0
+    assert np.isnan(S.paired_t([1.0, 2.0], [1.0, 2.0]).t)
+
+
+def test_pairwise_rows_name_their_tests(samples):
+    a, b, c = samples
+    rows = S.pairwise({"A": a, "B": b, "C": c[:13]}, paired=False)
+    assert [(r["a"], r["b"]) for r in rows] == [("A", "B"), ("A", "C"), ("B", "C")]
+    assert "paired" not in rows[0] and rows[0]["student"].test.startswith("Student")
+    rows = S.pairwise({"A": a, "B": b}, paired=True)
+    assert rows[0]["paired"].test == "paired t-test" and rows[0]["paired_holm"] == rows[0]["paired"].p
+    summary = S.summarize(a)
+    assert summary["n"] == 20 and summary["ci_low"] < summary["mean"] < summary["ci_high"]
