@@ -113,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.add_argument("--force", action="store_true",
                        help="discard results in --out made with a different config")
+    repro = commands.add_parser("reproduce", help="run one of the paper's experiments and report it")
+    repro.add_argument("preset", help="table1, table2, table3, all or quick")
+    repro.add_argument("--out", type=Path, default=None, help="experiment directory (default runs/PRESET)")
+    repro.add_argument("--models", type=comma_list, default=None)
+    repro.add_argument("--runs", type=positive_int, default=None)
+    repro.add_argument("--epochs", type=positive_int, default=None)
+    repro.add_argument("--lr", type=positive_float, default=None)
+    repro.add_argument("--width", type=positive_int, default=None)
+    repro.add_argument("--dataset", default=None)
+    repro.add_argument("--preprocess", choices=data_mod.PREPROCESS_MODES, default=None)
+    repro.add_argument("--offsetl2-form", choices=OFFSETL2_FORMS, default=None)
+    repro.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
+    repro.add_argument("--eval-every", type=positive_int, default=None, metavar="K")
+    repro.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default=None)
+    repro.add_argument("--device", default=None, help="cpu, cuda[:N] or auto")
+    repro.add_argument("--base-seed", type=non_negative_int, default=None)
+    repro.add_argument("--unpaired", action="store_true")
+    repro.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE")
+    repro.add_argument("--checkpoint-every", type=float, default=None, metavar="SECONDS")
+    repro.add_argument("--quiet", action="store_true", help="no progress bar")
+    repro.add_argument("--force", action="store_true",
+                       help="replace an experiment in --out made with a different config")
+
+    report = commands.add_parser("report", help="regenerate an experiment's report from its files")
+    report.add_argument("directory", type=Path)
+
     bench = commands.add_parser("bench", help="measure the engine against an author-style loop")
     bench.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     bench.add_argument("--runs", type=positive_int, default=20, help="runs per variant")
@@ -236,6 +262,34 @@ def cmd_sweep(args) -> None:
     print(f"results in {out}")
 
 
+def cmd_reproduce(args) -> None:
+    from distrep.reproduce import GROUPS, PRESET_NAMES, reproduce
+
+    if args.preset not in PRESET_NAMES:
+        raise DistrepError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    overrides = {name: getattr(args, name) for name in (
+        "models", "runs", "epochs", "lr", "width", "dataset", "preprocess", "offsetl2_form",
+        "train_subset", "eval_every", "precision", "device", "base_seed", "max_memory",
+        "checkpoint_every")}
+    overrides["paired"] = False if args.unpaired else None
+    if overrides["dataset"] is not None:
+        data_mod.get_spec(overrides["dataset"])
+    out = args.out or Path("runs") / args.preset
+    for preset in GROUPS.get(args.preset, (args.preset,)):
+        target = out / preset if args.preset in GROUPS else out
+        reproduce(preset, target, overrides, force=args.force, progress=not args.quiet)
+        print(f"{preset}: report in {target / 'report.html'} and {target / 'report.md'}")
+
+
+def cmd_report(args) -> None:
+    from distrep.report import write_report
+    try:
+        paths = write_report(args.directory)
+    except FileNotFoundError as e:
+        raise DistrepError(str(e)) from None
+    print(f"report in {paths['html']} and {paths['md']}")
+
+
 def cmd_bench(args) -> None:
     from distrep.bench import accuracy_check, run_bench
     run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
@@ -248,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sweep": cmd_sweep,
-         "bench": cmd_bench}[args.command](args)
+         "reproduce": cmd_reproduce, "report": cmd_report, "bench": cmd_bench}[args.command](args)
     except DistrepError as e:
         print(f"distrep: error: {e}", file=sys.stderr)
         return 2

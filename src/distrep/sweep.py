@@ -198,15 +198,17 @@ class Sweep:
         self.names = [display_name(m) for m in config.models]
         self.specs = [canonical_spec(m) for m in config.models]
         R, E, K = config.runs, config.epochs, len(config.test_epochs())
-        self.state: dict[str, torch.Tensor] = {"epochs_done": torch.zeros(len(self.specs), R, dtype=torch.int64),
-                                               "diverged_epoch": torch.zeros(len(self.specs), R, dtype=torch.int64)}
+        self.state: dict[str, torch.Tensor] = {
+            "epochs_done": torch.zeros(len(self.specs), R, dtype=torch.int64),
+            "diverged_epoch": torch.zeros(len(self.specs), R, dtype=torch.int64),
+            "wall_time_s": torch.zeros((), dtype=torch.float64)}   # summed over every session
         for v in range(len(self.specs)):
             for key, cols in (("train_loss", E), ("train_acc", E), ("test_loss", K), ("test_acc", K)):
                 self.state[f"{v}/{key}"] = torch.full((R, cols), float("nan"), dtype=torch.float64)
             for key in FINAL_KEYS:
                 self.state[f"{v}/{key}"] = torch.full((R,), float("nan"), dtype=torch.float64)
         self.params: dict[int, dict[str, torch.Tensor]] = {}     # variant -> stacked [R, ...] (CPU)
-        self._last_save = time.monotonic()
+        self._last_save = self._last_clock = time.monotonic()
         self._load_checkpoint()
 
     # ---- checkpoint
@@ -226,12 +228,19 @@ class Sweep:
         saved = read_tensors(self.checkpoint)
         for key in self.state:
             self.state[key] = saved[key]
+        self._last_clock = time.monotonic()
         for key, tensor in saved.items():
             if key.startswith("params/"):
                 _, v, name = key.split("/", 2)
                 self.params.setdefault(int(v), {})[name] = tensor
 
+    def _clock(self) -> None:
+        now = time.monotonic()
+        self.state["wall_time_s"] += now - self._last_clock
+        self._last_clock = now
+
     def save_checkpoint(self) -> None:
+        self._clock()
         if self.checkpoint is None:
             return
         tensors = dict(self.state)

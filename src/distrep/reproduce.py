@@ -1,0 +1,138 @@
+"""``distrep reproduce``: the paper's experiments as presets, trained by the engine, reported.
+
+A preset is a plain dict of :class:`~distrep.sweep.SweepConfig` fields; every field can be
+overridden. Defaults follow what produced the paper's numbers: raw pixels (the published
+code's input), the paper's OffsetL2 formula, lr 0.001, full MNIST, 20 runs, and the paired
+design (run i of every model starts from the same first-layer weights).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from distrep.data import Dataset, load_dataset
+from distrep.engine import StackedRuns, Trainer
+from distrep.errors import DistrepError
+from distrep.models import TABLE1, TABLE2, TABLE3
+from distrep.provenance import resolve_device
+from distrep.storage import read_json, write_json
+from distrep.sweep import Sweep, SweepConfig, describe_sweep, save_results
+
+PRESETS: dict[str, dict] = {
+    "table1": {"models": list(TABLE1), "epochs": 5000, "runs": 20},
+    "table2": {"models": list(TABLE2), "epochs": 5000, "runs": 20},
+    "table3": {"models": list(TABLE3), "epochs": 50000, "runs": 20},
+    # A reduced protocol for a 2-core CPU in under 10 minutes (sized by measurement; README).
+    "quick": {"models": list(TABLE1 + TABLE3), "epochs": 300, "runs": 5, "train_subset": 10000,
+              "eval_every": 25},
+}
+# "all" runs table1, table2 and table3, each in its own subdirectory.
+GROUPS = {"all": ("table1", "table2", "table3")}
+PRESET_NAMES = tuple(PRESETS) + tuple(GROUPS)
+
+CONFIG_FILE, CHECKPOINT_FILE, RUN_FILE = "config.json", "checkpoint.safetensors", "run.json"
+
+
+def resolve_preset(preset: str, overrides: dict) -> SweepConfig:
+    """The preset's config with ``overrides`` (None values ignored), validated."""
+    if preset not in PRESETS:
+        raise DistrepError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    known = {f.name for f in fields(SweepConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise DistrepError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return SweepConfig(**values).validate()
+
+
+def estimate_seconds(config: SweepConfig, data: Dataset) -> float:
+    """Wall time estimate: two timed steps of one run of each model (plus a test pass), scaled
+    to runs x epochs. One run alone is less efficient than a batch, so this errs long."""
+    device = resolve_device(config.device)
+    d = data.subset(config.train_subset)
+    x_t, y = d.x_train.t().contiguous().to(device), d.y_train.to(device)
+    x_test_t, y_test = d.x_test.t().contiguous().to(device), d.y_test.to(device)
+    total = 0.0
+    probe = Sweep(replace(config, runs=1), d, progress=False)
+    for v in range(len(probe.specs)):
+        trainer = Trainer([StackedRuns.from_models([probe._model(v, 0)], device)], config.precision)
+        frozen = [torch.zeros(1, dtype=torch.bool, device=device)]
+        trainer.step(x_t, y, config.lr, frozen)
+        start = time.perf_counter()
+        for _ in range(2):
+            trainer.step(x_t, y, config.lr, frozen)
+        step = (time.perf_counter() - start) / 2
+        start = time.perf_counter()
+        trainer.evaluate(x_test_t, y_test)
+        total += step + (time.perf_counter() - start) / config.eval_every
+    return total * config.runs * config.epochs
+
+
+def plan_text(preset: str, config: SweepConfig, data: Dataset, seconds: float) -> str:
+    n = config.train_subset or len(data.y_train)
+    return (f"{preset}: {len(config.models)} models x {config.runs} runs x {config.epochs} epochs "
+            f"on {n} {config.dataset} training images ({config.preprocess} pixels), lr {config.lr}, "
+            f"width {config.width}, OffsetL2 form {config.offsetl2_form}, {config.precision} on "
+            f"{config.device}, {'paired' if config.paired else 'unpaired'} seeds from "
+            f"{config.base_seed}\n  models: {', '.join(config.models)}\n"
+            f"  estimated time on this device: {format_duration(seconds)}")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def prepare_directory(out: Path, preset: str, config: SweepConfig, force: bool) -> None:
+    """Refuse a directory holding a different experiment (or clear it with ``force``)."""
+    config_file = out / CONFIG_FILE
+    if not config_file.exists():
+        return
+    try:
+        previous = read_json(config_file).get("result_fields")
+    except ValueError:
+        previous = None
+    if previous == config.result_fields:
+        return
+    if not force:
+        raise DistrepError(f"{out} holds an experiment with a different config; use another "
+                           f"--out or --force to replace it")
+    for entry in out.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def reproduce(preset: str, out: Path, overrides: dict, force: bool = False,
+              progress: bool = True, log=lambda m: print(m, file=sys.stderr)) -> Path:
+    """Train (or resume) one preset into ``out``, write its results and report; return ``out``."""
+    from distrep.report import write_report
+
+    config = resolve_preset(preset, overrides)
+    prepare_directory(out, preset, config, force)
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, config.preprocess)
+    sweep = Sweep(config, data, checkpoint=out / CHECKPOINT_FILE, progress=progress)
+    run_state = read_json(out / RUN_FILE) if (out / RUN_FILE).exists() else {}
+    if run_state.get("finished"):
+        log(f"{out}: already finished; regenerating the report")
+    else:
+        log(plan_text(preset, config, data, estimate_seconds(config, data)))
+        done = int(sweep.state["epochs_done"].sum())
+        if done:
+            log(f"resuming from the checkpoint: {done} of "
+                f"{config.runs * config.epochs * len(config.models)} run-epochs done")
+        write_json(out / CONFIG_FILE, {**describe_sweep(config, device), "preset": preset})
+        results = sweep.run()
+        save_results(results, config, out)
+        write_json(out / RUN_FILE, {"finished": True,
+                                    "wall_time_s": float(sweep.state["wall_time_s"])})
+    write_report(out)
+    return out

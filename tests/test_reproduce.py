@@ -1,0 +1,120 @@
+"""`distrep reproduce` and `distrep report` end to end on a tiny protocol."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from distrep.errors import DistrepError
+from distrep.models import TABLE1
+from distrep.reproduce import PRESETS, resolve_preset
+from distrep.storage import read_arrays
+from tests.test_cli import assert_one_line_error, distrep
+
+TINY = ["--runs", 3, "--epochs", 6, "--train-subset", 200, "--eval-every", 3, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def table1_tiny(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("exp") / "t1"
+    r = distrep("reproduce", "table1", "--out", out, *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "estimated time on this device" in r.stderr
+    return out
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def handle_starttag(self, tag, attrs):
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def test_results_directory_and_report(table1_tiny):
+    out = table1_tiny
+    for name in ("config.json", "summary.csv", "run.json", "report.md", "report.html", "table.tex",
+                 "figures/test_error_curves.png", "figures/final_accuracy.png"):
+        assert (out / name).exists(), name
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("model,spec,run,seed,test_acc,train_acc,train_loss")
+    assert len(rows) == 1 + 6 * 3
+    report = (out / "report.md").read_text()
+    table = report.split("## Test accuracy (%)")[1].split("##")[0]
+    for model in TABLE1:
+        line = next(l for l in table.splitlines() if l.startswith(f"| {model} |"))
+        numbers = re.findall(r"-?\d+\.\d+", line)
+        assert numbers and all(np.isfinite(float(x)) for x in numbers), line
+    assert "paired t-test" in report and "Holm" in report and "\\begin{tabular}" in report
+    assert "this protocol differs from the paper's" in report
+    m = read_arrays(out / "models" / "ReLU2-Neg" / "metrics.npz")
+    assert m["train_loss"].shape == (3, 6) and m["test_acc"].shape == (3, 2)
+    parser = _Refs()
+    parser.feed((out / "report.html").read_text())
+    assert parser.refs, "the report shows its figures"
+    for ref in parser.refs:
+        assert ref.startswith("data:image/png;base64,") or (out / ref).exists(), ref
+
+
+def test_report_regenerated_from_files_alone_is_identical(table1_tiny):
+    before = {n: (table1_tiny / n).read_bytes() for n in ("report.md", "report.html", "table.tex")}
+    (table1_tiny / "checkpoint.safetensors").rename(table1_tiny / "moved.safetensors")
+    try:
+        r = distrep("report", table1_tiny)
+        assert r.returncode == 0, r.stderr
+    finally:
+        (table1_tiny / "moved.safetensors").rename(table1_tiny / "checkpoint.safetensors")
+    for name, content in before.items():
+        assert (table1_tiny / name).read_bytes() == content, name
+
+
+def test_rerun_is_a_no_op_and_other_config_is_refused(table1_tiny):
+    r = distrep("reproduce", "table1", "--out", table1_tiny, *TINY)
+    assert r.returncode == 0 and "already finished" in r.stderr
+    r = distrep("reproduce", "table1", "--out", table1_tiny, *TINY[:-1], "--lr", 0.002, "--quiet")
+    assert_one_line_error(r, "holds an experiment with a different config", "--force")
+    assert (table1_tiny / "report.md").exists(), "earlier results survive a refused run"
+
+
+def test_bad_presets_and_overrides(tmp_path):
+    assert_one_line_error(distrep("reproduce", "table9", "--out", tmp_path), "unknown preset 'table9'")
+    assert_one_line_error(distrep("reproduce", "quick", "--models", "ReLU,Bogus", "--out", tmp_path),
+                          "unknown model 'Bogus'")
+    assert_one_line_error(distrep("reproduce", "quick", "--runs", 0, "--out", tmp_path),
+                          "--runs: must be a positive integer")
+    assert_one_line_error(distrep("reproduce", "quick", "--dataset", "svhn", "--out", tmp_path),
+                          "unknown dataset 'svhn'")
+    assert_one_line_error(distrep("report", tmp_path / "nothing"), "is missing")
+    with pytest.raises(DistrepError, match="unknown setting"):
+        resolve_preset("quick", {"learning_rate": 0.1})
+    assert resolve_preset("table3", {}).epochs == 50000 and resolve_preset("table1", {}).runs == 20
+    assert resolve_preset("table1", {"runs": 4}).runs == 4
+    assert PRESETS["table1"]["models"] == list(TABLE1)
+
+
+def test_killed_reproduction_resumes_to_the_same_results(tmp_path, mnist):
+    args = ["reproduce", "quick", "--models", "ReLU2,Abs-L2-Neg", "--runs", 2, "--epochs", 400,
+            "--train-subset", 200, "--eval-every", 50, "--checkpoint-every", 0, "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "distrep.cli", *map(str, args), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "run.json").exists(), "killed before it finished"
+    r = distrep(*args, "--out", killed)
+    assert r.returncode == 0 and "resuming from the checkpoint" in r.stderr, r.stderr
+    straight = distrep(*args, "--out", tmp_path / "straight")
+    assert straight.returncode == 0
+    assert (killed / "summary.csv").read_text() == (tmp_path / "straight" / "summary.csv").read_text()
+    table = lambda p: (p / "report.md").read_text().split("## Protocol")[0]
+    assert table(killed) == table(tmp_path / "straight")
