@@ -118,3 +118,12 @@ def test_killed_reproduction_resumes_to_the_same_results(tmp_path, mnist):
     assert (killed / "summary.csv").read_text() == (tmp_path / "straight" / "summary.csv").read_text()
     table = lambda p: (p / "report.md").read_text().split("## Protocol")[0]
     assert table(killed) == table(tmp_path / "straight")
+
+
+def test_all_runs_each_table_into_its_own_directory(tmp_path, mnist):
+    r = distrep("reproduce", "all", "--out", tmp_path, "--runs", 2, "--epochs", 2,
+                "--train-subset", 100, "--eval-every", 1, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for table, first in (("table1", "Abs"), ("table2", "Abs-Bias"), ("table3", "ReLU-L2")):
+        report = (tmp_path / table / "report.md").read_text()
+        assert f"| {first} |" in report and f"({table})" in report
