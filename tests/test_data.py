@@ -1,5 +1,4 @@
 import gzip
-import hashlib
 import http.server
 import os
 import threading

@@ -94,7 +94,7 @@ def test_chunking_never_changes_a_result(raw):
 def test_diverged_run_is_frozen_and_others_continue(raw):
     cfg = SweepConfig(models=["ReLU"], runs=3, epochs=10, eval_every=5).validate()
     s = Sweep(cfg, raw, progress=False)
-    s.params[0] = s._initial_params(0)
+    s.params[0] = s.initial_params(0)
     s.params[0]["2.weight"][1] *= 1e38                 # run 1's logits overflow at once
     broken = s.params[0]["2.weight"][1].clone()
     res = s.run()[0]

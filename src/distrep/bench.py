@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -97,14 +96,14 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
     for chunk in sweep.chunks():
         variants = sorted({v for v, _ in chunk})
         groups = [StackedRuns.from_models(
-            [sweep._model(v, s) for s in (sweep.config.seeds(sweep.specs[v])[r] for w, r in chunk if w == v)],
+            [sweep.build_model(v, s) for s in (sweep.config.seeds(sweep.specs[v])[r] for w, r in chunk if w == v)],
             device) for v in variants]
         trainer = Trainer(groups, precision)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
         step = timed(lambda: trainer.step(x_t, y, 1e-3, frozen, x_bf16), device, epochs)
         test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1)
         total += step + test / eval_every
-        del trainer, groups
+        trainer = groups = None   # free this chunk's buffers before building the next
     return total / (runs * len(models))
 
 

@@ -218,10 +218,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    import shutil
-
     from distrep.provenance import resolve_device
-    from distrep.storage import read_json, write_json
+    from distrep.reproduce import prepare_directory
+    from distrep.storage import write_json
     from distrep.sweep import Sweep, SweepConfig, describe_sweep, save_results
 
     config = SweepConfig(
@@ -232,21 +231,9 @@ def cmd_sweep(args) -> None:
         max_memory=args.max_memory, checkpoint_every=args.checkpoint_every).validate()
     data_mod.get_spec(config.dataset)
     out: Path = args.out
-    config_file = out / "config.json"
-    if config_file.exists():
-        try:
-            previous = read_json(config_file).get("result_fields")
-        except ValueError:
-            previous = None
-        if previous != config.result_fields:
-            if not args.force:
-                raise DistrepError(f"{out} holds an experiment with a different config; use "
-                                   f"another --out or --force")
-            for stale in ("checkpoint.safetensors", "summary.csv", "models"):
-                path = out / stale
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    prepare_directory(out, config, args.force)
     device = resolve_device(config.device)
-    write_json(config_file, describe_sweep(config, device))
+    write_json(out / "config.json", describe_sweep(config, device))
     data = data_mod.load_dataset(config.dataset, config.preprocess)
     sweep = Sweep(config, data, checkpoint=out / "checkpoint.safetensors", progress=not args.quiet)
     done = int(sweep.state["epochs_done"].sum())

@@ -145,7 +145,7 @@ def protocol_lines(exp: dict) -> list[str]:
             f"{m['name']} {m['seeds'][0]}…{m['seeds'][-1]}" for m in c["models"]),
         f"design: {c['design']}",
         f"precision: {cfg['precision']}; device: {c['device']}",
-        f"versions: " + ", ".join(f"{k} {v}" for k, v in c["versions"].items()),
+        "versions: " + ", ".join(f"{k} {v}" for k, v in c["versions"].items()),
         f"wall time: {exp['run']['wall_time_s']:.0f} s",
         "test accuracy is measured on the final parameters; std is the sample value (ddof 1), "
         "'std (pop.)' the population value the author's code printed",

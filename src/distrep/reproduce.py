@@ -62,7 +62,7 @@ def estimate_seconds(config: SweepConfig, data: Dataset) -> float:
     total = 0.0
     probe = Sweep(replace(config, runs=1), d, progress=False)
     for v in range(len(probe.specs)):
-        trainer = Trainer([StackedRuns.from_models([probe._model(v, 0)], device)], config.precision)
+        trainer = Trainer([StackedRuns.from_models([probe.build_model(v, 0)], device)], config.precision)
         frozen = [torch.zeros(1, dtype=torch.bool, device=device)]
         trainer.step(x_t, y, config.lr, frozen)
         start = time.perf_counter()
@@ -93,7 +93,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def prepare_directory(out: Path, preset: str, config: SweepConfig, force: bool) -> None:
+def prepare_directory(out: Path, config: SweepConfig, force: bool) -> None:
     """Refuse a directory holding a different experiment (or clear it with ``force``)."""
     config_file = out / CONFIG_FILE
     if not config_file.exists():
@@ -117,7 +117,7 @@ def reproduce(preset: str, out: Path, overrides: dict, force: bool = False,
     from distrep.report import write_report
 
     config = resolve_preset(preset, overrides)
-    prepare_directory(out, preset, config, force)
+    prepare_directory(out, config, force)
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.preprocess)
     sweep = Sweep(config, data, checkpoint=out / CHECKPOINT_FILE, progress=progress)

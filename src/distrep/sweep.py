@@ -32,7 +32,7 @@ from distrep.errors import DistrepError
 from distrep.layers import OFFSETL2_FORMS
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.provenance import describe_device, resolve_device, software_versions
-from distrep.storage import read_tensors, write_json, write_tensors
+from distrep.storage import read_tensors, write_tensors
 
 GiB = 1 << 30
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -251,12 +251,12 @@ class Sweep:
 
     # ---- training
 
-    def _initial_params(self, v: int) -> dict[str, torch.Tensor]:
+    def initial_params(self, v: int) -> dict[str, torch.Tensor]:
         """Stacked initial parameters of every run of variant v (each from its own seed)."""
-        models = [self._model(v, s) for s in self.config.seeds(self.specs[v])]
+        models = [self.build_model(v, s) for s in self.config.seeds(self.specs[v])]
         return StackedRuns.from_models(models, torch.device("cpu")).state()
 
-    def _model(self, v: int, seed: int):
+    def build_model(self, v: int, seed: int):
         c = self.config
         return create_model(self.specs[v], c.width, in_features=self.data.num_features,
                             num_classes=self.data.num_classes, offsetl2_form=c.offsetl2_form, seed=seed)
@@ -300,7 +300,7 @@ class Sweep:
         rows = {v: torch.tensor([r for w, r in chunk if w == v]) for v in variants}
         for v in variants:
             if v not in self.params:
-                self.params[v] = self._initial_params(v)
+                self.params[v] = self.initial_params(v)
         groups = [StackedRuns.from_state(
             parse(self.specs[v], c.width, d.num_features, d.num_classes),
             {name: p[rows[v]].to(dev) for name, p in self.params[v].items()}, c.offsetl2_form)
