@@ -127,3 +127,16 @@ def test_all_runs_each_table_into_its_own_directory(tmp_path, mnist):
     for table, first in (("table1", "Abs"), ("table2", "Abs-Bias"), ("table3", "ReLU-L2")):
         report = (tmp_path / table / "report.md").read_text()
         assert f"| {first} |" in report and f"({table})" in report
+
+
+def test_analyze_adds_dead_units_to_the_report(table1_tiny):
+    r = distrep("analyze", table1_tiny)
+    assert r.returncode == 0, r.stderr
+    census = read_arrays(table1_tiny / "analysis" / "ReLU2" / "dead_units.npz")
+    assert census["train/layer1/never"].shape == (3,) and "test/layer3/below_5%" in census
+    report = (table1_tiny / "report.md").read_text()
+    section = report.split("## Dead and rarely active units")[1].split("## Protocol")[0]
+    for model in TABLE1:
+        assert f"| {model} | train | layer 1 |" in section
+    assert "| ReLU2 | test | layer 3 |" in section and "| Abs2 | train | layer 3 |" in section
+    assert_one_line_error(distrep("analyze", table1_tiny / "nope"), "no finished experiment")

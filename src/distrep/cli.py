@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="regenerate an experiment's report from its files")
     report.add_argument("directory", type=Path)
 
+    analyze = commands.add_parser("analyze", help="geometric analyses of an experiment's runs")
+    analyze.add_argument("directory", type=Path)
+
     bench = commands.add_parser("bench", help="measure the engine against an author-style loop")
     bench.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     bench.add_argument("--runs", type=positive_int, default=20, help="runs per variant")
@@ -277,6 +280,16 @@ def cmd_report(args) -> None:
     print(f"report in {paths['html']} and {paths['md']}")
 
 
+def cmd_analyze(args) -> None:
+    from distrep.analysis import dead_units
+    from distrep.report import write_report
+    if not (args.directory / "run.json").exists():
+        raise DistrepError(f"{args.directory} holds no finished experiment (no run.json)")
+    dead_units(args.directory)
+    paths = write_report(args.directory)
+    print(f"analyses in {args.directory / 'analysis'}; report in {paths['html']}")
+
+
 def cmd_bench(args) -> None:
     from distrep.bench import accuracy_check, run_bench
     run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
@@ -289,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sweep": cmd_sweep,
-         "reproduce": cmd_reproduce, "report": cmd_report, "bench": cmd_bench}[args.command](args)
+         "reproduce": cmd_reproduce, "report": cmd_report, "analyze": cmd_analyze,
+         "bench": cmd_bench}[args.command](args)
     except DistrepError as e:
         print(f"distrep: error: {e}", file=sys.stderr)
         return 2

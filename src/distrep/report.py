@@ -158,6 +158,30 @@ def protocol_lines(exp: dict) -> list[str]:
     return lines
 
 
+def dead_unit_table(census: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], list[list[str]]]:
+    """Percent of a layer's units never active / active on < 1 % / < 5 % of inputs, mean ± std
+    over runs, per model, split and rectifying layer."""
+    head = ["model", "data", "layer", "units", "never active (%)", "active < 1 % (%)",
+            "active < 5 % (%)"]
+    body = []
+    for model, arrays in census.items():
+        keys = sorted({k.rsplit("/", 1)[0] for k in arrays}, key=lambda k: (k.split("/")[0] != "train", k))
+        for key in keys:
+            split, layer = key.split("/")
+            units = arrays[f"{key}/units"][0]
+            cells = [f"{100 * arrays[f'{key}/{c}'].mean() / units:.1f} ± "
+                     f"{100 * arrays[f'{key}/{c}'].std(ddof=1) / units if len(arrays[f'{key}/{c}']) > 1 else 0:.1f}"
+                     for c in ("never", "below_1%", "below_5%")]
+            body.append([model, split, layer.replace("layer", "layer "), str(units), *cells])
+    return head, body
+
+
+DEAD_NOTE = ("A unit of a rectifying layer (ReLU or Abs, hidden or output) is active on an input "
+             "when its output is non-zero. Both 'rarely active' definitions are shown: < 1 % of "
+             "inputs (the author's code) and < 5 % (the paper). Layer numbers index the model's "
+             "layer list (layer 1: the hidden activation; layer 3: an output activation).")
+
+
 # --------------------------------------------------------------------------- writers
 
 def _md_table(head, body) -> str:
@@ -195,12 +219,16 @@ def write_report(directory) -> dict[str, Path]:
     latex = latex_table(rows)
     protocol = protocol_lines(exp)
     title = f"distrep experiment: {exp['config'].get('preset', 'sweep')}"
+    from distrep.analysis import load_dead_units
+    census = load_dead_units(directory)
+    dead = dead_unit_table(census) if census else None
 
     md = "\n".join([
         f"# {title}", "", "## Test accuracy (%)", "", _md_table(*main), "",
         "## Pairwise comparisons", "", TESTS_NOTE, "", _md_table(*comparisons), "",
         "## Learning curves", "", f"![test error curves]({FIGURES['curves']})", "",
         "## Final accuracy per run", "", f"![final accuracy]({FIGURES['final']})", "",
+        *(["## Dead and rarely active units", "", DEAD_NOTE, "", _md_table(*dead), ""] if dead else []),
         "## Protocol", "", *(f"- {line}" for line in protocol), "",
         "## LaTeX", "", "```latex", latex.rstrip(), "```", ""])
 
@@ -224,6 +252,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 <h2>Pairwise comparisons</h2><p>{html.escape(TESTS_NOTE)}</p>{_html_table(*comparisons)}
 <h2>Learning curves</h2>{image("curves")}
 <h2>Final accuracy per run</h2>{image("final")}
+{f"<h2>Dead and rarely active units</h2><p>{html.escape(DEAD_NOTE)}</p>{_html_table(*dead)}" if dead else ""}
 <h2>Protocol</h2><ul>{"".join(f"<li>{html.escape(line)}</li>" for line in protocol)}</ul>
 <h2>LaTeX</h2><pre>{html.escape(latex)}</pre>
 </body></html>
