@@ -72,18 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one model with the reference trainer")
     train.add_argument("--model", required=True, help="a paper name or a spec (see `distrep models`)")
     train.add_argument("--out", required=True, type=Path, help="run directory to write")
-    train.add_argument("--epochs", type=positive_int, default=5000)
     train.add_argument("--seed", type=non_negative_int, default=0)
-    train.add_argument("--lr", type=positive_float, default=1e-3)
-    train.add_argument("--width", type=positive_int, default=128)
-    train.add_argument("--dataset", default="mnist")
-    train.add_argument("--preprocess", choices=data_mod.PREPROCESS_MODES, default="raw")
-    train.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
-                       help="train on the first N training examples")
-    train.add_argument("--eval-every", type=positive_int, default=1, metavar="K",
-                       help="measure test accuracy every K epochs (and at the last)")
-    train.add_argument("--offsetl2-form", choices=OFFSETL2_FORMS, default="paper")
-    train.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    add_protocol_arguments(train, defaults=True, eval_every=1)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--force", action="store_true",
                        help="overwrite a finished run made with a different config")
@@ -92,24 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated paper names or specs, e.g. ReLU,ReLU2-Neg")
     sweep.add_argument("--out", required=True, type=Path, help="experiment directory")
     sweep.add_argument("--runs", type=positive_int, default=20)
-    sweep.add_argument("--epochs", type=positive_int, default=5000)
-    sweep.add_argument("--lr", type=positive_float, default=1e-3)
-    sweep.add_argument("--width", type=positive_int, default=128)
-    sweep.add_argument("--dataset", default="mnist")
-    sweep.add_argument("--preprocess", choices=data_mod.PREPROCESS_MODES, default="raw")
-    sweep.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
-    sweep.add_argument("--eval-every", type=positive_int, default=10, metavar="K")
-    sweep.add_argument("--offsetl2-form", choices=OFFSETL2_FORMS, default="paper")
-    sweep.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default="fp32",
-                       help="fp32 (exact, default); bf16 first-layer products (CPU/GPU); tf32 (GPU)")
-    sweep.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
-    sweep.add_argument("--base-seed", type=non_negative_int, default=0)
-    sweep.add_argument("--unpaired", action="store_true",
-                       help="give every model its own seeds (default: run i of every model "
-                            "starts from the same first-layer weights)")
-    sweep.add_argument("--max-memory", type=memory_size, default="8G", metavar="SIZE",
-                       help="memory budget for one chunk of runs, e.g. 8G or 512M (default 8G)")
-    sweep.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS")
+    add_protocol_arguments(sweep, defaults=True, eval_every=10)
+    add_engine_arguments(sweep, defaults=True)
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.add_argument("--force", action="store_true",
                        help="discard results in --out made with a different config")
@@ -118,20 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--out", type=Path, default=None, help="experiment directory (default runs/PRESET)")
     repro.add_argument("--models", type=comma_list, default=None)
     repro.add_argument("--runs", type=positive_int, default=None)
-    repro.add_argument("--epochs", type=positive_int, default=None)
-    repro.add_argument("--lr", type=positive_float, default=None)
-    repro.add_argument("--width", type=positive_int, default=None)
-    repro.add_argument("--dataset", default=None)
-    repro.add_argument("--preprocess", choices=data_mod.PREPROCESS_MODES, default=None)
-    repro.add_argument("--offsetl2-form", choices=OFFSETL2_FORMS, default=None)
-    repro.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
-    repro.add_argument("--eval-every", type=positive_int, default=None, metavar="K")
-    repro.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default=None)
-    repro.add_argument("--device", default=None, help="cpu, cuda[:N] or auto")
-    repro.add_argument("--base-seed", type=non_negative_int, default=None)
-    repro.add_argument("--unpaired", action="store_true")
-    repro.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE")
-    repro.add_argument("--checkpoint-every", type=float, default=None, metavar="SECONDS")
+    add_protocol_arguments(repro, defaults=False)
+    add_engine_arguments(repro, defaults=False)
     repro.add_argument("--quiet", action="store_true", help="no progress bar")
     repro.add_argument("--force", action="store_true",
                        help="replace an experiment in --out made with a different config")
@@ -152,6 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--accuracy", action="store_true",
                        help="also train Table 1's variants briefly in fp32 and bf16 and compare")
     return parser
+
+
+def add_protocol_arguments(parser, defaults: bool, eval_every: int | None = None) -> None:
+    """The training-protocol options that train, sweep and reproduce share. Without
+    ``defaults`` every option defaults to None (reproduce: None means "the preset's value")."""
+    d = (lambda value: value) if defaults else (lambda value: None)
+    parser.add_argument("--epochs", type=positive_int, default=d(5000))
+    parser.add_argument("--lr", type=positive_float, default=d(1e-3))
+    parser.add_argument("--width", type=positive_int, default=d(128))
+    parser.add_argument("--dataset", default=d("mnist"))
+    parser.add_argument("--preprocess", choices=data_mod.PREPROCESS_MODES, default=d("raw"))
+    parser.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
+                        help="train on the first N training examples")
+    parser.add_argument("--eval-every", type=positive_int, default=d(eval_every), metavar="K",
+                        help="measure test accuracy every K epochs (and at the last)")
+    parser.add_argument("--offsetl2-form", choices=OFFSETL2_FORMS, default=d("paper"))
+    parser.add_argument("--device", default=d("cpu"), help="cpu, cuda[:N] or auto")
+
+
+def add_engine_arguments(parser, defaults: bool) -> None:
+    """The batched engine's options that sweep and reproduce share."""
+    d = (lambda value: value) if defaults else (lambda value: None)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default=d("fp32"),
+                        help="fp32 (exact, default); bf16 first-layer products (CPU/GPU); tf32 (GPU)")
+    parser.add_argument("--base-seed", type=non_negative_int, default=d(0))
+    parser.add_argument("--unpaired", action="store_true",
+                        help="give every model its own seeds (default: run i of every model "
+                             "starts from the same first-layer weights)")
+    parser.add_argument("--max-memory", type=memory_size, default=d("8G"), metavar="SIZE",
+                        help="memory budget for one chunk of runs, e.g. 8G or 512M (default 8G)")
+    parser.add_argument("--checkpoint-every", type=float, default=d(300.0), metavar="SECONDS")
 
 
 def comma_list(text: str) -> list[str]:

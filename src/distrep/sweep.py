@@ -15,7 +15,6 @@ results bit-identical to an uninterrupted job.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import zlib
@@ -26,12 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distrep.data import PREPROCESS_MODES, Dataset, load_dataset
+from distrep.data import Dataset, load_dataset
 from distrep.engine import PRECISIONS, StackedRuns, Trainer
 from distrep.errors import DistrepError
-from distrep.layers import OFFSETL2_FORMS
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.provenance import describe_device, resolve_device, software_versions
+from distrep.train import check_protocol
 from distrep.storage import read_tensors, write_tensors
 
 GiB = 1 << 30
@@ -73,29 +72,19 @@ class SweepConfig:
     def validate(self) -> "SweepConfig":
         if not self.models:
             raise DistrepError("no models given")
-        for m in self.models:
-            canonical_spec(m)
-        specs = [canonical_spec(m) for m in self.models]
+        specs = [canonical_spec(m) for m in self.models]   # unknown names raise here
         if len(set(specs)) != len(specs):
             raise DistrepError(f"a model is listed twice: {', '.join(self.models)}")
-        for name in ("runs", "epochs", "width", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise DistrepError(f"{name} must be a positive integer, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise DistrepError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not isinstance(self.runs, int) or self.runs < 1:
+            raise DistrepError(f"runs must be a positive integer, got {self.runs!r}")
+        device = check_protocol(self)
         if self.base_seed < 0:
             raise DistrepError(f"base seed must be non-negative, got {self.base_seed}")
-        if self.train_subset is not None and self.train_subset < 1:
-            raise DistrepError(f"train subset must be a positive integer, got {self.train_subset}")
-        for value, allowed, what in ((self.preprocess, PREPROCESS_MODES, "preprocessing"),
-                                     (self.offsetl2_form, OFFSETL2_FORMS, "OffsetL2 form"),
-                                     (self.precision, PRECISIONS, "precision")):
-            if value not in allowed:
-                raise DistrepError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+        if self.precision not in PRECISIONS:
+            raise DistrepError(f"unknown precision {self.precision!r}; choose one of: "
+                               f"{', '.join(PRECISIONS)}")
         if self.max_memory <= 0:
             raise DistrepError(f"max memory must be positive, got {self.max_memory}")
-        device = resolve_device(self.device)
         if self.precision == "tf32" and device.type != "cuda":
             raise DistrepError("tf32 is a CUDA precision; on the CPU use fp32 or bf16")
         return self

@@ -55,23 +55,27 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every field; raise a one-line :class:`DistrepError` naming the bad one."""
         canonical_spec(self.model)  # unknown names raise with the list of valid ones
-        for name in ("epochs", "width", "eval_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise DistrepError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise DistrepError(f"lr must be a positive finite number, got {self.lr!r}")
+        check_protocol(self)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise DistrepError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.train_subset is not None and self.train_subset < 1:
-            raise DistrepError(f"train subset must be a positive integer, got {self.train_subset}")
-        if self.preprocess not in PREPROCESS_MODES:
-            raise DistrepError(f"unknown preprocessing {self.preprocess!r}; choose one of: "
-                               f"{', '.join(PREPROCESS_MODES)}")
-        if self.offsetl2_form not in OFFSETL2_FORMS:
-            raise DistrepError(f"unknown OffsetL2 form {self.offsetl2_form!r}; choose one of: "
-                               f"{', '.join(OFFSETL2_FORMS)}")
-        resolve_device(self.device)
         return self
+
+
+def check_protocol(cfg) -> torch.device:
+    """Check the training-protocol fields a run and a sweep share (epochs, width, eval_every,
+    lr, train_subset, preprocess, offsetl2_form, device); return the device."""
+    for name in ("epochs", "width", "eval_every"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise DistrepError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise DistrepError(f"lr must be a positive finite number, got {cfg.lr!r}")
+    if cfg.train_subset is not None and cfg.train_subset < 1:
+        raise DistrepError(f"train subset must be a positive integer, got {cfg.train_subset}")
+    for value, allowed, what in ((cfg.preprocess, PREPROCESS_MODES, "preprocessing"),
+                                 (cfg.offsetl2_form, OFFSETL2_FORMS, "OffsetL2 form")):
+        if value not in allowed:
+            raise DistrepError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+    return resolve_device(cfg.device)
 
 
 @dataclass
