@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from distrep.models import ALIASES
 from distrep.storage import read_arrays, read_json
@@ -106,14 +107,17 @@ def test_progress_bar_is_shown_unless_quiet(tmp_path, mnist):
     assert r.returncode == 0 and "epoch" in r.stderr and "2/2" in r.stderr
 
 
-def test_sweep_killed_by_a_signal_resumes_bit_identically(tmp_path, mnist):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_sweep_killed_by_a_signal_resumes_bit_identically(tmp_path, mnist, device):
     import signal
     import time
 
     import numpy as np
     from safetensors.torch import load_file
 
-    args = ["sweep", "--models", "ReLU2-Neg,Abs-L2", "--runs", 2, "--epochs", 500,
+    epochs = 500 if device == "cpu" else 1500      # a GPU is faster: give the kill time to land
+    args = ["sweep", "--models", "ReLU2-Neg,Abs-L2", "--runs", 2, "--epochs", epochs, "--device", device,
             "--train-subset", 200, "--eval-every", 25, "--checkpoint-every", 0, "--quiet"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "distrep.cli", *map(str, args), "--out", str(killed)],
@@ -125,7 +129,7 @@ def test_sweep_killed_by_a_signal_resumes_bit_identically(tmp_path, mnist):
             done = int(load_file(checkpoint)["epochs_done"].sum())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < done < 2 * 2 * 500, f"the job should be killed part-way (done {done})"
+    assert 0 < done < 2 * 2 * epochs, f"the job should be killed part-way (done {done})"
     resumed = distrep(*args, "--out", killed)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from the checkpoint" in resumed.stderr

@@ -75,3 +75,16 @@ def test_pairwise_rows_name_their_tests(samples):
     assert rows[0]["paired"].test == "paired t-test" and rows[0]["paired_holm"] == rows[0]["paired"].p
     summary = S.summarize(a)
     assert summary["n"] == 20 and summary["ci_low"] < summary["mean"] < summary["ci_high"]
+
+
+def test_one_run_per_model_gives_nan_statistics_not_an_error():
+    """A one-run experiment (a quick look) still gets a report: every spread-based figure NaN."""
+    rows = S.pairwise({"A": [0.9], "B": [0.8]}, paired=True)
+    r = rows[0]
+    assert r["diff"] == pytest.approx(0.1)
+    for key in ("student", "welch", "paired"):
+        assert np.isnan(r[key].t) and np.isnan(r[key].p) and np.isnan(r[f"{key}_holm"])
+    assert np.isnan(r["d"]) and np.isnan(r["dz"])
+    # one run against three: the pooled spread is defined (df = 2) and comes from B alone
+    assert S.pooled_std([1.0], [1.0, 2.0, 3.0]) == pytest.approx(np.sqrt(2 / 2))
+    assert S.student_t([1.0], [1.0, 2.0, 3.0]).df == 2

@@ -20,7 +20,7 @@ from distrep.data import Dataset, load_dataset
 from distrep.engine import StackedRuns, Trainer, matmul_nt
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
-from distrep.sweep import GiB, Sweep, SweepConfig, set_precision
+from distrep.sweep import GiB, Sweep, SweepConfig, matmul_precision
 
 # run-epochs of each table's protocol: runs x variants x epochs
 PROTOCOL = {"Table 1": (20 * 6, 5000), "Table 2": (20 * 6, 5000), "Table 3": (20 * 4, 50000)}
@@ -42,15 +42,17 @@ def timed(fn, device, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def gemm_peak(device: torch.device, dtype=torch.float32) -> float:
-    """The best GFLOP/s of a large square product, through each path the engine may use."""
+def gemm_peak(device: torch.device, dtype=torch.float32, tf32: bool = False) -> float:
+    """The best GFLOP/s of a large square product, through each path the engine may use
+    (with ``tf32``: fp32 operands on CUDA's TF32 tensor cores)."""
     size = 4096 if device.type == "cpu" else 8192
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     paths = [lambda: a @ b]
     if dtype == torch.float32:
         paths.append(lambda: matmul_nt(a, b))
-    return max(2 * size ** 3 / timed(p, device, 3) / 1e9 for p in paths)
+    with matmul_precision("tf32" if tf32 else "none", device):
+        return max(2 * size ** 3 / timed(p, device, 3) / 1e9 for p in paths)
 
 
 def flops_per_run_epoch(model: str, n: int, n_test: int, eval_every: int, width: int = 128,
@@ -88,17 +90,23 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
     config = SweepConfig(models=models, runs=runs, epochs=epochs, precision=precision,
                          device=str(device), max_memory=max_memory, eval_every=eval_every)
     sweep = Sweep(config, data, progress=False)
-    set_precision(config, device)
     x_t, y = data.x_train.t().contiguous().to(device), data.y_train.to(device)
     x_test_t, y_test = data.x_test.t().contiguous().to(device), data.y_test.to(device)
     x_bf16 = x_t.bfloat16() if precision == "bf16" else None
+    with matmul_precision(precision, device):
+        return _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every)
+
+
+def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every) -> float:
+    device, runs, models, precision_name = (sweep.device, sweep.config.runs, sweep.specs,
+                                            sweep.config.precision)
     total = 0.0
     for chunk in sweep.chunks():
         variants = sorted({v for v, _ in chunk})
         groups = [StackedRuns.from_models(
             [sweep.build_model(v, s) for s in (sweep.config.seeds(sweep.specs[v])[r] for w, r in chunk if w == v)],
             device) for v in variants]
-        trainer = Trainer(groups, precision)
+        trainer = Trainer(groups, precision_name)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
         step = timed(lambda: trainer.step(x_t, y, 1e-3, frozen, x_bf16), device, epochs)
         test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1)
@@ -111,65 +119,81 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
               max_memory: int = 8 * GiB, train_subset: int | None = None,
               bf16: bool = True, log=print) -> dict:
     device = resolve_device(device_name)
+    cuda = device.type == "cuda"
     data = load_dataset("mnist", "raw").subset(train_subset)
     n, n_test = len(data.y_train), len(data.y_test)
     log(f"device: {describe_device(device)}; {n} training images, {runs} runs per variant, "
         f"{epochs} timed epochs after a warm-up")
     out: dict = {"device": describe_device(device), "n_train": n, "runs": runs}
-    out["peak_fp32"] = gemm_peak(device)
-    out["peak_bf16"] = gemm_peak(device, torch.bfloat16) if bf16 else float("nan")
-    log(f"GEMM peak (4096^3 on CPU / 8192^3 on GPU): fp32 {out['peak_fp32']:.0f} GFLOP/s"
-        + (f", bf16 {out['peak_bf16']:.0f} GFLOP/s" if bf16 else ""))
+    peaks = {"fp32": gemm_peak(device)}
+    if bf16:
+        peaks["bf16"] = gemm_peak(device, torch.bfloat16)
+    if cuda:
+        peaks["tf32"] = gemm_peak(device, tf32=True)
+    out["peaks"] = peaks
+    log("GEMM peak (4096^3 on CPU / 8192^3 on GPU): "
+        + ", ".join(f"{name} {value:.0f} GFLOP/s" for name, value in peaks.items()))
     out["author_s"] = author_loop(data, device, max(epochs, 3))
     log(f"author-style loop (nn.Module + torch.optim.SGD, test pass every epoch): "
-        f"{out['author_s']:.4f} s per run-epoch")
+        f"{out['author_s'] * 1e3:.3g} ms per run-epoch")
 
-    if device.type == "cpu":
-        resource.getrusage(resource.RUSAGE_SELF)
-    elif device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    for label, models, precision in (("Table 1", list(TABLE1), "fp32"),
-                                     ("Table 3", list(TABLE3), "fp32"),
-                                     *((("Table 1", list(TABLE1), "bf16"),) if bf16 else ())):
+    cases = [("Table 1", "fp32"), ("Table 3", "fp32")]
+    cases += [("Table 1", "bf16")] if bf16 else []
+    cases += [("Table 1", "tf32")] if cuda else []
+    for label, precision in cases:
+        models = list(TABLE3 if label == "Table 3" else TABLE1)
         seconds = engine(models, runs, data, device, precision, epochs, max_memory)
         flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
         key = f"{label} {precision}"
         out[key] = {"s": seconds, "gflops": flops / seconds / 1e9}
-        peak = out["peak_bf16" if precision == "bf16" else "peak_fp32"]
-        log(f"engine, {label} variants x {runs} runs, {precision}: {seconds:.4f} s per run-epoch, "
-            f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / peak:.0%} of the "
+        log(f"engine, {label} variants x {runs} runs, {precision}: {seconds * 1e3:.3g} ms per run-epoch, "
+            f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / peaks[precision]:.0%} of the "
             f"{precision} GEMM peak; {out['author_s'] / seconds:.2f}x the author-style loop")
-    if device.type == "cuda":
+    if cuda:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
     else:
         out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
     log(f"peak memory: {out['peak_memory_gib']:.2f} GiB "
-        f"({'process RSS' if device.type == 'cpu' else 'CUDA allocations'}; budget {max_memory / GiB:.1f} GiB)")
+        f"({'CUDA allocations' if cuda else 'process RSS'}; budget {max_memory / GiB:.1f} GiB)")
     if n == 60000:
         for table, (run_count, table_epochs) in PROTOCOL.items():
-            speed = out["Table 3 fp32" if table == "Table 3" else "Table 1 fp32"]["s"]
-            hours = run_count * table_epochs * speed / 3600
-            log(f"projected {table} ({run_count} runs x {table_epochs} epochs, fp32): {hours:.1f} h"
-                + (" (Table 2's variants cost what Table 1's do)" if table == "Table 2" else ""))
+            label = "Table 3" if table == "Table 3" else "Table 1"
+            for precision in ("fp32", "bf16", "tf32"):
+                if f"{label} {precision}" in out:
+                    hours = run_count * table_epochs * out[f"{label} {precision}"]["s"] / 3600
+                    log(f"projected {table} ({run_count} runs x {table_epochs} epochs, {precision}): "
+                        f"{format_hours(hours)}"
+                        + (" (Table 2's variants cost what Table 1's do)" if table == "Table 2" else ""))
     return out
 
 
-def accuracy_check(runs: int = 5, epochs: int = 300, train_subset: int = 10000, log=print) -> dict:
-    """Final test accuracy of the Table 1 variants in fp32 and bf16 (same seeds, same data)."""
+def format_hours(hours: float) -> str:
+    return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+
+
+def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf16",), runs: int = 5,
+                   epochs: int = 300, train_subset: int | None = 10000, log=print) -> dict:
+    """Final test accuracy of the Table 1 variants in fp32 and in each of ``precisions``
+    (same seeds, same data), compared variant by variant."""
     data = load_dataset("mnist", "raw")
-    out = {}
-    results = {}
-    for precision in ("fp32", "bf16"):
+    device = str(resolve_device(device_name))
+    out, results = {}, {}
+    for precision in ("fp32", *precisions):
         config = SweepConfig(models=list(TABLE1), runs=runs, epochs=epochs, train_subset=train_subset,
-                             precision=precision, eval_every=epochs)
+                             precision=precision, eval_every=epochs, device=device)
         start = time.perf_counter()
         results[precision] = Sweep(config, data, progress=False).run()
         out[f"{precision}_s"] = time.perf_counter() - start
-    for a, b in zip(results["fp32"], results["bf16"]):
-        fa, fb = 100 * a.arrays["final_test_acc"], 100 * b.arrays["final_test_acc"]
-        out[a.name] = (fa.mean(), fb.mean())
-        log(f"{a.name:<10} fp32 {fa.mean():6.2f} %  bf16 {fb.mean():6.2f} %  difference of means "
-            f"{fb.mean() - fa.mean():+.2f} points, largest per-run |difference| {np.abs(fa - fb).max():.2f}")
-    log(f"wall time fp32 {out['fp32_s']:.0f} s, bf16 {out['bf16_s']:.0f} s "
-        f"({runs} runs x {len(TABLE1)} variants x {epochs} epochs on {train_subset} images)")
+    for precision in precisions:
+        for a, b in zip(results["fp32"], results[precision]):
+            fa, fb = 100 * a.arrays["final_test_acc"], 100 * b.arrays["final_test_acc"]
+            out[(a.name, precision)] = (fa.mean(), fb.mean())
+            log(f"{a.name:<10} fp32 {fa.mean():6.2f} %  {precision} {fb.mean():6.2f} %  difference "
+                f"of means {fb.mean() - fa.mean():+.2f} points, largest per-run |difference| "
+                f"{np.abs(fa - fb).max():.2f}")
+    log("wall time " + ", ".join(f"{p} {out[f'{p}_s']:.0f} s" for p in ("fp32", *precisions))
+        + f" ({runs} runs x {len(TABLE1)} variants x {epochs} epochs on "
+        f"{train_subset or len(data.y_train)} images, {device})")
     return out

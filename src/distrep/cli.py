@@ -112,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
     bench.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
     bench.add_argument("--accuracy", action="store_true",
-                       help="also train Table 1's variants briefly in fp32 and bf16 and compare")
+                       help="also train Table 1's variants briefly in fp32 and in bf16 (and TF32 "
+                            "on CUDA) and compare their final test accuracy")
+    bench.add_argument("--accuracy-runs", type=positive_int, default=5, metavar="R")
+    bench.add_argument("--accuracy-epochs", type=positive_int, default=300, metavar="E")
+    bench.add_argument("--accuracy-subset", type=positive_int, default=10000, metavar="N",
+                       help="training images for the accuracy comparison (60000: all)")
     return parser
 
 
@@ -285,10 +290,14 @@ def cmd_analyze(args) -> None:
 
 def cmd_bench(args) -> None:
     from distrep.bench import accuracy_check, run_bench
+    from distrep.provenance import resolve_device
     run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
               bf16=not args.no_bf16)
     if args.accuracy:
-        accuracy_check()
+        cuda = resolve_device(args.device).type == "cuda"
+        precisions = (("bf16",) if not args.no_bf16 else ()) + (("tf32",) if cuda else ())
+        accuracy_check(args.device, precisions, args.accuracy_runs, args.accuracy_epochs,
+                       args.accuracy_subset)
 
 
 def main(argv: list[str] | None = None) -> int:

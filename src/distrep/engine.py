@@ -422,13 +422,14 @@ class Trainer:
 
     @staticmethod
     def _update(group: StackedRuns, lr: float, frozen: torch.Tensor) -> None:
-        """p <- p - lr * grad for every run not frozen (the operation torch.optim.SGD uses)."""
-        any_frozen = bool(frozen.any())
+        """p <- p - lr * grad for every run not frozen (the operation torch.optim.SGD uses).
+
+        The frozen runs' gradients are zeroed by a masked fill (exact, NaN-proof) rather than
+        behind a test of ``frozen.any()``, which would stall a GPU's queue once per step."""
         for layer in group.layers:
             for name, p in layer.params.items():
                 grad = layer.grads[name]
-                if any_frozen:
-                    grad[frozen] = 0.0
+                grad.masked_fill_(frozen.view(-1, *(1,) * (grad.dim() - 1)), 0.0)
                 p.add_(grad, alpha=-lr)
 
     @torch.no_grad()

@@ -52,10 +52,22 @@ def _two_sided(t: float, df: float) -> float:
 
 
 def _ratio(num: float, den: float) -> float:
-    """num / den with the limits a t statistic takes when the spread is zero."""
+    """num / den with the limits a t statistic takes when the spread is zero (NaN when the
+    spread is undefined: too few runs)."""
+    if np.isnan(den) or np.isnan(num):
+        return float("nan")
     if den > 0:
         return num / den
     return float("nan") if num == 0 else float(np.copysign(np.inf, num))
+
+
+def pooled_std(a, b) -> float:
+    """s_p = sqrt((sum (a - mean_a)^2 + sum (b - mean_b)^2) / (n_a + n_b - 2)); NaN if n_a + n_b < 3."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    df = len(a) + len(b) - 2
+    if df <= 0:
+        return float("nan")
+    return float(np.sqrt((np.sum((a - a.mean()) ** 2) + np.sum((b - b.mean()) ** 2)) / df))
 
 
 def student_t(a, b) -> TTest:
@@ -65,8 +77,7 @@ def student_t(a, b) -> TTest:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     na, nb = len(a), len(b)
     df = na + nb - 2
-    sp = np.sqrt(((na - 1) * std(a) ** 2 + (nb - 1) * std(b) ** 2) / df)
-    t = _ratio(mean(a) - mean(b), sp * np.sqrt(1 / na + 1 / nb))
+    t = _ratio(mean(a) - mean(b), pooled_std(a, b) * np.sqrt(1 / na + 1 / nb))
     return TTest(t, float(df), _two_sided(t, df), "Student (unpaired, pooled variance)")
 
 
@@ -74,6 +85,8 @@ def welch_t(a, b) -> TTest:
     """Unpaired t-test without equal variances: t = (mean_a - mean_b) / sqrt(s_a^2/n_a + s_b^2/n_b),
     df by Welch–Satterthwaite: (v_a + v_b)^2 / (v_a^2/(n_a-1) + v_b^2/(n_b-1)), v = s^2/n."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if min(len(a), len(b)) < 2:
+        return TTest(float("nan"), float("nan"), float("nan"), "Welch (unpaired, unequal variances)")
     va, vb = std(a) ** 2 / len(a), std(b) ** 2 / len(b)
     t = _ratio(mean(a) - mean(b), np.sqrt(va + vb))
     denom = va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)
@@ -91,10 +104,7 @@ def paired_t(a, b) -> TTest:
 
 def cohens_d(a, b) -> float:
     """Effect size with the pooled standard deviation: (mean_a - mean_b) / s_p."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    na, nb = len(a), len(b)
-    sp = np.sqrt(((na - 1) * std(a) ** 2 + (nb - 1) * std(b) ** 2) / (na + nb - 2))
-    return _ratio(mean(a) - mean(b), sp)
+    return _ratio(mean(a) - mean(b), pooled_std(a, b))
 
 
 def cohens_dz(a, b) -> float:

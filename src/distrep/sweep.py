@@ -18,6 +18,7 @@ import json
 import os
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -163,11 +164,19 @@ def verify_fp32_matmul(device: torch.device) -> None:
                            f"reduced-precision back-end is enabled (TF32?); refusing to call it fp32")
 
 
-def set_precision(config: SweepConfig, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config.precision == "tf32"
-    if config.precision == "fp32":
-        verify_fp32_matmul(device)
+@contextmanager
+def matmul_precision(name: str, device: torch.device):
+    """Within the block, CUDA fp32 matrix products use TF32 exactly when ``name`` is tf32; the
+    global setting is restored afterwards. For fp32 the products are checked to be fp32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+        if name == "fp32":
+            verify_fp32_matmul(device)
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -271,15 +280,15 @@ class Sweep:
 
     def run(self) -> list[VariantResult]:
         c = self.config
-        set_precision(c, self.device)
         chunks = self.chunks()
         remaining = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
         bar = tqdm(total=remaining, unit="run-epoch", unit_scale=True, disable=not self.progress,
                    dynamic_ncols=True, desc="training")
-        for i, chunk in enumerate(chunks):
-            bar.set_description(f"chunk {i + 1}/{len(chunks)} ({len(chunk)} runs)")
-            self._train_chunk(chunk, bar)
-            self.save_checkpoint()
+        with matmul_precision(c.precision, self.device):
+            for i, chunk in enumerate(chunks):
+                bar.set_description(f"chunk {i + 1}/{len(chunks)} ({len(chunk)} runs)")
+                self._train_chunk(chunk, bar)
+                self.save_checkpoint()
         bar.close()
         return self.results()
 

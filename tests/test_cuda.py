@@ -1,0 +1,100 @@
+"""The CUDA path of the engine and the reference trainer, checked against the CPU.
+
+Skipped where PyTorch sees no CUDA GPU (as on CI); on a GPU machine run
+``pytest tests/test_cuda.py -s`` (``-s`` shows the measured differences).
+"""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from distrep.errors import DistrepError
+from distrep.models import ALIASES
+from distrep.sweep import Sweep, SweepConfig, bytes_per_run, verify_fp32_matmul
+from distrep.train import TrainConfig, train
+from tests.test_engine import EXTRA, raw, relative, standardized, sweep  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def test_every_variant_on_cuda_matches_the_cpu(standardized):
+    """60 epochs, 2 runs of every variant: CUDA and CPU differ only by fp32 rounding, which the
+    Abs family amplifies (measured on an H200: Abs2-Neg's first-layer weights 3.1e-4 apart,
+    Abs, ReLU and Abs2 under 1e-4)."""
+    names = list(ALIASES) + EXTRA
+    cpu = sweep(standardized, names, preprocess="standardized")
+    cuda = sweep(standardized, names, preprocess="standardized", device="cuda")
+    loss = {a.name: relative(b.arrays["train_loss"], a.arrays["train_loss"]) for a, b in zip(cpu, cuda)}
+    params = {a.name: max(relative(b.params[k], a.params[k]) for k in a.params) for a, b in zip(cpu, cuda)}
+    print("\nCUDA vs CPU after 60 epochs, largest relative difference (train loss / parameters):")
+    for name in loss:
+        print(f"  {name:<40} {loss[name]:.1e} / {params[name]:.1e}")
+    for a, b in zip(cpu, cuda):
+        assert loss[a.name] < 1e-4 and params[a.name] < 2e-3, a.name
+        np.testing.assert_allclose(b.arrays["test_acc"], a.arrays["test_acc"], atol=0.004)
+
+
+def test_reference_trainer_on_cuda_matches_the_cpu(standardized):
+    for name in ("ReLU2-Neg", "Abs-L2"):
+        cfg = TrainConfig(name, epochs=30, eval_every=10, preprocess="standardized")
+        cpu = train(cfg, standardized, progress=False)
+        cuda = train(replace(cfg, device="cuda"), standardized, progress=False)
+        assert relative(cuda.train_loss, cpu.train_loss) < 1e-4, name
+        for key, p in cpu.state.items():
+            assert relative(cuda.state[key].cpu(), p) < 1e-4, (name, key)
+
+
+def test_chunking_on_cuda(raw):
+    """On the CPU chunking is bit-identical (test_engine); cuBLAS may pick other kernels for
+    other batch shapes, so on CUDA the results must agree to rounding, and the test says
+    whether they are bit-identical too."""
+    models, kw = ["ReLU2-Neg", "Abs-L2", "ReLU-L2"], dict(runs=3, epochs=15, eval_every=5, device="cuda")
+    whole = sweep(raw, models, **kw)
+    two_runs = 4 * 500 * 784 + 2 * max(bytes_per_run(m, 128, 500, 784, 10) for m in models)
+    config = replace(SweepConfig(models=models, **kw), max_memory=two_runs)
+    chunked = Sweep(config, raw, progress=False).run()
+    identical = True
+    for a, b in zip(whole, chunked):
+        assert relative(b.arrays["train_loss"], a.arrays["train_loss"]) < 1e-5, a.name
+        identical &= all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+    print(f"\nCUDA chunked vs whole: bit-identical {identical}")
+
+
+def test_diverged_run_is_frozen_on_cuda(raw):
+    cfg = SweepConfig(models=["ReLU"], runs=3, epochs=10, eval_every=5, device="cuda").validate()
+    s = Sweep(cfg, raw, progress=False)
+    s.params[0] = s.initial_params(0)
+    s.params[0]["2.weight"][1] *= 1e38
+    broken = s.params[0]["2.weight"][1].clone()
+    res = s.run()[0]
+    clean = sweep(raw, ["ReLU"], runs=3, epochs=10, eval_every=5, device="cuda")[0]
+    assert res.diverged.tolist() == [False, True, False]
+    assert torch.equal(res.params["2.weight"][1], broken)
+    np.testing.assert_array_equal(res.arrays["train_loss"][[0, 2]], clean.arrays["train_loss"][[0, 2]])
+
+
+def test_tf32_and_bf16_on_cuda(raw):
+    before = torch.backends.cuda.matmul.allow_tf32
+    fp32 = sweep(raw, ["ReLU", "ReLU2-Neg"], runs=2, epochs=40, device="cuda")
+    for precision in ("tf32", "bf16"):
+        other = sweep(raw, ["ReLU", "ReLU2-Neg"], runs=2, epochs=40, device="cuda", precision=precision)
+        for a, b in zip(fp32, other):
+            assert not np.array_equal(a.arrays["train_loss"], b.arrays["train_loss"]), precision
+            assert np.abs(a.arrays["final_test_acc"] - b.arrays["final_test_acc"]).max() < 0.03
+    assert torch.backends.cuda.matmul.allow_tf32 == before, "the global setting is restored"
+    again = sweep(raw, ["ReLU", "ReLU2-Neg"], runs=2, epochs=40, device="cuda")
+    for a, b in zip(fp32, again):
+        np.testing.assert_array_equal(a.arrays["train_loss"], b.arrays["train_loss"])
+
+
+def test_fp32_check_catches_tf32_on_cuda():
+    verify_fp32_matmul(torch.device("cuda"))
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(DistrepError, match="reduced-precision"):
+            verify_fp32_matmul(torch.device("cuda"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
