@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make quick   the main job: a quick, real reproduction of the paper on the CPU (~8 min)
+#   make quick   the main job: a quick, real reproduction of the paper and its analyses on the CPU (~10 min)
 #   make test    the test suite
 # Both create .venv on first use and reinstall only when pyproject.toml changes.
 
@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 quick: $(STAMP)
 	$(BIN)/distrep data fetch mnist
 	$(BIN)/distrep reproduce quick --out runs/quick
+	$(BIN)/distrep analyze runs/quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,9 +1,14 @@
+"""The geometric analyses on hand-built networks whose answers are known."""
+
 import numpy as np
+import pytest
 import torch
 
+from distrep import analysis as A
 from distrep.analysis import activation_rates, unit_census
 from distrep.engine import StackedRuns
-from distrep.models import parse
+from distrep.models import ALIASES, create_model, parse
+from tests.test_engine import EXTRA
 
 
 def hand_built():
@@ -39,3 +44,121 @@ def test_output_rectifiers_are_counted_and_abs_units_are_live():
     assert (rates[3] == 0).all(), "negative weights on |h| >= 0 give a dead ReLU output"
     assert np.all(unit_census(rates[3])["never"] == 3)
     assert (rates[1][1] == 1).all()
+
+
+@pytest.fixture(scope="module")
+def test_data(mnist):
+    return mnist.x_test[:600].t().contiguous(), mnist.y_test[:600]
+
+
+def stacked(name, runs=2):
+    return StackedRuns.from_models([create_model(name, seed=s) for s in range(runs)])
+
+
+def test_clamping_extremes_and_the_untouched_ends(test_data):
+    """Floor at p = 100 (ceiling at p = 0) makes every hidden unit constant at its own maximum
+    (minimum): accuracy is that of the one class the constant predicts. Floor at 0 and ceiling
+    at 100 change nothing."""
+    x, y = test_data
+    group = stacked("ReLU", runs=3)
+    curves = A.clamping_curves(group, x, y)
+    a = A.hidden_activations(group, x)
+    np.testing.assert_array_equal(curves["floor"][:, 0], curves["unclamped"])
+    np.testing.assert_array_equal(curves["ceiling"][:, -1], curves["unclamped"])
+    for kind, column, constant in (("floor", -1, a.amax(2)), ("ceiling", 0, a.amin(2))):
+        logits = torch.einsum("rch,rh->rc", group.layers[2].weight, constant)     # [R, C]
+        predicted = logits.argmax(1)
+        expected = (y.unsqueeze(0) == predicted.unsqueeze(1)).double().mean(1)
+        np.testing.assert_allclose(curves[kind][:, column], expected.numpy())
+    assert (np.diff(curves["percents"]) == 1).all() and curves["floor"].shape == (3, 101)
+    # in between, each unit has its own level: p % of the way from ITS min to ITS max
+    lo, hi = a.amin(2, keepdim=True), a.amax(2, keepdim=True)
+    for kind, pct in (("floor", 40), ("ceiling", 60)):
+        clamped = A.clamp(a, lo + pct / 100 * (hi - lo), kind)
+        expected = A.accuracy(group.tail(2).forward(clamped)[-1], y).numpy()
+        np.testing.assert_array_equal(curves[kind][:, pct], expected)
+
+
+def test_half_drop_on_synthetic_curves():
+    p = np.arange(0, 101, 10.0)
+    falling = 0.9 - 0.8 * p / 100                       # floor: 0.9 at p = 0 down to 0.1
+    rising = 0.1 + 0.8 * p / 100                        # ceiling: 0.9 at p = 100 down to 0.1
+    assert A.half_drop(p, falling, 0.9, "floor") == pytest.approx(56.25)
+    assert A.half_drop(p, rising, 0.9, "ceiling") == pytest.approx(43.75)
+    flat = np.full_like(p, 0.9)
+    assert np.isnan(A.half_drop(p, flat, 0.9, "floor"))
+    step = np.where(p >= 30, 0.2, 0.9)                  # drops between 20 and 30: interpolated
+    assert A.half_drop(p, step, 0.9, "floor") == pytest.approx(20 + 10 * (0.45 - 0.9) / (0.2 - 0.9))
+    both = np.stack([falling, flat])                    # vectorised over runs
+    out = A.half_drop(p, both, np.array([0.9, 0.9]), "floor")
+    assert out[0] == pytest.approx(56.25) and np.isnan(out[1])
+
+
+@pytest.mark.parametrize("name", ["Abs2-Neg", "ReLU-L2", "linear-relu-linear+bias-relu"])
+def test_one_unit_clamping_matches_a_loop(test_data, name):
+    """The per-unit update of the output layer against clamping each unit by hand and
+    running the output layer again."""
+    x, y = test_data
+    group = stacked(name, runs=2)
+    percents = [0, 40, 100]
+    curves = A.unit_clamping_curves(group, x, y, percents=percents, memory=3 * 8 * 2 * 10 * 600 * 3)
+    a = A.hidden_activations(group, x)
+    head = group.tail(2)
+    lo, hi = a.amin(2), a.amax(2)
+    for unit in (0, 4, 127):
+        for i, pct in enumerate(percents):
+            level = lo[:, unit] + pct / 100 * (hi[:, unit] - lo[:, unit])             # [R]
+            for kind in ("floor", "ceiling"):
+                b = a.clone()
+                b[:, unit] = A.clamp(a[:, unit], level[:, None], kind)
+                expected = A.accuracy(head.forward(b)[-1], y).numpy()
+                # the change is added to z rather than z recomputed: rounding may flip a near-tie
+                np.testing.assert_allclose(curves[f"unit_{kind}"][:, unit, i], expected, atol=1.01 / len(y))
+
+
+def test_hyperplane_summary_tells_distance_from_intensity():
+    """Unit j puts class j at 0 and class c at distance 1 + c (a distance code), or class j at
+    +100 (an intensity code)."""
+    C, n_per = 4, 5
+    y = torch.arange(C).repeat_interleave(n_per)
+    distance = torch.zeros(1, C, C * n_per)
+    for j in range(C):
+        distance[0, j] = torch.where(y == j, 0.0, 1.0 + y.double()).float()
+    out = A.hyperplane_summary(distance, y, C, bins=8)
+    assert (out["target_rank_abs"] == 1).all()
+    assert out["hist"].sum(3)[0].tolist() == [[n_per] * C] * C          # every example counted once
+    intensity = distance.clone()
+    for j in range(C):
+        intensity[0, j, y == j] = 100.0
+    out = A.hyperplane_summary(intensity, y, C)
+    assert (out["target_rank_abs"] == C).all() and (out["target_rank_signed"] == 1).all()
+
+
+def test_offsetl2_prototypes_at_the_class_means_are_nearest_their_own_class(mnist):
+    x, y = mnist.x_train[:2000].t().contiguous(), mnist.y_train[:2000]
+    group = stacked("ReLU-L2-Neg", runs=2)
+    h = A.hidden_activations(group, x)
+    means = A.class_means(h, y, 10)                                    # [R, C, H]
+    layer = group.layers[2]
+    layer.mu.copy_(means)
+    out = A.prototype_summary(group, x, y, 10)
+    assert (out["own_rank"] == 1).all() and (out["own_rank_euclidean"] == 1).all()
+    assert np.allclose(np.diagonal(out["distance"], axis1=1, axis2=2), 0, atol=1e-3)
+    layer.mu.copy_(means.roll(1, dims=1))                              # mu_j at class j-1's mean
+    out = A.prototype_summary(group, x, y, 10)
+    assert (out["own_rank"] > 1).all()
+    assert A.prototype_summary(stacked("ReLU2"), x, y, 10) is None
+
+
+@pytest.mark.parametrize("name", list(ALIASES) + EXTRA + ["linear-offsetl2", "offsetl2-relu-linear"])
+def test_every_analysis_runs_on_every_model_type(name, mnist):
+    group = stacked(name)
+    train = (mnist.x_train[:300].t().contiguous(), mnist.y_train[:300])
+    test = (mnist.x_test[:200].t().contiguous(), mnist.y_test[:200])
+    found = A.analyze_runs(group, train, test, 10, unit_examples=50)
+    assert "clamping" in found
+    assert ("prototypes" in found) == (group.specs[A.output_layer(group)].kind == "offsetl2")
+    for analysis, arrays in found.items():
+        for key, value in arrays.items():
+            if not key.endswith("_half"):                               # NaN there means "never"
+                assert np.isfinite(value).all(), (name, analysis, key)

@@ -129,7 +129,7 @@ def test_all_runs_each_table_into_its_own_directory(tmp_path, mnist):
         assert f"| {first} |" in report and f"({table})" in report
 
 
-def test_analyze_adds_dead_units_to_the_report(table1_tiny):
+def test_analyze_adds_every_analysis_to_the_report(table1_tiny):
     r = distrep("analyze", table1_tiny)
     assert r.returncode == 0, r.stderr
     census = read_arrays(table1_tiny / "analysis" / "ReLU2" / "dead_units.npz")
@@ -139,4 +139,32 @@ def test_analyze_adds_dead_units_to_the_report(table1_tiny):
     for model in TABLE1:
         assert f"| {model} | train | layer 1 |" in section
     assert "| ReLU2 | test | layer 3 |" in section and "| Abs2 | train | layer 3 |" in section
+    for title in ("Class distributions along the output hyperplanes", "Activation clamping",
+                  "First-layer weights"):
+        assert f"## {title}" in report, title
+    clamping = report.split("## Activation clamping")[1].split("## ")[0]
+    assert "| ReLU2-Neg |" in clamping and "| 11 |" in clamping, "the paper's floor drop-off shown"
+    for model in TABLE1:
+        for figure in (f"figures/hyperplanes_{model}.png", f"figures/first_layer_{model}.png"):
+            assert (table1_tiny / figure).exists() and f"]({figure})" in report
+        curves = read_arrays(table1_tiny / "analysis" / model / "clamping.npz")
+        assert curves["floor"].shape == (3, 101) and curves["unit_floor"].shape == (3, 128, 21)
+    assert "OffsetL2 prototypes" not in report
+    parser = _Refs()
+    parser.feed((table1_tiny / "report.html").read_text())
+    assert len(parser.refs) == 2 + 1 + 2 * len(TABLE1) and all(r.startswith("data:image/png") for r in parser.refs)
     assert_one_line_error(distrep("analyze", table1_tiny / "nope"), "no finished experiment")
+
+
+def test_analyze_offsetl2_prototypes(tmp_path, mnist):
+    out = tmp_path / "t3"
+    r = distrep("reproduce", "table3", "--out", out, "--runs", 2, "--epochs", 3, "--train-subset", 200,
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert distrep("analyze", out).returncode == 0
+    report = (out / "report.md").read_text()
+    section = report.split("## OffsetL2 prototypes")[1].split("## ")[0]
+    for model in ("ReLU-L2", "ReLU-L2-Neg", "Abs-L2", "Abs-L2-Neg"):
+        assert f"| {model} |" in section and f"figures/prototypes_{model}.png" in section
+        p = read_arrays(out / "analysis" / model / "prototypes.npz")
+        assert p["weighted_distance"].shape == (2, 10, 10) and p["weight"].shape == (2, 10, 128)

@@ -279,11 +279,11 @@ def cmd_report(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from distrep.analysis import dead_units
+    from distrep.analysis import analyze
     from distrep.report import write_report
     if not (args.directory / "run.json").exists():
         raise DistrepError(f"{args.directory} holds no finished experiment (no run.json)")
-    dead_units(args.directory)
+    analyze(args.directory, log=lambda m: print(m, file=sys.stderr))
     paths = write_report(args.directory)
     print(f"analyses in {args.directory / 'analysis'}; report in {paths['html']}")
 

@@ -174,7 +174,8 @@ class StackedLinear:
         self.params = {"weight": weight} | ({"bias": bias} if bias is not None else {})
         self.grads = {k: torch.zeros_like(v) for k, v in self.params.items()}
 
-    def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None,
+                keep: bool = True) -> torch.Tensor:
         R, o, i = self.weight.shape
         n = x.shape[-1]
         if out is None:
@@ -244,20 +245,30 @@ class StackedOffsetL2:
             return (a.reshape(R * p, q) @ b).view(R, p, -1)
         return bmm(a, b, out=out)
 
+    def metric_weight(self) -> torch.Tensor:
+        """w in float64: alpha^2 (paper) or alpha (coded)."""
+        return (self.alpha * self.alpha if self.form == "paper" else self.alpha).double()
+
+    def root(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, where the root is differentiable) from squared distances s (float64, any shape):
+        y = sqrt(max(s, 0)) (paper) or sqrt(max(s, 1e-12)) (coded)."""
+        s = s.clamp_min(0.0)
+        if self.form == "paper":
+            active = s > 0
+            return torch.where(active, s, 1.0).sqrt_().mul_(active), active
+        return s.clamp_min(CODED_CLAMP).sqrt_(), s > CODED_CLAMP
+
+    def squared_distance(self, x64: torch.Tensor, sq: torch.Tensor, shared: bool) -> torch.Tensor:
+        """s = w @ x^2 - 2 (w*mu) @ x + sum_i w mu^2 (float64), from x and x^2 in float64."""
+        w, mu = self.metric_weight(), self.mu.double()
+        s = self._mm(w, sq, shared)
+        return s.sub_(self._mm(2 * w * mu, x64, shared)).add_((w * mu * mu).sum(2, keepdim=True))
+
     def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None,
                 keep: bool = True) -> torch.Tensor:
         x64, sq = self._work(x, keep)
-        w = (self.alpha * self.alpha if self.form == "paper" else self.alpha).double()
-        mu = self.mu.double()
-        s = self._mm(w, sq, shared)
-        s.sub_(self._mm(2 * w * mu, x64, shared)).add_((w * mu * mu).sum(2, keepdim=True))
-        s.clamp_min_(0.0)
-        if self.form == "paper":
-            active = s > 0
-            y = torch.where(active, s, 1.0).sqrt_().mul_(active)
-        else:
-            active = s > CODED_CLAMP
-            y = s.clamp_min(CODED_CLAMP).sqrt_()
+        w, mu = self.metric_weight(), self.mu.double()
+        y, active = self.root(self.squared_distance(x64, sq, shared))
         if keep:
             self._cache = (x64, sq, w, mu, y, active)
         if out is None:
@@ -340,6 +351,26 @@ class StackedRuns:
     @property
     def runs(self) -> int:
         return next(iter(self.state().values())).shape[0]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
+        """The outputs of layers ``start``, ``start + 1``, ... (each ``[R, features, n]``) for
+        ``x``, the input of layer ``start``: shared by every run ``[in, n]``, or per run
+        ``[R, in, n]``. No gradient; nothing is kept for a backward pass."""
+        outputs = []
+        for layer in self.layers[start:]:
+            x = layer.forward(x, shared=x.dim() == 2, keep=False)
+            outputs.append(x)
+        return outputs
+
+    def tail(self, start: int, repeat: int = 1) -> "StackedRuns":
+        """Layers ``start`` onwards as their own stack; with ``repeat`` > 1 every run's layers
+        appear ``repeat`` times in a row (``R * repeat`` runs), to evaluate many perturbed
+        inputs of each run in one batched pass."""
+        state = {f"{k - start}.{name}": p.repeat_interleave(repeat, 0)
+                 for k, layer in enumerate(self.layers) if k >= start for name, p in layer.params.items()}
+        form = next((l.form for l in self.layers if isinstance(l, StackedOffsetL2)), "paper")
+        return StackedRuns.from_state(self.specs[start:], state, form)
 
 
 # Activations whose derivative needs only their input: the buffer holding their output can

@@ -59,3 +59,95 @@ def run_figure(metrics: dict[str, np.ndarray], title: str):
     plot_test_error(metrics["test_epochs"], metrics["test_acc"], ax=right)
     fig.suptitle(title)
     return fig
+
+
+# --------------------------------------------------------------------------- analyses
+
+def plot_hyperplanes(hist: np.ndarray, edges: np.ndarray, classes, title: str):
+    """Per output unit j, the distribution of its pre-activation for each class (one run):
+    ``hist [U, C, bins]`` counts over ``edges [U, bins + 1]``. Unit j's own class is drawn in
+    colour, the others in grey, each normalised to its class's size."""
+    U = hist.shape[0]
+    cols = min(U, 5)
+    rows = -(-U // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows), layout="constrained",
+                             squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        if j >= U:
+            ax.axis("off")
+            continue
+        centres = (edges[j, :-1] + edges[j, 1:]) / 2
+        density = hist[j] / np.maximum(hist[j].sum(1, keepdims=True), 1)
+        for c in range(hist.shape[1]):
+            if c != j:
+                ax.plot(centres, density[c], color="0.65", lw=0.8)
+        if j < hist.shape[1]:
+            ax.plot(centres, density[j], color="C3", lw=2, label=f"class {classes[j]}")
+        ax.axvline(0, color="k", lw=0.6, ls=":")
+        ax.set_title(f"unit {j} (class {classes[j] if j < len(classes) else '?'})", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+    fig.suptitle(f"{title}: pre-activation of each output unit, by class "
+                 f"(own class in red, others grey; dotted: 0)", fontsize=10)
+    return fig
+
+
+def plot_clamping(curves: dict[str, dict[str, np.ndarray]]):
+    """Test accuracy against the clamp level p (mean ± std over runs), floor and ceiling."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained", sharey=True)
+    for ax, kind in zip(axes, ("floor", "ceiling")):
+        for name, c in curves.items():
+            acc = 100 * c[kind]
+            mu, sd = acc.mean(0), acc.std(0)
+            line, = ax.plot(c["percents"], mu, label=name)
+            ax.fill_between(c["percents"], mu - sd, mu + sd, color=line.get_color(), alpha=0.15)
+        ax.set(xlabel=f"{kind} level p (% of the way from each unit's min to its max)",
+               title=f"hidden layer clamped to a {kind}")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=8, ncol=2)
+    return fig
+
+
+def plot_prototypes(weight: np.ndarray, distance: np.ndarray, classes, title: str):
+    """OffsetL2: the metric weights ``weight [C, H]`` of one run as a heat map, and the
+    distance from each class mean to each prototype ``distance [C (prototypes), C (classes)]``
+    relative to that class's mean distance to all prototypes (< 1, blue: nearer than usual)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6), layout="constrained",
+                                      gridspec_kw={"width_ratios": [3, 1]})
+    im = left.imshow(weight, aspect="auto", cmap="viridis", interpolation="nearest")
+    left.set(xlabel="hidden unit i", ylabel="output j", title="metric weights w_ji (run 0)")
+    left.set_yticks(range(len(classes)), classes)
+    fig.colorbar(im, ax=left, fraction=0.03)
+    relative = distance / distance.mean(0, keepdims=True)    # each class against its own scale
+    im = right.imshow(relative, cmap="RdBu_r", vmin=2 - relative.max(), vmax=relative.max(),
+                      interpolation="nearest")
+    right.set(xlabel="class c (its mean hidden vector)", ylabel="prototype mu_j",
+              title="d(m_c, mu_j) / mean_j d(m_c, mu_j)")
+    right.set_xticks(range(len(classes)), classes, fontsize=7)
+    right.set_yticks(range(len(classes)), classes, fontsize=7)
+    fig.colorbar(im, ax=right, fraction=0.05)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_first_layer(weight: np.ndarray, title: str, columns: int = 16):
+    """First-layer weights ``[units, side*side]`` of one run as one mosaic of images (red > 0 >
+    blue, each unit scaled to its own largest |w|)."""
+    units, features = weight.shape
+    side = int(round(np.sqrt(features)))
+    rows = -(-units // columns)
+    cell = side + 1                                         # one blank pixel between images
+    mosaic = np.full((rows * cell - 1, columns * cell - 1), np.nan)
+    scale = np.abs(weight).max(1, keepdims=True)
+    scaled = weight / np.where(scale > 0, scale, 1.0)
+    for u in range(units):
+        r, c = divmod(u, columns)
+        mosaic[r * cell:r * cell + side, c * cell:c * cell + side] = scaled[u].reshape(side, side)
+    cmap = plt.get_cmap("RdBu_r").copy()
+    cmap.set_bad("white")
+    fig, ax = plt.subplots(figsize=(columns * 0.6, rows * 0.6 + 0.4), layout="constrained")
+    ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    return fig

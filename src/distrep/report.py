@@ -6,17 +6,21 @@ from __future__ import annotations
 import base64
 import csv
 import html
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from distrep import stats
-from distrep.paper import TABLE_EPOCHS, paper_value
-from distrep.plots import _log_y, save_figure
+from distrep.models import create_model
+from distrep.paper import CLAMP_DROPOFF, TABLE_EPOCHS, paper_value
+from distrep.plots import (_log_y, plot_clamping, plot_first_layer, plot_hyperplanes,
+                           plot_prototypes, save_figure)
 from distrep.storage import atomic_write_bytes, read_arrays, read_json
 
-FIGURES = {"curves": "figures/test_error_curves.png", "final": "figures/final_accuracy.png"}
+FIGURES = {"curves": "figures/test_error_curves.png", "final": "figures/final_accuracy.png",
+           "clamping": "figures/clamping.png"}
 
 
 def load_experiment(directory: Path) -> dict:
@@ -158,6 +162,15 @@ def protocol_lines(exp: dict) -> list[str]:
     return lines
 
 
+def _pm(x: np.ndarray, digits: int = 1, scale: float = 1.0) -> str:
+    """mean ± sample std over runs (NaNs left out); a dash when nothing is left."""
+    x = scale * np.asarray(x, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return "—"
+    return f"{x.mean():.{digits}f} ± {x.std(ddof=1) if len(x) > 1 else 0.0:.{digits}f}"
+
+
 def dead_unit_table(census: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], list[list[str]]]:
     """Percent of a layer's units never active / active on < 1 % / < 5 % of inputs, mean ± std
     over runs, per model, split and rectifying layer."""
@@ -169,9 +182,7 @@ def dead_unit_table(census: dict[str, dict[str, np.ndarray]]) -> tuple[list[str]
         for key in keys:
             split, layer = key.split("/")
             units = arrays[f"{key}/units"][0]
-            cells = [f"{100 * arrays[f'{key}/{c}'].mean() / units:.1f} ± "
-                     f"{100 * arrays[f'{key}/{c}'].std(ddof=1) / units if len(arrays[f'{key}/{c}']) > 1 else 0:.1f}"
-                     for c in ("never", "below_1%", "below_5%")]
+            cells = [_pm(arrays[f"{key}/{c}"], scale=100 / units) for c in ("never", "below_1%", "below_5%")]
             body.append([model, split, layer.replace("layer", "layer "), str(units), *cells])
     return head, body
 
@@ -180,6 +191,151 @@ DEAD_NOTE = ("A unit of a rectifying layer (ReLU or Abs, hidden or output) is ac
              "when its output is non-zero. Both 'rarely active' definitions are shown: < 1 % of "
              "inputs (the author's code) and < 5 % (the paper). Layer numbers index the model's "
              "layer list (layer 1: the hidden activation; layer 3: an output activation).")
+
+
+def reading(rank_abs: float, classes: int) -> str:
+    """Which representation the target's place along the unit suggests."""
+    if rank_abs <= 2:
+        return "distance (own class nearest 0)"
+    if rank_abs >= classes - 1:
+        return "intensity (own class farthest from 0)"
+    return "neither"
+
+
+def hyperplane_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "own class's rank by mean |z| (1 = nearest 0)", "rank by mean z (1 = largest)",
+            "own mean |z| / others' mean |z|", "reading"]
+    body = []
+    for model, h in found.items():
+        C = h["class_abs_mean"].shape[2]
+        own = np.arange(h["class_abs_mean"].shape[1])
+        own_abs = h["class_abs_mean"][:, own, own % C]                           # [R, U]
+        others = (h["class_abs_mean"].sum(2) - own_abs) / (C - 1)
+        ratio = (own_abs / np.where(others > 0, others, np.nan)).mean(1)
+        body.append([model, _pm(h["target_rank_abs"].mean(1), 2), _pm(h["target_rank_signed"].mean(1), 2),
+                     _pm(ratio, 2), reading(h["target_rank_abs"].mean(), C)])
+    return head, body
+
+
+HYPERPLANE_NOTE = ("z is an output unit's pre-activation (before any activation or negation after "
+                   "the output layer), on the test set. For unit j, its own class is class j. "
+                   "Ranks are over the classes' mean values, averaged over units, then mean ± std "
+                   "over runs. 'reading' calls a mean |z| rank of at most 2 a distance reading and "
+                   "one of at least C − 1 an intensity reading. Figures: run 0 of each model.")
+
+
+def clamping_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "unclamped (%)", "floor: half-drop p", "paper", "ceiling: half-drop p", "paper",
+            "one unit, floor 100 %: largest drop (points)", "one unit, ceiling 0 %: largest drop (points)"]
+    body = []
+    for model, c in found.items():
+        drops = [_pm(100 * (c["unit_unclamped"] - c[f"unit_{kind}"][:, :, i].min(1)), 1)
+                 for kind, i in (("floor", -1), ("ceiling", 0))]
+        body.append([model, _pm(c["unclamped"], 2, 100), _pm(c["floor_half"], 1),
+                     _fmt(CLAMP_DROPOFF["floor"].get(model), 0), _pm(c["ceiling_half"], 1),
+                     _fmt(CLAMP_DROPOFF["ceiling"].get(model), 0), *drops])
+    return head, body
+
+
+CLAMP_NOTE = ("Every hidden unit is clamped to a floor max(a, L_p) or a ceiling min(a, L_p) with "
+              "L_p p % of the way from the unit's minimum to its maximum on the test set "
+              "(p = 0…100). The half-drop p is where test accuracy first falls to half its "
+              "unclamped value, coming from the side where the clamp does nothing (p = 0 for a "
+              "floor, p = 100 for a ceiling), interpolated; — where it never does. The paper's "
+              "drop-off points are from the author's notes. The last two columns clamp one unit "
+              "at a time (on the first test examples) and report the largest accuracy loss any "
+              "single unit causes.")
+
+
+def prototype_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "mu_j nearest its own class (%)", "own class's rank (layer's metric)",
+            "own class's rank (Euclidean)", "own-class / other-class distance"]
+    body = []
+    for model, p in found.items():
+        d = p["weighted_distance"]
+        C = d.shape[2]
+        own = np.arange(d.shape[1])
+        own_d = d[:, own, own % C]
+        others = (d.sum(2) - own_d) / (C - 1)
+        body.append([model, _pm((p["own_rank"] == 1).mean(1), 1, 100), _pm(p["own_rank"].mean(1), 2),
+                     _pm(p["own_rank_euclidean"].mean(1), 2), _pm((own_d / others).mean(1), 2)])
+    return head, body
+
+
+PROTOTYPE_NOTE = ("For OffsetL2 output layers: the distance from each class's mean hidden vector "
+                  "(training set) to each prototype mu_j, in the layer's own metric "
+                  "sqrt(sum_i w_ji (m_ci - mu_ji)^2) (w = alpha^2, or alpha in the coded form) and "
+                  "in the Euclidean one. Rank 1: mu_j is nearer its own class's mean than any other "
+                  "class's. With a Neg after the layer the own class should be nearest (its logit "
+                  "is minus the distance); without it, the own class should be farthest.")
+
+FIRST_LAYER_NOTE = ("What training wrote into run 0's first layer: its weights minus their initial "
+                    "values (rebuilt from the run's seed), one 28×28 image per hidden unit (red > 0 > "
+                    "blue, each unit scaled to its largest change). The trained weights themselves "
+                    "are these plus the random initialisation, which dominates them in short runs; "
+                    "they are in models/<name>/params.safetensors.")
+
+
+@dataclass
+class Section:
+    title: str
+    note: str = ""
+    table: tuple | None = None
+    images: list[tuple[str, str]] = field(default_factory=list)     # (alt text, relative path)
+
+
+def analysis_sections(directory: Path, exp: dict) -> list[Section]:
+    """Report sections (and their figures) for whatever ``distrep analyze`` saved."""
+    from distrep.analysis import load_analyses
+    from distrep.storage import read_tensors
+    found = {analysis: {m: by_model[m] for m in exp["models"] if m in by_model}   # the experiment's order
+             for analysis, by_model in load_analyses(directory).items()}
+    if not found:
+        return []
+    from distrep.data import get_spec
+    classes = list(get_spec(exp["config"]["config"]["dataset"]).classes)
+    sections = []
+    if "dead_units" in found:
+        sections.append(Section("Dead and rarely active units", DEAD_NOTE, dead_unit_table(found["dead_units"])))
+    if "hyperplanes" in found:
+        images = []
+        for model, h in found["hyperplanes"].items():
+            path = f"figures/hyperplanes_{model}.png"
+            save_figure(plot_hyperplanes(h["hist"][0], h["edges"][0], classes, model), directory / path, dpi=72)
+            images.append((f"{model}: class distributions along the output units", path))
+        sections.append(Section("Class distributions along the output hyperplanes", HYPERPLANE_NOTE,
+                                hyperplane_table(found["hyperplanes"]), images))
+    if "clamping" in found:
+        save_figure(plot_clamping(found["clamping"]), directory / FIGURES["clamping"], dpi=100)
+        sections.append(Section("Activation clamping", CLAMP_NOTE, clamping_table(found["clamping"]),
+                                [("clamping curves", FIGURES["clamping"])]))
+    if "prototypes" in found:
+        images = []
+        for model, p in found["prototypes"].items():
+            path = f"figures/prototypes_{model}.png"
+            fig = plot_prototypes(p["weight"][0], p["weighted_distance"].mean(0), classes, model)
+            save_figure(fig, directory / path, dpi=90)
+            images.append((f"{model}: metric weights and prototype distances", path))
+        sections.append(Section("OffsetL2 prototypes", PROTOTYPE_NOTE, prototype_table(found["prototypes"]),
+                                images))
+    images = []
+    cfg = exp["config"]["config"]
+    for entry in exp["config"]["models"]:
+        model = entry["name"]
+        weight = read_tensors(directory / "models" / model / "params.safetensors").get("0.weight")
+        if weight is None or int(round(np.sqrt(weight.shape[2]))) ** 2 != weight.shape[2]:
+            continue
+        initial = create_model(entry["spec"], cfg["width"], in_features=weight.shape[2],
+                               num_classes=len(classes), offsetl2_form=cfg["offsetl2_form"],
+                               seed=entry["seeds"][0])[0].weight.detach()
+        path = f"figures/first_layer_{model}.png"
+        fig = plot_first_layer((weight[0] - initial).numpy(),
+                               f"{model}: first-layer weights, change from initialisation, run 0")
+        save_figure(fig, directory / path, dpi=80)
+        images.append((f"{model}: first-layer weights", path))
+    if images:
+        sections.append(Section("First-layer weights", FIRST_LAYER_NOTE, None, images))
+    return sections
 
 
 # --------------------------------------------------------------------------- writers
@@ -215,27 +371,36 @@ def write_report(directory) -> dict[str, Path]:
     save_figure(fig, directory / FIGURES["final"])
 
     rows = summary_rows(exp)
-    main, comparisons = main_table(rows), comparison_table(exp)
     latex = latex_table(rows)
-    protocol = protocol_lines(exp)
     title = f"distrep experiment: {exp['config'].get('preset', 'sweep')}"
-    from distrep.analysis import load_dead_units
-    census = load_dead_units(directory)
-    dead = dead_unit_table(census) if census else None
+    sections = [
+        Section("Test accuracy (%)", table=main_table(rows)),
+        Section("Pairwise comparisons", TESTS_NOTE, comparison_table(exp)),
+        Section("Learning curves", images=[("test error curves", FIGURES["curves"])]),
+        Section("Final accuracy per run", images=[("final accuracy", FIGURES["final"])]),
+        *analysis_sections(directory, exp),
+    ]
+    protocol = protocol_lines(exp)
 
-    md = "\n".join([
-        f"# {title}", "", "## Test accuracy (%)", "", _md_table(*main), "",
-        "## Pairwise comparisons", "", TESTS_NOTE, "", _md_table(*comparisons), "",
-        "## Learning curves", "", f"![test error curves]({FIGURES['curves']})", "",
-        "## Final accuracy per run", "", f"![final accuracy]({FIGURES['final']})", "",
-        *(["## Dead and rarely active units", "", DEAD_NOTE, "", _md_table(*dead), ""] if dead else []),
-        "## Protocol", "", *(f"- {line}" for line in protocol), "",
-        "## LaTeX", "", "```latex", latex.rstrip(), "```", ""])
+    md = [f"# {title}", ""]
+    for sec in sections:
+        md += [f"## {sec.title}", ""]
+        md += [sec.note, ""] if sec.note else []
+        md += [_md_table(*sec.table), ""] if sec.table else []
+        md += [line for alt, path in sec.images for line in (f"![{alt}]({path})", "")]
+    md += ["## Protocol", "", *(f"- {line}" for line in protocol), "",
+           "## LaTeX", "", "```latex", latex.rstrip(), "```", ""]
 
-    def image(key):
-        data = base64.b64encode((directory / FIGURES[key]).read_bytes()).decode()
-        return f'<img alt="{key}" src="data:image/png;base64,{data}">'
+    def image(alt, path):
+        data = base64.b64encode((directory / path).read_bytes()).decode()
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
+    body = "".join(
+        f"<h2>{html.escape(sec.title)}</h2>"
+        + (f"<p>{html.escape(sec.note)}</p>" if sec.note else "")
+        + (_html_table(*sec.table) if sec.table else "")
+        + "".join(image(alt, path) for alt, path in sec.images) + "\n"
+        for sec in sections)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -244,22 +409,17 @@ table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
 th:first-child, td:first-child, td:nth-child(2) {{ text-align: left; }}
 thead {{ background: #f0f0f0; }}
-img {{ max-width: 100%; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<h2>Test accuracy (%)</h2>{_html_table(*main)}
-<h2>Pairwise comparisons</h2><p>{html.escape(TESTS_NOTE)}</p>{_html_table(*comparisons)}
-<h2>Learning curves</h2>{image("curves")}
-<h2>Final accuracy per run</h2>{image("final")}
-{f"<h2>Dead and rarely active units</h2><p>{html.escape(DEAD_NOTE)}</p>{_html_table(*dead)}" if dead else ""}
-<h2>Protocol</h2><ul>{"".join(f"<li>{html.escape(line)}</li>" for line in protocol)}</ul>
+{body}<h2>Protocol</h2><ul>{"".join(f"<li>{html.escape(line)}</li>" for line in protocol)}</ul>
 <h2>LaTeX</h2><pre>{html.escape(latex)}</pre>
 </body></html>
 """
     paths = {"md": directory / "report.md", "html": directory / "report.html",
              "tex": directory / "table.tex"}
-    atomic_write_bytes(paths["md"], md.encode())
+    atomic_write_bytes(paths["md"], "\n".join(md).encode())
     atomic_write_bytes(paths["html"], page.encode())
     atomic_write_bytes(paths["tex"], latex.encode())
     return paths
