@@ -168,3 +168,14 @@ def test_analyze_offsetl2_prototypes(tmp_path, mnist):
         assert f"| {model} |" in section and f"figures/prototypes_{model}.png" in section
         p = read_arrays(out / "analysis" / model / "prototypes.npz")
         assert p["weighted_distance"].shape == (2, 10, 10) and p["weight"].shape == (2, 10, 128)
+
+
+def test_a_sweep_directory_can_be_reported_and_analysed(tmp_path, mnist):
+    out = tmp_path / "mine"
+    r = distrep("sweep", "--models", "linear-relu-linear+bias-abs-neg", "--runs", 2, "--epochs", 3,
+                "--train-subset", 100, "--quiet", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert distrep("analyze", out).returncode == 0
+    report = (out / "report.md").read_text()
+    assert "# distrep experiment: sweep" in report and "## Activation clamping" in report
+    assert (out / "analysis" / "linear-relu-linear+bias-abs-neg" / "hyperplanes.npz").exists()

@@ -243,11 +243,13 @@ def cmd_sweep(args) -> None:
         print(f"resuming from the checkpoint: {done} of {total} run-epochs done", file=sys.stderr)
     results = sweep.run()
     save_results(results, config, out)
+    write_json(out / "run.json", {"finished": True, "wall_time_s": float(sweep.state["wall_time_s"])})
     for res in results:
         acc = 100 * res.arrays["final_test_acc"]
         print(f"{res.name:<16} test accuracy {acc.mean():6.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} %"
               f"  ({len(acc)} runs, {int(res.diverged.sum())} diverged)")
-    print(f"results in {out}")
+    print(f"results in {out} (`distrep report {out}` writes its report, `distrep analyze {out}` "
+          f"adds the analyses)")
 
 
 def cmd_reproduce(args) -> None:
