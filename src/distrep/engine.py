@@ -13,7 +13,8 @@ non-finite is marked diverged and frozen (its gradient is zeroed from then on).
 
 Runs are trained in chunks sized to a memory budget. Every operation used computes each run's
 slice independently of the others in the chunk (checked by the tests: chunked and unchunked
-training give bit-identical results), so the chunking never changes a result.
+training give bit-identical results on the CPU), so the chunking never changes a result there.
+On CUDA, cuBLAS chooses kernels by shape, so chunked results agree only to rounding.
 
 Precision: ``fp32`` (default) keeps every operation in fp32; ``bf16`` runs the two first-layer
 products (nearly all the arithmetic) on bf16 copies of their operands; ``tf32`` lets CUDA
