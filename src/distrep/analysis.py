@@ -87,7 +87,7 @@ def preactivations(group: StackedRuns, x_t: torch.Tensor, batch: int = 10000) ->
     """The output layer's pre-activation ``z [R, C, n]`` (for a linear layer, the signed
     distance to each unit's hyperplane times ``||w_j||``; for OffsetL2, the distance itself)."""
     k = output_layer(group)
-    return torch.cat([group.forward(xs)[k] for _, xs in _batches(x_t, batch)], 2)
+    return torch.cat([group.forward(xs, stop=k + 1)[-1] for _, xs in _batches(x_t, batch)], 2)
 
 
 def hyperplane_summary(z: torch.Tensor, y: torch.Tensor, classes: int, bins: int = 40) -> dict[str, np.ndarray]:
@@ -132,7 +132,7 @@ def hidden_activations(group: StackedRuns, x_t: torch.Tensor) -> torch.Tensor:
     k = output_layer(group)
     if k == 0:
         raise ValueError("the model has a single affine layer: there are no hidden activations")
-    return group.forward(x_t)[k - 1]
+    return group.forward(x_t, stop=k)[-1]
 
 
 def clamp_levels(a: torch.Tensor, percents: np.ndarray) -> torch.Tensor:
@@ -184,7 +184,7 @@ def unit_clamping_curves(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
     then the layers after it (OffsetL2 in float64, as the engine computes it). Chunks of units
     hold ~``memory`` bytes of work at a time."""
     k = output_layer(group)
-    outputs = group.forward(x_t)
+    outputs = group.forward(x_t, stop=k + 1)
     a, layer, after = outputs[k - 1], group.layers[k], group.layers[k + 1:]  # a [R, H, n]
     R, H, n = a.shape
     if isinstance(layer, StackedOffsetL2):
@@ -244,13 +244,15 @@ def half_drop(percents: np.ndarray, acc: np.ndarray, baseline: np.ndarray, kind:
 # --------------------------------------------------------------------------- OffsetL2 prototypes
 
 def class_means(h: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
-    """Mean of ``h [R, H, n]`` over each class's examples: ``[R, C, H]``."""
+    """Mean of ``h [R, H, n]`` over each class's examples: ``[R, C, H]`` (0 for a class with
+    no examples)."""
     onehot = torch.nn.functional.one_hot(y, classes).to(h.dtype)
-    return (h @ onehot).transpose(1, 2) / onehot.sum(0).view(1, -1, 1)
+    return (h @ onehot).transpose(1, 2) / onehot.sum(0).clamp_min(1).view(1, -1, 1)
 
 
 @torch.no_grad()
-def prototype_summary(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor, classes: int) -> dict[str, np.ndarray] | None:
+def prototype_summary(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor, classes: int,
+                      batch: int = 10000) -> dict[str, np.ndarray] | None:
     """For a model whose output layer is OffsetL2: its prototypes ``mu [R, C, H]`` and metric
     weights ``weight [R, C, H]`` (alpha^2 in the paper's form, alpha in the coded form); the
     class means ``m [R, C, H]`` of the layer's input; ``distance [R, C, C]`` =
@@ -263,10 +265,13 @@ def prototype_summary(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor, cl
     layer = group.layers[k]
     if not isinstance(layer, StackedOffsetL2):
         return None
-    h = hidden_activations(group, x_t) if k > 0 else x_t.unsqueeze(0).expand(group.runs, -1, -1)
-    means = class_means(h.double(), y, classes)                                  # [R, C, H]
-    mu = layer.mu.double()
-    w = layer.alpha.double() ** 2 if layer.form == "paper" else layer.alpha.double()
+    sums = 0.0
+    for start, xs in _batches(x_t, batch):                                      # the layer's input
+        h = hidden_activations(group, xs) if k > 0 else xs.unsqueeze(0).expand(group.runs, -1, -1)
+        onehot = torch.nn.functional.one_hot(y[start:start + batch], classes).double()
+        sums = sums + (h.double() @ onehot).transpose(1, 2)
+    means = sums / torch.bincount(y, minlength=classes).clamp_min(1).view(1, -1, 1)   # [R, C, H]
+    mu, w = layer.mu.double(), layer.metric_weight()
     diff2 = (means.unsqueeze(1) - mu.unsqueeze(2)) ** 2                         # [R, j, c, H]
     euclid = diff2.sum(3).sqrt()
     weighted = (w.clamp_min(0).unsqueeze(2) * diff2).sum(3).sqrt()

@@ -354,12 +354,12 @@ class StackedRuns:
         return next(iter(self.state().values())).shape[0]
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, start: int = 0) -> list[torch.Tensor]:
-        """The outputs of layers ``start``, ``start + 1``, ... (each ``[R, features, n]``) for
-        ``x``, the input of layer ``start``: shared by every run ``[in, n]``, or per run
-        ``[R, in, n]``. No gradient; nothing is kept for a backward pass."""
+    def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+        """The outputs of layers ``start`` up to (not including) ``stop`` (default: the last),
+        each ``[R, features, n]``, for ``x``, the input of layer ``start``: shared by every run
+        ``[in, n]``, or per run ``[R, in, n]``. No gradient; nothing is kept for a backward pass."""
         outputs = []
-        for layer in self.layers[start:]:
+        for layer in self.layers[start:stop]:
             x = layer.forward(x, shared=x.dim() == 2, keep=False)
             outputs.append(x)
         return outputs
