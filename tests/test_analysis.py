@@ -143,11 +143,12 @@ def test_offsetl2_prototypes_at_the_class_means_are_nearest_their_own_class(mnis
     layer.mu.copy_(means)
     out = A.prototype_summary(group, x, y, 10, batch=700)              # batches must add up
     assert (out["own_rank"] == 1).all() and (out["own_rank_euclidean"] == 1).all()
+    assert (out["own_prototype_rank"] == 1).all()
     np.testing.assert_allclose(out["class_means"], means.numpy(), rtol=1e-5)
     assert np.allclose(np.diagonal(out["distance"], axis1=1, axis2=2), 0, atol=1e-3)
     layer.mu.copy_(means.roll(1, dims=1))                              # mu_j at class j-1's mean
     out = A.prototype_summary(group, x, y, 10)
-    assert (out["own_rank"] > 1).all()
+    assert (out["own_rank"] > 1).all() and (out["own_prototype_rank"] > 1).all()
     assert A.prototype_summary(stacked("ReLU2"), x, y, 10) is None
 
 

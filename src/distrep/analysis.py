@@ -259,8 +259,10 @@ def prototype_summary(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor, cl
     ``||m_c - mu_j||`` (j rows, c columns) and ``weighted_distance`` =
     ``sqrt(sum_i w_ji (m_ci - mu_ji)^2)`` (the layer's own metric, negative weights clipped
     at 0); ``own_rank [R, C]``: rank of class j among the classes by weighted distance to
-    mu_j, 1 = mu_j nearest its own class's mean (``own_rank_euclidean`` likewise). None
-    if the output layer is not OffsetL2."""
+    mu_j, 1 = mu_j nearest its own class's mean (``own_rank_euclidean`` likewise);
+    ``own_prototype_rank [R, C]``: rank of mu_c among the prototypes by weighted distance from
+    class c's mean, 1 = its own prototype is the nearest, C = the farthest. None if the output
+    layer is not OffsetL2."""
     k = output_layer(group)
     layer = group.layers[k]
     if not isinstance(layer, StackedOffsetL2):
@@ -280,9 +282,14 @@ def prototype_summary(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor, cl
     def rank(d):
         mine = d[:, own, own % classes].unsqueeze(2)
         return (1 + (d < mine).sum(2)).numpy()
+    # seen from class c's mean: where its own prototype mu_c ranks among all prototypes (this
+    # compares distances at one point, so classes of different spread do not mix)
+    mine = weighted[:, own, own % classes].unsqueeze(1)                         # [R, 1, C]
+    own_prototype_rank = (1 + (weighted[:, :, :len(own)] < mine).sum(1)).numpy()
     return {"mu": mu.numpy(), "weight": w.numpy(), "class_means": means.numpy(),
             "distance": euclid.numpy(), "weighted_distance": weighted.numpy(),
-            "own_rank": rank(weighted), "own_rank_euclidean": rank(euclid)}
+            "own_rank": rank(weighted), "own_rank_euclidean": rank(euclid),
+            "own_prototype_rank": own_prototype_rank}
 
 
 # --------------------------------------------------------------------------- experiment directories

@@ -248,26 +248,27 @@ CLAMP_NOTE = ("Every hidden unit is clamped to a floor max(a, L_p) or a ceiling 
 
 
 def prototype_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "mu_j nearest its own class (%)", "own class's rank (layer's metric)",
-            "own class's rank (Euclidean)", "own-class / other-class distance"]
+    head = ["model", "rank of mu_c seen from class c's mean (1 = nearest)", "mu_c nearest (%)",
+            "mu_c farthest (%)", "rank of class j seen from mu_j (layer's metric)", "(Euclidean)"]
     body = []
     for model, p in found.items():
-        d = p["weighted_distance"]
-        C = d.shape[2]
-        own = np.arange(d.shape[1])
-        own_d = d[:, own, own % C]
-        others = (d.sum(2) - own_d) / (C - 1)
-        body.append([model, _pm((p["own_rank"] == 1).mean(1), 1, 100), _pm(p["own_rank"].mean(1), 2),
-                     _pm(p["own_rank_euclidean"].mean(1), 2), _pm((own_d / others).mean(1), 2)])
+        seen = p["own_prototype_rank"]
+        C = p["weighted_distance"].shape[1]
+        body.append([model, _pm(seen.mean(1), 2), _pm((seen == 1).mean(1), 1, 100),
+                     _pm((seen == C).mean(1), 1, 100), _pm(p["own_rank"].mean(1), 2),
+                     _pm(p["own_rank_euclidean"].mean(1), 2)])
     return head, body
 
 
 PROTOTYPE_NOTE = ("For OffsetL2 output layers: the distance from each class's mean hidden vector "
-                  "(training set) to each prototype mu_j, in the layer's own metric "
-                  "sqrt(sum_i w_ji (m_ci - mu_ji)^2) (w = alpha^2, or alpha in the coded form) and "
-                  "in the Euclidean one. Rank 1: mu_j is nearer its own class's mean than any other "
-                  "class's. With a Neg after the layer the own class should be nearest (its logit "
-                  "is minus the distance); without it, the own class should be farthest.")
+                  "m_c (training set) to each prototype mu_j, in the layer's own metric "
+                  "sqrt(sum_i w_ji (m_ci - mu_ji)^2) (w = alpha^2, or alpha in the coded form). "
+                  "Seen from a class's mean, its own prototype should be the nearest when a Neg "
+                  "follows the layer (the logit is minus the distance) and the farthest without "
+                  "one. Seen from a prototype, distances to different classes' means mix the "
+                  "classes' spreads (the last two columns). Figures: metric weights of run 0, and "
+                  "each distance relative to its class's mean distance to all prototypes (blue "
+                  "diagonal: prototypes nearest their own class; red: farthest).")
 
 FIRST_LAYER_NOTE = ("What training wrote into run 0's first layer: its weights minus their initial "
                     "values (rebuilt from the run's seed), one 28×28 image per hidden unit (red > 0 > "
