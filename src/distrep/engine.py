@@ -364,14 +364,9 @@ class StackedRuns:
             outputs.append(x)
         return outputs
 
-    def tail(self, start: int, repeat: int = 1) -> "StackedRuns":
-        """Layers ``start`` onwards as their own stack; with ``repeat`` > 1 every run's layers
-        appear ``repeat`` times in a row (``R * repeat`` runs), to evaluate many perturbed
-        inputs of each run in one batched pass."""
-        state = {f"{k - start}.{name}": p.repeat_interleave(repeat, 0)
-                 for k, layer in enumerate(self.layers) if k >= start for name, p in layer.params.items()}
-        form = next((l.form for l in self.layers if isinstance(l, StackedOffsetL2)), "paper")
-        return StackedRuns.from_state(self.specs[start:], state, form)
+    def tail(self, start: int) -> "StackedRuns":
+        """Layers ``start`` onwards as their own stack (sharing their parameters)."""
+        return StackedRuns(self.layers[start:], self.specs[start:])
 
 
 # Activations whose derivative needs only their input: the buffer holding their output can
@@ -401,17 +396,16 @@ class Trainer:
             buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return buf
 
-    def _forward_group(self, gi: int, group: StackedRuns, x_t: torch.Tensor, train: bool,
+    def _forward_group(self, gi: int, group: StackedRuns, x_t: torch.Tensor,
                        x_bf16: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """(the input of every layer, the logits ``[R, C, n]``) of one group."""
+        """(the input of every layer, the logits ``[R, C, n]``) of one group, written into the
+        step's reused buffers, keeping what the backward pass needs."""
         h, inputs = x_t, []
         for k, layer in enumerate(group.layers):
             inputs.append(h)
-            out = self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t) if train else None
+            out = self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t)
             if isinstance(layer, StackedLinear) and k == 0 and x_bf16 is not None:
                 h = first_linear_bf16(layer, x_bf16, out)
-            elif isinstance(layer, StackedOffsetL2):
-                h = layer.forward(h, shared=k == 0, out=out, keep=train)
             else:
                 h = layer.forward(h, shared=k == 0, out=out)
         return inputs, h
@@ -424,7 +418,7 @@ class Trainer:
         for the first layer's two products."""
         results = []
         for gi, group in enumerate(self.groups):
-            inputs, z = self._forward_group(gi, group, x_t, True, x_bf16)
+            inputs, z = self._forward_group(gi, group, x_t, x_bf16)
             g = self._buffer((gi, "logits"), z.shape, z)
             loss, correct = cross_entropy_backward(z, y, g)
             frozen[gi] |= ~torch.isfinite(loss)
@@ -474,7 +468,7 @@ class Trainer:
         for start in range(0, n, batch):
             xs, ys = x_t[:, start:start + batch].contiguous(), y[start:start + batch]
             for gi, group in enumerate(self.groups):
-                loss, correct = cross_entropy(self._forward_group(gi, group, xs, False, None)[1], ys)
+                loss, correct = cross_entropy(group.forward(xs)[-1], ys)
                 totals[gi] = (totals[gi][0] + loss * len(ys), totals[gi][1] + correct)
         return [(loss / n, correct) for loss, correct in totals]
 

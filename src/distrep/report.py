@@ -17,7 +17,7 @@ from distrep.models import create_model
 from distrep.paper import CLAMP_DROPOFF, TABLE_EPOCHS, paper_value
 from distrep.plots import (_log_y, plot_clamping, plot_first_layer, plot_hyperplanes,
                            plot_prototypes, save_figure)
-from distrep.storage import atomic_write_bytes, read_arrays, read_json
+from distrep.storage import atomic_write_bytes, read_arrays, read_json, read_tensors
 
 FIGURES = {"curves": "figures/test_error_curves.png", "final": "figures/final_accuracy.png",
            "clamping": "figures/clamping.png"}
@@ -288,7 +288,6 @@ class Section:
 def analysis_sections(directory: Path, exp: dict) -> list[Section]:
     """Report sections (and their figures) for whatever ``distrep analyze`` saved."""
     from distrep.analysis import load_analyses
-    from distrep.storage import read_tensors
     found = {analysis: {m: by_model[m] for m in exp["models"] if m in by_model}   # the experiment's order
              for analysis, by_model in load_analyses(directory).items()}
     if not found:
