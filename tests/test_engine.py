@@ -175,3 +175,77 @@ def test_flop_count_by_hand():
     # OffsetL2 heads do two products (x^2 and x terms) in each direction
     assert flops_per_run_epoch("ReLU-L2", 1, 0, 10) == 2 * (2 * 784 * 128 + 2 * 3 * 128 * 10)
     assert flops_per_run_epoch("ReLU", 0, 100, 10) == 2 * 100 * (784 * 128 + 128 * 10) / 10
+
+
+# --------------------------------------------------------------------------- every activation chain
+
+def _chains():
+    """Every ordered pair and triple of the grammar's activations, between two linear layers, and
+    every pair after the output layer and before an OffsetL2 head."""
+    from itertools import product
+
+    from distrep.layers import ACTIVATIONS
+    acts = list(ACTIVATIONS)
+    specs = [f"linear-{a}-{b}-linear" for a, b in product(acts, repeat=2)]
+    specs += [f"linear-{a}-{b}-{c}-linear" for a, b, c in product(acts, repeat=3)]
+    specs += [f"linear-{a}-linear-{b}" for a, b in product(acts, repeat=2)]
+    specs += [f"linear-{a}-{b}-offsetl2" for a, b in product(acts, repeat=2)]
+    return specs
+
+
+def test_every_activation_chain_matches_autograd_in_float64():
+    """One engine step against PyTorch's autograd on the same nn.Sequential, in float64, for every
+    chain the grammar allows (not a hand-picked list). Buffer reuse inside the step (gradients
+    written over activations, derivatives built in place) is where chains can go wrong: abs
+    after tanh/sigmoid/elu once overwrote the output tanh's backward still needed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    y = torch.arange(24) % 3
+    failures = []
+    for spec in _chains():
+        models = [create_model(spec, 5, in_features=6, num_classes=3, seed=s).double() for s in (0, 1)]
+        group = StackedRuns.from_models(models)
+        before = {k: v.clone() for k, v in group.state().items()}
+        frozen = [torch.zeros(2, dtype=torch.bool)]
+        Trainer([group]).step(x.t().contiguous(), y, 1.0, frozen)
+        for r, model in enumerate(models):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            for name, p in model.named_parameters():
+                got = before[name][r] - group.state()[name][r]          # lr 1: the gradient
+                err = (got - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)
+                if not err < 1e-9:
+                    failures.append(f"{spec} run {r} {name}: relative error {float(err):.1e}")
+    assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
+
+
+@pytest.mark.parametrize("form", ["paper", "coded"])
+def test_offsetl2_divergence_is_detected_in_every_path(raw, form):
+    """lr 1e6 blows OffsetL2 runs up. A NaN squared distance once became y = 0 in the paper form
+    (loss ln C, run 'training' on with NaN parameters): now every run with non-finite parameters
+    is marked diverged, in the engine and in the reference trainer, and no NaN becomes a number."""
+    res = sweep(raw, ["ReLU-L2", "Abs-L2-Neg"], epochs=30, lr=1e6, offsetl2_form=form)
+    for r in res:
+        finite = torch.stack([torch.isfinite(p).flatten(1).all(1) for p in r.params.values()]).all(0)
+        assert r.diverged.any() or form == "coded", (form, r.name)   # coded alpha can clamp to 0
+        assert (~finite.numpy() <= r.diverged).all(), (form, r.name, "NaN parameters, not diverged")
+        assert np.isnan(r.arrays["train_loss"][r.diverged, -1]).all()
+        ref = train(TrainConfig(r.spec, epochs=30, lr=1e6, offsetl2_form=form, seed=int(r.seeds[0])),
+                    raw, progress=False)
+        finite = all(torch.isfinite(p).all() for p in ref.state.values())
+        assert ref.diverged or finite, (form, r.name)
+
+
+def test_nan_input_to_offsetl2_stays_nan():
+    from distrep.layers import offset_l2, safe_sqrt
+    assert torch.isnan(safe_sqrt(torch.tensor([float("nan"), 0.0, 4.0]))).tolist() == [True, False, False]
+    mu = torch.zeros(2, 3)
+    mu[0, 0] = float("nan")
+    for form in ("paper", "coded"):
+        y = offset_l2(torch.ones(4, 3), mu, torch.ones(2, 3), form)
+        assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1]).all(), form
+    layer = StackedRuns.from_models([create_model("linear-offsetl2", 4, in_features=3, num_classes=2,
+                                                  seed=0)]).layers[1]
+    layer.mu[0, 0, 0] = float("nan")
+    y = layer.forward(torch.ones(1, 4, 5), shared=False, keep=False)
+    assert torch.isnan(y[0, 0]).all() and torch.isfinite(y[0, 1]).all()

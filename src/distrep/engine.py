@@ -84,9 +84,12 @@ def activation_forward(kind: str, h: torch.Tensor, out: torch.Tensor) -> torch.T
     return out.copy_(fn(h))
 
 
-def activation_backward(kind: str, h: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """dL/dh = dL/da * f'(h), written into ``g``. ``h`` is the input, ``a`` = f(h); ``h`` may be
-    overwritten (nothing needs it afterwards), which spares allocating a temporary as large as it.
+def activation_backward(kind: str, h: torch.Tensor, a: torch.Tensor, g: torch.Tensor,
+                        overwrite_input: bool = False) -> torch.Tensor:
+    """dL/dh = dL/da * f'(h), written into ``g``. ``h`` is the input, ``a`` = f(h). With
+    ``overwrite_input`` the derivative may be built in ``h`` itself, which spares a temporary as
+    large as it; the caller allows it only when no later backward step reads ``h`` (it does when
+    ``h`` is the output of an activation whose derivative needs its output: tanh, sigmoid, elu).
 
     relu: 1[h > 0] · abs: sign(h) · neg: -1 · tanh: 1 - a^2 · sigmoid: a (1 - a)
     softplus: sigmoid(h) · elu: 1 if h > 0 else a + 1 · gelu: Phi(h) + h phi(h)
@@ -94,7 +97,7 @@ def activation_backward(kind: str, h: torch.Tensor, a: torch.Tensor, g: torch.Te
     if kind == "relu":  # PyTorch's own ReLU gradient kernel, in place
         return torch.ops.aten.threshold_backward.grad_input(g, h, 0.0, grad_input=g)
     if kind == "abs":
-        return g.mul_(torch.sign(h, out=h))
+        return g.mul_(torch.sign(h, out=h) if overwrite_input else torch.sign(h))
     if kind == "neg":
         return g.neg_()
     if kind == "identity":
@@ -253,10 +256,10 @@ class StackedOffsetL2:
     def root(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, where the root is differentiable) from squared distances s (float64, any shape):
         y = sqrt(max(s, 0)) (paper) or sqrt(max(s, 1e-12)) (coded)."""
-        s = s.clamp_min(0.0)
+        s = s.clamp_min(0.0)                     # NaN stays NaN: a diverged run must show it
         if self.form == "paper":
             active = s > 0
-            return torch.where(active, s, 1.0).sqrt_().mul_(active), active
+            return torch.where(s == 0, 1.0, s).sqrt_().mul_(active), active
         return s.clamp_min(CODED_CLAMP).sqrt_(), s > CODED_CLAMP
 
     def squared_distance(self, x64: torch.Tensor, sq: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -374,6 +377,21 @@ class StackedRuns:
 INPUT_ONLY_DERIVATIVE = {"relu", "abs", "neg", "identity", "softplus", "gelu"}
 
 
+def _needs_own_output(layer) -> bool:
+    """Whether ``layer``'s backward step reads its own output (tanh, sigmoid, elu), so that the
+    buffer holding it must survive the backward steps of the layers after it."""
+    return isinstance(layer, StackedActivation) and layer.kind not in INPUT_ONLY_DERIVATIVE
+
+
+def finite_runs(group: StackedRuns) -> torch.Tensor:
+    """bool ``[R]``: which runs have only finite parameters."""
+    ok = None
+    for p in group.state().values():
+        f = torch.isfinite(p).flatten(1).all(1)
+        ok = f if ok is None else ok & f
+    return ok
+
+
 class Trainer:
     """Trains a chunk of runs (several variants' :class:`StackedRuns`) on one full batch.
 
@@ -426,13 +444,15 @@ class Trainer:
             for k in range(len(group.layers) - 1, -1, -1):
                 layer = group.layers[k]
                 if isinstance(layer, StackedActivation):
-                    g = activation_backward(layer.kind, inputs[k], outputs[k], g)
+                    g = activation_backward(layer.kind, inputs[k], outputs[k], g,
+                                            overwrite_input=not _needs_own_output(group.layers[k - 1]))
                 elif k == 0 and x_bf16 is not None and isinstance(layer, StackedLinear):
                     first_linear_bf16_backward(layer, g, x_bf16)
                 else:
                     g = layer.backward(g, inputs[k], shared=k == 0, need_dx=k > 0,
                                        dx_out=self._dx_buffer(gi, group, k, inputs))
             self._update(group, lr, frozen[gi])
+            frozen[gi] |= ~finite_runs(group)     # a step can overflow the parameters themselves
             results.append((loss, correct))
         return results
 
@@ -442,7 +462,7 @@ class Trainer:
         if k == 0:
             return None
         before = group.layers[k - 1]
-        if isinstance(before, StackedActivation) and before.kind in INPUT_ONLY_DERIVATIVE:
+        if isinstance(before, StackedActivation) and not _needs_own_output(before):
             return inputs[k]
         return self._buffer((gi, k, "dx"), inputs[k].shape, inputs[k])
 

@@ -70,11 +70,12 @@ def safe_sqrt(s: torch.Tensor) -> torch.Tensor:
 
     A Euclidean norm has no derivative at the origin; 0 is the minimum-norm subgradient and what
     ``torch.linalg.vector_norm`` uses. The inner ``where`` keeps the unused branch finite so that
-    its zero weight does not turn into ``0 * inf = NaN`` in the backward pass.
+    its zero weight does not turn into ``0 * inf = NaN`` in the backward pass. A NaN input gives
+    NaN, so a diverged run is seen as one.
     """
     positive = s > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, s, torch.ones_like(s))),
-                       torch.zeros_like(s))
+                       torch.where(s.isnan(), s, torch.zeros_like(s)))   # NaN stays NaN
 
 
 def offset_l2(x: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor, form: str = "paper",

@@ -13,8 +13,8 @@ Metrics (``[epochs]`` arrays, epoch e = 1..E):
   measured *after* that epoch's update;
 - ``final``: train and test loss and accuracy of the final parameters.
 
-A run whose loss becomes non-finite is marked ``diverged`` and frozen: no further updates; the
-remaining per-epoch entries are NaN.
+A run whose loss or parameters become non-finite is marked ``diverged`` and frozen: no further
+updates; that epoch's and the remaining per-epoch entries are NaN.
 """
 
 from __future__ import annotations
@@ -142,6 +142,10 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool = Tru
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            diverged_epoch = epoch          # the step itself overflowed (as the engine sees it)
+            train_loss[epoch - 1] = train_acc[epoch - 1] = np.nan
+            break
         if epoch == test_epochs[k]:
             test_loss[k], test_acc[k] = evaluate(model, x_test, y_test)
             bar.set_postfix(loss=f"{train_loss[epoch - 1]:.4f}", test_acc=f"{test_acc[k]:.4f}",
