@@ -13,7 +13,7 @@ import pytest
 from distrep.errors import DistrepError
 from distrep.models import TABLE1
 from distrep.reproduce import PRESETS, resolve_preset
-from distrep.storage import read_arrays
+from distrep.storage import read_arrays, read_json
 from tests.test_cli import assert_one_line_error, distrep
 
 TINY = ["--runs", 3, "--epochs", 6, "--train-subset", 200, "--eval-every", 3, "--quiet"]
@@ -90,7 +90,7 @@ def test_bad_presets_and_overrides(tmp_path):
                           "--runs: must be a positive integer")
     assert_one_line_error(distrep("reproduce", "quick", "--dataset", "svhn", "--out", tmp_path),
                           "unknown dataset 'svhn'")
-    assert_one_line_error(distrep("report", tmp_path / "nothing"), "is missing")
+    assert_one_line_error(distrep("report", tmp_path / "nothing"), "holds no finished experiment")
     with pytest.raises(DistrepError, match="unknown setting"):
         resolve_preset("quick", {"learning_rate": 0.1})
     assert resolve_preset("table3", {}).epochs == 50000 and resolve_preset("table1", {}).runs == 20
@@ -110,7 +110,7 @@ def test_killed_reproduction_resumes_to_the_same_results(tmp_path, mnist):
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "run.json").exists(), "killed before it finished"
+    assert not read_json(killed / "run.json")["finished"], "killed before it finished"
     r = distrep(*args, "--out", killed)
     assert r.returncode == 0 and "resuming from the checkpoint" in r.stderr, r.stderr
     straight = distrep(*args, "--out", tmp_path / "straight")

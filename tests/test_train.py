@@ -72,7 +72,7 @@ def test_run_directory_holds_config_metrics_and_weights(tmp_path, mnist_small):
     ("epochs", 0, "epochs must be a positive integer"),
     ("lr", -0.1, "lr must be a positive finite number"),
     ("lr", float("nan"), "lr must be a positive finite number"),
-    ("seed", -1, "seed must be a non-negative integer"),
+    ("seed", -1, "seed must be an integer in 0.."),
     ("preprocess", "whiten", "unknown preprocessing"),
     ("model", "ReLU9", "unknown model 'ReLU9'"),
     ("device", "tpu", "device"),

@@ -23,6 +23,7 @@ import torch
 from distrep.engine import StackedActivation, StackedOffsetL2, StackedRuns, first_argmax
 from distrep.models import parse
 from distrep.storage import read_arrays, read_json, read_tensors, write_arrays
+from distrep.sweep import model_dir
 
 # Rectifying activations, whose units can be "dead" (output exactly 0 on an input).
 RECTIFIERS = ("relu", "abs")
@@ -334,20 +335,23 @@ def analyze(directory: Path, unit_examples: int = 2000, log=lambda m: None) -> d
     for model in config["models"]:
         name = model["name"]
         log(f"analysing {name}")
-        params = read_tensors(directory / "models" / name / "params.safetensors")
+        params = read_tensors(directory / "models" / model_dir(name) / "params.safetensors")
         specs = parse(model["spec"], cfg["width"], data.num_features, data.num_classes)
         group = StackedRuns.from_state(specs, params, cfg["offsetl2_form"])
         found = analyze_runs(group, train, test, data.num_classes, unit_examples)
         for analysis, arrays in found.items():
-            write_arrays(directory / "analysis" / name / f"{analysis}.npz", arrays)
+            write_arrays(directory / "analysis" / model_dir(name) / f"{analysis}.npz", arrays)
         results[name] = found
     return results
 
 
-def load_analyses(directory: Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """``{analysis: {model: arrays}}`` of whatever ``distrep analyze`` saved (empty if none)."""
+def load_analyses(directory: Path, models: list[str]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """``{analysis: {model: arrays}}`` of whatever ``distrep analyze`` saved for ``models``
+    (empty if nothing)."""
     out: dict[str, dict] = {}
-    for path in sorted(Path(directory, "analysis").glob("*/*.npz")):
-        if path.stem in ANALYSES:
-            out.setdefault(path.stem, {})[path.parent.name] = read_arrays(path)
+    for name in models:
+        for analysis in ANALYSES:
+            path = Path(directory, "analysis", model_dir(name), f"{analysis}.npz")
+            if path.exists():
+                out.setdefault(analysis, {})[name] = read_arrays(path)
     return out

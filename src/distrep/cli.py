@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from distrep import data as data_mod
 from distrep.errors import DistrepError
 from distrep.layers import OFFSETL2_FORMS
-from distrep.models import ALIASES, describe, parameter_count
+from distrep.models import ALIASES, describe, display_name, parameter_count
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +45,27 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def quote(path) -> str:
+    """A path as it must be typed in a shell (quoted where it holds spaces and the like)."""
+    return shlex.quote(str(path))
+
+
+def out_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, got an empty string")
+    return Path(text)
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a non-negative finite number, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -54,6 +79,8 @@ def positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distrep", description="Distance vs intensity representations "
                      "(Oursland, 2025): data, models, training.")
+    from distrep import __version__
+    parser.add_argument("--version", action="version", version=f"distrep {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="fetch and verify datasets")
@@ -71,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one model with the reference trainer")
     train.add_argument("--model", required=True, help="a paper name or a spec (see `distrep models`)")
-    train.add_argument("--out", required=True, type=Path, help="run directory to write")
+    train.add_argument("--out", required=True, type=out_dir, help="run directory to write")
     train.add_argument("--seed", type=non_negative_int, default=0)
     add_protocol_arguments(train, defaults=True, eval_every=1)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -80,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="train R runs of several models together (batched engine)")
     sweep.add_argument("--models", required=True, type=comma_list,
                        help="comma-separated paper names or specs, e.g. ReLU,ReLU2-Neg")
-    sweep.add_argument("--out", required=True, type=Path, help="experiment directory")
+    sweep.add_argument("--out", required=True, type=out_dir, help="experiment directory")
     sweep.add_argument("--runs", type=positive_int, default=20)
     add_protocol_arguments(sweep, defaults=True, eval_every=10)
     add_engine_arguments(sweep, defaults=True)
@@ -89,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="discard results in --out made with a different config")
     repro = commands.add_parser("reproduce", help="run one of the paper's experiments and report it")
     repro.add_argument("preset", help="table1, table2, table3, all or quick")
-    repro.add_argument("--out", type=Path, default=None, help="experiment directory (default runs/PRESET)")
+    repro.add_argument("--out", type=out_dir, default=None, help="experiment directory (default runs/PRESET)")
     repro.add_argument("--models", type=comma_list, default=None)
     repro.add_argument("--runs", type=positive_int, default=None)
     add_protocol_arguments(repro, defaults=False)
@@ -149,7 +176,8 @@ def add_engine_arguments(parser, defaults: bool) -> None:
                              "starts from the same first-layer weights)")
     parser.add_argument("--max-memory", type=memory_size, default=d("8G"), metavar="SIZE",
                         help="memory budget for one chunk of runs, e.g. 8G or 512M (default 8G)")
-    parser.add_argument("--checkpoint-every", type=float, default=d(300.0), metavar="SECONDS")
+    parser.add_argument("--checkpoint-every", type=non_negative_float, default=d(300.0), metavar="SECONDS",
+                        help="write the checkpoint at most this often (0: after every epoch)")
 
 
 def comma_list(text: str) -> list[str]:
@@ -167,8 +195,11 @@ def memory_size(text: str) -> int:
         value = float(t[:-1] if scale > 1 else t) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size like 8G or 512M, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    if not math.isfinite(value) or value > 1 << 60:
+        raise argparse.ArgumentTypeError(f"expected a size like 8G or 512M, got {text!r} (too large)")
+    if not value >= 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is {value:g} bytes; give at least 1M, "
+                                         f"e.g. 8G or 512M (a number alone counts bytes)")
     return int(value)
 
 
@@ -196,6 +227,7 @@ def cmd_models(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from distrep.experiment import RUN_ENTRIES, experiment_lock, refuse_foreign
     from distrep.train import TrainConfig, existing_config, save_run, train
 
     config = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -203,26 +235,28 @@ def cmd_train(args) -> None:
                          train_subset=args.train_subset, eval_every=args.eval_every,
                          offsetl2_form=args.offsetl2_form, device=args.device).validate()
     data_mod.get_spec(config.dataset)
-    previous = existing_config(args.out)
-    if previous is not None and not args.force:
-        if previous == asdict(config):
-            print(f"{args.out} already holds this finished run; nothing to do")
-            return
-        raise DistrepError(f"{args.out} holds a finished run with a different config; "
-                           f"use another --out or --force")
-    data = data_mod.load_dataset(config.dataset, config.preprocess)
-    result = train(config, data, progress=not args.quiet)
-    save_run(result, args.out)
+    with experiment_lock(args.out):
+        refuse_foreign(args.out, RUN_ENTRIES, "run")
+        previous = existing_config(args.out)
+        if previous is not None and not args.force:
+            if previous == asdict(config):
+                print(f"{args.out} already holds this finished run; nothing to do")
+                return
+            raise DistrepError(f"{args.out} holds a finished run with a different config; "
+                               f"use another --out or --force")
+        data = data_mod.load_dataset(config.dataset, config.preprocess)
+        result = train(config, data, progress=not args.quiet)
+        save_run(result, args.out)
     status = f" (diverged at epoch {result.diverged_epoch})" if result.diverged else ""
     print(f"{args.model}: test accuracy {100 * result.final['test_acc']:.2f}%, train loss "
           f"{result.final['train_loss']:.4f} after {config.epochs} epochs{status} -> {args.out}")
 
 
 def cmd_sweep(args) -> None:
-    from distrep.provenance import resolve_device
-    from distrep.reproduce import prepare_directory
-    from distrep.storage import write_json
-    from distrep.sweep import Sweep, SweepConfig, describe_sweep, save_results
+    from distrep.experiment import run_experiment
+    from distrep.report import final_accuracy
+    from distrep.storage import read_arrays
+    from distrep.sweep import SweepConfig, model_dir
 
     config = SweepConfig(
         models=args.models, runs=args.runs, epochs=args.epochs, lr=args.lr, width=args.width,
@@ -232,24 +266,17 @@ def cmd_sweep(args) -> None:
         max_memory=args.max_memory, checkpoint_every=args.checkpoint_every).validate()
     data_mod.get_spec(config.dataset)
     out: Path = args.out
-    prepare_directory(out, config, args.force)
-    device = resolve_device(config.device)
-    write_json(out / "config.json", describe_sweep(config, device))
-    data = data_mod.load_dataset(config.dataset, config.preprocess)
-    sweep = Sweep(config, data, checkpoint=out / "checkpoint.safetensors", progress=not args.quiet)
-    done = int(sweep.state["epochs_done"].sum())
-    if done:
-        total = config.runs * config.epochs * len(config.models)
-        print(f"resuming from the checkpoint: {done} of {total} run-epochs done", file=sys.stderr)
-    results = sweep.run()
-    save_results(results, config, out)
-    write_json(out / "run.json", {"finished": True, "wall_time_s": float(sweep.state["wall_time_s"])})
-    for res in results:
-        acc = 100 * res.arrays["final_test_acc"]
-        print(f"{res.name:<16} test accuracy {acc.mean():6.2f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.2f} %"
-              f"  ({len(acc)} runs, {int(res.diverged.sum())} diverged)")
-    print(f"results in {out} (`distrep report {out}` writes its report, `distrep analyze {out}` "
-          f"adds the analyses)")
+    config, _, _ = run_experiment(out, config, args.force, progress=not args.quiet)
+    for name in config.models:
+        m = read_arrays(out / "models" / model_dir(display_name(name)) / "metrics.npz")
+        acc = final_accuracy(m)
+        ok = acc[~np.isnan(acc)]
+        spread = f"{ok.std(ddof=1):.2f}" if len(ok) > 1 else "-"
+        mean = f"{ok.mean():6.2f}" if len(ok) else "     -"
+        print(f"{display_name(name):<16} test accuracy {mean} +/- {spread} %  ({len(ok)} of "
+              f"{len(acc)} runs finished, {len(acc) - len(ok)} diverged)")
+    print(f"results in {out} (`distrep report {quote(out)}` writes its report, "
+          f"`distrep analyze {quote(out)}` adds the analyses)")
 
 
 def cmd_reproduce(args) -> None:
@@ -272,37 +299,65 @@ def cmd_reproduce(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from distrep.experiment import experiment_lock, require_finished
     from distrep.report import write_report
-    try:
+    require_finished(args.directory)
+    with experiment_lock(args.directory):
         paths = write_report(args.directory)
-    except FileNotFoundError as e:
-        raise DistrepError(str(e)) from None
     print(f"report in {paths['html']} and {paths['md']}")
 
 
 def cmd_analyze(args) -> None:
     from distrep.analysis import analyze
+    from distrep.experiment import experiment_lock, require_finished
     from distrep.report import write_report
-    if not (args.directory / "run.json").exists():
-        raise DistrepError(f"{args.directory} holds no finished experiment (no run.json)")
-    analyze(args.directory, log=lambda m: print(m, file=sys.stderr))
-    paths = write_report(args.directory)
+    require_finished(args.directory)
+    with experiment_lock(args.directory):
+        analyze(args.directory, log=lambda m: print(m, file=sys.stderr))
+        paths = write_report(args.directory)
     print(f"analyses in {args.directory / 'analysis'}; report in {paths['html']}")
 
 
 def cmd_bench(args) -> None:
     from distrep.bench import accuracy_check, run_bench
+    from distrep.models import TABLE1
     from distrep.provenance import resolve_device
+    from distrep.sweep import SweepConfig
+    # every option is checked before the first timing, not after minutes of them
+    cuda = resolve_device(args.device).type == "cuda"
+    n_train = data_mod.MNIST.train_images.shape[0]
+    for name, value in (("--train-subset", args.train_subset), ("--accuracy-subset", args.accuracy_subset)):
+        if value is not None and value > n_train:
+            raise DistrepError(f"{name} {value} is more than the {n_train} MNIST training images")
+    if args.accuracy:
+        for precision in ("fp32", "bf16", "tf32"):
+            SweepConfig(models=list(TABLE1), runs=args.accuracy_runs, epochs=args.accuracy_epochs,
+                        precision=precision if precision != "tf32" or cuda else "fp32",
+                        device=args.device).validate()
     run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
               bf16=not args.no_bf16)
     if args.accuracy:
-        cuda = resolve_device(args.device).type == "cuda"
         precisions = (("bf16",) if not args.no_bf16 else ()) + (("tf32",) if cuda else ())
         accuracy_check(args.device, precisions, args.accuracy_runs, args.accuracy_epochs,
                        args.accuracy_subset)
 
 
+def _usable_streams() -> None:
+    """Output that cannot fail on its own: a closed stream goes to /dev/null, and characters
+    the stream's encoding lacks (±, → under PYTHONIOENCODING=ascii) are escaped, not fatal."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or getattr(stream, "closed", False):
+            setattr(sys, name, open(os.devnull, "w"))
+        elif hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _usable_streams()
     args = build_parser().parse_args(argv)
     try:
         {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sweep": cmd_sweep,
@@ -317,6 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `distrep models | head`: the reader left, which is fine
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as e:     # a disk full or a file vanished under us: one line, not a traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"distrep: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("distrep: error: out of memory; use fewer runs, a smaller width or a smaller "
+              "--max-memory", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -55,6 +55,8 @@ def read_idx(data: bytes) -> np.ndarray:
         raise DistrepError(f"not an idx file (magic number 0x{data[:4].hex() or '(empty)'})")
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DistrepError(f"idx file of {len(data)} bytes is shorter than its own header ({header})")
     shape = tuple(int(d) for d in np.frombuffer(data[4:header], dtype=">u4"))
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
@@ -334,6 +336,9 @@ def verify(f: IdxFile, data: bytes, where: str) -> None:
     if data[:4] != f.magic:
         raise DistrepError(f"{where}: wrong magic number 0x{data[:4].hex() or '(empty)'} "
                            f"(expected 0x{f.magic.hex()} for {f.name})")
+    if len(data) < 4 + 4 * len(f.shape):
+        raise DistrepError(f"{where}: truncated ({len(data)} bytes, shorter than its header; "
+                           f"expected {f.size})")
     dims = tuple(int(d) for d in np.frombuffer(data[4:4 + 4 * len(f.shape)], dtype=">u4"))
     if dims != f.shape:
         raise DistrepError(f"{where}: header shape {dims} is not {f.shape}")
@@ -348,9 +353,13 @@ def verify(f: IdxFile, data: bytes, where: str) -> None:
 
 def cache_root() -> Path:
     """``$DISTREP_DATA``, else ``$XDG_CACHE_HOME/distrep``, else ``~/.cache/distrep``."""
-    if os.environ.get("DISTREP_DATA"):
-        return Path(os.environ["DISTREP_DATA"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "distrep"
+    try:
+        if os.environ.get("DISTREP_DATA"):
+            return Path(os.environ["DISTREP_DATA"]).expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "distrep"
+    except RuntimeError:     # no HOME and no passwd entry: nowhere to put a cache by default
+        raise DistrepError("cannot find a home directory for the data cache; set DISTREP_DATA "
+                           "to a writable directory") from None
 
 
 def offline() -> bool:
@@ -406,22 +415,34 @@ def fetch(name: str | DatasetSpec, from_dir: str | os.PathLike | None = None,
                 log(f"the cached copy is not usable: {e}")
         if sources is None:
             sources = default_sources(spec)
+    try:                                  # before any download: can the cache be written?
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        raise DistrepError(f"cannot write the data cache {target}: {e.strerror or e}; set "
+                           f"DISTREP_DATA to a writable directory") from None
     failures = []
     for source in sources:
         log(f"fetching {spec.name} from {source.name}")
         try:
             with tempfile.TemporaryDirectory(prefix="distrep-fetch-") as tmp:
                 files = source.fetch(spec, Path(tmp))
-        except SourceUnavailable as e:
+            for f in spec.files:          # verify everything before writing anything
+                verify(f, files[f.name][0], files[f.name][1])
+        except (SourceUnavailable, DistrepError) as e:
             if from_dir is not None:
                 raise DistrepError(f"cannot read {spec.name} from {from_dir}: {e}") from None
+            # a damaged copy in one source must not hide a good one in the next
             failures.append(f"{source.name}: {e}")
-            log(f"  {source.name} unavailable: {e}")
+            log(f"  {source.name} {'unavailable' if isinstance(e, SourceUnavailable) else 'failed'}: {e}")
             continue
-        for f in spec.files:              # verify everything before writing anything
-            verify(f, files[f.name][0], files[f.name][1])
-        for f in spec.files:
-            atomic_write_bytes(target / f.name, files[f.name][0])
+        try:
+            for f in spec.files:
+                atomic_write_bytes(target / f.name, files[f.name][0])
+        except OSError as e:
+            raise DistrepError(f"cannot write the data cache {target}: {e.strerror or e}; set "
+                               f"DISTREP_DATA to a writable directory") from None
         log(f"verified and cached {spec.name} in {target}")
         return target
     tried = "; ".join(failures) or ("DISTREP_OFFLINE is set" if offline() else "no sources")

@@ -114,6 +114,10 @@ def parse(name_or_spec: str, width: int = 128, in_features: int = 784,
                            f"(got {width}, {in_features}, {num_classes})")
     _, spec = resolve(name_or_spec)
     tokens = spec.split("-") if spec else []
+    if len(tokens) > 1 and "" in tokens:
+        where = ("a leading" if tokens[0] == "" else "a trailing" if tokens[-1] == "" else "a doubled")
+        raise DistrepError(f"empty layer in {name_or_spec!r} ({where} '-'); layers are joined by "
+                           f"single dashes, e.g. linear-relu-linear")
     kinds = []
     for token in tokens:
         kind, _, modifier = token.partition("+")

@@ -19,6 +19,13 @@ _PLAIN = FuncFormatter(lambda value, _: f"{value:g}")   # 20, not 2×10^1, on lo
 
 
 def _log_y(ax) -> None:
+    """A log y axis, where the axes hold something positive and finite to show on one (a plot
+    of runs that all diverged holds only NaN: it keeps its linear axis and says so)."""
+    low, high = ax.dataLim.intervaly
+    if not (np.isfinite(low) and np.isfinite(high) and high > 0):
+        ax.text(0.5, 0.5, "no finite values (every run diverged?)", transform=ax.transAxes,
+                ha="center", va="center")
+        return
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(_PLAIN)
     ax.yaxis.set_minor_formatter(_PLAIN)

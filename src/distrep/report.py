@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,29 +14,53 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from distrep import stats
+from distrep.errors import DistrepError
 from distrep.models import create_model
 from distrep.paper import CLAMP_DROPOFF, TABLE_EPOCHS, paper_value
 from distrep.plots import (_log_y, plot_clamping, plot_first_layer, plot_hyperplanes,
                            plot_prototypes, save_figure)
 from distrep.storage import atomic_write_bytes, read_arrays, read_json, read_tensors
+from distrep.sweep import model_dir
 
 FIGURES = {"curves": "figures/test_error_curves.png", "final": "figures/final_accuracy.png",
            "clamping": "figures/clamping.png"}
 
 
+METRIC_ARRAYS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_epochs",
+                 "final_test_acc", "diverged_epoch")
+
+
 def load_experiment(directory: Path) -> dict:
-    """Config, run state and per-model arrays of a finished experiment directory."""
+    """Config, run state and per-model arrays of a finished experiment directory; a missing,
+    damaged or ill-formed file is a one-line :class:`DistrepError` naming it."""
     directory = Path(directory)
     for needed in ("config.json", "summary.csv", "run.json"):
         if not (directory / needed).exists():
-            raise FileNotFoundError(f"{directory / needed} is missing: is the experiment finished?")
-    config = read_json(directory / "config.json")
-    with open(directory / "summary.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    models = [m["name"] for m in config["models"]]
-    metrics = {m: read_arrays(directory / "models" / m / "metrics.npz") for m in models}
-    return {"config": config, "run": read_json(directory / "run.json"), "rows": rows,
-            "models": models, "metrics": metrics}
+            raise DistrepError(f"{directory / needed} is missing: is the experiment finished?")
+    config, run = read_json(directory / "config.json"), read_json(directory / "run.json")
+    try:
+        models = [m["name"] for m in config["models"]]
+        for key in ("paired", "epochs", "runs", "train_subset", "dataset", "preprocess", "width",
+                    "offsetl2_form", "lr", "precision"):
+            config["config"][key]
+        config["design"], config["versions"].items(), config["device"]
+        float(run["wall_time_s"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DistrepError(f"{directory / 'config.json'} or run.json is not a distrep experiment "
+                           f"record (missing or bad {e})") from None
+    try:
+        with open(directory / "summary.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DistrepError(f"{directory / 'summary.csv'} is unreadable ({e})") from None
+    metrics = {}
+    for m in models:
+        path = directory / "models" / model_dir(m) / "metrics.npz"
+        metrics[m] = read_arrays(path)
+        absent = [key for key in METRIC_ARRAYS if key not in metrics[m]]
+        if absent:
+            raise DistrepError(f"{path} lacks {', '.join(absent)}: not the file distrep wrote")
+    return {"config": config, "run": run, "rows": rows, "models": models, "metrics": metrics}
 
 
 # --------------------------------------------------------------------------- figures
@@ -44,8 +69,10 @@ def plot_curves(metrics: dict[str, dict], ax=None):
     """Test error (%) against epoch per model: mean over runs, band of ± one std."""
     ax = ax or plt.figure().add_subplot()
     for name, m in metrics.items():
-        err = 100 * (1 - m["test_acc"])                       # [runs, k]
-        mu, sd = np.nanmean(err, 0), np.nanstd(err, 0)
+        err = 100 * (1 - m["test_acc"])                       # [runs, k], NaN where diverged
+        with warnings.catch_warnings():                        # an all-NaN column is expected
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mu, sd = np.nanmean(err, 0), np.nanstd(err, 0)
         line, = ax.plot(m["test_epochs"], mu, label=name)
         ax.fill_between(m["test_epochs"], np.clip(mu - sd, 1e-2, None), mu + sd,
                         color=line.get_color(), alpha=0.2)
@@ -56,10 +83,10 @@ def plot_curves(metrics: dict[str, dict], ax=None):
 
 
 def plot_final(metrics: dict[str, dict], ax=None):
-    """Final test accuracy of every run (points) with each model's box plot."""
+    """Final test accuracy of every run that finished (points) with each model's box plot."""
     ax = ax or plt.figure().add_subplot()
     names = list(metrics)
-    values = [100 * metrics[n]["final_test_acc"] for n in names]
+    values = [a[~np.isnan(a)] for a in (final_accuracy(metrics[n]) for n in names)]
     ax.boxplot(values, showfliers=False, widths=0.5)
     rng = np.random.default_rng(0)                             # fixed jitter: same picture each time
     for i, v in enumerate(values, start=1):
@@ -72,14 +99,24 @@ def plot_final(metrics: dict[str, dict], ax=None):
 
 # --------------------------------------------------------------------------- tables
 
+def final_accuracy(m: dict) -> np.ndarray:
+    """Final test accuracy (%) per run ``[runs]``, NaN for a run that diverged: its "accuracy"
+    is that of a constant prediction and belongs in no mean, spread or test."""
+    return np.where(m["diverged_epoch"] > 0, np.nan, 100 * m["final_test_acc"])
+
+
 def summary_rows(exp: dict) -> list[dict]:
+    """Per model: statistics over the runs that finished, how many diverged, and (labelled
+    apart) the mean and std over all runs, diverged ones included."""
     out = []
     for name in exp["models"]:
         m = exp["metrics"][name]
-        s = stats.summarize(100 * m["final_test_acc"])
-        paper = paper_value(name)
-        out.append({"model": name, **s, "diverged": int((m["diverged_epoch"] > 0).sum()),
-                    "paper": paper})
+        acc = final_accuracy(m)
+        s = stats.summarize(acc[~np.isnan(acc)])
+        every = 100 * m["final_test_acc"]
+        out.append({"model": name, **s, "diverged": int(np.isnan(acc).sum()), "runs": len(acc),
+                    "all_mean": stats.mean(every), "all_std": stats.std(every),
+                    "paper": paper_value(name)})
     return out
 
 
@@ -93,21 +130,22 @@ def _p(p: float) -> str:
 
 def main_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["model", "mean", "std", "std (pop.)", "95% CI", "n", "min", "max", "diverged",
-            "paper mean ± std", "Δ mean"]
+            "all runs, diverged included: mean ± std", "paper mean ± std", "Δ mean"]
     body = []
     for r in rows:
         paper = r["paper"]
         body.append([r["model"], _fmt(r["mean"]), _fmt(r["std"]), _fmt(r["std_pop"]),
                      f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", str(r["n"]), _fmt(r["min"]),
                      _fmt(r["max"]), str(r["diverged"]),
+                     f"{_fmt(r['all_mean'])} ± {_fmt(r['all_std'])}" if r["diverged"] else "(same)",
                      f"{paper[1]:.2f} ± {paper[2]:.2f} ({paper[0]})" if paper else "—",
                      f"{r['mean'] - paper[1]:+.2f}" if paper else "—"])
     return head, body
 
 
 def comparison_table(exp: dict) -> tuple[list[str], list[list[str]]]:
-    paired = "paired" in exp["config"]["design"]
-    values = {n: 100 * exp["metrics"][n]["final_test_acc"] for n in exp["models"]}
+    paired = is_paired(exp)
+    values = {n: final_accuracy(exp["metrics"][n]) for n in exp["models"]}
     head = ["A", "B", "Δ mean", "Student t (df)", "p", "p Holm", "Welch t (df)", "p", "p Holm",
             "Cohen's d"]
     if paired:
@@ -125,12 +163,17 @@ def comparison_table(exp: dict) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
+def is_paired(exp: dict) -> bool:
+    """Whether run i of every model started from the same first-layer weights (config field)."""
+    return bool(exp["config"]["config"]["paired"])
+
+
 def latex_table(rows: list[dict]) -> str:
     lines = [r"\begin{tabular}{lrrrr}", r"\toprule",
              r"Model & Mean (\%) & Std & 95\% CI & $n$ \\", r"\midrule"]
     for r in rows:
-        lines.append(f"{r['model']} & {r['mean']:.2f} & {r['std']:.2f} & "
-                     f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] & {r['n']} \\\\")
+        lines.append(f"{r['model']} & {_fmt(r['mean'])} & {_fmt(r['std'])} & "
+                     f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] & {r['n']} \\\\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -289,7 +332,7 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
     """Report sections (and their figures) for whatever ``distrep analyze`` saved."""
     from distrep.analysis import load_analyses
     found = {analysis: {m: by_model[m] for m in exp["models"] if m in by_model}   # the experiment's order
-             for analysis, by_model in load_analyses(directory).items()}
+             for analysis, by_model in load_analyses(directory, exp["models"]).items()}
     if not found:
         return []
     from distrep.data import get_spec
@@ -300,7 +343,7 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
     if "hyperplanes" in found:
         images = []
         for model, h in found["hyperplanes"].items():
-            path = f"figures/hyperplanes_{model}.png"
+            path = f"figures/hyperplanes_{model_dir(model)}.png"
             save_figure(plot_hyperplanes(h["hist"][0], h["edges"][0], classes, model), directory / path, dpi=72)
             images.append((f"{model}: class distributions along the output units", path))
         sections.append(Section("Class distributions along the output hyperplanes", HYPERPLANE_NOTE,
@@ -312,7 +355,7 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
     if "prototypes" in found:
         images = []
         for model, p in found["prototypes"].items():
-            path = f"figures/prototypes_{model}.png"
+            path = f"figures/prototypes_{model_dir(model)}.png"
             fig = plot_prototypes(p["weight"][0], p["weighted_distance"].mean(0), classes, model)
             save_figure(fig, directory / path, dpi=90)
             images.append((f"{model}: metric weights and prototype distances", path))
@@ -322,13 +365,13 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
     cfg = exp["config"]["config"]
     for entry in exp["config"]["models"]:
         model = entry["name"]
-        weight = read_tensors(directory / "models" / model / "params.safetensors").get("0.weight")
+        weight = read_tensors(directory / "models" / model_dir(model) / "params.safetensors").get("0.weight")
         if weight is None or int(round(np.sqrt(weight.shape[2]))) ** 2 != weight.shape[2]:
             continue
         initial = create_model(entry["spec"], cfg["width"], in_features=weight.shape[2],
                                num_classes=len(classes), offsetl2_form=cfg["offsetl2_form"],
                                seed=entry["seeds"][0])[0].weight.detach()
-        path = f"figures/first_layer_{model}.png"
+        path = f"figures/first_layer_{model_dir(model)}.png"
         fig = plot_first_layer((weight[0] - initial).numpy(),
                                f"{model}: first-layer weights, change from initialisation, run 0")
         save_figure(fig, directory / path, dpi=80)
@@ -356,7 +399,9 @@ TESTS_NOTE = ("Every pair of models is compared on final test accuracy (%) with 
               "unpaired t-test, and, for the paired design, the paired t-test over matched runs "
               "(run i of both models started from the same first-layer weights). Holm's "
               "correction is applied across all pairs, separately for each test. Cohen's d uses "
-              "the pooled std; d_z is the mean paired difference over its std.")
+              "the pooled std; d_z is the mean paired difference over its std. Diverged runs "
+              "take part in no statistic (their pairs drop out of the paired test); the main "
+              "table gives the all-runs mean separately.")
 
 
 def write_report(directory) -> dict[str, Path]:

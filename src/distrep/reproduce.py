@@ -8,7 +8,6 @@ design (run i of every model starts from the same first-layer weights).
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from dataclasses import fields, replace
@@ -21,8 +20,8 @@ from distrep.engine import StackedRuns, Trainer
 from distrep.errors import DistrepError
 from distrep.models import TABLE1, TABLE2, TABLE3
 from distrep.provenance import resolve_device
-from distrep.storage import read_json, write_json
-from distrep.sweep import Sweep, SweepConfig, describe_sweep, save_results
+from distrep.experiment import experiment_lock, run_experiment
+from distrep.sweep import Sweep, SweepConfig
 
 PRESETS: dict[str, dict] = {
     "table1": {"models": list(TABLE1), "epochs": 5000, "runs": 20},
@@ -36,8 +35,6 @@ PRESETS: dict[str, dict] = {
 # "all" runs table1, table2 and table3, each in its own subdirectory.
 GROUPS = {"all": ("table1", "table2", "table3")}
 PRESET_NAMES = tuple(PRESETS) + tuple(GROUPS)
-
-CONFIG_FILE, CHECKPOINT_FILE, RUN_FILE = "config.json", "checkpoint.safetensors", "run.json"
 
 
 def resolve_preset(preset: str, overrides: dict) -> SweepConfig:
@@ -93,47 +90,20 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def prepare_directory(out: Path, config: SweepConfig, force: bool) -> None:
-    """Refuse a directory holding a different experiment (or clear it with ``force``)."""
-    config_file = out / CONFIG_FILE
-    if not config_file.exists():
-        return
-    try:
-        previous = read_json(config_file).get("result_fields")
-    except ValueError:
-        previous = None
-    if previous == config.result_fields:
-        return
-    if not force:
-        raise DistrepError(f"{out} holds an experiment with a different config; use another "
-                           f"--out or --force to replace it")
-    for entry in out.iterdir():
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
 def reproduce(preset: str, out: Path, overrides: dict, force: bool = False,
               progress: bool = True, log=lambda m: print(m, file=sys.stderr)) -> Path:
     """Train (or resume) one preset into ``out``, write its results and report; return ``out``."""
     from distrep.report import write_report
 
     config = resolve_preset(preset, overrides)
-    prepare_directory(out, config, force)
-    device = resolve_device(config.device)
-    data = load_dataset(config.dataset, config.preprocess)
-    sweep = Sweep(config, data, checkpoint=out / CHECKPOINT_FILE, progress=progress)
-    run_state = read_json(out / RUN_FILE) if (out / RUN_FILE).exists() else {}
-    if run_state.get("finished"):
-        log(f"{out}: already finished; regenerating the report")
-    else:
+
+    def plan(config, data):
         log(plan_text(preset, config, data, estimate_seconds(config, data)))
-        done = int(sweep.state["epochs_done"].sum())
-        if done:
-            log(f"resuming from the checkpoint: {done} of "
-                f"{config.runs * config.epochs * len(config.models)} run-epochs done")
-        write_json(out / CONFIG_FILE, {**describe_sweep(config, device), "preset": preset})
-        results = sweep.run()
-        save_results(results, config, out)
-        write_json(out / RUN_FILE, {"finished": True,
-                                    "wall_time_s": float(sweep.state["wall_time_s"])})
-    write_report(out)
+
+    with experiment_lock(out):
+        _, _, trained = run_experiment(out, config, force, progress, extra={"preset": preset},
+                                       log=log, before_training=plan)
+        if not trained:
+            log(f"{out}: already finished; regenerating the report")
+        write_report(out)
     return out

@@ -77,6 +77,8 @@ def student_t(a, b) -> TTest:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     na, nb = len(a), len(b)
     df = na + nb - 2
+    if min(na, nb) < 1:
+        return TTest(float("nan"), float("nan"), float("nan"), "Student (unpaired, pooled variance)")
     t = _ratio(mean(a) - mean(b), pooled_std(a, b) * np.sqrt(1 / na + 1 / nb))
     return TTest(t, float(df), _two_sided(t, df), "Student (unpaired, pooled variance)")
 
@@ -98,19 +100,23 @@ def paired_t(a, b) -> TTest:
     """Paired t-test over matched runs: d = a - b, t = mean(d) / (s_d / sqrt(n)), df = n - 1.
     Valid when run i of both models shares its initial first-layer weights (paired design)."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if len(d) < 1:
+        return TTest(float("nan"), float("nan"), float("nan"), "paired t-test")
     t = _ratio(mean(d), std(d) / np.sqrt(len(d)))
     return TTest(t, float(len(d) - 1), _two_sided(t, len(d) - 1), "paired t-test")
 
 
 def cohens_d(a, b) -> float:
     """Effect size with the pooled standard deviation: (mean_a - mean_b) / s_p."""
+    if min(len(a), len(b)) < 1:
+        return float("nan")
     return _ratio(mean(a) - mean(b), pooled_std(a, b))
 
 
 def cohens_dz(a, b) -> float:
     """Paired effect size: mean(d) / s_d for d = a - b."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    return _ratio(mean(d), std(d))
+    return _ratio(mean(d), std(d)) if len(d) else float("nan")
 
 
 def holm(pvalues) -> np.ndarray:
@@ -129,8 +135,12 @@ def holm(pvalues) -> np.ndarray:
 
 
 def summarize(x) -> dict[str, float]:
-    """mean, sample std, population std, 95% t-interval, n, min, max of ``x [runs]``."""
+    """mean, sample std, population std, 95% t-interval, n, min, max of ``x [runs]``
+    (all NaN when ``x`` is empty)."""
     x = np.asarray(x, np.float64)
+    if len(x) == 0:
+        return {key: float("nan") for key in ("mean", "std", "std_pop", "ci_low", "ci_high",
+                                              "min", "max")} | {"n": 0}
     lo, hi = t_interval(x)
     return {"mean": mean(x), "std": std(x), "std_pop": std(x, 0), "ci_low": float(lo),
             "ci_high": float(hi), "n": len(x), "min": float(x.min()), "max": float(x.max())}
@@ -138,14 +148,21 @@ def summarize(x) -> dict[str, float]:
 
 def pairwise(values: dict[str, np.ndarray], paired: bool) -> list[dict]:
     """Every pair of models: Student, Welch and (if ``paired``) paired t-tests with Cohen's d and
-    d_z; Holm-adjusted p-values across all pairs, separately for each test."""
+    d_z; Holm-adjusted p-values across all pairs, separately for each test.
+
+    NaN marks a run without a result (it diverged): unpaired statistics leave it out, paired
+    ones leave out its pair. ``n_a``, ``n_b`` and ``n_pairs`` say how many runs each used."""
     rows = []
     for a, b in combinations(values, 2):
-        x, y = values[a], values[b]
-        row = {"a": a, "b": b, "diff": mean(x) - mean(y), "d": cohens_d(x, y),
-               "student": student_t(x, y), "welch": welch_t(x, y)}
+        x, y = np.asarray(values[a], np.float64), np.asarray(values[b], np.float64)
+        xs, ys = x[~np.isnan(x)], y[~np.isnan(y)]
+        row = {"a": a, "b": b, "diff": mean(xs) - mean(ys) if len(xs) and len(ys) else float("nan"),
+               "d": cohens_d(xs, ys), "student": student_t(xs, ys), "welch": welch_t(xs, ys),
+               "n_a": len(xs), "n_b": len(ys)}
         if paired and len(x) == len(y):
-            row["paired"], row["dz"] = paired_t(x, y), cohens_dz(x, y)
+            both = ~np.isnan(x) & ~np.isnan(y)
+            row["paired"], row["dz"] = paired_t(x[both], y[both]), cohens_dz(x[both], y[both])
+            row["n_pairs"] = int(both.sum())
         rows.append(row)
     for test in ("student", "welch", "paired"):
         have = [r for r in rows if test in r]

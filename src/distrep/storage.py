@@ -20,14 +20,26 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from distrep.errors import DistrepError
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)      # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that ``path`` is never seen half-written."""
+    """Write ``data`` to ``path`` so that ``path`` is never seen half-written: a temporary file
+    in the same directory, flushed, given the mode an ordinary write would (0666 less the
+    umask; mkstemp's 0600 would hide results from the group), renamed over ``path``, and the
+    directory synced so that the rename itself survives a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -35,7 +47,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
     return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:            # some file systems cannot sync a directory; the data is synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _damaged(path, e: Exception) -> DistrepError:
+    if isinstance(e, FileNotFoundError):
+        return DistrepError(f"{path} is missing")
+    detail = (str(e).splitlines() or [""])[0] or type(e).__name__
+    return DistrepError(f"{path} is damaged or not the file distrep wrote ({detail[:120]})")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -44,7 +77,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON in ``path``; a missing or unparsable file is a one-line :class:`DistrepError`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise _damaged(path, e) from None
 
 
 def write_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray | torch.Tensor]) -> Path:
@@ -56,8 +93,11 @@ def write_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray | torc
 
 def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a ``.npz`` written by :func:`write_arrays`; never unpickles objects."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:       # zipfile, pickle refusal, truncation: each its own type
+        raise _damaged(path, e) from None
 
 
 def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
@@ -68,7 +108,10 @@ def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return _st_load(Path(path).read_bytes())
+    try:
+        return _st_load(Path(path).read_bytes())
+    except Exception as e:       # safetensors raises its own error types for damaged files
+        raise _damaged(path, e) from None
 
 
 def _to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -14,8 +14,10 @@ results bit-identical to an uninterrupted job.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 import zlib
 from contextlib import contextmanager
@@ -24,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from distrep.data import Dataset, load_dataset
 from distrep.engine import PRECISIONS, StackedRuns, Trainer
 from distrep.errors import DistrepError
 from distrep.models import canonical_spec, create_model, display_name, parse
+from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
-from distrep.train import check_protocol
+from distrep.train import MAX_SEED, check_fits, check_protocol, evaluation_epochs, run_bytes
 from distrep.storage import read_tensors, write_tensors
 
 GiB = 1 << 30
@@ -81,6 +83,14 @@ class SweepConfig:
         device = check_protocol(self)
         if self.base_seed < 0:
             raise DistrepError(f"base seed must be non-negative, got {self.base_seed}")
+        check_fits(self.runs * sum(run_bytes(m, self.width, self.epochs, self.eval_every)
+                                   for m in self.models),
+                   f"{self.runs} runs of {len(self.models)} models at width {self.width} for "
+                   f"{self.epochs} epochs would")
+        top = max(self.base_seed + self._seed_offset(m) + self.runs - 1 for m in self.models)
+        if top > MAX_SEED:
+            raise DistrepError(f"seeds up to {top} do not fit in int64 (at most {MAX_SEED}); "
+                               f"use a smaller --base-seed")
         if self.precision not in PRECISIONS:
             raise DistrepError(f"unknown precision {self.precision!r}; choose one of: "
                                f"{', '.join(PRECISIONS)}")
@@ -90,13 +100,16 @@ class SweepConfig:
             raise DistrepError("tf32 is a CUDA precision; on the CPU use fp32 or bf16")
         return self
 
+    def _seed_offset(self, model: str) -> int:
+        return 0 if self.paired else 1_000_003 * (1 + zlib.crc32(canonical_spec(model).encode()) % 10_007)
+
     def seeds(self, model: str) -> list[int]:
         """Run i's seed: base + i (paired), or base + i + an offset fixed by the model's spec."""
-        offset = 0 if self.paired else 1_000_003 * (1 + zlib.crc32(canonical_spec(model).encode()) % 10_007)
+        offset = self._seed_offset(model)
         return [self.base_seed + offset + i for i in range(self.runs)]
 
     def test_epochs(self) -> np.ndarray:
-        return np.array(sorted({*range(self.eval_every, self.epochs + 1, self.eval_every), self.epochs}))
+        return evaluation_epochs(self.epochs, self.eval_every)
 
 
 @dataclass
@@ -179,6 +192,41 @@ def matmul_precision(name: str, device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+RECOVER = "rerun with --force to discard it and start over, or use another --out"
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: what a checkpoint
+    must still hold when it is read back."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_checkpoint(path: Path, config: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, refused with a one-line error if it is unreadable, its
+    checksum does not match its contents, or (given ``config``) it was made with another config."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        tensors = read_tensors(path)
+    except Exception as e:   # safetensors raises its own error types for damaged files
+        raise DistrepError(f"checkpoint {path} is damaged ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); {RECOVER}") from None
+    if meta.get("sha256") != tensor_digest(tensors):
+        raise DistrepError(f"checkpoint {path} is damaged (its checksum does not match its "
+                           f"contents); {RECOVER}")
+    if config is not None and meta.get("config") != config:
+        raise DistrepError(f"checkpoint {path} was made with a different config; {RECOVER}")
+    return tensors
+
+
 # --------------------------------------------------------------------------- the sweep
 
 class Sweep:
@@ -208,6 +256,7 @@ class Sweep:
         self.params: dict[int, dict[str, torch.Tensor]] = {}     # variant -> stacked [R, ...] (CPU)
         self._last_save = self._last_clock = time.monotonic()
         self._load_checkpoint()
+        self.chunks()                      # refuses a memory budget too small for one run, now
 
     # ---- checkpoint
 
@@ -217,13 +266,11 @@ class Sweep:
     def _load_checkpoint(self) -> None:
         if self.checkpoint is None or not self.checkpoint.exists():
             return
-        from safetensors import safe_open
-        with safe_open(self.checkpoint, "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("config") != self._meta()["config"]:
-            raise DistrepError(f"checkpoint {self.checkpoint} was made with a different config; "
-                               f"use another output directory or --force")
-        saved = read_tensors(self.checkpoint)
+        saved = read_checkpoint(self.checkpoint, self._meta()["config"])
+        missing = [key for key in self.state if key not in saved or saved[key].shape != self.state[key].shape]
+        if missing:
+            raise DistrepError(f"checkpoint {self.checkpoint} does not hold this sweep's state "
+                               f"({missing[0]}); {RECOVER}")
         for key in self.state:
             self.state[key] = saved[key]
         self._last_clock = time.monotonic()
@@ -244,7 +291,7 @@ class Sweep:
         tensors = dict(self.state)
         for v, params in self.params.items():
             tensors.update({f"params/{v}/{name}": p for name, p in params.items()})
-        write_tensors(self.checkpoint, tensors, metadata=self._meta())
+        write_tensors(self.checkpoint, tensors, metadata={**self._meta(), "sha256": tensor_digest(tensors)})
         self._last_save = time.monotonic()
 
     # ---- training
@@ -282,8 +329,7 @@ class Sweep:
         c = self.config
         chunks = self.chunks()
         remaining = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
-        bar = tqdm(total=remaining, unit="run-epoch", unit_scale=True, disable=not self.progress,
-                   dynamic_ncols=True, desc="training")
+        bar = progress(remaining, "training", "run-epochs", self.progress)
         with matmul_precision(c.precision, self.device):
             for i, chunk in enumerate(chunks):
                 bar.set_description(f"chunk {i + 1}/{len(chunks)} ({len(chunk)} runs)")
@@ -381,6 +427,19 @@ SUMMARY_COLUMNS = ("model", "spec", "run", "seed", "test_acc", "train_acc", "tra
                    "test_loss", "epochs", "diverged", "diverged_epoch")
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9+._-]{1,100}")
+
+
+def model_dir(name: str) -> str:
+    """The folder of a model's files (``models/<this>``, ``analysis/<this>``): its name where that
+    is a short, safe file name, else a safe prefix of it and a hash of the whole name (a spec can
+    be longer than a file name may be)."""
+    if _SAFE_NAME.fullmatch(name) and name not in (".", ".."):
+        return name
+    prefix = re.sub(r"[^A-Za-z0-9+._-]", "_", name)[:64]
+    return f"{prefix}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
 def save_results(results: list[VariantResult], config: SweepConfig, out_dir: str | os.PathLike) -> None:
     """Write ``summary.csv`` (one row per run) and, per model, ``models/<name>/metrics.npz``
     (``train_loss``/``train_acc`` ``[runs, epochs]``, ``test_loss``/``test_acc`` ``[runs, k]``,
@@ -390,7 +449,7 @@ def save_results(results: list[VariantResult], config: SweepConfig, out_dir: str
     out = Path(out_dir)
     lines = [",".join(SUMMARY_COLUMNS)]
     for res in results:
-        folder = out / "models" / res.name
+        folder = out / "models" / model_dir(res.name)
         write_arrays(folder / "metrics.npz", {**res.arrays, "test_epochs": config.test_epochs(),
                                               "seeds": res.seeds, "diverged_epoch": res.diverged_epoch})
         write_tensors(folder / "params.safetensors", res.params, metadata={"spec": res.spec})

@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from distrep.data import PREPROCESS_MODES, Dataset, load_dataset
 from distrep.errors import DistrepError
 from distrep.layers import OFFSETL2_FORMS
 from distrep.models import canonical_spec, create_model, describe, display_name
+from distrep.progress import progress as progress_bar
 from distrep.provenance import describe_device, resolve_device, software_versions
 from distrep.storage import read_json, write_arrays, write_json, write_tensors
 
@@ -56,9 +56,15 @@ class TrainConfig:
         """Check every field; raise a one-line :class:`DistrepError` naming the bad one."""
         canonical_spec(self.model)  # unknown names raise with the list of valid ones
         check_protocol(self)
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise DistrepError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise DistrepError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+        check_fits(run_bytes(self.model, self.width, self.epochs, self.eval_every),
+                   f"{display_name(self.model)} at width {self.width} for {self.epochs} epochs would")
         return self
+
+
+MAX_SEED = 2**63 - 1                 # seeds are stored as int64
+FP32_TINY, FP32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
 def check_protocol(cfg) -> torch.device:
@@ -69,6 +75,9 @@ def check_protocol(cfg) -> torch.device:
             raise DistrepError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
     if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
         raise DistrepError(f"lr must be a positive finite number, got {cfg.lr!r}")
+    if not FP32_TINY <= cfg.lr <= FP32_MAX:    # the update runs in fp32: lr must be one
+        raise DistrepError(f"lr {cfg.lr!r} is not a normal fp32 number (between {FP32_TINY:.3g} "
+                           f"and {FP32_MAX:.3g})")
     if cfg.train_subset is not None and cfg.train_subset < 1:
         raise DistrepError(f"train subset must be a positive integer, got {cfg.train_subset}")
     for value, allowed, what in ((cfg.preprocess, PREPROCESS_MODES, "preprocessing"),
@@ -76,6 +85,28 @@ def check_protocol(cfg) -> torch.device:
         if value not in allowed:
             raise DistrepError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
     return resolve_device(cfg.device)
+
+
+def evaluation_epochs(epochs: int, every: int) -> np.ndarray:
+    """Every ``every``-th epoch and the last, ``[k]``."""
+    out = np.arange(every, epochs + 1, every)
+    return out if out.size and out[-1] == epochs else np.append(out, epochs)
+
+
+def check_fits(needed: float, what: str) -> None:
+    """Refuse, before allocating anything, a run whose arrays would not fit in this machine's
+    memory (``needed`` bytes)."""
+    from distrep.provenance import machine_memory
+    have = machine_memory()
+    if have and needed > 0.8 * have:
+        raise DistrepError(f"{what} need {needed / 2**30:.3g} GiB of memory; this machine has "
+                           f"{have / 2**30:.3g} GiB (use fewer runs, epochs or a smaller width)")
+
+
+def run_bytes(model: str, width: int, epochs: int, eval_every: int) -> float:
+    """Memory of one run's parameters (with gradient and copies) and its per-epoch metrics."""
+    from distrep.models import parameter_count
+    return 4 * 4 * parameter_count(model, width) + 8 * (2 * epochs + 2 * (epochs // eval_every + 1))
 
 
 @dataclass
@@ -124,13 +155,12 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool = Tru
 
     E = config.epochs
     train_loss, train_acc = np.full(E, np.nan), np.full(E, np.nan)
-    test_epochs = np.array(sorted({*range(config.eval_every, E + 1, config.eval_every), E}))
+    test_epochs = evaluation_epochs(E, config.eval_every)
     test_acc, test_loss = np.full(len(test_epochs), np.nan), np.full(len(test_epochs), np.nan)
     diverged_epoch, k = None, 0
     start = time.perf_counter()
-    bar = tqdm(range(1, E + 1), desc=display_name(config.model), unit="epoch",
-               disable=not progress, dynamic_ncols=True)
-    for epoch in bar:
+    bar = progress_bar(E, display_name(config.model), "epochs", progress)
+    for epoch in range(1, E + 1):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         train_loss[epoch - 1] = loss.item()
@@ -151,6 +181,7 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool = Tru
             bar.set_postfix(loss=f"{train_loss[epoch - 1]:.4f}", test_acc=f"{test_acc[k]:.4f}",
                             refresh=False)
             k += 1
+        bar.update(1)
     bar.close()
     final_train_loss, final_train_acc = evaluate(model, x, y)
     final_test_loss, final_test_acc = evaluate(model, x_test, y_test)
@@ -210,5 +241,5 @@ def existing_config(out_dir) -> dict | None:
     try:
         read_json(f"{out_dir}/{RESULT_FILE}")
         return read_json(f"{out_dir}/{CONFIG_FILE}")["config"]
-    except (OSError, ValueError, KeyError):
+    except (DistrepError, KeyError, TypeError):
         return None

@@ -1,0 +1,321 @@
+"""Output directories: the one flow that ``sweep`` and ``reproduce`` share, and the guards that
+``train`` uses too.
+
+An experiment directory goes through::
+
+    check --out (a writable directory) -> lock it -> check what it holds -> (--force: remove
+    what distrep wrote there) -> check the checkpoint -> write config.json -> train or resume
+    -> results -> run.json
+
+What it guarantees:
+
+- **Nothing is written before every check has passed**, so a refused command leaves the
+  directory as it was.
+- **One process at a time.** An advisory lock (``flock`` on ``.distrep.lock``) is held for the
+  life of the command; a second command on the same directory gets a one-line error naming the
+  holder's pid. The operating system releases the lock when its holder dies, so a killed run
+  never blocks the next one.
+- **distrep deletes only its own files.** ``--force`` removes the names distrep writes and
+  nothing else; a directory holding anything else (another tool's ``config.json`` included) is
+  refused, with or without ``--force``.
+- **Every session is recorded** in ``run.json``: device, software versions, run-epochs trained
+  and wall time; resuming on another device or with other versions prints a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from distrep.errors import DistrepError
+from distrep.provenance import describe_device, resolve_device, software_versions
+from distrep.storage import read_json, write_json
+
+CONFIG_FILE, CHECKPOINT_FILE, RUN_FILE, SUMMARY_FILE = (
+    "config.json", "checkpoint.safetensors", "run.json", "summary.csv")
+LOCK_FILE = ".distrep.lock"
+# Everything distrep writes into an experiment directory (the only names --force removes).
+EXPERIMENT_ENTRIES = (CONFIG_FILE, SUMMARY_FILE, RUN_FILE, CHECKPOINT_FILE, "report.md",
+                      "report.html", "table.tex", "figures", "models", "analysis")
+# ... and into a run directory of `distrep train`.
+RUN_ENTRIES = (CONFIG_FILE, "metrics.npz", "model.safetensors", "curves.png", "result.json")
+
+
+# --------------------------------------------------------------------------- guards
+
+def check_writable(out: Path) -> Path:
+    """Create ``out`` if needed and make sure files can be written in it (before any training)."""
+    if str(out).strip() == "":
+        raise DistrepError("--out is empty; name a directory")
+    if out.exists() and not out.is_dir():
+        raise DistrepError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise DistrepError(f"cannot write to {out}: {e.strerror or e}") from None
+    return out
+
+
+_held: set[Path] = set()       # directories this process has locked (a lock nests)
+
+
+@contextmanager
+def experiment_lock(out: Path) -> Iterator[None]:
+    """Check that ``out`` is a writable directory, then hold an exclusive advisory lock on it
+    for the block; refuse if another process holds it (its pid is named). Nested uses in one
+    process share the outer lock."""
+    created = not Path(out).exists()
+    out = check_writable(out).resolve()
+    if out in _held:
+        yield
+        return
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise DistrepError(f"cannot lock {out}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DistrepError(f"cannot lock {out}: {e.strerror or e}") from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DistrepError(f"{out} is in use by another distrep process (pid {holder}); wait "
+                               f"for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held.add(out)
+        try:
+            yield
+        except BaseException:
+            if created and not entries(out):   # a failed command leaves no empty directory
+                path.unlink(missing_ok=True)
+                out.rmdir()
+            raise
+        finally:
+            _held.discard(out)
+    finally:
+        os.close(fd)                      # closing releases the lock
+
+
+def entries(out: Path) -> list[str]:
+    """What ``out`` holds, less the lock and the temporary files of interrupted atomic writes."""
+    if not out.is_dir():
+        return []
+    return sorted(e.name for e in out.iterdir()
+                  if e.name != LOCK_FILE and not (e.name.startswith(".") and e.name.endswith(".tmp")))
+
+
+def directory_kind(out: Path) -> str | None:
+    """What ``out/config.json`` says the directory is: "experiment" (sweep or reproduce), "run"
+    (train), "foreign" (someone else's config.json), "unreadable", or None (none there)."""
+    path = out / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        config = read_json(path)
+    except DistrepError:
+        return "unreadable"
+    if isinstance(config, dict) and "result_fields" in config and "models" in config:
+        return "experiment"
+    if isinstance(config, dict) and "model" in config and "config" in config:
+        return "run"
+    return "foreign"
+
+
+def refuse_foreign(out: Path, own: tuple[str, ...], kind: str) -> None:
+    """Refuse ``out`` if it holds anything distrep did not write (for this kind of directory)."""
+    found = directory_kind(out)
+    other = {"experiment": "an experiment (distrep sweep/reproduce)", "run": "a single run (distrep train)"}
+    if found in other and found != kind:
+        raise DistrepError(f"{out} holds {other[found]}; use another --out")
+    foreign = [name for name in entries(out) if name not in own]
+    if found == "foreign":
+        foreign.insert(0, f"{CONFIG_FILE} (not distrep's)")
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise DistrepError(f"{out} holds files distrep did not write ({shown}); use an empty or "
+                           f"new --out (distrep never deletes what it did not write)")
+
+
+def remove_own(out: Path, own: tuple[str, ...]) -> None:
+    """Delete the entries named in ``own`` (distrep's files) from ``out``; nothing else."""
+    import shutil
+    for name in own:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+# --------------------------------------------------------------------------- experiments
+
+def config_differences(saved: dict, ours: dict) -> list[str]:
+    """``field: saved there, ours here`` for every result field that differs."""
+    return [f"{key}: {saved.get(key)!r} there, {ours.get(key)!r} here"
+            for key in sorted(set(saved) | set(ours)) if saved.get(key) != ours.get(key)]
+
+
+def check_experiment(out: Path, config, force: bool, log: Callable[[str], None]):
+    """Check what ``out`` holds against ``config``; with ``force`` clear a different or damaged
+    experiment. Returns the config to run (the saved model order where only the order differs).
+    Writes nothing unless ``force`` clears."""
+    refuse_foreign(out, EXPERIMENT_ENTRIES, "experiment")
+    problem = None
+    if not (out / CONFIG_FILE).exists() and entries(out):
+        problem = f"its {CONFIG_FILE} is missing"
+    elif (out / CONFIG_FILE).exists():
+        if directory_kind(out) == "unreadable":
+            problem = f"its {CONFIG_FILE} is unreadable"
+        else:
+            saved = read_json(out / CONFIG_FILE).get("result_fields")
+            ours = config.result_fields
+            if (isinstance(saved, dict) and isinstance(saved.get("models"), list)
+                    and sorted(saved["models"]) == sorted(ours["models"]) and saved["models"] != ours["models"]
+                    and {**saved, "models": None} == {**ours, "models": None}):
+                by_spec = dict(zip(ours["models"], config.models))
+                config = replace(config, models=[by_spec[s] for s in saved["models"]])
+                log(f"{out}: the same models in the saved order ({', '.join(config.models)})")
+            else:
+                diff = config_differences(saved if isinstance(saved, dict) else {}, ours)
+                if diff:
+                    problem = f"it holds an experiment with a different config ({'; '.join(diff)})"
+    if problem is None and (out / CHECKPOINT_FILE).exists() and not run_state(out).get("finished"):
+        from distrep.sweep import read_checkpoint
+        try:
+            read_checkpoint(out / CHECKPOINT_FILE, config_key(config))
+        except DistrepError as e:
+            problem = str(e).split(";")[0]
+    if problem is None:
+        return config
+    if not force:
+        raise DistrepError(f"{out}: {problem}; use another --out, or --force to replace it")
+    log(f"{out}: {problem}; --force: removing distrep's files there and starting over")
+    remove_own(out, EXPERIMENT_ENTRIES)
+    return config
+
+
+def config_key(config) -> str:
+    import json
+    return json.dumps(config.result_fields, sort_keys=True)
+
+
+def run_state(out: Path) -> dict:
+    """``run.json`` (empty if absent); refused with a one-line error if it is damaged."""
+    path = out / RUN_FILE
+    if not path.exists():
+        return {}
+    state = read_json(path)
+    if not isinstance(state, dict) or not isinstance(state.get("sessions", []), list):
+        raise DistrepError(f"{path} is not a distrep run record; {_RECOVER}")
+    return state
+
+
+_RECOVER = "rerun with --force to start over"
+
+
+def require_finished(out: Path) -> None:
+    """Refuse (one line) a directory that holds no finished experiment."""
+    if not Path(out).is_dir() or directory_kind(Path(out)) != "experiment":
+        raise DistrepError(f"{out} holds no finished experiment (no distrep config.json)")
+    if not run_state(Path(out)).get("finished"):
+        raise DistrepError(f"{out} holds no finished experiment (training has not finished; "
+                           f"rerun its command to resume)")
+
+
+def results_missing(out: Path, config) -> list[str]:
+    """The result files of a finished experiment that are not there."""
+    from distrep.models import display_name
+    from distrep.sweep import model_dir
+    need = [out / SUMMARY_FILE]
+    for m in config.models:
+        folder = out / model_dir(display_name(m))
+        need += [folder / "metrics.npz", folder / "params.safetensors"]
+    return [str(p.relative_to(out)) for p in need if not p.exists()]
+
+
+def _session_warning(previous: dict, now: dict) -> str | None:
+    changed = []
+    if previous.get("device") != now["device"]:
+        changed.append(f"device {previous.get('device')} -> {now['device']}")
+    before = previous.get("versions") or {}
+    changed += [f"{k} {before.get(k)} -> {v}" for k, v in now["versions"].items() if before.get(k) != v]
+    if not changed:
+        return None
+    return ("warning: resuming with a different setup than the last session ("
+            + "; ".join(changed) + "); results may differ in rounding from an uninterrupted run")
+
+
+def run_experiment(out: Path, config, force: bool = False, progress: bool = True,
+                   extra: dict | None = None, log: Callable[[str], None] | None = None,
+                   before_training: Callable | None = None):
+    """Train (or resume, or only reload) ``config`` into ``out`` through the flow in the module
+    docstring. ``extra`` is added to config.json (e.g. the preset); ``before_training(config,
+    data)`` is called when training is about to start or resume (to print a plan). Returns
+    ``(config, results, trained)``: the config run, one VariantResult per model, and whether
+    this call trained anything."""
+    from distrep.data import load_dataset
+    from distrep.sweep import Sweep, describe_sweep, save_results
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    config = config.validate()
+    with experiment_lock(out):
+        config = check_experiment(out, config, force, log)
+        state = run_state(out)
+        device = resolve_device(config.device)
+        data = load_dataset(config.dataset, config.preprocess)
+        if state.get("finished"):
+            missing = results_missing(out, config)
+            if not missing:
+                return config, None, False
+            if not (out / CHECKPOINT_FILE).exists():
+                raise DistrepError(f"{out}: {missing[0]} is missing and there is no checkpoint to "
+                                   f"rebuild it from; {_RECOVER}")
+            log(f"{out}: rebuilding {', '.join(missing)} from the checkpoint")
+            sweep = Sweep(config, data, checkpoint=out / CHECKPOINT_FILE, progress=False)
+            if int(sweep.state["epochs_done"].min()) < config.epochs:
+                raise DistrepError(f"{out}: the checkpoint does not hold the finished runs; {_RECOVER}")
+            results = sweep.results()
+            save_results(results, config, out)
+            return config, results, False
+        sweep = Sweep(config, data, checkpoint=out / CHECKPOINT_FILE, progress=progress)
+        if before_training is not None:
+            before_training(config, data)
+        done = int(sweep.state["epochs_done"].sum())
+        if done:
+            total = config.runs * config.epochs * len(config.models)
+            log(f"resuming from the checkpoint: {done} of {total} run-epochs done")
+        sessions = list(state.get("sessions", []))
+        wall = float(sweep.state["wall_time_s"])
+        if sessions and "run_epochs" not in sessions[-1]:      # the last session was killed
+            last = sessions[-1]
+            last["run_epochs"] = done - last.get("run_epochs_before", 0)
+            last["wall_time_s"] = wall - last.get("wall_time_s_before", 0.0)
+            last["ended"] = "interrupted (trained work read back from the checkpoint)"
+        session = {"device": describe_device(device), "versions": software_versions(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_epochs_before": done,
+                   "wall_time_s_before": wall}
+        if sessions and (warning := _session_warning(sessions[-1], session)):
+            log(warning)
+        sessions.append(session)
+        write_json(out / CONFIG_FILE, {**describe_sweep(config, device), **(extra or {})})
+        write_json(out / RUN_FILE, {"finished": False, "sessions": sessions})
+        results = sweep.run()
+        save_results(results, config, out)
+        total_wall = float(sweep.state["wall_time_s"])
+        session.update(run_epochs=int(sweep.state["epochs_done"].sum()) - done,
+                       wall_time_s=total_wall - wall, ended="finished")
+        write_json(out / RUN_FILE, {"finished": True, "wall_time_s": total_wall, "sessions": sessions})
+        return config, results, True

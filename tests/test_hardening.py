@@ -1,0 +1,385 @@
+"""Each defect found in review and by an adversarial probe of the command line, as a test that
+failed before its fix. Numbers refer to the items of the hardening issue; items 1 and 2 (engine
+gradients of activation chains, divergence in OffsetL2) are in test_engine.py."""
+
+import gzip
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distrep import data as data_mod
+from distrep.errors import DistrepError
+from distrep.experiment import experiment_lock
+from distrep.report import comparison_table, summary_rows
+from distrep.storage import atomic_write_bytes, read_arrays, read_json, write_json
+from tests.conftest import make_synthetic
+from tests.test_cli import assert_one_line_error, distrep
+
+SMALL = ["--runs", 2, "--epochs", 3, "--train-subset", 100, "--eval-every", 1, "--quiet"]
+
+
+@pytest.fixture
+def finished(tmp_path, mnist):
+    """A finished two-model sweep directory."""
+    out = tmp_path / "exp"
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def assert_error_line(result, *fragments):
+    """Exit status 2, no traceback, and the error in one line at the end (after any progress
+    lines the command printed before it met the problem)."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("distrep: error: ") and all(f in last for f in fragments), last
+
+
+def unfinish(out: Path) -> None:
+    """Make a finished directory look like one whose training was killed."""
+    run = read_json(out / "run.json")
+    write_json(out / "run.json", {"finished": False, "sessions": run["sessions"]})
+
+
+# --------------------------------------------------------------------------- statistics (3, 4)
+
+def _experiment(paired: bool, diverged_epoch):
+    acc = np.array([0.90, 0.92, 0.11])
+    metrics = {"A": {"final_test_acc": acc, "diverged_epoch": np.array(diverged_epoch)},
+               "B": {"final_test_acc": acc - 0.01, "diverged_epoch": np.zeros(3, int)}}
+    design = "paired: ..." if paired else "unpaired: every model has its own seeds"
+    return {"models": ["A", "B"], "metrics": metrics,
+            "config": {"design": design, "config": {"paired": paired}}}
+
+
+def test_3_diverged_runs_stay_out_of_the_statistics():
+    rows = summary_rows(_experiment(True, [0, 0, 7]))
+    a = rows[0]
+    assert a["n"] == 2 and a["diverged"] == 1 and a["runs"] == 3
+    assert a["mean"] == pytest.approx(91.0) and a["min"] == pytest.approx(90.0)
+    assert a["all_mean"] == pytest.approx(100 * (0.90 + 0.92 + 0.11) / 3), "all runs, labelled apart"
+    head, body = comparison_table(_experiment(True, [0, 0, 7]))
+    row = dict(zip(head, body[0]))
+    assert row["Student t (df)"].endswith("(3)"), "2 + 3 runs: df 3"
+    assert row["paired t (df)"].endswith("(1)"), "the diverged run's pair drops out: 2 pairs"
+
+
+def test_4_unpaired_experiments_get_no_paired_test():
+    head, _ = comparison_table(_experiment(False, [0, 0, 0]))
+    assert "paired t (df)" not in head and "d_z" not in head
+    head, _ = comparison_table(_experiment(True, [0, 0, 0]))
+    assert "paired t (df)" in head
+
+
+def test_18_every_run_diverged_still_reports(tmp_path, mnist):
+    out = tmp_path / "boom"
+    r = distrep("sweep", "--models", "ReLU", *SMALL, "--lr", "1e30", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "0 of 2 runs finished, 2 diverged" in r.stdout
+    r = distrep("report", out)
+    assert r.returncode == 0, r.stderr
+    table = (out / "report.md").read_text().split("## Test accuracy (%)")[1].split("##")[0]
+    assert "| ReLU | — |" in table
+
+
+# --------------------------------------------------------------------------- directories (5-7, 11-14)
+
+def test_5_14_a_second_process_is_refused_while_the_first_holds_the_directory(tmp_path, mnist):
+    out = tmp_path / "busy"
+    with experiment_lock(out):
+        r = distrep("sweep", "--models", "ReLU", *SMALL, "--out", out)
+        assert_one_line_error(r, "in use by another distrep process", f"pid {os.getpid()}")
+        r = distrep("sweep", "--models", "Abs", *SMALL, "--out", out)   # another config: the same
+        assert_one_line_error(r, "in use by another distrep process")
+    assert not (out / "config.json").exists(), "the refused runs wrote nothing"
+    # a stale lock file (its holder was killed: the OS released the lock) does not block
+    (out / ".distrep.lock").write_text("999999\n")
+    r = distrep("sweep", "--models", "ReLU", *SMALL, "--out", out)
+    assert r.returncode == 0, r.stderr
+
+
+def test_6_a_refused_sweep_writes_nothing_and_force_recovers(finished):
+    (finished / "config.json").unlink()                 # the config is gone, the checkpoint is not
+    before = sorted(p.name for p in finished.iterdir())
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL[:3], 4, *SMALL[4:], "--out", finished)
+    assert_one_line_error(r, "config.json is missing", "--force")
+    assert sorted(p.name for p in finished.iterdir()) == before
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL[:3], 4, *SMALL[4:], "--out", finished, "--force")
+    assert r.returncode == 0, r.stderr
+    assert read_json(finished / "config.json")["config"]["epochs"] == 4
+
+
+def test_7_every_session_is_recorded_and_a_changed_setup_is_warned(finished):
+    run = read_json(finished / "run.json")
+    assert len(run["sessions"]) == 1 and run["sessions"][0]["run_epochs"] == 2 * 2 * 3
+    first = dict(run["sessions"][0], device="NVIDIA H200 (CUDA 13.0)")
+    first["versions"] = dict(first["versions"], torch="2.11.0")
+    for key in ("run_epochs", "wall_time_s", "ended"):
+        first.pop(key)                                  # as a killed session leaves it
+    write_json(finished / "run.json", {"finished": False, "sessions": [first]})
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert r.returncode == 0, r.stderr
+    assert "warning: resuming with a different setup" in r.stderr
+    assert "device NVIDIA H200 (CUDA 13.0) ->" in r.stderr and "torch 2.11.0 ->" in r.stderr
+    sessions = read_json(finished / "run.json")["sessions"]
+    assert len(sessions) == 2 and sessions[0]["ended"].startswith("interrupted")
+    assert sessions[0]["run_epochs"] == 12 and sessions[1]["run_epochs"] == 0
+    assert sessions[1]["device"].startswith("CPU")
+
+
+def test_11_force_never_deletes_what_distrep_did_not_write(tmp_path, mnist):
+    out = tmp_path / "thesis"
+    (out / "src").mkdir(parents=True)
+    (out / "config.json").write_text('{"name": "my-app"}')
+    (out / "src" / "main.py").write_text("print('hi')\n")
+    (out / "thesis.tex").write_text("\\documentclass{article}\n")
+    for force in ([], ["--force"]):
+        r = distrep("sweep", "--models", "ReLU", *SMALL, "--out", out, *force)
+        assert_one_line_error(r, "files distrep did not write", "config.json (not distrep's)")
+    assert (out / "src" / "main.py").exists() and (out / "thesis.tex").exists()
+    assert read_json(out / "config.json") == {"name": "my-app"}
+    assert_one_line_error(distrep("sweep", "--models", "ReLU", "--out", ""), "--out", "empty")
+
+
+def test_11_force_removes_only_distreps_own_files(finished):
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL[:3], 4, *SMALL[4:], "--out", finished, "--force")
+    assert r.returncode == 0, r.stderr
+    assert read_json(finished / "config.json")["config"]["epochs"] == 4
+    (finished / "notes.txt").write_text("mine")
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished, "--force")
+    assert_one_line_error(r, "files distrep did not write (notes.txt)")
+    assert (finished / "notes.txt").read_text() == "mine"
+
+
+def test_12_train_refuses_an_experiment_directory(finished):
+    config = (finished / "config.json").read_bytes()
+    r = distrep("train", "--model", "ReLU", "--epochs", 2, "--train-subset", 50, "--quiet",
+                "--out", finished)
+    assert_one_line_error(r, "holds an experiment")
+    assert (finished / "config.json").read_bytes() == config
+    assert distrep("report", finished).returncode == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_13_a_damaged_checkpoint_is_refused_and_force_recovers(finished, damage):
+    unfinish(finished)
+    path = finished / "checkpoint.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        for i in range(1, 5):
+            data[-i * 97] ^= 0xFF                         # a few bytes of tensor data
+    path.write_bytes(bytes(data[:len(data) // 2]) if damage == "truncate" else
+                     b"" if damage == "empty" else bytes(data))
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert_one_line_error(r, "checkpoint", "damaged", "--force")
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished, "--force")
+    assert r.returncode == 0, r.stderr
+    assert read_json(finished / "run.json")["finished"]
+
+
+# --------------------------------------------------------------------------- files (8, 16, 17, 20)
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_8_written_files_respect_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = atomic_write_bytes(tmp_path / "x" / "result.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_16_a_very_long_spec_gets_a_safe_directory(tmp_path, mnist):
+    spec = "linear" + "-identity" * 40 + "-relu-linear"
+    assert len(spec) > 255
+    out = tmp_path / "long"
+    r = distrep("sweep", "--models", spec, *SMALL, "--out", out)
+    assert r.returncode == 0, r.stderr
+    (folder,) = (out / "models").iterdir()
+    assert len(folder.name) < 100 and (folder / "metrics.npz").exists()
+    assert distrep("report", out).returncode == 0
+    assert distrep("analyze", out).returncode == 0
+
+
+def test_17_unwritable_outputs_are_refused_before_training(tmp_path, mnist):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for command in (["train", "--model", "ReLU"], ["sweep", "--models", "ReLU"]):
+        start = time.perf_counter()
+        r = distrep(*command, "--epochs", 100000, "--train-subset", 60000, "--out", afile)
+        assert_one_line_error(r, "is a file, not a directory")
+        assert time.perf_counter() - start < 30, "refused before training"
+        assert_one_line_error(distrep(*command, "--out", "/proc/self"), "cannot write to /proc/self")
+    r = distrep("data", "fetch", "mnist", env={"DISTREP_DATA": "/proc/self/distrep"})
+    assert_one_line_error(r, "cannot write the data cache", "DISTREP_DATA")
+
+
+def test_20_damaged_result_files_give_one_line_errors(finished):
+    metrics = finished / "models" / "ReLU" / "metrics.npz"
+    good = metrics.read_bytes()
+    for bad in (good[:len(good) // 2], b"garbage", b""):
+        metrics.write_bytes(bad)
+        assert_one_line_error(distrep("report", finished), str(metrics))
+    metrics.write_bytes(good)
+    config = finished / "config.json"
+    good_config = config.read_bytes()
+    for bad in (b"{not json", b"[]", b'{"models": 3, "result_fields": {}}'):
+        config.write_bytes(bad)
+        assert_one_line_error(distrep("report", finished), "config.json")
+    config.write_bytes(good_config)
+    run = finished / "run.json"
+    run.write_bytes(b"\x00\x01")
+    assert_one_line_error(distrep("report", finished), "run.json")
+    run.write_text(json.dumps({"finished": True, "wall_time_s": 1.0}))
+    params = finished / "models" / "Abs" / "params.safetensors"
+    params.write_bytes(params.read_bytes()[:100])
+    assert_error_line(distrep("analyze", finished), "params.safetensors", "damaged")
+
+
+def test_20_missing_results_are_rebuilt_from_the_checkpoint(finished):
+    summary = (finished / "summary.csv").read_text()
+    metrics = read_arrays(finished / "models" / "Abs" / "metrics.npz")
+    (finished / "summary.csv").unlink()
+    (finished / "models" / "Abs" / "metrics.npz").unlink()
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert r.returncode == 0 and "rebuilding" in r.stderr, r.stderr
+    assert (finished / "summary.csv").read_text() == summary
+    rebuilt = read_arrays(finished / "models" / "Abs" / "metrics.npz")
+    assert all(np.array_equal(rebuilt[k], metrics[k], equal_nan=True) for k in metrics)
+    (finished / "summary.csv").unlink()
+    (finished / "checkpoint.safetensors").unlink()
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert_one_line_error(r, "summary.csv is missing", "no checkpoint")
+
+
+def test_20_damaged_analysis_file_gives_a_one_line_error(finished):
+    assert distrep("analyze", finished).returncode == 0
+    (finished / "analysis" / "ReLU" / "clamping.npz").write_bytes(b"PK\x03\x04broken")
+    assert_one_line_error(distrep("report", finished), "clamping.npz")
+
+
+# --------------------------------------------------------------------------- data (9, 10, 22)
+
+def test_9_a_file_shorter_than_its_header_is_refused(tmp_path):
+    spec, raw = make_synthetic(tmp_path / "src")
+    (tmp_path / "src" / "train-images-idx3-ubyte").write_bytes(raw["train-images-idx3-ubyte"][:6])
+    with pytest.raises(DistrepError, match="truncated"):
+        data_mod.fetch(spec, from_dir=tmp_path / "src", root=tmp_path / "cache")
+    with pytest.raises(DistrepError, match="shorter than its own header"):
+        data_mod.read_idx(raw["train-images-idx3-ubyte"][:6])
+    fake = tmp_path / "mnist"
+    fake.mkdir()
+    for f in data_mod.MNIST.files:
+        (fake / f.name).write_bytes(f.magic + b"\x00\x00")
+    r = distrep("data", "fetch", "mnist", "--from", fake, env={"DISTREP_DATA": str(tmp_path / "c")})
+    assert_error_line(r, "cannot read mnist", "truncated", "shorter than its header")
+
+
+def test_10_a_source_failing_verification_falls_through_to_the_next(tmp_path):
+    spec, raw = make_synthetic(tmp_path / "good")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name, content in raw.items():
+        (bad / name).write_bytes(content[:-1] + bytes([content[-1] ^ 1]))     # md5 mismatch
+    sources = [data_mod.DirectorySource(bad, "corrupted copy"), data_mod.DirectorySource(tmp_path / "good", "mirror")]
+    target = data_mod.fetch(spec, sources=sources, root=tmp_path / "cache")
+    assert (target / "train-images-idx3-ubyte").read_bytes() == raw["train-images-idx3-ubyte"]
+    with pytest.raises(DistrepError) as e:
+        data_mod.fetch(spec, sources=sources[:1] * 2, root=tmp_path / "cache2")
+    assert str(e.value).count("corrupted copy: ") == 2 and "md5 mismatch" in str(e.value)
+
+
+def test_22_no_home_and_no_passwd_entry(monkeypatch, capsys):
+    import pwd
+
+    from distrep.cli import main
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+    for name in ("HOME", "DISTREP_DATA", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert main(["data", "path"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot find a home directory" in err[0] and "DISTREP_DATA" in err[0]
+
+
+def test_22_ascii_output_and_a_closed_stderr(tmp_path, mnist):
+    r = distrep("models", env={"PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "ReLU2-Neg" in r.stdout
+    out = tmp_path / "closed"
+    cmd = " ".join([sys.executable, "-m", "distrep.cli", "sweep", "--models", "ReLU", "--runs", "1",
+                    "--epochs", "2", "--train-subset", "50", "--out", str(out), "2>&-"])
+    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and "test accuracy" in r.stdout, r
+    assert read_json(out / "run.json")["finished"]
+
+
+# --------------------------------------------------------------------------- sizes and numbers (15, 19, 21)
+
+@pytest.mark.parametrize("args, fragment", [
+    (["sweep", "--models", "ReLU", "--epochs", "1" + "0" * 23], "GiB of memory"),
+    (["sweep", "--models", "ReLU", "--runs", 10**12], "GiB of memory"),
+    (["sweep", "--models", "ReLU", "--width", 10**9], "GiB of memory"),
+    (["train", "--model", "ReLU", "--epochs", 10**12], "GiB of memory"),
+    (["train", "--model", "ReLU", "--width", 10**9], "GiB of memory"),
+    (["sweep", "--models", "ReLU", "--base-seed", 2**64 - 1], "do not fit in int64"),
+    (["train", "--model", "ReLU", "--seed", 2**63], "seed must be an integer in 0.."),
+    (["sweep", "--models", "ReLU", "--max-memory", "inf"], "too large"),
+    (["sweep", "--models", "ReLU", "--max-memory", "1e400"], "too large"),
+    (["sweep", "--models", "ReLU", "--max-memory", "0.5"], "'0.5' is 0.5 bytes"),
+    (["sweep", "--models", "ReLU", "--lr", "1e308"], "not a normal fp32 number"),
+    (["train", "--model", "ReLU", "--lr", "1e-320"], "not a normal fp32 number"),
+    (["sweep", "--models", "ReLU", "--checkpoint-every", "-5"], "non-negative finite"),
+    (["sweep", "--models", "ReLU", "--checkpoint-every", "nan"], "non-negative finite"),
+    (["sweep", "--models", "ReLU", "--checkpoint-every", "inf"], "non-negative finite"),
+])
+def test_15_19_21_sizes_and_numbers_are_checked_first(tmp_path, args, fragment):
+    start = time.perf_counter()
+    assert_one_line_error(distrep(*args, "--out", tmp_path / "x"), fragment)
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "x" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- messages (23)
+
+def test_23_refusals_say_what_differs_and_model_order_does_not_matter(finished):
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL[:3], 4, *SMALL[4:], "--out", finished)
+    assert_one_line_error(r, "different config", "epochs: 3 there, 4 here", "--force")
+    r = distrep("sweep", "--models", "Abs,ReLU", *SMALL, "--out", finished)
+    assert r.returncode == 0 and "saved order" in r.stderr, r.stderr
+    (finished / "config.json").write_text("{oops")
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert_one_line_error(r, "config.json is unreadable")
+
+
+def test_23_clear_messages(tmp_path, mnist):
+    assert_one_line_error(distrep("sweep", "--models", "linear-relu-", "--out", tmp_path / "x"),
+                          "empty layer in 'linear-relu-'", "trailing")
+    r = distrep("--version")
+    assert r.returncode == 0 and r.stdout.startswith("distrep ")
+    spaced = tmp_path / "my runs" / "x"
+    r = distrep("sweep", "--models", "ReLU", *SMALL, "--out", spaced)
+    assert r.returncode == 0 and f"distrep report '{spaced}'" in r.stdout, r.stdout
+    start = time.perf_counter()
+    r = distrep("bench", "--device", "cpu", "--accuracy", "--accuracy-subset", 70000)
+    assert_one_line_error(r, "--accuracy-subset 70000")
+    assert "GEMM" not in r.stdout and time.perf_counter() - start < 30
+
+
+def test_23_progress_off_a_terminal_is_a_few_plain_lines(tmp_path, mnist):
+    r = distrep("sweep", "--models", "ReLU", "--runs", 2, "--epochs", 200, "--train-subset", 50,
+                "--eval-every", 50, "--out", tmp_path / "p")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert "\r" not in r.stderr and 5 <= len(lines) <= 25, r.stderr
+    assert lines[-1].endswith(")") and "100% (400 of 400 run-epochs" in lines[-1]
