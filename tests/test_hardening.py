@@ -218,8 +218,10 @@ def test_17_unwritable_outputs_are_refused_before_training(tmp_path, mnist):
         assert_one_line_error(r, "is a file, not a directory")
         assert time.perf_counter() - start < 30, "refused before training"
         assert_one_line_error(distrep(*command, "--out", "/proc/self"), "cannot write to /proc/self")
+    r = distrep("data", "fetch", "mnist", env={"DISTREP_DATA": str(afile / "cache")})
+    assert_one_line_error(r, "cannot write the data cache", "is not a writable directory", "DISTREP_DATA")
     r = distrep("data", "fetch", "mnist", env={"DISTREP_DATA": "/proc/self/distrep"})
-    assert_one_line_error(r, "cannot write the data cache", "DISTREP_DATA")
+    assert_error_line(r, "cannot write the data cache", "DISTREP_DATA")   # after trying a source
 
 
 def test_20_damaged_result_files_give_one_line_errors(finished):

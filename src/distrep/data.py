@@ -415,13 +415,10 @@ def fetch(name: str | DatasetSpec, from_dir: str | os.PathLike | None = None,
                 log(f"the cached copy is not usable: {e}")
         if sources is None:
             sources = default_sources(spec)
-    try:                                  # before any download: can the cache be written?
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=target):
-            pass
-    except OSError as e:
-        raise DistrepError(f"cannot write the data cache {target}: {e.strerror or e}; set "
-                           f"DISTREP_DATA to a writable directory") from None
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):   # before any download
+        raise DistrepError(f"cannot write the data cache {target} ({existing} is not a writable "
+                           f"directory); set DISTREP_DATA to a writable directory")
     failures = []
     for source in sources:
         log(f"fetching {spec.name} from {source.name}")
