@@ -2,7 +2,6 @@
 failed before its fix. Numbers refer to the items of the hardening issue; items 1 and 2 (engine
 gradients of activation chains, divergence in OffsetL2) are in test_engine.py."""
 
-import gzip
 import json
 import os
 import stat
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from distrep import data as data_mod
 from distrep.errors import DistrepError
@@ -56,8 +54,10 @@ def _experiment(paired: bool, diverged_epoch):
     metrics = {"A": {"final_test_acc": acc, "diverged_epoch": np.array(diverged_epoch)},
                "B": {"final_test_acc": acc - 0.01, "diverged_epoch": np.zeros(3, int)}}
     design = "paired: ..." if paired else "unpaired: every model has its own seeds"
-    return {"models": ["A", "B"], "metrics": metrics,
-            "config": {"design": design, "config": {"paired": paired}}}
+    cfg = {"paired": paired, "epochs": 10, "dataset": "mnist", "preprocess": "raw", "lr": 1e-3,
+           "width": 128, "train_subset": None, "offsetl2_form": "paper"}
+    return {"models": ["A", "B"], "metrics": metrics, "config": {"design": design, "config": cfg},
+            "specs": {"A": "linear-relu-linear", "B": "linear-abs-linear"}}
 
 
 def test_3_diverged_runs_stay_out_of_the_statistics():
@@ -385,3 +385,11 @@ def test_23_progress_off_a_terminal_is_a_few_plain_lines(tmp_path, mnist):
     lines = r.stderr.splitlines()
     assert "\r" not in r.stderr and 5 <= len(lines) <= 25, r.stderr
     assert lines[-1].endswith(")") and "100% (400 of 400 run-epochs" in lines[-1]
+
+
+def test_20_a_damaged_run_record_is_refused_and_force_recovers(finished):
+    (finished / "run.json").write_text('["not", "a", "record"]')
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert_one_line_error(r, "run.json is damaged", "--force")
+    assert distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished, "--force").returncode == 0
+    assert read_json(finished / "run.json")["finished"]

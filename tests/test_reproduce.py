@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distrep.errors import DistrepError
-from distrep.models import TABLE1
+from distrep.models import TABLE1, TABLE2, TABLE3
 from distrep.reproduce import PRESETS, resolve_preset
 from distrep.storage import read_arrays, read_json
 from tests.test_cli import assert_one_line_error, distrep
@@ -52,7 +52,7 @@ def test_results_directory_and_report(table1_tiny):
         numbers = re.findall(r"-?\d+\.\d+", line)
         assert numbers and all(np.isfinite(float(x)) for x in numbers), line
     assert "paired t-test" in report and "Holm" in report and "\\begin{tabular}" in report
-    assert "this protocol differs from the paper's" in report
+    assert "published numbers compared: none" in report and "comparable?" in report
     m = read_arrays(out / "models" / "ReLU2-Neg" / "metrics.npz")
     assert m["train_loss"].shape == (3, 6) and m["test_acc"].shape == (3, 2)
     parser = _Refs()
@@ -94,6 +94,10 @@ def test_bad_presets_and_overrides(tmp_path):
     with pytest.raises(DistrepError, match="unknown setting"):
         resolve_preset("quick", {"learning_rate": 0.1})
     assert resolve_preset("table3", {}).epochs == 50000 and resolve_preset("table1", {}).runs == 20
+    assert resolve_preset("table1", {}).epochs == 50000, "Table 1's numbers came from 50,000 epochs"
+    assert resolve_preset("table2", {}).epochs == 5000
+    t3 = resolve_preset("table3", {})
+    assert t3.models == list(TABLE1 + TABLE3) and t3.offsetl2_form == "coded"
     assert resolve_preset("table1", {"runs": 4}).runs == 4
     assert PRESETS["table1"]["models"] == list(TABLE1)
 
@@ -120,13 +124,16 @@ def test_killed_reproduction_resumes_to_the_same_results(tmp_path, mnist):
     assert table(killed) == table(tmp_path / "straight")
 
 
-def test_all_runs_each_table_into_its_own_directory(tmp_path, mnist):
+def test_all_trains_each_run_once(tmp_path, mnist):
+    """`all` is table2 (the bias variants) and table3 (Table 1's six models and the four
+    OffsetL2 models): Table 1's models are not trained a second time."""
     r = distrep("reproduce", "all", "--out", tmp_path, "--runs", 2, "--epochs", 2,
                 "--train-subset", 100, "--eval-every", 1, "--quiet")
     assert r.returncode == 0, r.stderr
-    for table, first in (("table1", "Abs"), ("table2", "Abs-Bias"), ("table3", "ReLU-L2")):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table2", "table3"]
+    for table, models in (("table2", TABLE2), ("table3", TABLE1 + TABLE3)):
         report = (tmp_path / table / "report.md").read_text()
-        assert f"| {first} |" in report and f"({table})" in report
+        assert all(f"| {m} |" in report for m in models), table
 
 
 def test_analyze_adds_every_analysis_to_the_report(table1_tiny):
@@ -143,7 +150,12 @@ def test_analyze_adds_every_analysis_to_the_report(table1_tiny):
                   "First-layer weights"):
         assert f"## {title}" in report, title
     clamping = report.split("## Activation clamping")[1].split("## ")[0]
-    assert "| ReLU2-Neg |" in clamping and "| 11 |" in clamping, "the paper's floor drop-off shown"
+    assert "| ReLU2-Neg |" in clamping and "| 11 |" not in clamping, "not the author's procedure"
+    author = report.split("## The author's readings (training data)")[1].split("\n## ")[0]
+    row = next(line for line in author.splitlines() if line.startswith("| ReLU2-Neg |"))
+    assert "| 11 |" in row and "| 1 |" in row, "the notes' drop-off points beside the author's reading"
+    assert read_arrays(table1_tiny / "analysis" / "Abs" / "author.npz")["clamping/range"][:, 0].min() < 0, \
+        "an Abs model's range starts at its final outputs' negative minimum"
     for model in TABLE1:
         for figure in (f"figures/hyperplanes_{model}.png", f"figures/first_layer_{model}.png"):
             assert (table1_tiny / figure).exists() and f"]({figure})" in report
@@ -152,7 +164,7 @@ def test_analyze_adds_every_analysis_to_the_report(table1_tiny):
     assert "OffsetL2 prototypes" not in report
     parser = _Refs()
     parser.feed((table1_tiny / "report.html").read_text())
-    assert len(parser.refs) == 2 + 1 + 2 * len(TABLE1) and all(r.startswith("data:image/png") for r in parser.refs)
+    assert len(parser.refs) == 3 + 1 + 2 * len(TABLE1) and all(r.startswith("data:image/png") for r in parser.refs)
     assert_one_line_error(distrep("analyze", table1_tiny / "nope"), "no finished experiment")
 
 

@@ -88,3 +88,31 @@ def test_one_run_per_model_gives_nan_statistics_not_an_error():
     # one run against three: the pooled spread is defined (df = 2) and comes from B alone
     assert S.pooled_std([1.0], [1.0, 2.0, 3.0]) == pytest.approx(np.sqrt(2 / 2))
     assert S.student_t([1.0], [1.0, 2.0, 3.0]).df == 2
+
+
+def test_rank_tests_and_bootstrap():
+    rng = np.random.default_rng(3)
+    a = rng.normal(90, 1, 12)
+    b = a - 0.5 + rng.normal(0, 0.3, 12)
+    assert S.rank_test(a, b, paired=True).p == pytest.approx(sp.wilcoxon(a, b).pvalue)
+    assert S.rank_test(a, b, paired=False).p == pytest.approx(
+        sp.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    assert np.isnan(S.rank_test(a, a, paired=True).p), "no non-zero difference: no test"
+    for paired in (True, False):
+        lo, hi = S.bootstrap_diff(a, b, paired)
+        assert lo < S.mean(a) - S.mean(b) < hi
+        assert np.array_equal(S.bootstrap_diff(a, b, paired), [lo, hi]), "seeded: reproducible"
+    # a paired interval is narrower here: the runs share most of their variation
+    assert np.ptp(S.bootstrap_diff(a, b, True)) < np.ptp(S.bootstrap_diff(a, b, False))
+    assert np.isnan(S.bootstrap_diff(a[:1], b[:1], True)).all()
+    w = S.welch_from_stats(96.55, 0.16, 6, 96.62, 0.17, 20)
+    assert w.p == pytest.approx(sp.ttest_ind_from_stats(96.55, 0.16, 6, 96.62, 0.17, 20, equal_var=False).pvalue)
+
+
+def test_pairwise_leaves_diverged_runs_out():
+    a = np.array([90.0, 91.0, np.nan, 92.0, 90.5])
+    b = np.array([89.0, 90.5, 88.0, np.nan, 89.5])
+    (row,) = S.pairwise({"a": a, "b": b}, paired=True)
+    assert row["n_a"] == 4 and row["n_b"] == 4 and row["n_pairs"] == 3
+    assert row["paired"].df == 2 and row["student"].df == 6
+    assert row["diff"] == pytest.approx(np.nanmean(a) - np.nanmean(b))

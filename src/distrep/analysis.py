@@ -28,7 +28,7 @@ from distrep.sweep import model_dir
 # Rectifying activations, whose units can be "dead" (output exactly 0 on an input).
 RECTIFIERS = ("relu", "abs")
 THRESHOLDS = (0.01, 0.05)      # "rarely active": the author's code used < 1 %, the paper < 5 %
-ANALYSES = ("dead_units", "hyperplanes", "clamping", "prototypes")
+ANALYSES = ("dead_units", "hyperplanes", "clamping", "prototypes", "author")
 
 
 def _batches(x_t: torch.Tensor, batch: int):
@@ -156,10 +156,14 @@ def clamping_curves(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
     way between its observed min and max: ``floor [R, P]``, ``ceiling [R, P]``, ``unclamped [R]``.
     Examples go through the output layer ``batch`` at a time (small temporaries are reused by
     the allocator; large ones cost page faults on every call)."""
-    k = output_layer(group)
     a = hidden_activations(group, x_t)
-    head = group.tail(k)
-    levels = clamp_levels(a, percents)
+    return _layer_clamped(group, a, y, clamp_levels(a, percents), percents, batch)
+
+
+def _layer_clamped(group: StackedRuns, a: torch.Tensor, y: torch.Tensor, levels: torch.Tensor,
+                   percents, batch: int = 2000) -> dict[str, np.ndarray]:
+    """Accuracy with the hidden layer ``a [R, H, n]`` clamped at ``levels [P, R, H or 1, 1]``."""
+    head = group.tail(output_layer(group))
     n = a.shape[2]
 
     def acc(transform) -> np.ndarray:
@@ -172,11 +176,8 @@ def clamping_curves(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
     return out
 
 
-@torch.no_grad()
-def unit_clamping_curves(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
-                         percents=np.arange(0, 101, 5), memory: int = 1 << 25) -> dict[str, np.ndarray]:
-    """Test accuracy with ONE hidden unit clamped at a time: ``unit_floor [R, H, P]`` and
-    ``unit_ceiling [R, H, P]``.
+class UnitClamp:
+    """Accuracy with ONE hidden unit clamped at a time, for every unit and run at once.
 
     Clamping unit u changes only u's term of the output layer, so its effect is added to the
     unclamped pre-activation instead of recomputing the whole layer (H times less work):
@@ -184,39 +185,58 @@ def unit_clamping_curves(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
         OffsetL2: s' = s + w_u ((a'_u - mu_u)^2 - (a_u - mu_u)^2),  y' = sqrt(s')
     then the layers after it (OffsetL2 in float64, as the engine computes it). Chunks of units
     hold ~``memory`` bytes of work at a time."""
-    k = output_layer(group)
-    outputs = group.forward(x_t, stop=k + 1)
-    a, layer, after = outputs[k - 1], group.layers[k], group.layers[k + 1:]  # a [R, H, n]
-    R, H, n = a.shape
-    if isinstance(layer, StackedOffsetL2):
-        a64 = a.double()
-        base = layer.squared_distance(a64, a64 * a64, shared=False)                # s [R, C, n]
-        weight, mu = layer.metric_weight(), layer.mu.double()                       # [R, C, H]
-    else:
-        base, weight = outputs[k], layer.weight                                     # z [R, C, n]
-    C, work = base.shape[1], base.dtype
-    levels = clamp_levels(a, percents)                                              # [P, R, H, 1]
-    out = {kind: np.empty((R, H, len(percents))) for kind in ("unit_floor", "unit_ceiling")}
-    chunk = max(1, min(H, memory // (3 * base.element_size() * R * C * n)))
-    for first in range(0, H, chunk):
-        units = torch.arange(first, min(first + chunk, H))
-        T = len(units)
-        old = a[:, units].to(work).unsqueeze(2)                                     # [R, T, 1, n]
-        w_u = weight[:, :, units].transpose(1, 2).unsqueeze(3)                      # [R, T, C, 1]
-        if isinstance(layer, StackedOffsetL2):
-            mu_u = mu[:, :, units].transpose(1, 2).unsqueeze(3)
-        for kind in ("floor", "ceiling"):
-            for i, L in enumerate(levels):
-                new = clamp(old, L[:, units].unsqueeze(2).to(work), kind)
-                if isinstance(layer, StackedOffsetL2):
-                    s = base.unsqueeze(1) + w_u * ((new - mu_u) ** 2 - (old - mu_u) ** 2)
-                    h = layer.root(s)[0]
-                else:
-                    h = base.unsqueeze(1) + w_u * (new - old)                       # [R, T, C, n]
-                h = h.to(a.dtype).reshape(R * T, C, n)
-                for later in after:
-                    h = later.forward(h, shared=False, keep=False)
-                out[f"unit_{kind}"][:, units, i] = accuracy(h, y).view(R, T).numpy()
+
+    @torch.no_grad()
+    def __init__(self, group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor, memory: int = 1 << 25):
+        k = output_layer(group)
+        outputs = group.forward(x_t, stop=k + 1)
+        self.a, self.layer, self.after, self.y = outputs[k - 1], group.layers[k], group.layers[k + 1:], y
+        if isinstance(self.layer, StackedOffsetL2):
+            a64 = self.a.double()
+            self.base = self.layer.squared_distance(a64, a64 * a64, shared=False)   # s [R, C, n]
+            self.weight, self.mu = self.layer.metric_weight(), self.layer.mu.double()
+        else:
+            self.base, self.weight = outputs[k], self.layer.weight                 # z [R, C, n]
+        R, C, n = self.base.shape
+        self.chunk = max(1, min(self.a.shape[1], memory // (3 * self.base.element_size() * R * C * n)))
+
+    @torch.no_grad()
+    def accuracy(self, levels: torch.Tensor, kind: str, which: torch.Tensor | None = None) -> np.ndarray:
+        """Accuracy ``[R, U]`` with unit u of run r alone clamped (floor or ceiling) at
+        ``levels [R, H, 1]``, for the units ``which`` (default: all H)."""
+        a, base = self.a, self.base
+        R, H, n = a.shape
+        C, work = base.shape[1], base.dtype
+        which = torch.arange(H) if which is None else which
+        out = np.empty((R, H))
+        for first in range(0, len(which), self.chunk):
+            units = which[first:first + self.chunk]
+            T = len(units)
+            old = a[:, units].to(work).unsqueeze(2)                                 # [R, T, 1, n]
+            w_u = self.weight[:, :, units].transpose(1, 2).unsqueeze(3)             # [R, T, C, 1]
+            new = clamp(old, levels[:, units].unsqueeze(2).to(work), kind)
+            if isinstance(self.layer, StackedOffsetL2):
+                mu_u = self.mu[:, :, units].transpose(1, 2).unsqueeze(3)
+                h = self.layer.root(base.unsqueeze(1) + w_u * ((new - mu_u) ** 2 - (old - mu_u) ** 2))[0]
+            else:
+                h = base.unsqueeze(1) + w_u * (new - old)                           # [R, T, C, n]
+            h = h.to(a.dtype).reshape(R * T, C, n)
+            for later in self.after:
+                h = later.forward(h, shared=False, keep=False)
+            out[:, units.numpy()] = accuracy(h, self.y).view(R, T).numpy()
+        return out[:, which.numpy()]
+
+
+@torch.no_grad()
+def unit_clamping_curves(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
+                         percents=np.arange(0, 101, 5), memory: int = 1 << 25) -> dict[str, np.ndarray]:
+    """Test accuracy with ONE hidden unit clamped at a time (see :class:`UnitClamp`), each at
+    the level p % of the way between its own min and max: ``unit_floor [R, H, P]`` and
+    ``unit_ceiling [R, H, P]``."""
+    clamper = UnitClamp(group, x_t, y, memory)
+    levels = clamp_levels(clamper.a, percents)                                      # [P, R, H, 1]
+    out = {f"unit_{kind}": np.stack([clamper.accuracy(L, kind) for L in levels], 2)
+           for kind in ("floor", "ceiling")}
     out["unit_percents"] = np.asarray(percents, dtype=np.float64)
     return out
 
@@ -240,6 +260,158 @@ def half_drop(percents: np.ndarray, acc: np.ndarray, baseline: np.ndarray, kind:
         frac = np.where(a1 != a0, (half[..., 0] - a0) / (a1 - a0), 0.0)
     result = np.where(i == 0, p[0], p0 + frac * (p1 - p0))
     return np.where(below.any(-1), result, np.nan)
+
+
+# --------------------------------------------------------------------------- the author's readings
+#
+# The paper's analysis numbers come from the author's scripts, which compute their quantities
+# their own way. Each function below reproduces one script's procedure on stacked runs, so that
+# the paper's numbers can be compared like for like (distrep's own readings are the functions
+# above). All of them read the TRAINING data, as the scripts do.
+
+AUTHOR_ACTIVE = 1e-6       # analyze_dead_nodes.py: a unit is active where |a| > 1e-6
+AUTHOR_TOLERANCE = 0.001   # analyze_node_perturbation.py: accuracies within 0.1 points meet
+AUTHOR_MAX_EVALUATIONS = 100
+
+
+def author_hooked_layers(group: StackedRuns) -> list[int]:
+    """The layers whose outputs ``analyze_layer_perturbation.py`` takes its range over: every
+    ReLU and Abs activation (its hook tests ``isinstance(m, nn.ReLU)`` or 'Abs' in the type's
+    name), and, for a model with an Abs layer, the model's final output: the root module's
+    class (``Model_Abs``, ``Model_Abs2_Neg``, ...) has 'Abs' in its name too."""
+    kinds = [spec.kind for spec in group.specs]
+    layers = [k for k, kind in enumerate(kinds) if kind in ("relu", "abs")]
+    if "abs" in kinds:
+        layers.append(len(kinds) - 1)
+    return sorted(set(layers))
+
+
+@torch.no_grad()
+def author_layer_clamping(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
+                          percents=np.arange(101), batch: int = 10000) -> dict[str, np.ndarray]:
+    """``analyze_layer_perturbation.py``: ONE level for the whole hidden layer, p % of the way
+    from the global minimum to the global maximum over the outputs of
+    :func:`author_hooked_layers` (per run), L_p = min + p/100 (max - min); the hidden layer
+    (the output layer's input) clamped to max(a, L_p) (floor) or min(a, L_p) (ceiling);
+    accuracy on ``x_t, y`` (the training data in the script). Returns ``floor``, ``ceiling``
+    ``[R, P]``, ``unclamped [R]``, ``range [R, 2]``."""
+    hooked = author_hooked_layers(group)
+    lo = hi = None
+    for _, xs in _batches(x_t, batch):
+        outputs = group.forward(xs)
+        for k in hooked:
+            o = outputs[k].flatten(1)
+            lo = o.amin(1) if lo is None else torch.minimum(lo, o.amin(1))
+            hi = o.amax(1) if hi is None else torch.maximum(hi, o.amax(1))
+    a = hidden_activations(group, x_t)
+    p = torch.as_tensor(np.asarray(percents, dtype=np.float64) / 100, dtype=torch.float64)
+    levels = (lo.double() + p.view(-1, 1) * (hi - lo).double()).to(a.dtype).view(len(p), -1, 1, 1)
+    out = _layer_clamped(group, a, y, levels, percents)
+    out["range"] = torch.stack([lo, hi], 1).double().numpy()
+    return out
+
+
+def author_dropoff(percents: np.ndarray, curves: np.ndarray, unclamped: np.ndarray, kind: str) -> float:
+    """The drop-off point as the author's notes read it off the curves: the first grid point p,
+    moving from where the clamp does nothing (0 for a floor, 100 for a ceiling), at which the
+    MEAN curve over runs has lost half the mean unclamped accuracy; NaN if it never does."""
+    mean, half = np.nanmean(curves, 0), np.nanmean(unclamped) / 2
+    order = range(len(percents)) if kind == "floor" else range(len(percents) - 1, -1, -1)
+    return next((float(percents[i]) for i in order if mean[i] <= half), float("nan"))
+
+
+@torch.no_grad()
+def author_dead_units(group: StackedRuns, x_t: torch.Tensor, batch: int = 10000) -> dict[str, np.ndarray]:
+    """``analyze_dead_nodes.py``: for the output of every Linear, ReLU, Abs and Neg layer, the
+    units with |a| > 1e-6 on no input (``never``) and on fewer than 1 % of inputs (``below_1%``),
+    ``layer<k>/<count>`` ``[runs]``. (Its root-module hook, which also fires for Abs models, is
+    skipped by its own report.)"""
+    counted = [k for k, spec in enumerate(group.specs) if spec.kind in ("linear", "relu", "abs", "neg")]
+    counts: dict[int, torch.Tensor] = {}
+    n = x_t.shape[1]
+    for _, xs in _batches(x_t, batch):
+        outputs = group.forward(xs)
+        for k in counted:
+            c = (outputs[k].abs() > AUTHOR_ACTIVE).sum(2)
+            counts[k] = c if k not in counts else counts[k] + c
+    out = {}
+    for k, c in counts.items():
+        out[f"layer{k}/units"] = np.full(c.shape[0], c.shape[1])
+        out[f"layer{k}/never"] = (c == 0).sum(1).numpy()
+        out[f"layer{k}/below_1%"] = (c < 0.01 * n).sum(1).numpy()
+    return out
+
+
+@torch.no_grad()
+def author_equilibrium(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
+                       tolerance: float = AUTHOR_TOLERANCE,
+                       max_evaluations: int = AUTHOR_MAX_EVALUATIONS) -> dict[str, np.ndarray]:
+    """``analyze_node_perturbation.py``: each hidden unit's equilibrium point, the level t
+    between the unit's own min and max (on ``x_t``, the training data) at which clamping that
+    unit alone to a floor max(a_u, t) and to a ceiling min(a_u, t) give the same accuracy
+    (within ``tolerance``), found by the script's bisection: mid = (left + right) / 2; if the
+    floor's accuracy is higher, search above, else below. A unit whose search runs past
+    ``max_evaluations`` or reaches either end gets t = its minimum (percentage 0), as in the
+    script. All units and runs are searched at once. Returns ``threshold``, ``percentage``
+    (100 (t - min) / (max - min)), ``evaluations``, ``met`` (False: the fallback) ``[R, H]``."""
+    clamper = UnitClamp(group, x_t, y)
+    a = clamper.a
+    lo, hi = a.amin(2).double(), a.amax(2).double()                                # [R, H]
+    left, right = lo.clone(), hi.clone()
+    threshold, evaluations = lo.clone(), torch.zeros(lo.shape, dtype=torch.int64)
+    met = torch.zeros(lo.shape, dtype=torch.bool)
+    searching = torch.ones(lo.shape, dtype=torch.bool)
+    while searching.any():
+        mid = (left + right) / 2
+        level = mid.to(a.dtype).unsqueeze(2)
+        which = searching.any(0).nonzero()[:, 0]          # only units some run still searches
+        floor, ceiling = (torch.zeros(lo.shape, dtype=torch.float64) for _ in range(2))
+        floor[:, which] = torch.from_numpy(clamper.accuracy(level, "floor", which))
+        ceiling[:, which] = torch.from_numpy(clamper.accuracy(level, "ceiling", which))
+        evaluations += searching
+        give_up = searching & ((evaluations > max_evaluations) | (mid == hi) | (mid == lo))
+        meet = searching & ~give_up & ((floor - ceiling).abs() <= tolerance)
+        threshold = torch.where(meet, mid, threshold)            # give_up keeps t = min
+        met |= meet
+        searching &= ~(give_up | meet)
+        up = floor > ceiling
+        left = torch.where(searching & up, mid, left)
+        right = torch.where(searching & ~up, mid, right)
+    span = (hi - lo)
+    percentage = torch.where(span > 0, 100 * (threshold - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    return {"threshold": threshold.numpy(), "percentage": percentage.numpy(),
+            "evaluations": evaluations.numpy(), "met": met.numpy()}
+
+
+@torch.no_grad()
+def author_boundaries(group: StackedRuns, x_t: torch.Tensor, y: torch.Tensor,
+                      thresholds: np.ndarray, classes: int) -> np.ndarray:
+    """``analyze_feature_boundaries.py``: for each hidden unit, the share of each class's
+    (training) examples at or below the unit's equilibrium threshold and above it:
+    ``[R, H, C, 2]`` (below, above), each class's pair summing to 1."""
+    a = hidden_activations(group, x_t)
+    below = (a <= torch.as_tensor(thresholds, dtype=a.dtype).unsqueeze(2)).double()  # [R, H, n]
+    onehot = torch.nn.functional.one_hot(y, classes).double()                       # [n, C]
+    share = (below @ onehot) / onehot.sum(0).clamp_min(1)                           # [R, H, C]
+    return torch.stack([share, 1 - share], 3).numpy()
+
+
+def author_readings(group: StackedRuns, x_train: torch.Tensor, y_train: torch.Tensor,
+                    classes: int) -> dict[str, np.ndarray]:
+    """Every author-mode analysis of one model's runs, on the training data, as one dict of
+    arrays (saved as ``analysis/<model>/author.npz``)."""
+    out = {f"dead/{key}": value for key, value in author_dead_units(group, x_train).items()}
+    if output_layer(group) > 0:
+        if author_hooked_layers(group):       # the script finds no range without a ReLU or Abs
+            clamping = author_layer_clamping(group, x_train, y_train)
+            out |= {f"clamping/{key}": value for key, value in clamping.items()}
+            for kind in ("floor", "ceiling"):
+                out[f"clamping/{kind}_dropoff"] = np.array(author_dropoff(
+                    clamping["percents"], clamping[kind], clamping["unclamped"], kind))
+        eq = author_equilibrium(group, x_train, y_train)
+        out |= {f"equilibrium/{key}": value for key, value in eq.items()}
+        out["boundaries"] = author_boundaries(group, x_train, y_train, eq["threshold"], classes)
+    return out
 
 
 # --------------------------------------------------------------------------- OffsetL2 prototypes
@@ -318,6 +490,7 @@ def analyze_runs(group: StackedRuns, train: tuple[torch.Tensor, torch.Tensor],
     prototypes = prototype_summary(group, x_train, y_train, classes)
     if prototypes is not None:
         found["prototypes"] = prototypes
+    found["author"] = author_readings(group, x_train, y_train, classes)
     return found
 
 

@@ -122,11 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_protocol_arguments(repro, defaults=False)
     add_engine_arguments(repro, defaults=False)
     repro.add_argument("--quiet", action="store_true", help="no progress bar")
+    repro.add_argument("--dry-run", action="store_true",
+                       help="print the plan (models, runs, epochs, run-epochs, estimated time) and exit")
     repro.add_argument("--force", action="store_true",
                        help="replace an experiment in --out made with a different config")
 
     report = commands.add_parser("report", help="regenerate an experiment's report from its files")
     report.add_argument("directory", type=Path)
+    report.add_argument("--at-epoch", type=positive_int, default=None, metavar="N",
+                        help="every table and test from the state at epoch N (a test pass must "
+                             "exist there): report-epoch-N.md/.html")
 
     analyze = commands.add_parser("analyze", help="geometric analyses of an experiment's runs")
     analyze.add_argument("directory", type=Path)
@@ -292,6 +297,11 @@ def cmd_reproduce(args) -> None:
     if overrides["dataset"] is not None:
         data_mod.get_spec(overrides["dataset"])
     out = args.out or Path("runs") / args.preset
+    if args.dry_run:
+        from distrep.reproduce import dry_run
+        for preset in GROUPS.get(args.preset, (args.preset,)):
+            dry_run(preset, overrides)
+        return
     for preset in GROUPS.get(args.preset, (args.preset,)):
         target = out / preset if args.preset in GROUPS else out
         reproduce(preset, target, overrides, force=args.force, progress=not args.quiet)
@@ -303,7 +313,7 @@ def cmd_report(args) -> None:
     from distrep.report import write_report
     require_finished(args.directory)
     with experiment_lock(args.directory):
-        paths = write_report(args.directory)
+        paths = write_report(args.directory, at_epoch=args.at_epoch)
     print(f"report in {paths['html']} and {paths['md']}")
 
 

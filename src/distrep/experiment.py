@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import sys
 import tempfile
 import time
@@ -134,13 +135,21 @@ def directory_kind(out: Path) -> str | None:
     return "foreign"
 
 
+_EPOCH_REPORT = re.compile(r"(report-epoch-\d+\.(md|html)|table-epoch-\d+\.tex)")
+
+
+def is_own(name: str, own: tuple[str, ...]) -> bool:
+    """Whether distrep writes an entry called ``name`` in a directory of this kind."""
+    return name in own or (own is EXPERIMENT_ENTRIES and bool(_EPOCH_REPORT.fullmatch(name)))
+
+
 def refuse_foreign(out: Path, own: tuple[str, ...], kind: str) -> None:
     """Refuse ``out`` if it holds anything distrep did not write (for this kind of directory)."""
     found = directory_kind(out)
     other = {"experiment": "an experiment (distrep sweep/reproduce)", "run": "a single run (distrep train)"}
     if found in other and found != kind:
         raise DistrepError(f"{out} holds {other[found]}; use another --out")
-    foreign = [name for name in entries(out) if name not in own]
+    foreign = [name for name in entries(out) if not is_own(name, own)]
     if found == "foreign":
         foreign.insert(0, f"{CONFIG_FILE} (not distrep's)")
     if foreign:
@@ -152,7 +161,7 @@ def refuse_foreign(out: Path, own: tuple[str, ...], kind: str) -> None:
 def remove_own(out: Path, own: tuple[str, ...]) -> None:
     """Delete the entries named in ``own`` (distrep's files) from ``out``; nothing else."""
     import shutil
-    for name in own:
+    for name in [n for n in entries(out) if is_own(n, own)]:
         path = out / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -192,8 +201,14 @@ def check_experiment(out: Path, config, force: bool, log: Callable[[str], None])
                 diff = config_differences(saved if isinstance(saved, dict) else {}, ours)
                 if diff:
                     problem = f"it holds an experiment with a different config ({'; '.join(diff)})"
-    if problem is None and (out / CHECKPOINT_FILE).exists() and not run_state(out).get("finished"):
-        from distrep.sweep import read_checkpoint
+    state = {}
+    if problem is None:
+        try:
+            state = run_state(out)
+        except DistrepError:
+            problem = f"its {RUN_FILE} is damaged"
+    if problem is None and (out / CHECKPOINT_FILE).exists() and not state.get("finished"):
+        from distrep.sweep import config_key, read_checkpoint
         try:
             read_checkpoint(out / CHECKPOINT_FILE, config_key(config))
         except DistrepError as e:
@@ -205,11 +220,6 @@ def check_experiment(out: Path, config, force: bool, log: Callable[[str], None])
     log(f"{out}: {problem}; --force: removing distrep's files there and starting over")
     remove_own(out, EXPERIMENT_ENTRIES)
     return config
-
-
-def config_key(config) -> str:
-    import json
-    return json.dumps(config.result_fields, sort_keys=True)
 
 
 def run_state(out: Path) -> dict:
@@ -263,7 +273,7 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
                    before_training: Callable | None = None):
     """Train (or resume, or only reload) ``config`` into ``out`` through the flow in the module
     docstring. ``extra`` is added to config.json (e.g. the preset); ``before_training(config,
-    data)`` is called when training is about to start or resume (to print a plan). Returns
+    data, sweep)`` is called when training is about to start or resume (to print a plan). Returns
     ``(config, results, trained)``: the config run, one VariantResult per model, and whether
     this call trained anything."""
     from distrep.data import load_dataset
@@ -292,7 +302,7 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
             return config, results, False
         sweep = Sweep(config, data, checkpoint=out / CHECKPOINT_FILE, progress=progress)
         if before_training is not None:
-            before_training(config, data)
+            before_training(config, data, sweep)
         done = int(sweep.state["epochs_done"].sum())
         if done:
             total = config.runs * config.epochs * len(config.models)

@@ -16,14 +16,15 @@ import numpy as np
 from distrep import stats
 from distrep.errors import DistrepError
 from distrep.models import create_model
-from distrep.paper import CLAMP_DROPOFF, TABLE_EPOCHS, paper_value
+from distrep.claims import verdicts
+from distrep.paper import CLAMP_DROPOFF, DISCREPANCIES, RUNS, match, run_protocol
 from distrep.plots import (_log_y, plot_clamping, plot_first_layer, plot_hyperplanes,
                            plot_prototypes, save_figure)
 from distrep.storage import atomic_write_bytes, read_arrays, read_json, read_tensors
 from distrep.sweep import model_dir
 
 FIGURES = {"curves": "figures/test_error_curves.png", "final": "figures/final_accuracy.png",
-           "clamping": "figures/clamping.png"}
+           "pairs": "figures/pairs.png", "clamping": "figures/clamping.png"}
 
 
 METRIC_ARRAYS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_epochs",
@@ -60,21 +61,25 @@ def load_experiment(directory: Path) -> dict:
         absent = [key for key in METRIC_ARRAYS if key not in metrics[m]]
         if absent:
             raise DistrepError(f"{path} lacks {', '.join(absent)}: not the file distrep wrote")
-    return {"config": config, "run": run, "rows": rows, "models": models, "metrics": metrics}
+    specs = {m["name"]: m["spec"] for m in config["models"]}
+    return {"config": config, "run": run, "rows": rows, "models": models, "metrics": metrics,
+            "specs": specs}
 
 
 # --------------------------------------------------------------------------- figures
 
-def plot_curves(metrics: dict[str, dict], ax=None):
-    """Test error (%) against epoch per model: mean over runs, band of ± one std."""
+def plot_curves(metrics: dict[str, dict], ax=None, until: int | None = None):
+    """Test error (%) against epoch per model (up to epoch ``until``): mean over runs, band of
+    ± one std."""
     ax = ax or plt.figure().add_subplot()
     for name, m in metrics.items():
-        err = 100 * (1 - m["test_acc"])                       # [runs, k], NaN where diverged
+        keep = m["test_epochs"] <= (until or m["test_epochs"].max())
+        err = 100 * (1 - m["test_acc"][:, keep])              # [runs, k], NaN where diverged
         with warnings.catch_warnings():                        # an all-NaN column is expected
             warnings.simplefilter("ignore", RuntimeWarning)
             mu, sd = np.nanmean(err, 0), np.nanstd(err, 0)
-        line, = ax.plot(m["test_epochs"], mu, label=name)
-        ax.fill_between(m["test_epochs"], np.clip(mu - sd, 1e-2, None), mu + sd,
+        line, = ax.plot(m["test_epochs"][keep], mu, label=name)
+        ax.fill_between(m["test_epochs"][keep], np.clip(mu - sd, 1e-2, None), mu + sd,
                         color=line.get_color(), alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test error (%)", title="test error, mean ± std over runs")
     _log_y(ax)
@@ -82,41 +87,97 @@ def plot_curves(metrics: dict[str, dict], ax=None):
     return ax
 
 
-def plot_final(metrics: dict[str, dict], ax=None):
-    """Final test accuracy of every run that finished (points) with each model's box plot."""
+def plot_final(metrics: dict[str, dict], ax=None, epoch: int | None = None):
+    """Test accuracy of every run that had not diverged (points), final or at ``epoch``, with
+    each model's box plot."""
     ax = ax or plt.figure().add_subplot()
     names = list(metrics)
-    values = [a[~np.isnan(a)] for a in (final_accuracy(metrics[n]) for n in names)]
+    values = [a[~np.isnan(a)] for a in (accuracy_at(metrics[n], epoch) for n in names)]
     ax.boxplot(values, showfliers=False, widths=0.5)
     rng = np.random.default_rng(0)                             # fixed jitter: same picture each time
     for i, v in enumerate(values, start=1):
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=12, alpha=0.7, zorder=3)
     ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
-    ax.set(ylabel="final test accuracy (%)", title="final test accuracy per run")
+    when = "final" if epoch is None else f"epoch {epoch:,}"
+    ax.set(ylabel=f"test accuracy, {when} (%)", title=f"test accuracy per run, {when}")
     ax.grid(True, axis="y", alpha=0.3)
     return ax
 
 
+def plot_pairs(pairs: list[dict], models: list[str], paired: bool):
+    """Heat map of every pair's effect size, row minus column (d_z if ``paired``, else Cohen's
+    d), * where the (paired, else Welch) test is significant after Holm's correction."""
+    k = len(models)
+    index = {m: i for i, m in enumerate(models)}
+    effect, star = np.full((k, k), np.nan), np.zeros((k, k), bool)
+    key, test = ("dz", "paired") if paired else ("d", "welch")
+    for r in pairs:
+        i, j = index[r["a"]], index[r["b"]]
+        e = r.get(key, np.nan)
+        effect[i, j], effect[j, i] = e, -e if np.isfinite(e) else e
+        star[i, j] = star[j, i] = r.get(f"{test}_holm", np.nan) < 0.05
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.5 * k), layout="constrained")
+    finite = np.abs(effect[np.isfinite(effect)])
+    limit = min(float(finite.max()), 10.0) if finite.size else 1.0
+    image = ax.imshow(np.clip(effect, -limit, limit), cmap="RdBu_r", vmin=-limit, vmax=limit)
+    for i in range(k):
+        for j in range(k):
+            if np.isfinite(effect[i, j]):
+                ax.text(j, i, f"{effect[i, j]:.1f}" + ("*" if star[i, j] else ""), ha="center",
+                        va="center", fontsize=7)
+    ax.set_xticks(range(k), models, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), models, fontsize=8)
+    fig.colorbar(image, ax=ax, label=("d_z" if paired else "Cohen's d") + " (row − column)")
+    ax.set_title("effect size of every pair (* significant, Holm)", fontsize=9)
+    return fig
+
+
 # --------------------------------------------------------------------------- tables
 
+def accuracy_at(m: dict, epoch: int | None = None) -> np.ndarray:
+    """Test accuracy (%) per run ``[runs]`` at ``epoch`` (None: of the final parameters), NaN
+    for a run that had diverged by then: its "accuracy" is that of a constant prediction and
+    belongs in no mean, spread or test. A test pass must exist at ``epoch``."""
+    if epoch is None:
+        return np.where(m["diverged_epoch"] > 0, np.nan, 100 * m["final_test_acc"])
+    k = np.flatnonzero(m["test_epochs"] == epoch)
+    if len(k) == 0:
+        raise DistrepError(f"no test pass at epoch {epoch}; tested at "
+                           f"{_epoch_list(m['test_epochs'])}")
+    gone = (m["diverged_epoch"] > 0) & (m["diverged_epoch"] <= epoch)
+    return np.where(gone, np.nan, 100 * m["test_acc"][:, k[0]])
+
+
 def final_accuracy(m: dict) -> np.ndarray:
-    """Final test accuracy (%) per run ``[runs]``, NaN for a run that diverged: its "accuracy"
-    is that of a constant prediction and belongs in no mean, spread or test."""
-    return np.where(m["diverged_epoch"] > 0, np.nan, 100 * m["final_test_acc"])
+    return accuracy_at(m, None)
 
 
-def summary_rows(exp: dict) -> list[dict]:
-    """Per model: statistics over the runs that finished, how many diverged, and (labelled
-    apart) the mean and std over all runs, diverged ones included."""
+def _epoch_list(epochs: np.ndarray) -> str:
+    e = [int(x) for x in epochs]
+    return ", ".join(map(str, e)) if len(e) <= 6 else f"{e[0]}, {e[1]}, …, {e[-1]} ({len(e)} epochs)"
+
+
+def summary_rows(exp: dict, epoch: int | None = None) -> list[dict]:
+    """Per model: statistics over the runs that finished (by ``epoch``), how many diverged,
+    (labelled apart) the mean and std over all runs, and the published number put beside it
+    (:func:`distrep.paper.match`), with a Welch test against it where it is comparable."""
+    cfg = exp["config"]["config"]
     out = []
     for name in exp["models"]:
         m = exp["metrics"][name]
-        acc = final_accuracy(m)
+        acc = accuracy_at(m, epoch)
         s = stats.summarize(acc[~np.isnan(acc)])
-        every = 100 * m["final_test_acc"]
+        every = 100 * (m["final_test_acc"] if epoch is None else m["test_acc"][:, np.flatnonzero(
+            m["test_epochs"] == epoch)[0]])
+        found = match(run_protocol(exp["specs"][name], cfg, epoch))
+        versus = None
+        if found is not None and found.comparable:
+            p = found.number
+            versus = stats.welch_from_stats(s["mean"], s["std"], s["n"], p.mean,
+                                            p.std * np.sqrt(RUNS / (RUNS - 1)), RUNS)
         out.append({"model": name, **s, "diverged": int(np.isnan(acc).sum()), "runs": len(acc),
                     "all_mean": stats.mean(every), "all_std": stats.std(every),
-                    "paper": paper_value(name)})
+                    "published": found, "versus": versus})
     return out
 
 
@@ -130,42 +191,106 @@ def _p(p: float) -> str:
 
 def main_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = ["model", "mean", "std", "std (pop.)", "95% CI", "n", "min", "max", "diverged",
-            "all runs, diverged included: mean ± std", "paper mean ± std", "Δ mean"]
+            "all runs, diverged included: mean ± std", "published (as printed)", "Δ mean",
+            "Welch t vs published (p)", "comparable?"]
     body = []
     for r in rows:
-        paper = r["paper"]
+        found = r["published"]
+        if found is None:
+            published, delta, test, why = "—", "—", "—", "no published number"
+        else:
+            p = found.number
+            published = f"{p.mean:.2f} ± {p.std:.2f} ({p.table}, {p.label})"
+            if found.comparable:
+                v = r["versus"]
+                delta, test, why = f"{r['mean'] - p.mean:+.2f}", f"{v.t:.2f} ({_p(v.p)})", "yes"
+            else:
+                delta, test, why = "—", "—", "no: " + "; ".join(found.reasons)
         body.append([r["model"], _fmt(r["mean"]), _fmt(r["std"]), _fmt(r["std_pop"]),
                      f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", str(r["n"]), _fmt(r["min"]),
                      _fmt(r["max"]), str(r["diverged"]),
                      f"{_fmt(r['all_mean'])} ± {_fmt(r['all_std'])}" if r["diverged"] else "(same)",
-                     f"{paper[1]:.2f} ± {paper[2]:.2f} ({paper[0]})" if paper else "—",
-                     f"{r['mean'] - paper[1]:+.2f}" if paper else "—"])
+                     published, delta, test, why])
     return head, body
 
 
-def comparison_table(exp: dict) -> tuple[list[str], list[list[str]]]:
+MAIN_NOTE = ("Statistics over the runs that finished; a diverged run's accuracy (a constant "
+             "prediction's) is left out and shown only in the all-runs column. A published "
+             "number is compared (Δ, and Welch's t against its mean and std, taken as the "
+             "population std of 20 runs the author's code printed) only where the protocol that "
+             "produced it matches this run's in every field that changes results (model with "
+             "its output bias, epochs, dataset, preprocessing, lr, width, training images, "
+             "OffsetL2 form); otherwise the column says what differs. Which protocol produced "
+             "each published number, and the evidence, is in the section on discrepancies.")
+
+
+def comparison_values(exp: dict, epoch: int | None = None) -> dict[str, np.ndarray]:
+    return {n: accuracy_at(exp["metrics"][n], epoch) for n in exp["models"]}
+
+
+def comparison_table(exp: dict, epoch: int | None = None) -> tuple[list[str], list[list[str]]]:
     paired = is_paired(exp)
-    values = {n: final_accuracy(exp["metrics"][n]) for n in exp["models"]}
-    head = ["A", "B", "Δ mean", "Student t (df)", "p", "p Holm", "Welch t (df)", "p", "p Holm",
-            "Cohen's d"]
+    values = comparison_values(exp, epoch)
+    head = ["A", "B", "Δ mean", "bootstrap 95% CI", "Student t (df)", "p", "p Holm", "Welch t (df)",
+            "p", "p Holm", "Cohen's d"]
     if paired:
         head += ["paired t (df)", "p", "p Holm", "d_z"]
+    head += ["Wilcoxon p" if paired else "Mann-Whitney p", "p Holm"]
     body = []
     for r in stats.pairwise(values, paired):
-        st, we = r["student"], r["welch"]
-        row = [r["a"], r["b"], f"{r['diff']:+.2f}", f"{st.t:.2f} ({st.df:.0f})", _p(st.p),
-               _p(r["student_holm"]), f"{we.t:.2f} ({we.df:.1f})", _p(we.p), _p(r["welch_holm"]),
-               _fmt(r["d"])]
+        st, we, ci = r["student"], r["welch"], r["bootstrap"]
+        row = [r["a"], r["b"], _signed(r["diff"]), f"[{_signed(ci[0])}, {_signed(ci[1])}]",
+               f"{st.t:.2f} ({st.df:.0f})", _p(st.p), _p(r["student_holm"]),
+               f"{we.t:.2f} ({we.df:.1f})", _p(we.p), _p(r["welch_holm"]), _fmt(r["d"])]
         if paired:
             pt = r["paired"]
             row += [f"{pt.t:.2f} ({pt.df:.0f})", _p(pt.p), _p(r["paired_holm"]), _fmt(r["dz"])]
+        row += [_p(r["rank"].p), _p(r["rank_holm"])]
         body.append(row)
     return head, body
+
+
+def _signed(x: float) -> str:
+    return "—" if np.isnan(x) else f"{x:+.2f}"
 
 
 def is_paired(exp: dict) -> bool:
     """Whether run i of every model started from the same first-layer weights (config field)."""
     return bool(exp["config"]["config"]["paired"])
+
+
+def claims_table(exp: dict, epoch: int | None = None) -> tuple[list[str], list[list[str]]]:
+    head = ["the paper's claim", "the paper printed", "these runs", "verdict"]
+    body = [[v.claim.text, v.claim.printed, v.ours, v.verdict + (f" ({v.why})" if v.why else "")]
+            for v in verdicts(comparison_values(exp, epoch), is_paired(exp))]
+    return head, body
+
+
+CLAIMS_NOTE = ("Each claim of the paper's results, tested on this experiment's runs at the reading "
+               "named in the title: the paired t-test where the design is paired (else Welch's), "
+               "the effect size, a rank test (Wilcoxon signed-rank / Mann-Whitney U) and a "
+               "bootstrap 95 % interval of the difference. A claim of no difference 'holds' when "
+               "the t-test finds none at the 5 % level (which is not proof of equivalence); a "
+               "claimed difference holds when it is significant and in the claimed direction. "
+               "The paper's statistics come from its own runs (Table 1: 50,000 epochs by the "
+               "evidence), compared here only in kind.")
+
+
+def epochs_table(exp: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Mean ± std test accuracy at 1k, 2k, 5k, 10k, 20k and 50k epochs (those tested): how far
+    each model still moves."""
+    tested = set(int(e) for e in exp["metrics"][exp["models"][0]]["test_epochs"])
+    marks = [e for e in (1000, 2000, 5000, 10000, 20000, 50000) if e in tested]
+    if len(marks) < 2:
+        return None
+    head = ["model"] + [f"epoch {e:,}" for e in marks]
+    body = [[n] + [_pm(accuracy_at(exp["metrics"][n], e), 2) for e in marks] for n in exp["models"]]
+    return head, body
+
+
+def discrepancies_table() -> tuple[list[str], list[list[str]]]:
+    head = ["what", "the paper says", "its code or other tables show", "distrep by default", "evidence"]
+    return head, [[d.topic, d.paper, d.record, d.distrep, d.evidence] for d in DISCREPANCIES]
 
 
 def latex_table(rows: list[dict]) -> str:
@@ -197,11 +322,9 @@ def protocol_lines(exp: dict) -> list[str]:
         "test accuracy is measured on the final parameters; std is the sample value (ddof 1), "
         "'std (pop.)' the population value the author's code printed",
     ]
-    epochs = {TABLE_EPOCHS[r["paper"][0]] for r in summary_rows(exp) if r["paper"]}
-    if epochs and (epochs != {cfg["epochs"]} or n != 60000 or cfg["runs"] != 20):
-        lines.append("this protocol differs from the paper's (20 runs, 60,000 images, "
-                     f"{'/'.join(str(e) for e in sorted(epochs))} epochs): compare the paper's "
-                     "numbers with care")
+    comparable = [r["model"] for r in summary_rows(exp) if r["published"] and r["published"].comparable]
+    lines.append("published numbers compared: " + (", ".join(comparable) if comparable else
+                 "none (no published number was produced by this protocol)"))
     return lines
 
 
@@ -268,24 +391,70 @@ HYPERPLANE_NOTE = ("z is an output unit's pre-activation (before any activation 
 
 
 def clamping_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "unclamped (%)", "floor: half-drop p", "paper", "ceiling: half-drop p", "paper",
+    head = ["model", "unclamped (%)", "floor: half-drop p", "ceiling: half-drop p",
             "one unit, floor 100 %: largest drop (points)", "one unit, ceiling 0 %: largest drop (points)"]
     body = []
     for model, c in found.items():
         drops = [_pm(100 * (c["unit_unclamped"] - c[f"unit_{kind}"][:, :, i].min(1)), 1)
                  for kind, i in (("floor", -1), ("ceiling", 0))]
         body.append([model, _pm(c["unclamped"], 2, 100), _pm(c["floor_half"], 1),
-                     _fmt(CLAMP_DROPOFF["floor"].get(model), 0), _pm(c["ceiling_half"], 1),
-                     _fmt(CLAMP_DROPOFF["ceiling"].get(model), 0), *drops])
+                     _pm(c["ceiling_half"], 1), *drops])
     return head, body
 
 
-CLAMP_NOTE = ("Every hidden unit is clamped to a floor max(a, L_p) or a ceiling min(a, L_p) with "
-              "L_p p % of the way from the unit's minimum to its maximum on the test set "
-              "(p = 0…100). The half-drop p is where test accuracy first falls to half its "
-              "unclamped value, coming from the side where the clamp does nothing (p = 0 for a "
-              "floor, p = 100 for a ceiling), interpolated; — where it never does. The paper's "
-              "drop-off points are from the author's notes. The last two columns clamp one unit "
+def author_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], list[list[str]]]:
+    """The author's readings beside the numbers in the author's notes and the paper."""
+    head = ["model", "unclamped train acc. (%)", "range [min, max]", "floor drop-off p", "notes",
+            "ceiling drop-off p", "notes", "equilibrium point (%): mean ± std, median",
+            "units without one (%)", "dead units by layer (never / < 1 %)"]
+    body = []
+    for model, a in found.items():
+        dead = []
+        for key in sorted(k for k in a if k.startswith("dead/") and k.endswith("/units")):
+            layer = key.split("/")[1]
+            units = a[key][0]
+            dead.append(f"{layer.replace('layer', 'L')}: {_pm(a[f'dead/{layer}/never'], 0)} / "
+                        f"{_pm(a[f'dead/{layer}/below_1%'], 0)} of {units}")
+        cells = ["—"] * 8
+        if "clamping/floor" in a:
+            r = a["clamping/range"]
+            cells[:6] = [_pm(a["clamping/unclamped"], 2, 100), f"[{r[:, 0].mean():.3g}, {r[:, 1].mean():.3g}]",
+                         _fmt(float(a["clamping/floor_dropoff"]), 0), _fmt(CLAMP_DROPOFF["floor"].get(model), 0),
+                         _fmt(float(a["clamping/ceiling_dropoff"]), 0), _fmt(CLAMP_DROPOFF["ceiling"].get(model), 0)]
+        if "equilibrium/percentage" in a:
+            eq = a["equilibrium/percentage"].ravel()
+            cells[6:] = [f"{eq.mean():.1f} ± {eq.std():.1f}, {np.median(eq):.1f}",
+                         _fmt(100 * (1 - a["equilibrium/met"].mean()), 1)]
+        body.append([model, *cells, "; ".join(dead)])
+    return head, body
+
+
+AUTHOR_NOTE = ("The author's scripts' own procedures, on the training data, so that the numbers "
+               "in the author's notes and the paper can be compared like for like (only this "
+               "table carries them). Clamping (analyze_layer_perturbation.py): one level for the "
+               "whole hidden layer, p % of the way from the global minimum to the global maximum "
+               "over every ReLU and Abs output and, for Abs models, the final output (its hook "
+               "also catches the root Model_Abs* module), p = 0…100; the drop-off point is the "
+               "first p at which the mean curve over runs has lost half its unclamped accuracy, "
+               "as the notes read it off. Equilibrium points (analyze_node_perturbation.py): per "
+               "hidden unit, the bisection for the level at which clamping that unit alone from "
+               "below and from above gives the same accuracy (within 0.1 points); a unit whose "
+               "search fails is set to 0 %, as in the script; mean and std pooled over units and "
+               "runs, as the script pools them. Dead units (analyze_dead_nodes.py): |a| > 1e-6 "
+               "on no input / on fewer than 1 % of inputs, per Linear, ReLU, Abs and Neg output "
+               "(layer index in the model's layer list). The paper reports for ReLU2's output "
+               "layer 33 % never active and 53.5 % active on < 5 % of inputs (an earlier note: "
+               "22 %, < 1 %). Arrays: analysis/<model>/author.npz, with each unit's class shares "
+               "below and above its equilibrium point (analyze_feature_boundaries.py).")
+
+
+CLAMP_NOTE = ("distrep's own reading: every hidden unit is clamped to a floor max(a, L_p) or a "
+              "ceiling min(a, L_p) with L_p p % of the way from the unit's own minimum to its "
+              "maximum on the test set (p = 0…100). The half-drop p is where test accuracy first "
+              "falls to half its unclamped value, coming from the side where the clamp does "
+              "nothing (p = 0 for a floor, p = 100 for a ceiling), interpolated; — where it never "
+              "does. This is not the author's procedure, so the paper's drop-off points are not "
+              "shown here but beside the author's reading below. The last two columns clamp one unit "
               "at a time (on the first test examples) and report the largest accuracy loss any "
               "single unit causes.")
 
@@ -326,6 +495,7 @@ class Section:
     note: str = ""
     table: tuple | None = None
     images: list[tuple[str, str]] = field(default_factory=list)     # (alt text, relative path)
+    folded: bool = False                                            # folded away in the HTML
 
 
 def analysis_sections(directory: Path, exp: dict) -> list[Section]:
@@ -361,6 +531,9 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
             images.append((f"{model}: metric weights and prototype distances", path))
         sections.append(Section("OffsetL2 prototypes", PROTOTYPE_NOTE, prototype_table(found["prototypes"]),
                                 images))
+    if "author" in found:
+        sections.append(Section("The author's readings (training data)", AUTHOR_NOTE,
+                                author_table(found["author"])))
     images = []
     cfg = exp["config"]["config"]
     for entry in exp["config"]["models"]:
@@ -394,36 +567,81 @@ def _html_table(head, body) -> str:
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+STATED_NOTE = ("The same runs read at 5,000 epochs, the number the paper's text states for "
+               "Tables 1 and 2 (full-batch SGD is deterministic: a longer run passes through "
+               "this state). Beside it the published number nearest this protocol, compared "
+               "only where it matches.")
+ALONG_NOTE = ("Mean ± std over the runs that had not diverged, at the epochs tested among 1k, 2k, "
+              "5k, 10k, 20k and 50k: how far each model still moves.")
+PAIRS_NOTE = ("Every pair of models: the effect size of row minus column (d_z over matched runs "
+              "in the paired design, else Cohen's d), with * where the difference is significant "
+              "after Holm's correction (paired t-test, else Welch's).")
+DISCREPANCY_NOTE = ("Each place where the paper's text, its tables and its published code "
+                    "disagree, what distrep does by default, and the evidence.")
 TESTS_NOTE = ("Every pair of models is compared on final test accuracy (%) with Student's "
               "unpaired t-test (pooled variance; the test the author's code ran), Welch's "
               "unpaired t-test, and, for the paired design, the paired t-test over matched runs "
               "(run i of both models started from the same first-layer weights). Holm's "
               "correction is applied across all pairs, separately for each test. Cohen's d uses "
-              "the pooled std; d_z is the mean paired difference over its std. Diverged runs "
+              "the pooled std; d_z is the mean paired difference over its std. The rank test is "
+              "Wilcoxon's signed-rank test on matched runs (paired design) or the Mann-Whitney U "
+              "test, for distributions far from normal; the bootstrap interval resamples runs "
+              "(in pairs where paired), 4,999 times, seed 0. Diverged runs "
               "take part in no statistic (their pairs drop out of the paired test); the main "
               "table gives the all-runs mean separately.")
 
 
-def write_report(directory) -> dict[str, Path]:
-    """Write figures, ``report.md``, ``report.html`` and ``table.tex`` into ``directory``."""
+STATED_EPOCHS = 5000       # the epochs the paper's text states for Tables 1 and 2
+
+
+def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
+    """Write figures, ``report.md``, ``report.html`` and ``table.tex`` into ``directory``; with
+    ``at_epoch``, the same from the saved state at that epoch (a test pass must exist there)
+    as ``report-epoch-N.*`` and ``table-epoch-N.tex``, figures under ``figures/epoch-N/``."""
     directory = Path(directory)
     exp = load_experiment(directory)
+    epochs = int(exp["config"]["config"]["epochs"])
+    if at_epoch is not None:
+        if not 1 <= at_epoch <= epochs:
+            raise DistrepError(f"--at-epoch {at_epoch} is outside the experiment's 1..{epochs} epochs")
+        accuracy_at(exp["metrics"][exp["models"][0]], at_epoch)      # refuses an untested epoch
+    suffix = "" if at_epoch is None else f"-epoch-{at_epoch}"
+    figures = {k: v if at_epoch is None else v.replace("figures/", f"figures/epoch-{at_epoch}/")
+               for k, v in FIGURES.items()}
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-    plot_curves(exp["metrics"], ax)
-    save_figure(fig, directory / FIGURES["curves"])
+    plot_curves(exp["metrics"], ax, until=at_epoch)
+    save_figure(fig, directory / figures["curves"])
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(exp["models"])), 4.5), layout="constrained")
-    plot_final(exp["metrics"], ax)
-    save_figure(fig, directory / FIGURES["final"])
+    plot_final(exp["metrics"], ax, epoch=at_epoch)
+    save_figure(fig, directory / figures["final"])
+    pairs = stats.pairwise(comparison_values(exp, at_epoch), is_paired(exp))
+    save_figure(plot_pairs(pairs, exp["models"], is_paired(exp)), directory / figures["pairs"])
 
-    rows = summary_rows(exp)
+    reading = "final" if at_epoch is None or at_epoch == epochs else f"epoch {at_epoch:,}"
+    rows = summary_rows(exp, at_epoch)
     latex = latex_table(rows)
-    title = f"distrep experiment: {exp['config'].get('preset', 'sweep')}"
+    title = f"distrep experiment: {exp['config'].get('preset', 'sweep')}" + (
+        f", read at epoch {at_epoch:,}" if at_epoch is not None else "")
     sections = [
-        Section("Test accuracy (%)", table=main_table(rows)),
-        Section("Pairwise comparisons", TESTS_NOTE, comparison_table(exp)),
-        Section("Learning curves", images=[("test error curves", FIGURES["curves"])]),
-        Section("Final accuracy per run", images=[("final accuracy", FIGURES["final"])]),
-        *analysis_sections(directory, exp),
+        Section(f"The paper's claims ({reading} test accuracy)", CLAIMS_NOTE, claims_table(exp, at_epoch)),
+        Section(f"Test accuracy (%), {reading}", MAIN_NOTE, main_table(rows)),
+    ]
+    tested = exp["metrics"][exp["models"][0]]["test_epochs"]
+    if at_epoch is None and epochs > STATED_EPOCHS and STATED_EPOCHS in tested:
+        sections.append(Section(f"Test accuracy (%) at epoch {STATED_EPOCHS:,}, the epochs the paper "
+                                "states", STATED_NOTE, main_table(summary_rows(exp, STATED_EPOCHS))))
+    if at_epoch is None and (table := epochs_table(exp)) is not None:
+        sections.append(Section("Test accuracy along training (%)", ALONG_NOTE, table))
+    sections += [
+        Section("Pairwise comparisons at a glance", PAIRS_NOTE,
+                images=[("effect sizes of every pair", figures["pairs"])]),
+        Section(f"All pairwise comparisons ({len(pairs)} pairs)", TESTS_NOTE,
+                comparison_table(exp, at_epoch), folded=True),
+        Section("Learning curves", images=[("test error curves", figures["curves"])]),
+        Section("Accuracy per run", images=[("accuracy per run", figures["final"])]),
+        *(analysis_sections(directory, exp) if at_epoch is None else []),
+        Section("Where the paper, its tables and its code disagree", DISCREPANCY_NOTE,
+                discrepancies_table(), folded=True),
     ]
     protocol = protocol_lines(exp)
 
@@ -440,12 +658,16 @@ def write_report(directory) -> dict[str, Path]:
         data = base64.b64encode((directory / path).read_bytes()).decode()
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
-    body = "".join(
-        f"<h2>{html.escape(sec.title)}</h2>"
-        + (f"<p>{html.escape(sec.note)}</p>" if sec.note else "")
-        + (_html_table(*sec.table) if sec.table else "")
-        + "".join(image(alt, path) for alt, path in sec.images) + "\n"
-        for sec in sections)
+    def block(sec):
+        inner = ((f"<p>{html.escape(sec.note)}</p>" if sec.note else "")
+                 + (_html_table(*sec.table) if sec.table else "")
+                 + "".join(image(alt, path) for alt, path in sec.images))
+        if sec.folded:
+            return (f"<details><summary><h2>{html.escape(sec.title)}</h2></summary>{inner}"
+                    f"</details>\n")
+        return f"<h2>{html.escape(sec.title)}</h2>{inner}\n"
+
+    body = "".join(block(sec) for sec in sections)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -456,14 +678,16 @@ th:first-child, td:first-child, td:nth-child(2) {{ text-align: left; }}
 thead {{ background: #f0f0f0; }}
 img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
+summary {{ cursor: pointer; }}
+summary h2 {{ display: inline; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 {body}<h2>Protocol</h2><ul>{"".join(f"<li>{html.escape(line)}</li>" for line in protocol)}</ul>
 <h2>LaTeX</h2><pre>{html.escape(latex)}</pre>
 </body></html>
 """
-    paths = {"md": directory / "report.md", "html": directory / "report.html",
-             "tex": directory / "table.tex"}
+    paths = {"md": directory / f"report{suffix}.md", "html": directory / f"report{suffix}.html",
+             "tex": directory / f"table{suffix}.tex"}
     atomic_write_bytes(paths["md"], "\n".join(md).encode())
     atomic_write_bytes(paths["html"], page.encode())
     atomic_write_bytes(paths["tex"], latex.encode())

@@ -2,7 +2,9 @@
 
 Inputs are 1-d arrays of one value per run (e.g. final test accuracy ``[runs]``). Intervals are
 ``[2]`` arrays (lower, upper). Two-sample tests return a :class:`TTest` that names the test it
-is, so a report can say which test each p-value comes from. Distributions come from SciPy.
+is, so a report can say which test each p-value comes from. The tests are SciPy's; the small
+functions here add what a report needs around them: NaN for too few runs, the limits of t when
+the spread is exactly zero, and the degrees of freedom.
 """
 
 from __future__ import annotations
@@ -77,10 +79,14 @@ def student_t(a, b) -> TTest:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     na, nb = len(a), len(b)
     df = na + nb - 2
+    name = "Student (unpaired, pooled variance)"
     if min(na, nb) < 1:
-        return TTest(float("nan"), float("nan"), float("nan"), "Student (unpaired, pooled variance)")
-    t = _ratio(mean(a) - mean(b), pooled_std(a, b) * np.sqrt(1 / na + 1 / nb))
-    return TTest(t, float(df), _two_sided(t, df), "Student (unpaired, pooled variance)")
+        return TTest(float("nan"), float("nan"), float("nan"), name)
+    if pooled_std(a, b) > 0:
+        r = _sp.ttest_ind(a, b, equal_var=True)
+        return TTest(float(r.statistic), float(df), float(r.pvalue), name)
+    t = _ratio(mean(a) - mean(b), pooled_std(a, b) * np.sqrt(1 / na + 1 / nb))   # the limits
+    return TTest(t, float(df), _two_sided(t, df), name)
 
 
 def welch_t(a, b) -> TTest:
@@ -90,9 +96,12 @@ def welch_t(a, b) -> TTest:
     if min(len(a), len(b)) < 2:
         return TTest(float("nan"), float("nan"), float("nan"), "Welch (unpaired, unequal variances)")
     va, vb = std(a) ** 2 / len(a), std(b) ** 2 / len(b)
-    t = _ratio(mean(a) - mean(b), np.sqrt(va + vb))
     denom = va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)
     df = (va + vb) ** 2 / denom if denom > 0 else float("nan")
+    if va + vb > 0:
+        r = _sp.ttest_ind(a, b, equal_var=False)
+        return TTest(float(r.statistic), float(df), float(r.pvalue), "Welch (unpaired, unequal variances)")
+    t = _ratio(mean(a) - mean(b), np.sqrt(va + vb))
     return TTest(t, float(df), _two_sided(t, df), "Welch (unpaired, unequal variances)")
 
 
@@ -102,7 +111,10 @@ def paired_t(a, b) -> TTest:
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     if len(d) < 1:
         return TTest(float("nan"), float("nan"), float("nan"), "paired t-test")
-    t = _ratio(mean(d), std(d) / np.sqrt(len(d)))
+    if std(d) > 0:
+        r = _sp.ttest_rel(np.asarray(a, np.float64), np.asarray(b, np.float64))
+        return TTest(float(r.statistic), float(len(d) - 1), float(r.pvalue), "paired t-test")
+    t = _ratio(mean(d), std(d) / np.sqrt(len(d)))                               # the limits
     return TTest(t, float(len(d) - 1), _two_sided(t, len(d) - 1), "paired t-test")
 
 
@@ -117,6 +129,64 @@ def cohens_dz(a, b) -> float:
     """Paired effect size: mean(d) / s_d for d = a - b."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     return _ratio(mean(d), std(d)) if len(d) else float("nan")
+
+
+def rank_test(a, b, paired: bool) -> TTest:
+    """The rank-based counterpart of the t-test, for results far from normal (ReLU2's runs:
+    one at 85 %, the rest at 30-45 %): Wilcoxon's signed-rank test on the differences of
+    matched runs when ``paired``, else the Mann-Whitney U test. SciPy's implementations
+    (exact distributions for small n); ``t`` holds the test's own statistic, ``df`` is NaN."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    name = "Wilcoxon signed-rank" if paired else "Mann-Whitney U"
+    try:
+        if paired:
+            d = a - b
+            if len(d) < 1 or not np.any(d != 0):
+                return TTest(float("nan"), float("nan"), float("nan"), name)
+            r = _sp.wilcoxon(a, b)
+        else:
+            if min(len(a), len(b)) < 1:
+                return TTest(float("nan"), float("nan"), float("nan"), name)
+            r = _sp.mannwhitneyu(a, b, alternative="two-sided")
+    except ValueError:
+        return TTest(float("nan"), float("nan"), float("nan"), name)
+    return TTest(float(r.statistic), float("nan"), float(r.pvalue), name)
+
+
+def bootstrap_diff(a, b, paired: bool, confidence: float = 0.95, resamples: int = 4999,
+                   seed: int = 0) -> np.ndarray:
+    """Percentile bootstrap interval ``[2]`` for mean(a) - mean(b) (runs resampled in matched
+    pairs when ``paired``), by :func:`scipy.stats.bootstrap` with a fixed seed so a report is
+    reproducible. NaN when fewer than two runs (or pairs) are left or the values are constant."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if min(len(a), len(b)) < 2:
+        return np.array([np.nan, np.nan])
+    if paired:
+        data, statistic = (a - b,), lambda d, axis=-1: np.mean(d, axis=axis)
+    else:
+        data = (a, b)
+        statistic = lambda x, y, axis=-1: np.mean(x, axis=axis) - np.mean(y, axis=axis)
+    if all(np.ptp(d) == 0 for d in data):
+        return np.array([np.nan, np.nan])
+    import inspect
+    seeded = ({"rng": np.random.default_rng(seed)} if "rng" in inspect.signature(_sp.bootstrap).parameters
+              else {"random_state": np.random.default_rng(seed)})     # SciPy < 1.15
+    r = _sp.bootstrap(data, statistic, confidence_level=confidence, n_resamples=resamples,
+                      method="percentile", **seeded)
+    return np.array([r.confidence_interval.low, r.confidence_interval.high], dtype=np.float64)
+
+
+def welch_from_stats(mean_a: float, std_a: float, n_a: int, mean_b: float, std_b: float,
+                     n_b: int) -> TTest:
+    """Welch's t-test from summary statistics (sample stds), e.g. a run set against a published
+    mean ± std: SciPy's ``ttest_ind_from_stats(equal_var=False)``."""
+    if min(n_a, n_b) < 2 or not all(np.isfinite([mean_a, std_a, mean_b, std_b])):
+        return TTest(float("nan"), float("nan"), float("nan"), "Welch (from summary statistics)")
+    r = _sp.ttest_ind_from_stats(mean_a, std_a, n_a, mean_b, std_b, n_b, equal_var=False)
+    va, vb = std_a ** 2 / n_a, std_b ** 2 / n_b
+    denom = va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1)
+    df = (va + vb) ** 2 / denom if denom > 0 else float("nan")
+    return TTest(float(r.statistic), float(df), float(r.pvalue), "Welch (from summary statistics)")
 
 
 def holm(pvalues) -> np.ndarray:
@@ -148,7 +218,9 @@ def summarize(x) -> dict[str, float]:
 
 def pairwise(values: dict[str, np.ndarray], paired: bool) -> list[dict]:
     """Every pair of models: Student, Welch and (if ``paired``) paired t-tests with Cohen's d and
-    d_z; Holm-adjusted p-values across all pairs, separately for each test.
+    d_z, a rank test (Wilcoxon signed-rank if paired, else Mann-Whitney U) and a bootstrap
+    interval of the mean difference; Holm-adjusted p-values across all pairs, separately for
+    each test.
 
     NaN marks a run without a result (it diverged): unpaired statistics leave it out, paired
     ones leave out its pair. ``n_a``, ``n_b`` and ``n_pairs`` say how many runs each used."""
@@ -163,8 +235,13 @@ def pairwise(values: dict[str, np.ndarray], paired: bool) -> list[dict]:
             both = ~np.isnan(x) & ~np.isnan(y)
             row["paired"], row["dz"] = paired_t(x[both], y[both]), cohens_dz(x[both], y[both])
             row["n_pairs"] = int(both.sum())
+            row["rank"] = rank_test(x[both], y[both], paired=True)
+            row["bootstrap"] = bootstrap_diff(x[both], y[both], paired=True)
+        else:
+            row["rank"] = rank_test(xs, ys, paired=False)
+            row["bootstrap"] = bootstrap_diff(xs, ys, paired=False)
         rows.append(row)
-    for test in ("student", "welch", "paired"):
+    for test in ("student", "welch", "paired", "rank"):
         have = [r for r in rows if test in r]
         for r, adj in zip(have, holm([r[test].p for r in have])):
             r[f"{test}_holm"] = float(adj)

@@ -197,6 +197,11 @@ def matmul_precision(name: str, device: torch.device):
 RECOVER = "rerun with --force to discard it and start over, or use another --out"
 
 
+def config_key(config: SweepConfig) -> str:
+    """The result fields of a config as one string: what a checkpoint must have been made with."""
+    return json.dumps(config.result_fields, sort_keys=True)
+
+
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: what a checkpoint
     must still hold when it is read back."""
@@ -225,6 +230,11 @@ def read_checkpoint(path: Path, config: str | None = None) -> dict[str, torch.Te
     if config is not None and meta.get("config") != config:
         raise DistrepError(f"checkpoint {path} was made with a different config; {RECOVER}")
     return tensors
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -261,7 +271,7 @@ class Sweep:
     # ---- checkpoint
 
     def _meta(self) -> dict:
-        return {"config": json.dumps(self.config.result_fields, sort_keys=True)}
+        return {"config": config_key(self.config)}
 
     def _load_checkpoint(self) -> None:
         if self.checkpoint is None or not self.checkpoint.exists():
@@ -338,7 +348,9 @@ class Sweep:
         bar.close()
         return self.results()
 
-    def _train_chunk(self, chunk: list[tuple[int, int]], bar) -> None:
+    def _chunk_trainer(self, chunk: list[tuple[int, int]]):
+        """(trainer, groups, variants, rows) for a chunk: each variant's runs of the chunk as
+        one :class:`StackedRuns` on the device, over copies of the stored parameters."""
         c, dev, d = self.config, self.device, self.data
         variants = sorted({v for v, _ in chunk})
         rows = {v: torch.tensor([r for w, r in chunk if w == v]) for v in variants}
@@ -349,7 +361,39 @@ class Sweep:
             parse(self.specs[v], c.width, d.num_features, d.num_classes),
             {name: p[rows[v]].to(dev) for name, p in self.params[v].items()}, c.offsetl2_form)
             for v in variants]
-        trainer = Trainer(groups, c.precision)
+        return Trainer(groups, c.precision), groups, variants, rows
+
+    def estimate_seconds(self) -> float:
+        """Wall time of the training left: one step of the first chunk (after a warm-up step,
+        buffers allocated, as in training) and one test pass, per run-epoch, times the
+        run-epochs left. Trains nothing that is kept."""
+        c, dev, d = self.config, self.device, self.data
+        chunks = self.chunks()
+        if not chunks:
+            return 0.0
+        trainer, groups, _, _ = self._chunk_trainer(chunks[0])
+        x_t, y = d.x_train.t().contiguous().to(dev), d.y_train.to(dev)
+        x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
+        frozen = [torch.zeros(g.runs, dtype=torch.bool, device=dev) for g in groups]
+        with matmul_precision(c.precision, dev):
+            x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None
+            timings = []
+            for _ in range(3):          # warm-up, then the better of two (another process may interfere)
+                start = time.perf_counter()
+                trainer.step(x_t, y, c.lr, frozen, x_bf16)
+                _sync(dev)
+                timings.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            trainer.evaluate(x_test_t, y_test)
+            _sync(dev)
+            test = time.perf_counter() - start
+        per_run_epoch = (min(timings[1:]) + test / c.eval_every) / len(chunks[0])
+        left = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
+        return per_run_epoch * left
+
+    def _train_chunk(self, chunk: list[tuple[int, int]], bar) -> None:
+        c, dev, d = self.config, self.device, self.data
+        trainer, groups, variants, rows = self._chunk_trainer(chunk)
         x_t, y = d.x_train.t().contiguous().to(dev), d.y_train.to(dev)
         x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
         x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None

@@ -1,0 +1,137 @@
+"""The paper's claims, one line each, tested on an experiment's runs.
+
+Each claim names a relation between two models (or two groups), the statistic the paper printed
+for it, and how to read it: ``equal`` (no difference), ``less`` / ``greater`` (a difference in
+that direction). :func:`verdicts` tests each pair with the paired t-test where the design is
+paired (else Welch's), beside the rank test (Wilcoxon signed-rank / Mann-Whitney U) and a
+bootstrap interval of the difference, and says whether the claim holds on these runs, does not,
+or cannot be judged here (and why).
+
+"No significant difference" is not evidence of equivalence; a verdict of ``holds`` for an
+``equal`` claim says only that these runs show no difference at the 5 % level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from distrep import stats
+
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str                          # as a one-line statement
+    pairs: tuple[tuple[str, str], ...]  # (a, b): the claim is about a relative to b
+    relation: str                      # "equal", "less" (a < b) or "greater" (a > b)
+    printed: str                       # the paper's own statistic, or its words
+    spread: bool = False               # also claims a has a smaller std than b
+
+
+TABLE1 = ("Abs", "ReLU", "Abs2", "Abs2-Neg", "ReLU2", "ReLU2-Neg")
+OFFSETL2 = ("ReLU-L2", "ReLU-L2-Neg", "Abs-L2", "Abs-L2-Neg")
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("ReLU and Abs perform alike", (("ReLU", "Abs"),), "equal",
+          "t(38) = 1.14, p = 0.26, d = 0.37"),
+    Claim("ReLU2 fails far below ReLU", (("ReLU2", "ReLU"),), "less",
+          "t(38) = -17.33, p < 0.001, d = 5.56"),
+    Claim("Abs2 performs like Abs", (("Abs2", "Abs"),), "equal",
+          "t(38) = 1.4967, p = 0.1427, d = 0.47"),
+    Claim("ReLU2-Neg recovers from ReLU2", (("ReLU2-Neg", "ReLU2"),), "greater",
+          "t(38) = -17.33, p < 0.001, d = 5.48"),
+    Claim("ReLU2-Neg recovers to ReLU ('statistically comparable')", (("ReLU2-Neg", "ReLU"),),
+          "equal", "t(38) = -12.78, p < 0.001, d = 4.04: the printed test contradicts the words"),
+    Claim("Abs2-Neg falls below Abs", (("Abs2-Neg", "Abs"),), "less",
+          "t(38) = -8.81, p < 0.001, d = 2.79"),
+    Claim("Abs2-Neg falls below Abs2", (("Abs2-Neg", "Abs2"),), "less",
+          "t(38) = 8.97, p < 0.001, d = 2.84"),
+    Claim("OffsetL2 models beat every baseline, with less spread",
+          tuple((a, b) for a in OFFSETL2 for b in TABLE1), "greater",
+          "'significantly outperformed baselines', std <= 0.14 (no test printed)", spread=True),
+    Claim("With OffsetL2, Neg makes no difference", (("ReLU-L2-Neg", "ReLU-L2"), ("Abs-L2-Neg", "Abs-L2")),
+          "equal", "'the performance gap between normal and negated variants disappeared' (no test printed)"),
+    Claim("The output bias makes little difference", tuple((f"{m}-Bias", m) for m in TABLE1), "equal",
+          "'minimal impact' (Table 1 vs Table 2, which differ in epochs too; no test printed)"),
+)
+
+
+@dataclass
+class Verdict:
+    claim: Claim
+    verdict: str          # "holds", "does not hold", "not comparable"
+    ours: str             # our statistic(s) on the claim's pairs, one line
+    why: str = ""
+
+
+def _one_pair(a: np.ndarray, b: np.ndarray, paired: bool) -> dict:
+    """Difference, t-test (paired or Welch), effect size, rank test and bootstrap interval of
+    accuracies ``a``, ``b`` ``[runs]`` (NaN: diverged, left out; pairs with a NaN drop out)."""
+    if paired and len(a) == len(b):
+        both = ~np.isnan(a) & ~np.isnan(b)
+        a, b = a[both], b[both]
+        t, effect, name = stats.paired_t(a, b), stats.cohens_dz(a, b), "d_z"
+    else:
+        paired = False
+        a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+        t, effect, name = stats.welch_t(a, b), stats.cohens_d(a, b), "d"
+    diff = stats.mean(a) - stats.mean(b) if len(a) and len(b) else float("nan")
+    return {"diff": diff, "t": t, "effect": effect, "effect_name": name,
+            "rank": stats.rank_test(a, b, paired), "ci": stats.bootstrap_diff(a, b, paired),
+            "std_a": stats.std(a), "std_b": stats.std(b), "n": (len(a), len(b))}
+
+
+def _holds(relation: str, r: dict) -> bool:
+    p, diff = r["t"].p, r["diff"]
+    if relation == "equal":
+        return not p < ALPHA
+    significant = p < ALPHA
+    return significant and (diff < 0 if relation == "less" else diff > 0)
+
+
+def _describe(a: str, b: str, r: dict) -> str:
+    t, rank, ci = r["t"], r["rank"], r["ci"]
+    p = "—" if np.isnan(t.p) else (f"{t.p:.1e}" if t.p < 1e-3 else f"{t.p:.3f}")
+    rp = "—" if np.isnan(rank.p) else (f"{rank.p:.1e}" if rank.p < 1e-3 else f"{rank.p:.3f}")
+    return (f"{a} − {b}: {r['diff']:+.2f} points [{ci[0]:+.2f}, {ci[1]:+.2f}], "
+            f"{'paired ' if r['effect_name'] == 'd_z' else 'Welch '}t({t.df:.0f}) = {t.t:.2f}, "
+            f"p = {p}, {r['effect_name']} = {r['effect']:.2f}; {rank.test.split()[0]} p = {rp}")
+
+
+def verdicts(values: dict[str, np.ndarray], paired: bool) -> list[Verdict]:
+    """Every claim tested on accuracies ``values`` ({model: [runs]}, NaN for a diverged run)."""
+    out = []
+    for claim in CLAIMS:
+        present = [(a, b) for a, b in claim.pairs if a in values and b in values]
+        if not present:
+            missing = sorted({m for pair in claim.pairs for m in pair} - set(values))
+            out.append(Verdict(claim, "not comparable", "—",
+                               f"not in this experiment: {', '.join(missing[:4])}"
+                               + (" …" if len(missing) > 4 else "")))
+            continue
+        results = [(a, b, _one_pair(values[a], values[b], paired)) for a, b in present]
+        usable = [(a, b, r) for a, b, r in results if not np.isnan(r["t"].p)]
+        if not usable:
+            out.append(Verdict(claim, "not comparable", "—", "too few finished runs to test"))
+            continue
+        failed = [(a, b) for a, b, r in usable if not _holds(claim.relation, r)]
+        if claim.spread:
+            failed += [(a, b) for a, b, r in usable if not r["std_a"] < r["std_b"]
+                       and (a, b) not in failed]
+        if len(usable) == 1:
+            ours = _describe(*usable[0])
+        else:
+            diffs = [r["diff"] for _, _, r in usable]
+            ours = (f"{len(usable) - len(failed)} of {len(usable)} pairs as claimed; differences "
+                    f"{min(diffs):+.2f} to {max(diffs):+.2f} points")
+        why = ""
+        if failed:
+            why = "not as claimed: " + ", ".join(f"{a} vs {b}" for a, b in failed[:4]) + (
+                " …" if len(failed) > 4 else "")
+        if len(present) < len(claim.pairs):
+            why = (why + "; " if why else "") + f"{len(present)} of {len(claim.pairs)} pairs in this experiment"
+        out.append(Verdict(claim, "does not hold" if failed else "holds", ours, why))
+    return out

@@ -1,0 +1,164 @@
+"""What produced each published number, and comparing like for like: provenance matching,
+reading a run at another epoch, the presets' plans, the time estimate, and the paper's claims."""
+
+import re
+import time
+
+import numpy as np
+import pytest
+
+from distrep import claims, paper
+from distrep.paper import Protocol, match
+from distrep.reproduce import PRESETS
+from distrep.storage import read_arrays
+from tests.test_cli import assert_one_line_error, distrep
+
+
+# --------------------------------------------------------------------------- provenance
+
+def test_table1_numbers_are_compared_only_with_50000_epoch_runs():
+    found = match(Protocol("ReLU", 50000))
+    assert found.comparable and found.number.table == "Table 1" and found.number.mean == 96.62
+    assert found.number.stated.epochs == 5000 and found.number.produced.epochs == 50000
+    at_stated = match(Protocol("ReLU", 5000))
+    assert not at_stated.comparable
+    # beside the 5,000-epoch reading: the published 5,000-epoch number, Table 2's, labelled
+    assert at_stated.number.table == "Table 2" and at_stated.number.label == "ReLU_Bias"
+    assert at_stated.reasons == ("model ReLU here, ReLU-Bias there",)
+
+
+def test_every_field_that_changes_results_must_match():
+    assert match(Protocol("ReLU2-Neg-Bias", 5000)).comparable
+    assert match(Protocol("ReLU2-Neg-Bias", 5000)).number.label == "ReLU2_Neg", "as printed"
+    for protocol, reason in [
+            (Protocol("ReLU-Bias", 5000, preprocess="standardized"), "preprocess standardized here, raw there"),
+            (Protocol("ReLU-Bias", 5000, train_subset=2000), "training images 2,000 here, 60,000 there"),
+            (Protocol("ReLU-Bias", 5000, lr=0.01), "lr 0.01 here, 0.001 there"),
+            (Protocol("ReLU-Bias", 5000, width=256), "width 256 here, 128 there"),
+            (Protocol("ReLU-Bias", 5000, dataset="fashion-mnist"), "dataset fashion-mnist here, mnist there"),
+            (Protocol("ReLU-L2", 50000, offsetl2_form="paper"), "OffsetL2 form paper here, coded there")]:
+        found = match(protocol)
+        assert not found.comparable and reason in found.reasons, (protocol, found.reasons)
+    assert match(Protocol("ReLU-L2", 50000, offsetl2_form="coded")).comparable
+    # the OffsetL2 form does not matter for a model without OffsetL2
+    assert match(Protocol("ReLU", 50000, offsetl2_form="paper")).comparable
+    assert match(Protocol("linear-tanh-linear", 5000)) is None
+
+
+def test_every_published_number_carries_its_provenance():
+    assert len(paper.PUBLISHED) == 6 + 6 + 10
+    for p in paper.PUBLISHED:
+        assert p.evidence and p.stated.preprocess == "standardized" and p.produced.preprocess == "raw"
+    t3 = [p for p in paper.PUBLISHED if p.table == "Table 3" and "_Bias" in p.label]
+    assert all("+bias" not in paper.canonical_spec(p.produced.model) for p in t3)
+
+
+# --------------------------------------------------------------------------- reading at an epoch
+
+@pytest.fixture(scope="module")
+def table1_60(tmp_path_factory, mnist):
+    out = tmp_path_factory.mktemp("t1") / "D"
+    r = distrep("reproduce", "table1", "--runs", 2, "--epochs", 60, "--eval-every", 10,
+                "--train-subset", 500, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _table(report: str, title: str) -> dict[str, list[str]]:
+    section = report.split(f"## {title}")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in rows[0]]
+    return {r[0].strip(): dict(zip(head, (c.strip() for c in r))) for r in rows[1:]}
+
+
+def test_report_at_an_epoch_reads_the_saved_curves(table1_60):
+    r = distrep("report", table1_60, "--at-epoch", 30)
+    assert r.returncode == 0, r.stderr
+    report = (table1_60 / "report-epoch-30.md").read_text()
+    assert report.startswith("# distrep experiment: table1, read at epoch 30")
+    rows = _table(report, "Test accuracy (%), epoch 30")
+    for model, row in rows.items():
+        m = read_arrays(table1_60 / "models" / model / "metrics.npz")
+        k = list(m["test_epochs"]).index(30)
+        assert float(row["mean"]) == pytest.approx(100 * m["test_acc"][:, k].mean(), abs=0.006), model
+        assert row["Δ mean"] == "—" and row["comparable?"].startswith("no: epochs 30 here, 50,000 there")
+    assert (table1_60 / "figures" / "epoch-30" / "test_error_curves.png").exists()
+    assert (table1_60 / "table-epoch-30.tex").exists() and (table1_60 / "report.md").exists()
+    assert_one_line_error(distrep("report", table1_60, "--at-epoch", 35), "no test pass at epoch 35")
+    assert_one_line_error(distrep("report", table1_60, "--at-epoch", 61), "outside the experiment's 1..60")
+
+
+def test_report_leads_with_the_claims_and_folds_the_wall_of_pairs(table1_60):
+    report = (table1_60 / "report.md").read_text()
+    titles = re.findall(r"^## (.+)$", report, re.M)
+    assert titles[0].startswith("The paper's claims") and titles[1].startswith("Test accuracy")
+    claims_rows = _table(report, titles[0])
+    assert claims_rows["ReLU2 fails far below ReLU"]["verdict"] == "holds"
+    assert claims_rows["With OffsetL2, Neg makes no difference"]["verdict"].startswith("not comparable")
+    assert "Wilcoxon" in report and "bootstrap 95% CI" in report
+    assert "Where the paper, its tables and its code disagree" in report
+    html = (table1_60 / "report.html").read_text()
+    assert "<details><summary><h2>All pairwise comparisons (15 pairs)" in html
+    assert (table1_60 / "figures" / "pairs.png").exists()
+
+
+# --------------------------------------------------------------------------- presets and estimate
+
+@pytest.mark.parametrize("preset", ["table1", "table2", "table3", "quick", "all"])
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, preset, mnist):
+    out = tmp_path / "never"
+    r = distrep("reproduce", preset, "--dry-run", "--out", out, "--runs", 1, "--train-subset", 100)
+    assert r.returncode == 0, r.stderr
+    assert not out.exists()
+    assert "estimated time on this device" in r.stdout and "run-epochs" in r.stdout
+    if preset == "table3":
+        models = r.stdout.split("models: ")[1].splitlines()[0].split(", ")
+        assert len(models) == 10 and "50000 epochs" in r.stdout
+    if preset == "all":
+        assert r.stdout.count("estimated time") == 2
+
+
+def test_estimate_times_the_first_chunk_and_scales_to_what_is_left(monkeypatch, mnist):
+    """A step that takes 20 ms and a test pass that takes 50 ms, for a chunk of 4 runs testing
+    every 5 epochs: (0.02 + 0.05 / 5) / 4 s per run-epoch, times 4 runs x 100 epochs."""
+    from distrep import sweep as S
+
+    class Slow(S.Trainer):
+        def step(self, *args, **kw):
+            time.sleep(0.02)
+
+        def evaluate(self, *args, **kw):
+            time.sleep(0.05)
+    monkeypatch.setattr(S, "Trainer", Slow)
+    config = S.SweepConfig(models=["ReLU", "Abs"], runs=2, epochs=100, eval_every=5, train_subset=100)
+    sweep = S.Sweep(config, mnist, progress=False)
+    expected = (0.02 + 0.05 / 5) / 4 * 4 * 100
+    assert sweep.estimate_seconds() == pytest.approx(expected, rel=0.25)
+    sweep.state["epochs_done"][:] = 50                      # half done: half left
+    assert sweep.estimate_seconds() == pytest.approx(expected / 2, rel=0.25)
+
+
+def test_presets_follow_the_producing_protocols():
+    assert PRESETS["table1"]["epochs"] == 50000 and PRESETS["table2"]["epochs"] == 5000
+    assert PRESETS["table3"]["offsetl2_form"] == "coded"
+    for preset in ("table1", "table3"):
+        assert match(Protocol("ReLU", PRESETS[preset]["epochs"])).comparable
+
+
+# --------------------------------------------------------------------------- claims
+
+def test_claim_verdicts():
+    rng = np.random.default_rng(0)
+    base = 96 + 0.2 * rng.standard_normal(6)
+    values = {"ReLU": base, "Abs": base + 0.01 * rng.standard_normal(6), "ReLU2": base - 40,
+              "ReLU2-Neg": base - 1.0 + 0.05 * rng.standard_normal(6)}
+    found = {v.claim.text: v for v in claims.verdicts(values, paired=True)}
+    assert found["ReLU and Abs perform alike"].verdict == "holds"
+    assert found["ReLU2 fails far below ReLU"].verdict == "holds"
+    assert found["ReLU2-Neg recovers from ReLU2"].verdict == "holds"
+    assert found["ReLU2-Neg recovers to ReLU ('statistically comparable')"].verdict == "does not hold"
+    assert found["Abs2 performs like Abs"].verdict == "not comparable"
+    assert "Abs2" in found["Abs2 performs like Abs"].why
+    with_nan = dict(values, ReLU2=np.full(6, np.nan))
+    found = {v.claim.text: v for v in claims.verdicts(with_nan, paired=True)}
+    assert found["ReLU2 fails far below ReLU"].verdict == "not comparable"
