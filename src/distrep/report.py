@@ -123,8 +123,9 @@ def plot_pairs(pairs: list[dict], models: list[str], paired: bool):
     for i in range(k):
         for j in range(k):
             if np.isfinite(effect[i, j]):
+                dark = abs(effect[i, j]) > 0.6 * limit
                 ax.text(j, i, f"{effect[i, j]:.1f}" + ("*" if star[i, j] else ""), ha="center",
-                        va="center", fontsize=7)
+                        va="center", fontsize=7, color="white" if dark else "black")
     ax.set_xticks(range(k), models, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), models, fontsize=8)
     fig.colorbar(image, ax=ax, label=("d_z" if paired else "Cohen's d") + " (row − column)")
