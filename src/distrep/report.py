@@ -407,7 +407,7 @@ def author_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], li
     """The author's readings beside the numbers in the author's notes and the paper."""
     head = ["model", "unclamped train acc. (%)", "range [min, max]", "floor drop-off p", "notes",
             "ceiling drop-off p", "notes", "equilibrium point (%): mean ± std, median",
-            "units without one (%)", "dead units by layer (never / < 1 %)"]
+            "units without one (%)", "classes mostly below it, per unit", "dead units by layer (never / < 1 %)"]
     body = []
     for model, a in found.items():
         dead = []
@@ -416,7 +416,7 @@ def author_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], li
             units = a[key][0]
             dead.append(f"{layer.replace('layer', 'L')}: {_pm(a[f'dead/{layer}/never'], 0)} / "
                         f"{_pm(a[f'dead/{layer}/below_1%'], 0)} of {units}")
-        cells = ["—"] * 8
+        cells = ["—"] * 9
         if "clamping/floor" in a:
             r = a["clamping/range"]
             cells[:6] = [_pm(a["clamping/unclamped"], 2, 100), f"[{r[:, 0].mean():.3g}, {r[:, 1].mean():.3g}]",
@@ -424,8 +424,10 @@ def author_table(found: dict[str, dict[str, np.ndarray]]) -> tuple[list[str], li
                          _fmt(float(a["clamping/ceiling_dropoff"]), 0), _fmt(CLAMP_DROPOFF["ceiling"].get(model), 0)]
         if "equilibrium/percentage" in a:
             eq = a["equilibrium/percentage"].ravel()
+            mostly = (a["boundaries"][..., 0] >= 0.5).sum(-1).ravel()             # [R * H]
             cells[6:] = [f"{eq.mean():.1f} ± {eq.std():.1f}, {np.median(eq):.1f}",
-                         _fmt(100 * (1 - a["equilibrium/met"].mean()), 1)]
+                         _fmt(100 * (1 - a["equilibrium/met"].mean()), 1),
+                         f"{mostly.mean():.1f} ± {mostly.std():.1f} of {a['boundaries'].shape[2]}"]
         body.append([model, *cells, "; ".join(dead)])
     return head, body
 
@@ -445,8 +447,11 @@ AUTHOR_NOTE = ("The author's scripts' own procedures, on the training data, so t
                "on no input / on fewer than 1 % of inputs, per Linear, ReLU, Abs and Neg output "
                "(layer index in the model's layer list). The paper reports for ReLU2's output "
                "layer 33 % never active and 53.5 % active on < 5 % of inputs (an earlier note: "
-               "22 %, < 1 %). Arrays: analysis/<model>/author.npz, with each unit's class shares "
-               "below and above its equilibrium point (analyze_feature_boundaries.py).")
+               "22 %, < 1 %). Class shares (analyze_feature_boundaries.py): for each hidden unit, "
+               "the share of each class's training examples at or below its equilibrium point; "
+               "the column counts the classes with at least half their examples below (1: the "
+               "unit singles out one class, as a distance to a prototype would; C/2: a plain "
+               "split). Arrays: analysis/<model>/author.npz.")
 
 
 CLAMP_NOTE = ("distrep's own reading: every hidden unit is clamped to a floor max(a, L_p) or a "
