@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,9 +568,16 @@ def _md_table(head, body) -> str:
                       *("| " + " | ".join(row) + " |" for row in body)])
 
 
+_NUMERIC = re.compile(r"[-+−]?[\d.,]+(e[-+]?\d+)?( ± [\d.,]+)?|—|\[.*\]|[-+]?\d.*\(.*\)|\(same\)")
+
+
 def _html_table(head, body) -> str:
+    """A table whose numbers are right-aligned and words left-aligned."""
+    def cell(c: str) -> str:
+        kind = ' class="num"' if _NUMERIC.fullmatch(c) else ""
+        return f"<td{kind}>{html.escape(c)}</td>"
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    rows = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in body)
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -679,8 +687,8 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
-th:first-child, td:first-child, td:nth-child(2) {{ text-align: left; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }}
+td.num {{ text-align: right; }}
 thead {{ background: #f0f0f0; }}
 img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
