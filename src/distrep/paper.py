@@ -173,16 +173,6 @@ def run_protocol(model: str, cfg: dict, epochs: int | None = None) -> Protocol:
                     cfg["width"], cfg["train_subset"], cfg["offsetl2_form"])
 
 
-def paper_value(model: str) -> tuple[str, float, float] | None:
-    """(table, mean, std) of the first number printed for a model name, or None (regardless of
-    protocol; use :func:`match` to compare)."""
-    spec = canonical_spec(model)
-    for p in PUBLISHED:
-        if canonical_spec(p.produced.model) == spec:
-            return p.table, p.mean, p.std
-    return None
-
-
 # Activation-clamping drop-off points (p %), from the author's notes: where training accuracy,
 # with the whole hidden layer clamped at one level from the global min/max of the author's
 # hooked modules, fell by half (see distrep.analysis.author_clamping).
