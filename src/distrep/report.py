@@ -140,14 +140,19 @@ def accuracy_at(m: dict, epoch: int | None = None) -> np.ndarray:
     """Test accuracy (%) per run ``[runs]`` at ``epoch`` (None: of the final parameters), NaN
     for a run that had diverged by then: its "accuracy" is that of a constant prediction and
     belongs in no mean, spread or test. A test pass must exist at ``epoch``."""
+    gone = (m["diverged_epoch"] > 0) & (m["diverged_epoch"] <= (epoch or np.inf))
+    return np.where(gone, np.nan, recorded_accuracy(m, epoch))
+
+
+def recorded_accuracy(m: dict, epoch: int | None = None) -> np.ndarray:
+    """Test accuracy (%) per run as recorded at ``epoch`` (None: final), diverged runs included."""
     if epoch is None:
-        return np.where(m["diverged_epoch"] > 0, np.nan, 100 * m["final_test_acc"])
+        return 100 * m["final_test_acc"]
     k = np.flatnonzero(m["test_epochs"] == epoch)
     if len(k) == 0:
         raise DistrepError(f"no test pass at epoch {epoch}; tested at "
                            f"{_epoch_list(m['test_epochs'])}")
-    gone = (m["diverged_epoch"] > 0) & (m["diverged_epoch"] <= epoch)
-    return np.where(gone, np.nan, 100 * m["test_acc"][:, k[0]])
+    return 100 * m["test_acc"][:, k[0]]
 
 
 def final_accuracy(m: dict) -> np.ndarray:
@@ -169,8 +174,7 @@ def summary_rows(exp: dict, epoch: int | None = None) -> list[dict]:
         m = exp["metrics"][name]
         acc = accuracy_at(m, epoch)
         s = stats.summarize(acc[~np.isnan(acc)])
-        every = 100 * (m["final_test_acc"] if epoch is None else m["test_acc"][:, np.flatnonzero(
-            m["test_epochs"] == epoch)[0]])
+        every = recorded_accuracy(m, epoch)
         found = match(run_protocol(exp["specs"][name], cfg, epoch))
         versus = None
         if found is not None and found.comparable:
