@@ -168,3 +168,15 @@ def test_bench_prints_every_figure(mnist):
     for fragment in ("GEMM peak", "author-style loop", "Table 1 variants x 1 runs, fp32",
                      "Table 3 variants", "bf16", "x the author-style loop", "peak memory"):
         assert fragment in r.stdout, fragment
+
+
+def test_bench_projects_the_paper_as_produced():
+    """Table 1 at the stated 5,000 and the producing 50,000 epochs, and the whole paper with
+    every run once: 120 x 50,000 + 120 x 5,000 Table-1-like run-epochs, 80 x 50,000 OffsetL2."""
+    from distrep.bench import projections
+    lines = projections({"Table 1 fp32": {"s": 0.001}, "Table 3 fp32": {"s": 0.002}})
+    assert "projected Table 1 (stated) (120 runs x 5000 epochs, fp32): 10.0 min" in lines
+    assert "projected Table 1 (as produced) (120 runs x 50000 epochs, fp32): 1.7 h" in lines
+    whole = (120 * 50000 + 120 * 5000) * 0.001 + 80 * 50000 * 0.002
+    assert lines[-1] == (f"projected: the whole paper as produced (Tables 1-3, every run once: 10.6 "
+                         f"million run-epochs, fp32): {whole / 3600:.1f} h")
