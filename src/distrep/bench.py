@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from distrep.data import Dataset, load_dataset
-from distrep.engine import StackedRuns, Trainer, matmul_nt
+from distrep.engine import matmul_nt
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
 from distrep.sweep import GiB, Sweep, SweepConfig, matmul_precision
@@ -102,15 +102,10 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
 
 
 def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every) -> float:
-    device, runs, models, precision_name = (sweep.device, sweep.config.runs, sweep.specs,
-                                            sweep.config.precision)
+    device, runs, models = sweep.device, sweep.config.runs, sweep.specs
     total = 0.0
     for chunk in sweep.chunks():
-        variants = sorted({v for v, _ in chunk})
-        groups = [StackedRuns.from_models(
-            [sweep.build_model(v, s) for s in (sweep.config.seeds(sweep.specs[v])[r] for w, r in chunk if w == v)],
-            device) for v in variants]
-        trainer = Trainer(groups, precision_name)
+        trainer, groups, _, _ = sweep.chunk_trainer(chunk)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
         step = timed(lambda: trainer.step(x_t, y, 1e-3, frozen, x_bf16), device, epochs)
         test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1)

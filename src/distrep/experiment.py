@@ -179,8 +179,9 @@ def config_differences(saved: dict, ours: dict) -> list[str]:
 
 def check_experiment(out: Path, config, force: bool, log: Callable[[str], None]):
     """Check what ``out`` holds against ``config``; with ``force`` clear a different or damaged
-    experiment. Returns the config to run (the saved model order where only the order differs).
-    Writes nothing unless ``force`` clears."""
+    experiment. Returns the config to run (the saved model order where only the order differs)
+    and the run record (``run.json``, empty when there is none or it was cleared). Writes
+    nothing unless ``force`` clears."""
     refuse_foreign(out, EXPERIMENT_ENTRIES, "experiment")
     problem = None
     if not (out / CONFIG_FILE).exists() and entries(out):
@@ -214,12 +215,12 @@ def check_experiment(out: Path, config, force: bool, log: Callable[[str], None])
         except DistrepError as e:
             problem = str(e).split(";")[0]
     if problem is None:
-        return config
+        return config, state
     if not force:
         raise DistrepError(f"{out}: {problem}; use another --out, or --force to replace it")
     log(f"{out}: {problem}; --force: removing distrep's files there and starting over")
     remove_own(out, EXPERIMENT_ENTRIES)
-    return config
+    return config, {}
 
 
 def run_state(out: Path) -> dict:
@@ -282,14 +283,13 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
     log = log or (lambda m: print(m, file=sys.stderr))
     config = config.validate()
     with experiment_lock(out):
-        config = check_experiment(out, config, force, log)
-        state = run_state(out)
+        config, state = check_experiment(out, config, force, log)
         device = resolve_device(config.device)
+        if state.get("finished") and not results_missing(out, config):
+            return config, None, False           # nothing to train or rebuild: no data needed
         data = load_dataset(config.dataset, config.preprocess)
         if state.get("finished"):
             missing = results_missing(out, config)
-            if not missing:
-                return config, None, False
             if not (out / CHECKPOINT_FILE).exists():
                 raise DistrepError(f"{out}: {missing[0]} is missing and there is no checkpoint to "
                                    f"rebuild it from; {_RECOVER}")

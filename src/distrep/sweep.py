@@ -348,7 +348,7 @@ class Sweep:
         bar.close()
         return self.results()
 
-    def _chunk_trainer(self, chunk: list[tuple[int, int]]):
+    def chunk_trainer(self, chunk: list[tuple[int, int]]):
         """(trainer, groups, variants, rows) for a chunk: each variant's runs of the chunk as
         one :class:`StackedRuns` on the device, over copies of the stored parameters."""
         c, dev, d = self.config, self.device, self.data
@@ -371,7 +371,7 @@ class Sweep:
         chunks = self.chunks()
         if not chunks:
             return 0.0
-        trainer, groups, _, _ = self._chunk_trainer(chunks[0])
+        trainer, groups, _, _ = self.chunk_trainer(chunks[0])
         x_t, y = d.x_train.t().contiguous().to(dev), d.y_train.to(dev)
         x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=dev) for g in groups]
@@ -393,7 +393,7 @@ class Sweep:
 
     def _train_chunk(self, chunk: list[tuple[int, int]], bar) -> None:
         c, dev, d = self.config, self.device, self.data
-        trainer, groups, variants, rows = self._chunk_trainer(chunk)
+        trainer, groups, variants, rows = self.chunk_trainer(chunk)
         x_t, y = d.x_train.t().contiguous().to(dev), d.y_train.to(dev)
         x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
         x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None
