@@ -162,3 +162,49 @@ def test_claim_verdicts():
     with_nan = dict(values, ReLU2=np.full(6, np.nan))
     found = {v.claim.text: v for v in claims.verdicts(with_nan, paired=True)}
     assert found["ReLU2 fails far below ReLU"].verdict == "not comparable"
+
+
+def test_an_interrupted_experiment_is_read_at_an_epoch_it_reached(tmp_path, monkeypatch, table1_60):
+    """A 60-epoch table1 run stopped after epoch 30 (checkpoint written every epoch) reads at
+    epoch 30 exactly as the finished run does, and refuses a reading past where it stopped."""
+    from distrep import sweep as sweep_module
+    from distrep.cli import main
+    from distrep.progress import progress as real_progress
+
+    class StopAfter30:                      # the progress bar sees every epoch of every run
+        def __init__(self, bar):
+            self.bar, self.done = bar, 0
+
+        def update(self, n):
+            self.done += n
+            if self.done > 30 * 12:         # table1: 6 models x 2 runs in one chunk
+                raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.bar, name)
+
+    monkeypatch.setattr(sweep_module, "progress", lambda *a, **k: StopAfter30(real_progress(*a, **k)))
+    out = tmp_path / "stopped"
+    assert main(["reproduce", "table1", "--runs", "2", "--epochs", "60", "--eval-every", "10",
+                 "--train-subset", "500", "--out", str(out), "--quiet", "--checkpoint-every", "0"]) == 130
+    assert not (out / "summary.csv").exists()
+    assert_one_line_error(distrep("report", out), "training stopped at epoch 30 of 60")
+    assert_one_line_error(distrep("report", out, "--at-epoch", 40), "training stopped at epoch 30 of 60")
+    assert_one_line_error(distrep("analyze", out), "training has not finished")
+    r = distrep("report", out, "--at-epoch", 30)
+    assert r.returncode == 0, r.stderr
+    report = (out / "report-epoch-30.md").read_text()
+    assert "(unfinished: training stopped at epoch 30 of 60)" in report.splitlines()[0]
+    finished = distrep("report", table1_60, "--at-epoch", 30)
+    assert finished.returncode == 0, finished.stderr
+    title = "Test accuracy (%), epoch 30"
+    assert _table(report, title) == _table((table1_60 / "report-epoch-30.md").read_text(), title)
+
+
+def test_accuracy_along_training_stops_where_an_interim_reading_does():
+    from distrep.report import epochs_table
+    m = {"test_epochs": np.array([1000, 2000, 3000, 4000]), "diverged_epoch": np.zeros(2, int),
+         "test_acc": np.array([[0.90, 0.92, 0.93, 0.95], [0.92, 0.94, 0.95, 0.97]])}
+    head, body = epochs_table({"models": ["A"], "metrics": {"A": m}}, until=3000)
+    assert head == ["model", "epoch 1,000", "epoch 2,000", "epoch 3,000"]
+    assert body[0][3].startswith("94.00 ± 1.41")

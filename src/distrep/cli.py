@@ -309,9 +309,9 @@ def cmd_reproduce(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from distrep.experiment import experiment_lock, require_finished
+    from distrep.experiment import experiment_lock, require_experiment
     from distrep.report import write_report
-    require_finished(args.directory)
+    require_experiment(args.directory)       # an unfinished one is read at an epoch it reached
     with experiment_lock(args.directory):
         paths = write_report(args.directory, at_epoch=args.at_epoch)
     print(f"report in {paths['html']} and {paths['md']}")

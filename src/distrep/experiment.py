@@ -237,10 +237,15 @@ def run_state(out: Path) -> dict:
 _RECOVER = "rerun with --force to start over"
 
 
-def require_finished(out: Path) -> None:
-    """Refuse (one line) a directory that holds no finished experiment."""
+def require_experiment(out: Path) -> None:
+    """Refuse (one line) a directory that holds no distrep experiment."""
     if not Path(out).is_dir() or directory_kind(Path(out)) != "experiment":
         raise DistrepError(f"{out} holds no finished experiment (no distrep config.json)")
+
+
+def require_finished(out: Path) -> None:
+    """Refuse (one line) a directory that holds no finished experiment."""
+    require_experiment(out)
     if not run_state(Path(out)).get("finished"):
         raise DistrepError(f"{out} holds no finished experiment (training has not finished; "
                            f"rerun its command to resume)")

@@ -7,6 +7,7 @@ import base64
 import csv
 import html
 import re
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,28 +34,36 @@ METRIC_ARRAYS = ("train_loss", "train_acc", "test_loss", "test_acc", "test_epoch
 
 
 def load_experiment(directory: Path) -> dict:
-    """Config, run state and per-model arrays of a finished experiment directory; a missing,
-    damaged or ill-formed file is a one-line :class:`DistrepError` naming it."""
+    """Config, run state and per-model arrays of an experiment directory; a missing, damaged or
+    ill-formed file is a one-line :class:`DistrepError` naming it. A finished experiment is read
+    from its result files; one whose training stopped before the end (killed, out of time) from
+    its checkpoint, with ``reached`` the epoch every run has passed (its reading is an interim
+    one: :func:`write_report` needs ``at_epoch`` for it)."""
     directory = Path(directory)
-    for needed in ("config.json", "summary.csv", "run.json"):
+    for needed in ("config.json", "run.json"):
         if not (directory / needed).exists():
-            raise DistrepError(f"{directory / needed} is missing: is the experiment finished?")
+            raise DistrepError(f"{directory / needed} is missing: is this an experiment directory?")
     config, run = read_json(directory / "config.json"), read_json(directory / "run.json")
     try:
         models = [m["name"] for m in config["models"]]
         for key in ("paired", "epochs", "runs", "train_subset", "dataset", "preprocess", "width",
-                    "offsetl2_form", "lr", "precision"):
+                    "offsetl2_form", "lr", "precision", "eval_every"):
             config["config"][key]
         config["design"], config["versions"].items(), config["device"]
-        float(run["wall_time_s"])
+        if run.get("finished"):
+            float(run["wall_time_s"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DistrepError(f"{directory / 'config.json'} or run.json is not a distrep experiment "
                            f"record (missing or bad {e})") from None
-    try:
-        with open(directory / "summary.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DistrepError(f"{directory / 'summary.csv'} is unreadable ({e})") from None
+    specs = {m["name"]: m["spec"] for m in config["models"]}
+    epochs = int(config["config"]["epochs"])
+    if not run.get("finished"):
+        metrics, reached, wall = checkpoint_metrics(directory, models, config["config"])
+        return {"config": config, "run": {**run, "wall_time_s": wall}, "models": models, "metrics": metrics,
+                "specs": specs, "reached": reached}
+    if not (directory / "summary.csv").exists():
+        raise DistrepError(f"{directory / 'summary.csv'} is missing; rerun the experiment's "
+                           f"command to rebuild it from the checkpoint")
     metrics = {}
     for m in models:
         path = directory / "models" / model_dir(m) / "metrics.npz"
@@ -62,9 +71,31 @@ def load_experiment(directory: Path) -> dict:
         absent = [key for key in METRIC_ARRAYS if key not in metrics[m]]
         if absent:
             raise DistrepError(f"{path} lacks {', '.join(absent)}: not the file distrep wrote")
-    specs = {m["name"]: m["spec"] for m in config["models"]}
-    return {"config": config, "run": run, "rows": rows, "models": models, "metrics": metrics,
-            "specs": specs}
+    return {"config": config, "run": run, "models": models, "metrics": metrics, "specs": specs,
+            "reached": epochs}
+
+
+def checkpoint_metrics(directory: Path, models: list[str], cfg: dict) -> tuple[dict, int, float]:
+    """Per-model arrays (as in ``metrics.npz``) of an unfinished experiment, read from its
+    checkpoint, the epoch every run has reached and the training's wall time so far (s).
+    Curves past a run's epoch are NaN."""
+    from distrep.sweep import FINAL_KEYS, METRIC_KEYS, read_checkpoint
+    from distrep.train import evaluation_epochs
+    path = directory / "checkpoint.safetensors"
+    if not path.exists():
+        raise DistrepError(f"{directory} holds no finished experiment and no checkpoint: "
+                           f"training has not started there")
+    state = read_checkpoint(path)
+    try:
+        reached = int(state["epochs_done"].min())
+        metrics = {}
+        for v, m in enumerate(models):
+            metrics[m] = {key: state[f"{v}/{key}"].numpy() for key in METRIC_KEYS + FINAL_KEYS}
+            metrics[m].update(test_epochs=evaluation_epochs(int(cfg["epochs"]), int(cfg["eval_every"])),
+                              diverged_epoch=state["diverged_epoch"][v].numpy())
+    except (KeyError, IndexError) as e:
+        raise DistrepError(f"{path} does not hold this experiment's state ({e})") from None
+    return metrics, reached, float(state["wall_time_s"])
 
 
 # --------------------------------------------------------------------------- figures
@@ -282,11 +313,12 @@ CLAIMS_NOTE = ("Each claim of the paper's results, tested on this experiment's r
                "evidence), compared here only in kind.")
 
 
-def epochs_table(exp: dict) -> tuple[list[str], list[list[str]]] | None:
-    """Mean ± std test accuracy at 1k, 2k, 5k, 10k, 20k and 50k epochs (those tested): how far
-    each model still moves."""
+def epochs_table(exp: dict, until: int | None = None) -> tuple[list[str], list[list[str]]] | None:
+    """Mean ± std test accuracy at 1k, 2k, 5k, 10k, 20k and 50k epochs (those tested, up to
+    ``until``, and ``until`` itself): how far each model still moves."""
     tested = set(int(e) for e in exp["metrics"][exp["models"][0]]["test_epochs"])
-    marks = [e for e in (1000, 2000, 5000, 10000, 20000, 50000) if e in tested]
+    marks = [e for e in (1000, 2000, 5000, 10000, 20000, 50000) if e in tested and e <= (until or e)]
+    marks += [until] if until is not None and until not in marks else []
     if len(marks) < 2:
         return None
     head = ["model"] + [f"epoch {e:,}" for e in marks]
@@ -618,7 +650,19 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
     as ``report-epoch-N.*`` and ``table-epoch-N.tex``, figures under ``figures/epoch-N/``."""
     directory = Path(directory)
     exp = load_experiment(directory)
-    epochs = int(exp["config"]["config"]["epochs"])
+    epochs, reached = int(exp["config"]["config"]["epochs"]), exp["reached"]
+    tested = exp["metrics"][exp["models"][0]]["test_epochs"]
+    if reached < epochs:
+        last = tested[tested <= reached]
+        hint = (f"`distrep report {shlex.quote(str(directory))} --at-epoch {int(last[-1])}` reads "
+                f"it where it is"
+                if len(last) else "no test pass has happened yet")
+        if at_epoch is None:
+            raise DistrepError(f"{directory}: training stopped at epoch {reached:,} of {epochs:,} "
+                               f"(rerun its command to resume); {hint}")
+        if at_epoch > reached:
+            raise DistrepError(f"--at-epoch {at_epoch}: training stopped at epoch {reached:,} of "
+                               f"{epochs:,}; {hint}")
     if at_epoch is not None:
         if not 1 <= at_epoch <= epochs:
             raise DistrepError(f"--at-epoch {at_epoch} is outside the experiment's 1..{epochs} epochs")
@@ -639,16 +683,16 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
     rows = summary_rows(exp, at_epoch)
     latex = latex_table(rows)
     title = f"distrep experiment: {exp['config'].get('preset', 'sweep')}" + (
-        f", read at epoch {at_epoch:,}" if at_epoch is not None else "")
+        f", read at epoch {at_epoch:,}" if at_epoch is not None else "") + (
+        f" (unfinished: training stopped at epoch {reached:,} of {epochs:,})" if reached < epochs else "")
     sections = [
         Section(f"The paper's claims ({reading} test accuracy)", CLAIMS_NOTE, claims_table(exp, at_epoch)),
         Section(f"Test accuracy (%), {reading}", MAIN_NOTE, main_table(rows)),
     ]
-    tested = exp["metrics"][exp["models"][0]]["test_epochs"]
     if at_epoch is None and epochs > STATED_EPOCHS and STATED_EPOCHS in tested:
         sections.append(Section(f"Test accuracy (%) at epoch {STATED_EPOCHS:,}, the epochs the paper "
                                 "states", STATED_NOTE, main_table(summary_rows(exp, STATED_EPOCHS))))
-    if at_epoch is None and (table := epochs_table(exp)) is not None:
+    if (at_epoch is None or reached < epochs) and (table := epochs_table(exp, until=at_epoch)) is not None:
         sections.append(Section("Test accuracy along training (%)", ALONG_NOTE, table))
     sections += [
         Section("Pairwise comparisons at a glance", PAIRS_NOTE,
