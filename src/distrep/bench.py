@@ -105,7 +105,7 @@ def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every)
     device, runs, models = sweep.device, sweep.config.runs, sweep.specs
     total = 0.0
     for chunk in sweep.chunks():
-        trainer, groups, _, _ = sweep.chunk_trainer(chunk)
+        trainer, groups = sweep.chunk_trainer(chunk)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
         step = timed(lambda: trainer.step(x_t, y, 1e-3, frozen, x_bf16), device, epochs)
         test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1)

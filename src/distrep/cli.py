@@ -14,6 +14,7 @@ import numpy as np
 
 from distrep import data as data_mod
 from distrep.errors import DistrepError
+from distrep.executors import EXECUTORS
 from distrep.layers import OFFSETL2_FORMS
 from distrep.models import ALIASES, describe, display_name, parameter_count
 
@@ -183,6 +184,23 @@ def add_engine_arguments(parser, defaults: bool) -> None:
                         help="memory budget for one chunk of runs, e.g. 8G or 512M (default 8G)")
     parser.add_argument("--checkpoint-every", type=non_negative_float, default=d(300.0), metavar="SECONDS",
                         help="write the checkpoint at most this often (0: after every epoch)")
+    parser.add_argument("--max-runs-per-chunk", type=positive_int, default=None, metavar="N",
+                        help="at most N runs in one chunk (more, smaller chunks: units of work "
+                             "to spread over a Ray cluster)")
+    cluster = parser.add_argument_group("executor (where the chunks train)")
+    cluster.add_argument("--executor", choices=EXECUTORS, default="local",
+                         help="local: this process, chunk after chunk (default); ray: each chunk "
+                              "a Ray task (pip install 'distrep[ray]')")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                         help="join the Ray cluster at ADDRESS ('auto': the one this machine "
+                              "belongs to); default: start a local Ray instance")
+    cluster.add_argument("--cpus-per-chunk", type=positive_int, default=1, metavar="N",
+                         help="CPUs a Ray chunk asks for and trains with (default 1)")
+    cluster.add_argument("--gpus-per-chunk", type=non_negative_float, default=None, metavar="N",
+                         help="GPUs a Ray chunk asks for (default: 1 with --device cuda, else 0)")
+    cluster.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                         help="a directory every Ray node sees: a retried chunk resumes from its "
+                              "own checkpoint there")
 
 
 def comma_list(text: str) -> list[str]:
@@ -268,10 +286,12 @@ def cmd_sweep(args) -> None:
         dataset=args.dataset, preprocess=args.preprocess, train_subset=args.train_subset,
         eval_every=args.eval_every, offsetl2_form=args.offsetl2_form, precision=args.precision,
         base_seed=args.base_seed, paired=not args.unpaired, device=args.device,
-        max_memory=args.max_memory, checkpoint_every=args.checkpoint_every).validate()
+        max_memory=args.max_memory, checkpoint_every=args.checkpoint_every,
+        max_runs_per_chunk=args.max_runs_per_chunk).validate()
     data_mod.get_spec(config.dataset)
+    executor = executor_from(args)
     out: Path = args.out
-    config, _, _ = run_experiment(out, config, args.force, progress=not args.quiet)
+    config, _, _ = run_experiment(out, config, args.force, progress=not args.quiet, executor=executor)
     for name in config.models:
         m = read_arrays(out / "models" / model_dir(display_name(name)) / "metrics.npz")
         acc = final_accuracy(m)
@@ -292,7 +312,7 @@ def cmd_reproduce(args) -> None:
     overrides = {name: getattr(args, name) for name in (
         "models", "runs", "epochs", "lr", "width", "dataset", "preprocess", "offsetl2_form",
         "train_subset", "eval_every", "precision", "device", "base_seed", "max_memory",
-        "checkpoint_every")}
+        "checkpoint_every", "max_runs_per_chunk")}
     overrides["paired"] = False if args.unpaired else None
     if overrides["dataset"] is not None:
         data_mod.get_spec(overrides["dataset"])
@@ -302,10 +322,18 @@ def cmd_reproduce(args) -> None:
         for preset in GROUPS.get(args.preset, (args.preset,)):
             dry_run(preset, overrides)
         return
+    executor = executor_from(args)
     for preset in GROUPS.get(args.preset, (args.preset,)):
         target = out / preset if args.preset in GROUPS else out
-        reproduce(preset, target, overrides, force=args.force, progress=not args.quiet)
+        reproduce(preset, target, overrides, force=args.force, progress=not args.quiet,
+                  executor=executor)
         print(f"{preset}: report in {target / 'report.html'} and {target / 'report.md'}")
+
+
+def executor_from(args):
+    from distrep.executors import make_executor
+    return make_executor(args.executor, args.ray_address, args.cpus_per_chunk,
+                         args.gpus_per_chunk, args.checkpoint_dir)
 
 
 def cmd_report(args) -> None:

@@ -276,9 +276,10 @@ def _session_warning(previous: dict, now: dict) -> str | None:
 
 def run_experiment(out: Path, config, force: bool = False, progress: bool = True,
                    extra: dict | None = None, log: Callable[[str], None] | None = None,
-                   before_training: Callable | None = None):
+                   before_training: Callable | None = None, executor=None):
     """Train (or resume, or only reload) ``config`` into ``out`` through the flow in the module
-    docstring. ``extra`` is added to config.json (e.g. the preset); ``before_training(config,
+    docstring, with ``executor`` (default: this process; see :mod:`distrep.executors`).
+    ``extra`` is added to config.json (e.g. the preset); ``before_training(config,
     data, sweep)`` is called when training is about to start or resume (to print a plan). Returns
     ``(config, results, trained)``: the config run, one VariantResult per model, and whether
     this call trained anything."""
@@ -327,7 +328,14 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
         sessions.append(session)
         write_json(out / CONFIG_FILE, {**describe_sweep(config, device), **(extra or {})})
         write_json(out / RUN_FILE, {"finished": False, "sessions": sessions})
-        results = sweep.run()
+        session["executor"] = getattr(executor, "name", "local")
+        session["chunks"] = []
+
+        def chunk_done(info: dict) -> None:      # run.json says where every chunk trained, as it goes
+            session["chunks"].append(info)
+            write_json(out / RUN_FILE, {"finished": False, "sessions": sessions})
+
+        results = sweep.run(executor, on_chunk=chunk_done)
         save_results(results, config, out)
         total_wall = float(sweep.state["wall_time_s"])
         session.update(run_epochs=int(sweep.state["epochs_done"].sum()) - done,

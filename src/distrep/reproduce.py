@@ -89,7 +89,8 @@ def dry_run(preset: str, overrides: dict, log=print) -> SweepConfig:
 
 
 def reproduce(preset: str, out: Path, overrides: dict, force: bool = False,
-              progress: bool = True, log=lambda m: print(m, file=sys.stderr)) -> Path:
+              progress: bool = True, log=lambda m: print(m, file=sys.stderr),
+              executor=None) -> Path:
     """Train (or resume) one preset into ``out``, write its results and report; return ``out``."""
     from distrep.report import write_report
 
@@ -97,10 +98,13 @@ def reproduce(preset: str, out: Path, overrides: dict, force: bool = False,
 
     def plan(config, data, sweep):
         log(plan_text(preset, config, data, sweep.estimate_seconds()))
+        if getattr(executor, "name", "local") != "local":
+            log(f"  ({len(sweep.chunks())} chunks on {executor.name}; the estimate is for one "
+                f"chunk after another here: a cluster divides it)")
 
     with experiment_lock(out):
         _, _, trained = run_experiment(out, config, force, progress, extra={"preset": preset},
-                                       log=log, before_training=plan)
+                                       log=log, before_training=plan, executor=executor)
         if not trained:
             log(f"{out}: already finished; regenerating the report")
         write_report(out)

@@ -23,6 +23,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,13 +62,14 @@ class SweepConfig:
     device: str = "cpu"
     max_memory: int = 8 * GiB
     checkpoint_every: float = 300.0
+    max_runs_per_chunk: int | None = None
 
     # device, memory budget and checkpoint interval never change a result (fp32 CPU/GPU differ
     # only in rounding); everything else does.
     @property
     def result_fields(self) -> dict:
         d = asdict(self)
-        for key in ("device", "max_memory", "checkpoint_every"):
+        for key in ("device", "max_memory", "checkpoint_every", "max_runs_per_chunk"):
             d.pop(key)
         d["models"] = [canonical_spec(m) for m in self.models]
         return d
@@ -94,6 +96,8 @@ class SweepConfig:
         if self.precision not in PRECISIONS:
             raise DistrepError(f"unknown precision {self.precision!r}; choose one of: "
                                f"{', '.join(PRECISIONS)}")
+        if self.max_runs_per_chunk is not None and self.max_runs_per_chunk < 1:
+            raise DistrepError(f"max runs per chunk must be at least 1, got {self.max_runs_per_chunk}")
         if self.max_memory <= 0:
             raise DistrepError(f"max memory must be positive, got {self.max_memory}")
         if self.precision == "tf32" and device.type != "cuda":
@@ -146,13 +150,14 @@ def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes:
     return total
 
 
-def plan_chunks(units: list[tuple[int, int]], cost: list[int], budget: int) -> list[list[tuple[int, int]]]:
+def plan_chunks(units: list[tuple[int, int]], cost: list[int], budget: int,
+                max_runs: int | None = None) -> list[list[tuple[int, int]]]:
     """Split ``(variant, run)`` units, in order, into consecutive chunks whose summed ``cost``
-    (per variant) stays within ``budget``."""
+    (per variant) stays within ``budget`` and that hold at most ``max_runs`` runs."""
     chunks, current, used = [], [], 0
     for unit in units:
         c = cost[unit[0]]
-        if current and used + c > budget:
+        if current and (used + c > budget or len(current) == (max_runs or len(units) + 1)):
             chunks.append(current)
             current, used = [], 0
         current.append(unit)
@@ -264,6 +269,7 @@ class Sweep:
             for key in FINAL_KEYS:
                 self.state[f"{v}/{key}"] = torch.full((R,), float("nan"), dtype=torch.float64)
         self.params: dict[int, dict[str, torch.Tensor]] = {}     # variant -> stacked [R, ...] (CPU)
+        self.chunk_log: list[dict] = []     # where and how long each chunk of this call trained
         self._last_save = self._last_clock = time.monotonic()
         self._load_checkpoint()
         self.chunks()                      # refuses a memory budget too small for one run, now
@@ -318,7 +324,7 @@ class Sweep:
 
     def chunks(self) -> list[list[tuple[int, int]]]:
         """The unfinished ``(variant, run)`` units, grouped into chunks that fit the memory budget
-        and share a starting epoch."""
+        (and ``max_runs_per_chunk``) and share a starting epoch."""
         c, d = self.config, self.data
         n = max(len(d.y_train), len(d.y_test))
         cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes) for s in self.specs]
@@ -332,36 +338,69 @@ class Sweep:
         units = [(v, r) for v in range(len(self.specs)) for r in range(c.runs) if done[v, r] < c.epochs]
         chunks = []
         for start in sorted({int(done[v, r]) for v, r in units}):
-            chunks += plan_chunks([u for u in units if done[u] == start], cost, budget)
+            chunks += plan_chunks([u for u in units if done[u] == start], cost, budget,
+                                  c.max_runs_per_chunk)
         return chunks
 
-    def run(self) -> list[VariantResult]:
+    def chunk_work(self, chunk: list[tuple[int, int]]) -> "ChunkWork":
+        """The chunk as a self-contained :class:`ChunkWork`: copies of its rows of the state and
+        of the parameters (drawn from the seeds for a variant not started yet)."""
+        state, params = {}, {}
+        for v in sorted({v for v, _ in chunk}):
+            rows = torch.tensor([r for w, r in chunk if w == v])
+            if v not in self.params:
+                self.params[v] = self.initial_params(v)
+            for key in METRIC_KEYS + FINAL_KEYS:
+                state[f"{v}/{key}"] = self.state[f"{v}/{key}"][rows].clone()
+            for key in ("epochs_done", "diverged_epoch"):
+                state[f"{v}/{key}"] = self.state[key][v, rows].clone()
+            params[v] = {name: p[rows].clone() for name, p in self.params[v].items()}
+        return ChunkWork(self.config, [tuple(u) for u in chunk], state, params)
+
+    def merge(self, work: "ChunkWork") -> None:
+        """Write a (partly or wholly) trained chunk back into the sweep's state."""
+        for v in work.variants:
+            rows = work.rows(v)
+            for key in METRIC_KEYS + FINAL_KEYS:
+                self.state[f"{v}/{key}"][rows] = work.state[f"{v}/{key}"]
+            for key in ("epochs_done", "diverged_epoch"):
+                self.state[key][v, rows] = work.state[f"{v}/{key}"]
+            for name, p in work.params[v].items():
+                self.params[v][name][rows] = p
+
+    def run(self, executor=None, on_chunk: Callable[[dict], None] | None = None) -> list[VariantResult]:
+        """Train every unfinished run with ``executor`` (default: this process, chunk after
+        chunk), checkpointing after every chunk and, within a local chunk, every
+        ``checkpoint_every`` seconds. ``on_chunk(info)`` after each chunk with where it trained."""
+        from distrep.executors import LocalExecutor
         c = self.config
         chunks = self.chunks()
         remaining = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
         bar = progress(remaining, "training", "run-epochs", self.progress)
-        with matmul_precision(c.precision, self.device):
-            for i, chunk in enumerate(chunks):
-                bar.set_description(f"chunk {i + 1}/{len(chunks)} ({len(chunk)} runs)")
-                self._train_chunk(chunk, bar)
-                self.save_checkpoint()
+        runs_left, runs_done = sum(len(chunk) for chunk in chunks), [0]
+
+        def finished(work: ChunkWork, info: dict) -> None:
+            self.merge(work)
+            self.save_checkpoint()
+            self.chunk_log.append(info)
+            runs_done[0] += len(work.units)
+            bar.set_postfix_str(f"{runs_done[0]} of {runs_left} runs finished", refresh=False)
+            if on_chunk is not None:
+                on_chunk(info)
+
+        def partial(work: ChunkWork) -> None:
+            self.merge(work)
+            self.save_checkpoint()
+
+        works = (self.chunk_work(chunk) for chunk in chunks)
+        (executor or LocalExecutor()).run(works, self.data, finished, partial, bar.update)
         bar.close()
         return self.results()
 
     def chunk_trainer(self, chunk: list[tuple[int, int]]):
-        """(trainer, groups, variants, rows) for a chunk: each variant's runs of the chunk as
-        one :class:`StackedRuns` on the device, over copies of the stored parameters."""
-        c, dev, d = self.config, self.device, self.data
-        variants = sorted({v for v, _ in chunk})
-        rows = {v: torch.tensor([r for w, r in chunk if w == v]) for v in variants}
-        for v in variants:
-            if v not in self.params:
-                self.params[v] = self.initial_params(v)
-        groups = [StackedRuns.from_state(
-            parse(self.specs[v], c.width, d.num_features, d.num_classes),
-            {name: p[rows[v]].to(dev) for name, p in self.params[v].items()}, c.offsetl2_form)
-            for v in variants]
-        return Trainer(groups, c.precision), groups, variants, rows
+        """(trainer, groups) for a chunk: each variant's runs of the chunk as one
+        :class:`StackedRuns` on the device, over copies of the stored parameters."""
+        return build_trainer(self.chunk_work(chunk), self.data, self.device)
 
     def estimate_seconds(self) -> float:
         """Wall time of the training left: one step of the first chunk (after a warm-up step,
@@ -371,7 +410,7 @@ class Sweep:
         chunks = self.chunks()
         if not chunks:
             return 0.0
-        trainer, groups, _, _ = self.chunk_trainer(chunks[0])
+        trainer, groups = self.chunk_trainer(chunks[0])
         x_t, y = d.x_train.t().contiguous().to(dev), d.y_train.to(dev)
         x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=dev) for g in groups]
@@ -391,61 +430,6 @@ class Sweep:
         left = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
         return per_run_epoch * left
 
-    def _train_chunk(self, chunk: list[tuple[int, int]], bar) -> None:
-        c, dev, d = self.config, self.device, self.data
-        trainer, groups, variants, rows = self.chunk_trainer(chunk)
-        x_t, y = d.x_train.t().contiguous().to(dev), d.y_train.to(dev)
-        x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
-        x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None
-        n = len(y)
-        test_epochs = c.test_epochs()
-        test_index = {int(e): k for k, e in enumerate(test_epochs)}
-        start = int(self.state["epochs_done"][chunk[0]])
-        frozen = [self.state["diverged_epoch"][v, rows[v]].to(dev) > 0 for v in variants]
-        runs_in_chunk, began = len(chunk), time.perf_counter()
-        for epoch in range(start + 1, c.epochs + 1):
-            stats = trainer.step(x_t, y, c.lr, frozen, x_bf16)
-            for gi, v in enumerate(variants):
-                loss, correct = (t.double().cpu() for t in stats[gi])
-                was = self.state["diverged_epoch"][v, rows[v]] > 0
-                now = frozen[gi].cpu()
-                self.state["diverged_epoch"][v, rows[v][now & ~was]] = epoch
-                acc = torch.where(now, float("nan"), correct / n)
-                self.state[f"{v}/train_loss"][rows[v], epoch - 1] = torch.where(now, float("nan"), loss)
-                self.state[f"{v}/train_acc"][rows[v], epoch - 1] = acc
-            if epoch in test_index:
-                self._evaluate_into(trainer, variants, rows, frozen, x_test_t, y_test, test_index[epoch])
-            for gi, v in enumerate(variants):
-                self.state["epochs_done"][v, rows[v]] = epoch
-            bar.update(runs_in_chunk)
-            bar.set_postfix_str(f"{(epoch - start) / (time.perf_counter() - began):.2f} epochs/s",
-                                refresh=False)
-            if self.checkpoint is not None and time.monotonic() - self._last_save > c.checkpoint_every:
-                self._store_params(groups, variants, rows)
-                self.save_checkpoint()
-        self._store_params(groups, variants, rows)
-        self._finalize(trainer, variants, rows, x_t, y, x_test_t, y_test)
-
-    def _evaluate_into(self, trainer, variants, rows, frozen, x_t, y, k) -> None:
-        for gi, (loss, correct) in enumerate(trainer.evaluate(x_t, y)):
-            v, dead = variants[gi], frozen[gi].cpu()
-            self.state[f"{v}/test_loss"][rows[v], k] = torch.where(dead, float("nan"), loss.double().cpu())
-            self.state[f"{v}/test_acc"][rows[v], k] = torch.where(dead, float("nan"),
-                                                                  correct.double().cpu() / len(y))
-
-    def _finalize(self, trainer, variants, rows, x_t, y, x_test_t, y_test) -> None:
-        """Loss and accuracy of the final parameters on the training and test sets."""
-        for split, xs, ys in (("train", x_t, y), ("test", x_test_t, y_test)):
-            for gi, (loss, correct) in enumerate(trainer.evaluate(xs, ys)):
-                v = variants[gi]
-                self.state[f"{v}/final_{split}_loss"][rows[v]] = loss.double().cpu()
-                self.state[f"{v}/final_{split}_acc"][rows[v]] = correct.double().cpu() / len(ys)
-
-    def _store_params(self, groups, variants, rows) -> None:
-        for group, v in zip(groups, variants):
-            for name, p in group.state().items():
-                self.params[v][name][rows[v]] = p.detach().cpu()
-
     def results(self) -> list[VariantResult]:
         out = []
         for v, (name, spec) in enumerate(zip(self.names, self.specs)):
@@ -454,6 +438,136 @@ class Sweep:
                                      self.state["diverged_epoch"][v].numpy(),
                                      self.params.get(v, {})))
         return out
+
+
+# --------------------------------------------------------------------------- one chunk
+
+@dataclass
+class ChunkWork:
+    """One chunk of a sweep as a self-contained unit of work: what a worker needs to train it
+    and, trained, what the sweep merges back. ``units`` are ``(variant, run)`` pairs; ``state``
+    holds only the chunk's rows, per variant in the order of ``units``: ``"{v}/{metric}"``
+    (``[n_v, epochs]`` or ``[n_v, tests]``), ``"{v}/final_{metric}"``, ``"{v}/epochs_done"`` and
+    ``"{v}/diverged_epoch"`` (``[n_v]``); ``params[v]`` holds the stacked parameters
+    ``[n_v, ...]`` on the CPU."""
+
+    config: SweepConfig
+    units: list[tuple[int, int]]
+    state: dict[str, torch.Tensor]
+    params: dict[int, dict[str, torch.Tensor]]
+
+    @property
+    def variants(self) -> list[int]:
+        return sorted({v for v, _ in self.units})
+
+    def rows(self, v: int) -> torch.Tensor:
+        return torch.tensor([r for w, r in self.units if w == v])
+
+
+def chunk_key(work: ChunkWork) -> str:
+    """A name for the chunk: its config, units and starting epochs."""
+    starts = [int(work.state[f"{v}/epochs_done"].min()) for v in work.variants]
+    text = json.dumps([config_key(work.config), [list(u) for u in work.units], starts])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_chunk(path: str | os.PathLike, work: ChunkWork) -> None:
+    """Write a chunk's state and parameters (atomic, checksummed) as a checkpoint of its own."""
+    tensors = dict(work.state)
+    for v, params in work.params.items():
+        tensors.update({f"params/{v}/{name}": p for name, p in params.items()})
+    write_tensors(Path(path), tensors, metadata={"config": config_key(work.config),
+                                                 "sha256": tensor_digest(tensors)})
+
+
+def load_chunk(path: str | os.PathLike, work: ChunkWork) -> ChunkWork:
+    """The chunk an earlier attempt at ``work`` saved at ``path``, further along; ``work``
+    itself if that file is damaged or holds something else."""
+    try:
+        saved = read_checkpoint(Path(path), config_key(work.config))
+    except DistrepError:
+        return work
+    names = {f"params/{v}/{n}": p for v, ps in work.params.items() for n, p in ps.items()}
+    expected = {**work.state, **names}
+    if set(saved) != set(expected) or any(saved[k].shape != t.shape for k, t in expected.items()):
+        return work
+    params = {v: {n: saved[f"params/{v}/{n}"] for n in ps} for v, ps in work.params.items()}
+    return ChunkWork(work.config, work.units, {k: saved[k] for k in work.state}, params)
+
+
+def build_trainer(work: ChunkWork, data: Dataset, device: torch.device):
+    """(trainer, groups): each variant's runs of the chunk as one :class:`StackedRuns` on the
+    device, over copies of the chunk's parameters."""
+    c = work.config
+    groups = [StackedRuns.from_state(
+        parse(canonical_spec(c.models[v]), c.width, data.num_features, data.num_classes),
+        {name: p.to(device, copy=True) for name, p in work.params[v].items()}, c.offsetl2_form)
+        for v in work.variants]
+    return Trainer(groups, c.precision), groups
+
+
+def train_chunk(work: ChunkWork, data: Dataset, device: torch.device,
+                advance: Callable[[int], None] | None = None,
+                save: Callable[[ChunkWork], None] | None = None) -> ChunkWork:
+    """Train the chunk (in place) from the epoch its runs have reached to the sweep's last, on
+    ``data`` (the sweep's training subset) and ``device``: the same computation wherever it
+    runs. ``advance(n)`` after every epoch with the run-epochs just trained; ``save(work)``
+    every ``checkpoint_every`` seconds with the state so far, parameters included. Returns
+    ``work``."""
+    c, st, variants = work.config, work.state, work.variants
+    trainer, groups = build_trainer(work, data, device)
+    x_t, y = data.x_train.t().contiguous().to(device), data.y_train.to(device)
+    x_test_t, y_test = data.x_test.t().contiguous().to(device), data.y_test.to(device)
+    n = len(y)
+    test_index = {int(e): k for k, e in enumerate(c.test_epochs())}
+    start = int(st[f"{variants[0]}/epochs_done"][0])
+    frozen = [(st[f"{v}/diverged_epoch"] > 0).to(device) for v in variants]
+    last_save = time.monotonic()
+    with matmul_precision(c.precision, device):
+        x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None
+        for epoch in range(start + 1, c.epochs + 1):
+            stats = trainer.step(x_t, y, c.lr, frozen, x_bf16)
+            for gi, v in enumerate(variants):
+                loss, correct = (t.double().cpu() for t in stats[gi])
+                was = st[f"{v}/diverged_epoch"] > 0
+                now = frozen[gi].cpu()
+                st[f"{v}/diverged_epoch"][now & ~was] = epoch
+                st[f"{v}/train_loss"][:, epoch - 1] = torch.where(now, float("nan"), loss)
+                st[f"{v}/train_acc"][:, epoch - 1] = torch.where(now, float("nan"), correct / n)
+            if epoch in test_index:
+                _evaluate_into(trainer, work, frozen, x_test_t, y_test, test_index[epoch])
+            for v in variants:
+                st[f"{v}/epochs_done"][:] = epoch
+            if advance is not None:
+                advance(len(work.units))
+            if save is not None and time.monotonic() - last_save > c.checkpoint_every:
+                _store_params(groups, work)
+                save(work)
+                last_save = time.monotonic()
+        _store_params(groups, work)
+        _finalize(trainer, work, x_t, y, x_test_t, y_test)
+    return work
+
+
+def _evaluate_into(trainer, work: ChunkWork, frozen, x_t, y, k: int) -> None:
+    for gi, (loss, correct) in enumerate(trainer.evaluate(x_t, y)):
+        v, dead = work.variants[gi], frozen[gi].cpu()
+        work.state[f"{v}/test_loss"][:, k] = torch.where(dead, float("nan"), loss.double().cpu())
+        work.state[f"{v}/test_acc"][:, k] = torch.where(dead, float("nan"), correct.double().cpu() / len(y))
+
+
+def _finalize(trainer, work: ChunkWork, x_t, y, x_test_t, y_test) -> None:
+    """Loss and accuracy of the final parameters on the training and test sets."""
+    for split, xs, ys in (("train", x_t, y), ("test", x_test_t, y_test)):
+        for gi, (loss, correct) in enumerate(trainer.evaluate(xs, ys)):
+            v = work.variants[gi]
+            work.state[f"{v}/final_{split}_loss"][:] = loss.double().cpu()
+            work.state[f"{v}/final_{split}_acc"][:] = correct.double().cpu() / len(ys)
+
+
+def _store_params(groups, work: ChunkWork) -> None:
+    for group, v in zip(groups, work.variants):
+        work.params[v] = {name: p.detach().to("cpu", copy=True) for name, p in group.state().items()}
 
 
 def describe_sweep(config: SweepConfig, device: torch.device) -> dict:
