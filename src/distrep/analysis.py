@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distrep.engine import StackedActivation, StackedOffsetL2, StackedRuns, first_argmax
+from distrep.engine import StackedActivation, StackedOffsetL2, StackedRuns, engine_path, first_argmax
 from distrep.models import parse
 from distrep.storage import read_arrays, read_json, read_tensors, write_arrays
 from distrep.sweep import model_dir
@@ -507,9 +507,14 @@ def analyze(directory: Path, unit_examples: int = 2000, log=lambda m: None) -> d
     results = {}
     for model in config["models"]:
         name = model["name"]
+        specs = parse(model["spec"], cfg["width"], data.num_features, data.num_classes)
+        if engine_path(specs) != "hand-written":
+            # the analyses read layers the engine implements by hand; a head or a user's layer
+            # has no stacked form to clamp or take apart
+            log(f"skipping {name}: the analyses cover models of linear, OffsetL2 and activation layers")
+            continue
         log(f"analysing {name}")
         params = read_tensors(directory / "models" / model_dir(name) / "params.safetensors")
-        specs = parse(model["spec"], cfg["width"], data.num_features, data.num_classes)
         group = StackedRuns.from_state(specs, params, cfg["offsetl2_form"])
         found = analyze_runs(group, train, test, data.num_classes, unit_examples)
         for analysis, arrays in found.items():

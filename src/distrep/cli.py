@@ -240,13 +240,20 @@ def cmd_data(args) -> None:
 
 
 def cmd_models(args) -> None:
-    width = max(len(name) for name in ALIASES)
-    print(f"{'name':<{width}}  {'spec':<32}  {'params':>7}  layers")
-    for name, spec in ALIASES.items():
-        print(f"{name:<{width}}  {spec:<32}  {parameter_count(name, args.width):>7}  "
-              f"{describe(name, args.width)}")
-    print("\nAny spec of layers joined by '-' works too, e.g. linear-relu-linear-relu-linear "
-          "(see distrep.models).")
+    from distrep.engine import engine_path
+    from distrep.heads import HEADS
+    from distrep.models import parse
+    # the distance heads read through neg (logit = -d); cosine is a similarity already
+    names = list(ALIASES) + [f"linear-relu-{head}" + ("" if head == "cosine" else "-neg") for head in HEADS]
+    width = max(len(name) for name in names)
+    print(f"{'name':<{width}}  {'spec':<32}  {'params':>7}  {'engine path':<12}  layers")
+    for name in names:
+        print(f"{name:<{width}}  {ALIASES.get(name, name):<32}  {parameter_count(name, args.width):>7}  "
+              f"{engine_path(parse(name, args.width)):<12}  {describe(name, args.width)}")
+    print("\nAny spec of layers joined by '-' works too, e.g. linear-relu-linear-relu-linear or "
+          "linear-abs-gmlvq-neg (see distrep.models). The engine trains models of linear, offsetl2 "
+          "and activation layers on its hand-written path, any other (the heads rbf, mahalanobis, "
+          "gmlvq, cosine, or a layer you register) on its autograd path.")
 
 
 def cmd_train(args) -> None:

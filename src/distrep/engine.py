@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from distrep.errors import DistrepError
 from distrep.layers import CODED_CLAMP
@@ -342,10 +343,8 @@ class StackedRuns:
     @classmethod
     def from_models(cls, models: list[Net], device: torch.device | str = "cpu") -> "StackedRuns":
         """Stack the parameters of R identically built models (each initialised on its own)."""
-        names = [name for name, _ in models[0].named_parameters()]
-        state = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(device)
-                 for name in names}
-        return cls.from_state(models[0].layer_specs, state, models[0].offsetl2_form)
+        return cls.from_state(models[0].layer_specs, stack_parameters(models, device),
+                              models[0].offsetl2_form)
 
     def state(self) -> dict[str, torch.Tensor]:
         """``{"0.weight": [R, out, in], ...}``: the stacked parameters by their model names."""
@@ -387,9 +386,85 @@ def finite_runs(group: StackedRuns) -> torch.Tensor:
     """bool ``[R]``: which runs have only finite parameters."""
     ok = None
     for p in group.state().values():
-        f = torch.isfinite(p).flatten(1).all(1)
+        f = torch.isfinite(p).reshape(p.shape[0], -1).all(1)
         ok = f if ok is None else ok & f
     return ok
+
+
+# --------------------------------------------------------------------------- any layer: autograd
+
+# The layer kinds whose batched gradient is written by hand above; a model made only of these
+# takes the fast path, any other (the heads, a user's layer) the autograd path.
+HAND_WRITTEN = frozenset({"linear", "offsetl2", "relu", "abs", "neg", "tanh", "sigmoid", "gelu",
+                          "softplus", "elu", "identity"})
+PATHS = ("hand-written", "autograd")
+
+
+def engine_path(specs: tuple[LayerSpec, ...]) -> str:
+    """Which of the engine's two paths trains a model with these layers (the one place that
+    decides): "hand-written" when every layer has a hand-written batched gradient."""
+    return "hand-written" if all(s.kind in HAND_WRITTEN for s in specs) else "autograd"
+
+
+def stack_parameters(models: list[nn.Module], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """``{"0.weight": [R, ...], ...}``: the parameters of R identically built models, stacked."""
+    names = [name for name, _ in models[0].named_parameters()]
+    return {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(device)
+            for name in names}
+
+
+class AutogradRuns:
+    """R runs of any model, trained together with PyTorch's autograd over stacked parameters:
+    ``torch.func.functional_call`` of one template model, vectorised over the runs with
+    ``vmap``. Each run's loss, gradient and update are its own, as on the hand-written path,
+    and the same as the reference trainer's to rounding (tested). Inputs are example-major
+    ``[n, in]``; the interface the :class:`Trainer` needs mirrors :class:`StackedRuns`."""
+
+    def __init__(self, template: nn.Module, specs: tuple[LayerSpec, ...], params: dict[str, torch.Tensor]):
+        self.template, self.specs, self.params = template, specs, params
+
+    @classmethod
+    def from_state(cls, specs: tuple[LayerSpec, ...], state: dict[str, torch.Tensor],
+                   offsetl2_form: str = "paper") -> "AutogradRuns":
+        """Runs over stacked parameters ``{"0.weight": [R, ...], ...}`` (used in place)."""
+        device = next(iter(state.values())).device
+        with torch.device("meta"):             # the template's own parameters are never used
+            template = Net(specs, "-".join(s.kind for s in specs), offsetl2_form)
+        return cls(template.to_empty(device=device), specs, state)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.params
+
+    @property
+    def runs(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def _logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.template, params, (x,))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, frozen: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step of every run on ``x [n, in]``; ``(loss [R], correct [R])`` before it.
+        Runs whose loss or parameters become non-finite join ``frozen``."""
+        def loss(params):
+            z = self._logits(params, x)
+            return nn.functional.cross_entropy(z, y), z.argmax(1).eq(y).sum()   # argmax: first maximum
+
+        grads, (value, correct) = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True))(self.params)
+        frozen |= ~torch.isfinite(value)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                g = grads[name].masked_fill_(frozen.view(-1, *(1,) * (p.dim() - 1)), 0.0)
+                p.add_(g, alpha=-lr)
+        frozen |= ~finite_runs(self)
+        return value.detach(), correct
+
+    @torch.no_grad()
+    def forward(self, x_t: torch.Tensor) -> list[torch.Tensor]:
+        """``[logits [R, C, n]]`` for feature-major ``x_t [in, n]`` (as :meth:`StackedRuns.forward`
+        ends)."""
+        z = torch.func.vmap(self._logits, in_dims=(0, None))(self.params, x_t.t())
+        return [z.transpose(1, 2)]
 
 
 class Trainer:
@@ -436,6 +511,9 @@ class Trainer:
         for the first layer's two products."""
         results = []
         for gi, group in enumerate(self.groups):
+            if isinstance(group, AutogradRuns):
+                results.append(group.step(x_t.t(), y, lr, frozen[gi]))
+                continue
             inputs, z = self._forward_group(gi, group, x_t, x_bf16)
             g = self._buffer((gi, "logits"), z.shape, z)
             loss, correct = cross_entropy_backward(z, y, g)

@@ -5,10 +5,12 @@ Grammar
 A spec is a dash-separated list of layers, read left to right::
 
     spec   := layer ("-" layer)*
-    layer  := "linear" ["+bias" | "+nobias"] | "offsetl2" | activation
+    layer  := "linear" ["+bias" | "+nobias"] | "offsetl2" | head | activation
+    head   := rbf | mahalanobis | gmlvq | cosine            (distrep.heads)
     activation := relu | abs | neg | tanh | sigmoid | gelu | softplus | elu | identity
 
-``linear`` and ``offsetl2`` are the *affine* layers. The first takes the input features (784 for
+``linear``, ``offsetl2`` and the heads are the *affine* layers (and any a user registers with
+:func:`register_layer`). The first takes the input features (784 for
 MNIST), the last gives one output per class, and every other one has ``width`` outputs.
 Hidden ``linear`` layers carry a bias; the output ``linear`` has none unless it says ``+bias``:
 without it, a final ``neg`` cannot be undone by a bias shift, which is the paper's point.
@@ -40,9 +42,13 @@ import torch
 from torch import nn
 
 from distrep.errors import DistrepError
+from distrep.heads import HEADS
 from distrep.layers import ACTIVATIONS, OffsetL2, linear_init_bound
 
-AFFINE = ("linear", "offsetl2")
+# Layers with parameters that map in_features -> out_features, by spec name. ``linear`` and
+# ``offsetl2`` are built specially (bias, OffsetL2 form); the rest as ``cls(in, out)``. A user
+# adds to this and to ACTIVATIONS with :func:`register_layer`.
+AFFINE_LAYERS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "offsetl2": OffsetL2, **HEADS}
 
 ALIASES: dict[str, str] = {
     # Table 1: output layer without bias
@@ -87,13 +93,13 @@ class LayerSpec:
 
     @property
     def affine(self) -> bool:
-        return self.kind in AFFINE
+        return self.kind in AFFINE_LAYERS
 
     def describe(self) -> str:
         if self.kind == "linear":
             return f"Linear({self.in_features}→{self.out_features}{'' if self.bias else ', no bias'})"
-        if self.kind == "offsetl2":
-            return f"OffsetL2({self.in_features}→{self.out_features})"
+        if self.affine:
+            return f"{AFFINE_LAYERS[self.kind].__name__}({self.in_features}→{self.out_features})"
         return {"relu": "ReLU", "abs": "Abs", "neg": "Neg"}.get(self.kind, self.kind.capitalize())
 
 
@@ -121,18 +127,18 @@ def parse(name_or_spec: str, width: int = 128, in_features: int = 784,
     kinds = []
     for token in tokens:
         kind, _, modifier = token.partition("+")
-        if kind not in AFFINE and kind not in ACTIVATIONS:
+        if kind not in AFFINE_LAYERS and kind not in ACTIVATIONS:
             raise DistrepError(_unknown_message(name_or_spec, token if len(tokens) > 1 else None))
         if modifier and (kind != "linear" or modifier not in ("bias", "nobias")):
             raise DistrepError(f"bad modifier '+{modifier}' on '{kind}' in {name_or_spec!r}; "
                                f"only linear takes +bias or +nobias")
         kinds.append((kind, modifier))
-    affine_positions = [i for i, (k, _) in enumerate(kinds) if k in AFFINE]
+    affine_positions = [i for i, (k, _) in enumerate(kinds) if k in AFFINE_LAYERS]
     if not affine_positions:
         raise DistrepError(_unknown_message(name_or_spec, None))
     layers, fan_in = [], in_features
     for i, (kind, modifier) in enumerate(kinds):
-        if kind not in AFFINE:
+        if kind not in AFFINE_LAYERS:
             layers.append(LayerSpec(kind))
             continue
         is_output = i == affine_positions[-1]
@@ -180,7 +186,26 @@ def _build(layer: LayerSpec, offsetl2_form: str) -> nn.Module:
         return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
     if layer.kind == "offsetl2":
         return OffsetL2(layer.in_features, layer.out_features, form=offsetl2_form)
+    if layer.affine:
+        return AFFINE_LAYERS[layer.kind](layer.in_features, layer.out_features)
     return ACTIVATIONS[layer.kind]()
+
+
+def register_layer(name: str, layer: type[nn.Module], affine: bool) -> None:
+    """Make ``name`` a layer of the spec grammar (so ``linear-relu-NAME-neg`` builds, trains in
+    sweeps on the engine's autograd path, and reports like any model).
+
+    An affine layer is built as ``layer(in_features, out_features)`` and must draw its
+    parameters in ``reset_parameters(generator)`` from the generator it is given (that is what
+    makes a seed reproducible and the paired design pair); an activation is built as
+    ``layer()`` and has no parameters."""
+    if not (name.isascii() and name.isalnum() and name.islower()):
+        raise DistrepError(f"layer names are lower-case letters and digits, got {name!r}")
+    if name in AFFINE_LAYERS or name in ACTIVATIONS:
+        raise DistrepError(f"a layer named {name!r} exists already")
+    if affine and "reset_parameters" not in vars(layer):
+        raise DistrepError(f"{layer.__name__} needs reset_parameters(generator) to be seeded")
+    (AFFINE_LAYERS if affine else ACTIVATIONS)[name] = layer
 
 
 def create_model(name_or_spec: str, width: int = 128, *, in_features: int = 784,
@@ -212,7 +237,7 @@ def layer_generator(seed: int, layer_index: int) -> torch.Generator:
 def init_parameters(model: Net, seed: int) -> Net:
     """Draw every affine layer's parameters from :func:`layer_generator` (on the CPU, so the
     same seed gives the same weights on every device)."""
-    affine = [m for m in model if isinstance(m, (nn.Linear, OffsetL2))]
+    affine = [m for m, spec in zip(model, model.layer_specs) if spec.affine]
     with torch.no_grad():
         for k, module in enumerate(affine):
             g = layer_generator(seed, k)
@@ -222,8 +247,7 @@ def init_parameters(model: Net, seed: int) -> Net:
                 if module.bias is not None:
                     module.bias.copy_(torch.empty(module.bias.shape).uniform_(-bound, bound, generator=g))
             else:
-                module.mu.copy_(torch.empty(module.mu.shape).normal_(0.0, 0.1, generator=g))
-                module.alpha.fill_(1.0)
+                module.reset_parameters(generator=g)
     return model
 
 
@@ -235,16 +259,12 @@ def describe(name_or_spec: str, width: int = 128, in_features: int = 784,
 
 def parameter_count(name_or_spec: str, width: int = 128, in_features: int = 784,
                     num_classes: int = 10) -> int:
-    count = 0
-    for layer in parse(name_or_spec, width, in_features, num_classes):
-        if layer.kind == "linear":
-            count += layer.in_features * layer.out_features + (layer.out_features if layer.bias else 0)
-        elif layer.kind == "offsetl2":
-            count += 2 * layer.in_features * layer.out_features
-    return count
+    layers = parse(name_or_spec, width, in_features, num_classes)
+    with torch.device("meta"):          # sizes only: nothing is allocated or drawn
+        return sum(p.numel() for p in Net(layers, canonical_spec(name_or_spec)).parameters())
 
 
 def _unknown_message(name: str, token: str | None) -> str:
     what = f"unknown layer {token!r} in {name!r}" if token else f"unknown model {name!r}"
     return (f"{what}; valid names: {', '.join(ALIASES)}; or a spec of layers "
-            f"{'/'.join(AFFINE + tuple(ACTIVATIONS))} joined by '-' (see `distrep models`)")
+            f"{'/'.join(tuple(AFFINE_LAYERS) + tuple(ACTIVATIONS))} joined by '-' (see `distrep models`)")

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from distrep.data import Dataset, load_dataset
-from distrep.engine import PRECISIONS, StackedRuns, Trainer
+from distrep.engine import (PRECISIONS, AutogradRuns, StackedRuns, Trainer, engine_path,
+                            stack_parameters)
 from distrep.errors import DistrepError
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
@@ -100,6 +101,10 @@ class SweepConfig:
             raise DistrepError(f"max runs per chunk must be at least 1, got {self.max_runs_per_chunk}")
         if self.max_memory <= 0:
             raise DistrepError(f"max memory must be positive, got {self.max_memory}")
+        if self.precision == "bf16" and any(engine_path(parse(m)) == "autograd" for m in self.models):
+            raise DistrepError("bf16 is a precision of the engine's hand-written path; models on its "
+                               "autograd path (" + ", ".join(m for m in self.models if engine_path(
+                                   parse(m)) == "autograd") + ") train in fp32 (or tf32 on CUDA)")
         if self.precision == "tf32" and device.type != "cuda":
             raise DistrepError("tf32 is a CUDA precision; on the CPU use fp32 or bf16")
         return self
@@ -314,8 +319,7 @@ class Sweep:
 
     def initial_params(self, v: int) -> dict[str, torch.Tensor]:
         """Stacked initial parameters of every run of variant v (each from its own seed)."""
-        models = [self.build_model(v, s) for s in self.config.seeds(self.specs[v])]
-        return StackedRuns.from_models(models, torch.device("cpu")).state()
+        return stack_parameters([self.build_model(v, s) for s in self.config.seeds(self.specs[v])])
 
     def build_model(self, v: int, seed: int):
         c = self.config
@@ -498,11 +502,12 @@ def load_chunk(path: str | os.PathLike, work: ChunkWork) -> ChunkWork:
 def build_trainer(work: ChunkWork, data: Dataset, device: torch.device):
     """(trainer, groups): each variant's runs of the chunk as one :class:`StackedRuns` on the
     device, over copies of the chunk's parameters."""
-    c = work.config
-    groups = [StackedRuns.from_state(
-        parse(canonical_spec(c.models[v]), c.width, data.num_features, data.num_classes),
-        {name: p.to(device, copy=True) for name, p in work.params[v].items()}, c.offsetl2_form)
-        for v in work.variants]
+    c, groups = work.config, []
+    for v in work.variants:
+        specs = parse(canonical_spec(c.models[v]), c.width, data.num_features, data.num_classes)
+        runs = StackedRuns if engine_path(specs) == "hand-written" else AutogradRuns
+        groups.append(runs.from_state(specs, {name: p.to(device, copy=True)
+                                              for name, p in work.params[v].items()}, c.offsetl2_form))
     return Trainer(groups, c.precision), groups
 
 
@@ -573,7 +578,8 @@ def _store_params(groups, work: ChunkWork) -> None:
 def describe_sweep(config: SweepConfig, device: torch.device) -> dict:
     return {"config": asdict(config), "result_fields": config.result_fields,
             "models": [{"name": display_name(m), "spec": canonical_spec(m),
-                        "seeds": config.seeds(m)} for m in config.models],
+                        "seeds": config.seeds(m), "engine_path": engine_path(parse(m))}
+                       for m in config.models],
             "design": "paired: run i of every model starts from the same first-layer weights"
                       if config.paired else "unpaired: every model has its own seeds",
             "versions": software_versions(), "device": describe_device(device)}
