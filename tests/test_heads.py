@@ -141,3 +141,12 @@ def test_a_layer_registered_by_a_user_trains_in_a_sweep_and_is_reported(tmp_path
         AFFINE_LAYERS.pop("cauchy", None)
     with pytest.raises(DistrepError, match="reset_parameters"):
         register_layer("plain", nn.Identity, affine=True)
+
+
+def test_chunk_memory_counts_a_heads_intermediates():
+    """Mahalanobis builds Omega_j (x - mu_j) for every example and class, ``[n, out, rank]``;
+    the chunk planner must count it (peak RSS measured: ~0.5 GB a run at n = 20,000)."""
+    from distrep.sweep import bytes_per_run
+    n = 20000
+    assert bytes_per_run("linear-relu-mahalanobis-neg", 128, n, 784, 10) >= 4 * 4 * n * 10 * 128
+    assert bytes_per_run("linear-relu-rbf-neg", 128, n, 784, 10) > bytes_per_run("ReLU", 128, n, 784, 10)

@@ -141,18 +141,32 @@ class VariantResult:
 
 def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes: int) -> int:
     """Working memory of one run in the engine: fp32 buffers for every layer's output and the
-    gradient flowing back (n values per feature), float64 copies inside OffsetL2, parameters
+    gradient flowing back (n values per feature; twice that on the autograd path), float64
+    copies inside OffsetL2, a head's intermediates (Mahalanobis: ``[n, out, rank]``), parameters
     with their gradients."""
     total, fan_in = 0, in_features
-    for layer in parse(model, width, in_features, num_classes):
+    layers = parse(model, width, in_features, num_classes)
+    autograd = engine_path(layers) == "autograd"
+    for layer in layers:
         features = layer.out_features if layer.affine else fan_in
-        total += 2 * 4 * n * features
+        total += (4 if autograd else 2) * 4 * n * features     # autograd keeps more per layer
         if layer.kind == "offsetl2":
             total += 4 * 8 * n * layer.in_features + 3 * 4 * 2 * layer.in_features * layer.out_features
         elif layer.kind == "linear":
             total += 3 * 4 * layer.in_features * layer.out_features
+        elif layer.affine:     # a head or a user's layer: its intermediates, forward and backward
+            inner = (layer.in_features + layer.out_features if layer.kind in ("rbf", "gmlvq", "cosine")
+                     else layer.in_features * layer.out_features)     # mahalanobis, or unknown
+            total += 4 * 4 * n * inner + 3 * 4 * parameter_count_of(layer)   # 4: measured
         fan_in = features
     return total
+
+
+def parameter_count_of(layer) -> int:
+    """Parameters of one affine layer of a spec (sizes only; nothing allocated)."""
+    from distrep.models import _build
+    with torch.device("meta"):
+        return sum(p.numel() for p in _build(layer, "paper").parameters())
 
 
 def plan_chunks(units: list[tuple[int, int]], cost: list[int], budget: int,
