@@ -15,20 +15,7 @@ data=${1:?usage: scripts/gpu-check.sh MNIST_DIR OUT_DIR [SECONDS]}
 out=${2:?usage: scripts/gpu-check.sh MNIST_DIR OUT_DIR [SECONDS]}
 budget=${3:-660}
 device=${DEVICE:-cuda}
-python=${PYTHON:-python3}
-mkdir -p "$out"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 DISTREP_OFFLINE=1
-export DISTREP_DATA=${DISTREP_DATA:-/tmp/distrep-data}
-log=$out/log.txt
-
-step() {   # step SECONDS COMMAND...: run with a time limit, log everything, never stop the pass
-    local limit=$1; shift
-    if (( limit <= 5 )); then echo "=== skipped (no time left): $*" | tee -a "$log"; return; fi
-    echo "=== [$(date +%T), ${SECONDS}s] $* (limit ${limit}s)" | tee -a "$log"
-    timeout "$limit" "$@" 2>&1 | tee -a "$log"
-    echo "=== exit ${PIPESTATUS[0]} after ${SECONDS}s" | tee -a "$log"
-}
-left() { echo $(( budget - SECONDS - ${1:-0} )); }
+source "$(dirname "$0")/gpu-lib.sh"
 
 step 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 step 60 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"

@@ -16,21 +16,9 @@ out=${2:?usage: scripts/gpu-paper.sh MNIST_DIR OUT_DIR [SECONDS]}
 budget=${3:-560}
 device=${DEVICE:-cuda}
 precision=${PRECISION:-tf32}
-python=${PYTHON:-python3}
 work=${WORK:-/tmp/distrep-paper}
-mkdir -p "$out" "$work"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 DISTREP_OFFLINE=1
-export DISTREP_DATA=${DISTREP_DATA:-/tmp/distrep-data}
-log=$out/log.txt
-
-step() {   # step SECONDS COMMAND...: run with a time limit, log everything, never stop the pass
-    local limit=$1; shift
-    if (( limit <= 5 )); then echo "=== skipped (no time left): $*" | tee -a "$log"; return; fi
-    echo "=== [$(date +%T), ${SECONDS}s] $* (limit ${limit}s)" | tee -a "$log"
-    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
-    echo "=== exit ${PIPESTATUS[0]} after ${SECONDS}s" | tee -a "$log"
-}
-left() { echo $(( budget - SECONDS - ${1:-0} )); }
+mkdir -p "$work"
+source "$(dirname "$0")/gpu-lib.sh"
 pack() {   # pack NAME: the experiment directory, without the checkpoint once results exist
     local exclude=()
     [[ -f $work/$1/summary.csv ]] && exclude=(--exclude=checkpoint.safetensors)

@@ -1,0 +1,17 @@
+# Shared by the GPU scripts (sourced): the environment, and `step`/`left` that run each part
+# of a pass under a time limit, logged to $log, never stopping the pass.
+# Needs: $out (the folder to log into) and $budget (seconds the whole pass may take).
+python=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 DISTREP_OFFLINE=1
+export DISTREP_DATA=${DISTREP_DATA:-/tmp/distrep-data}
+log=$out/log.txt
+
+step() {   # step SECONDS COMMAND...: SIGINT at the limit (distrep and pytest stop cleanly), KILL 20 s later
+    local limit=$1; shift
+    if (( limit <= 5 )); then echo "=== skipped (no time left): $*" | tee -a "$log"; return; fi
+    echo "=== [$(date +%T), ${SECONDS}s] $* (limit ${limit}s)" | tee -a "$log"
+    timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
+    echo "=== exit ${PIPESTATUS[0]} after ${SECONDS}s" | tee -a "$log"
+}
+left() { echo $(( budget - SECONDS - ${1:-0} )); }
