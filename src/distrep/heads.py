@@ -49,7 +49,31 @@ class RBF(nn.Module):
         return self.rho.exp() * squared_euclidean(x, self.mu)
 
 
-class Mahalanobis(nn.Module):
+class _LearnedMetric(nn.Module):
+    """Prototypes ``mu [out, in]`` and a learned linear map ``omega``: one per output
+    ``[out, rank, in]`` (``per_class``) or one shared ``[rank, in]``, rank = in unless given;
+    mu ~ N(0, 0.1^2), omega starting at the identity (rows of it for a lower rank)."""
+
+    per_class: bool
+
+    def __init__(self, in_features: int, out_features: int, rank: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.rank = rank or in_features
+        self.mu = _prototypes(out_features, in_features, **kw)
+        shape = (out_features,) * self.per_class + (self.rank, in_features)
+        self.omega = nn.Parameter(torch.empty(shape, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            self.mu.normal_(0.0, 0.1, generator=generator)
+            self.omega.copy_(torch.eye(self.rank, self.in_features).expand_as(self.omega))
+
+
+class Mahalanobis(_LearnedMetric):
     """One learned metric per output (a full Mahalanobis distance each, low rank allowed):
 
         d_j = || Omega_j (x - mu_j) ||_2  = sqrt((x - mu_j)^T Omega_j^T Omega_j (x - mu_j))
@@ -58,20 +82,7 @@ class Mahalanobis(nn.Module):
     gradient stays finite at a prototype. Parameters ``mu [out, in]``, ``omega [out, rank, in]``
     (rank = in unless given); Omega_j starts at the identity (rows of it for a lower rank)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int | None = None,
-                 device=None, dtype=None):
-        super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.rank = rank or in_features
-        self.mu = _prototypes(out_features, in_features, **kw)
-        self.omega = nn.Parameter(torch.empty(out_features, self.rank, in_features, **kw))
-        self.reset_parameters()
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        with torch.no_grad():
-            self.mu.normal_(0.0, 0.1, generator=generator)
-            self.omega.copy_(torch.eye(self.rank, self.in_features).expand_as(self.omega))
+    per_class = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Omega_j (x - mu_j) = Omega_j x - Omega_j mu_j: one product for every j at once
@@ -79,7 +90,7 @@ class Mahalanobis(nn.Module):
         return projected.square().sum(-1).clamp_min(CODED_CLAMP).sqrt()
 
 
-class GMLVQ(nn.Module):
+class GMLVQ(_LearnedMetric):
     """Generalized matrix LVQ's distance: one learned metric shared by every prototype,
 
         d_j = || Omega (x - mu_j) ||_2^2
@@ -88,20 +99,7 @@ class GMLVQ(nn.Module):
     model's outputs, e.g. -d through ``neg``). Parameters ``mu [out, in]``, ``omega [rank, in]``
     (rank = in unless given), Omega starting at the identity."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int | None = None,
-                 device=None, dtype=None):
-        super().__init__()
-        kw = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features = in_features, out_features
-        self.rank = rank or in_features
-        self.mu = _prototypes(out_features, in_features, **kw)
-        self.omega = nn.Parameter(torch.empty(self.rank, in_features, **kw))
-        self.reset_parameters()
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        with torch.no_grad():
-            self.mu.normal_(0.0, 0.1, generator=generator)
-            self.omega.copy_(torch.eye(self.rank, self.in_features))
+    per_class = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return squared_euclidean(x @ self.omega.t(), self.mu @ self.omega.t())
