@@ -69,8 +69,12 @@ HEAD_MODELS = [f"linear-{act}-{head}{neg}" for head in heads.HEADS for act in ("
 def test_the_path_is_chosen_in_one_place_and_recorded():
     assert all(engine_path(parse(m)) == "hand-written" for m in list(ALIASES) + EXTRA)
     assert all(engine_path(parse(m)) == "autograd" for m in HEAD_MODELS)
-    with pytest.raises(DistrepError, match="bf16 is a precision of the engine's hand-written path"):
+    with pytest.raises(DistrepError, match="bf16 is a precision of the engine's hand-written and compiled"):
         SweepConfig(models=["ReLU", "linear-relu-rbf-neg"], precision="bf16").validate()
+    SweepConfig(models=["ReLU", "linear-relu-rbf-neg"], precision="bf16", engine="compiled").validate()
+    assert engine_path(parse("ReLU"), "compiled") == "compiled"
+    with pytest.raises(DistrepError, match="hand-written engine has no gradient for rbf"):
+        engine_path(parse("linear-relu-rbf-neg"), "hand-written")
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +93,41 @@ def test_every_head_matches_the_reference_trainer(standardized):
 
 
 @pytest.mark.parametrize("names", [list(ALIASES), EXTRA])
-def test_the_autograd_path_matches_the_reference_for_the_paper_models_too(names, standardized, monkeypatch):
-    """Both paths exist for these: forced onto the autograd path they still match."""
-    import distrep.sweep
-    monkeypatch.setattr(distrep.sweep, "engine_path", lambda specs: "autograd")
-    results = sweep(standardized, names, preprocess="standardized")
+def test_the_autograd_path_matches_the_reference_for_the_paper_models_too(names, standardized):
+    """Both paths exist for these: put on the autograd path they still match."""
+    results = sweep(standardized, names, preprocess="standardized", engine="autograd")
     assert_matches_reference(results, standardized, "standardized", 60, tol=2e-5)
+
+
+# one model per layer kind the engine knows: linear with and without an output bias, relu,
+# abs, neg, tanh, offsetl2, a distance head and the cosine head
+COMPILED_MODELS = ["ReLU2-Neg", "Abs2-Bias", "linear-tanh-linear+bias", "Abs-L2-Neg",
+                   "linear-relu-rbf-neg", "linear-abs-cosine"]
+
+
+def test_the_compiled_step_matches_the_reference_trainer(standardized):
+    """torch.compile's fused step (Inductor on the CPU here): the same arithmetic as the
+    autograd path, so the reference trainer's results to rounding, diverged runs and all."""
+    from distrep.engine import CompiledRuns
+    from distrep.sweep import Sweep
+    config = SweepConfig(models=COMPILED_MODELS, runs=2, epochs=60, eval_every=20,
+                         preprocess="standardized", engine="compiled")
+    s = Sweep(config, standardized, progress=False)
+    _, groups = s.chunk_trainer(s.chunks()[0])
+    assert all(isinstance(g, CompiledRuns) for g in groups)
+    results = s.run()
+    assert_matches_reference(results, standardized, "standardized", 60, tol=2e-4)
+
+
+def test_compiled_bf16_stays_near_fp32(standardized):
+    """bf16 under autocast: products and activations in bf16, loss and update in fp32 — close to
+    fp32 after 60 epochs, and not identical (it did run in bf16)."""
+    kw = {"runs": 2, "epochs": 60, "eval_every": 20, "preprocess": "standardized", "engine": "compiled"}
+    fp32, bf16 = (sweep(standardized, ["ReLU", "linear-relu-rbf-neg"], precision=p, **kw)
+                  for p in ("fp32", "bf16"))
+    for a, b in zip(fp32, bf16):
+        gap = relative(b.arrays["train_loss"], a.arrays["train_loss"])
+        assert 1e-6 < gap < 2e-2, (a.name, gap)
 
 
 class Cauchy(nn.Module):

@@ -9,17 +9,21 @@ engine's default) and cover every chunk the memory budget asks for.
 
 from __future__ import annotations
 
+import json
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distrep import stats
 from distrep.data import Dataset, load_dataset
 from distrep.engine import matmul_nt
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
+from distrep.storage import atomic_write_bytes
 from distrep.sweep import GiB, Sweep, SweepConfig, matmul_precision
 
 # run-epochs of each table's protocol: runs x variants x epochs
@@ -35,9 +39,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Seconds per call of ``fn`` (after one untimed call)."""
-    fn()
+def timed(fn, device, repeats: int, warmup: int = 1) -> float:
+    """Seconds per call of ``fn`` (after ``warmup`` untimed calls)."""
+    for _ in range(warmup):
+        fn()
     sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -89,10 +94,13 @@ def author_loop(data: Dataset, device: torch.device, epochs: int) -> float:
 
 
 def engine(models: list[str], runs: int, data: Dataset, device: torch.device, precision: str,
-           epochs: int, max_memory: int, eval_every: int = 10) -> float:
-    """Seconds per run-epoch of the engine, summed over the chunks the memory budget needs."""
+           epochs: int, max_memory: int, eval_every: int = 10, engine_name: str = "auto"
+           ) -> tuple[float, float]:
+    """(seconds per run-epoch of the engine summed over the chunks the memory budget needs,
+    seconds of warm-up: the first steps, which compile on the compiled path)."""
     config = SweepConfig(models=models, runs=runs, epochs=epochs, precision=precision,
-                         device=str(device), max_memory=max_memory, eval_every=eval_every)
+                         device=str(device), max_memory=max_memory, eval_every=eval_every,
+                         engine=engine_name)
     sweep = Sweep(config, data, progress=False)
     x_t, y = data.x_train.t().contiguous().to(device), data.y_train.to(device)
     x_test_t, y_test = data.x_test.t().contiguous().to(device), data.y_test.to(device)
@@ -101,22 +109,39 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
         return _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every)
 
 
-def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every) -> float:
+def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every) -> tuple[float, float]:
     device, runs, models = sweep.device, sweep.config.runs, sweep.specs
-    total = 0.0
+    # CUDA graphs record on the second call and replay from the third
+    warmup = 3 if sweep.config.engine == "compiled" else 1
+    total = setup = 0.0
     for chunk in sweep.chunks():
+        start = time.perf_counter()
         trainer, groups = sweep.chunk_trainer(chunk)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
-        step = timed(lambda: trainer.step(x_t, y, 1e-3, frozen, x_bf16), device, epochs)
-        test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1)
+        for _ in range(warmup):
+            trainer.step(x_t, y, 1e-3, frozen, x_bf16)
+            trainer.evaluate(x_test_t, y_test)
+        sync(device)
+        setup += time.perf_counter() - start
+        step = timed(lambda: trainer.step(x_t, y, 1e-3, frozen, x_bf16), device, epochs, warmup=0)
+        test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1, warmup=0)
         total += step + test / eval_every
         trainer = groups = None   # free this chunk's buffers before building the next
-    return total / (runs * len(models))
+    return total / (runs * len(models)), setup
+
+
+ENGINE_LABEL = {"auto": "hand-written", "compiled": "compiled", "autograd": "autograd"}
+
+
+def case_key(label: str, precision: str, engine_name: str = "auto") -> str:
+    """``"Table 1 fp32"`` (the hand-written step) or ``"Table 1 fp32 compiled"``."""
+    return f"{label} {precision}" + ("" if engine_name == "auto" else f" {engine_name}")
 
 
 def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
               max_memory: int = 8 * GiB, train_subset: int | None = None,
-              bf16: bool = True, log=print) -> dict:
+              bf16: bool = True, engines: tuple[str, ...] = ("auto",),
+              precisions: tuple[str, ...] | None = None, log=print) -> dict:
     device = resolve_device(device_name)
     cuda = device.type == "cuda"
     data = load_dataset("mnist", "raw").subset(train_subset)
@@ -124,10 +149,12 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
     log(f"device: {describe_device(device)}; {n} training images, {runs} runs per variant, "
         f"{epochs} timed epochs after a warm-up")
     out: dict = {"device": describe_device(device), "n_train": n, "runs": runs}
+    if precisions is None:
+        precisions = ("fp32",) + (("bf16",) if bf16 else ()) + (("tf32",) if cuda else ())
     peaks = {"fp32": gemm_peak(device)}
-    if bf16:
+    if "bf16" in precisions:
         peaks["bf16"] = gemm_peak(device, torch.bfloat16)
-    if cuda:
+    if "tf32" in precisions:
         peaks["tf32"] = gemm_peak(device, tf32=True)
     out["peaks"] = peaks
     log("GEMM peak (4096^3 on CPU / 8192^3 on GPU): "
@@ -138,18 +165,20 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    cases = [("Table 1", "fp32"), ("Table 3", "fp32")]
-    cases += [("Table 1", "bf16")] if bf16 else []
-    cases += [("Table 1", "tf32")] if cuda else []
-    for label, precision in cases:
-        models = list(TABLE3 if label == "Table 3" else TABLE1)
-        seconds = engine(models, runs, data, device, precision, epochs, max_memory)
-        flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
-        key = f"{label} {precision}"
-        out[key] = {"s": seconds, "gflops": flops / seconds / 1e9}
-        log(f"engine, {label} variants x {runs} runs, {precision}: {seconds * 1e3:.3g} ms per run-epoch, "
-            f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / peaks[precision]:.0%} of the "
-            f"{precision} GEMM peak; {out['author_s'] / seconds:.2f}x the author-style loop")
+    for engine_name in engines:
+        for label in ("Table 1", "Table 3"):
+            for precision in precisions:
+                models = list(TABLE3 if label == "Table 3" else TABLE1)
+                seconds, setup = engine(models, runs, data, device, precision, epochs, max_memory,
+                                        engine_name=engine_name)
+                flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
+                key = case_key(label, precision, engine_name)
+                out[key] = {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup}
+                log(f"engine ({ENGINE_LABEL[engine_name]}), {label} variants x {runs} runs, {precision}: "
+                    f"{seconds * 1e3:.3g} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s, "
+                    f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / peaks[precision]:.0%} "
+                    f"of the {precision} GEMM peak; {out['author_s'] / seconds:.2f}x the author-style "
+                    f"loop (warm-up {setup:.0f} s)")
     if cuda:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
     else:
@@ -164,24 +193,31 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
 
 def projections(out: dict) -> list[str]:
     """Projected wall time of each table, and of the whole paper as produced (every run once),
-    from the measured seconds per run-epoch ``out["Table 1 fp32"]["s"]`` etc."""
+    from the measured seconds per run-epoch ``out["Table 1 fp32"]["s"]`` etc., for every
+    engine and precision measured; for the whole paper also the fastest engine per table."""
     lines = []
+    suffixes = [""] + [f" {e}" for e in ("compiled", "autograd")]
     for table, (run_count, table_epochs) in PROTOCOL.items():
         label = "Table 3" if table == "Table 3" else "Table 1"
         for precision in ("fp32", "bf16", "tf32"):
-            if f"{label} {precision}" in out:
-                hours = run_count * table_epochs * out[f"{label} {precision}"]["s"] / 3600
-                lines.append(f"projected {table} ({run_count} runs x {table_epochs} epochs, {precision}): "
-                             f"{format_hours(hours)}"
-                             + (" (Table 2's variants cost what Table 1's do)" if table == "Table 2" else ""))
+            for suffix in suffixes:
+                if f"{label} {precision}{suffix}" in out:
+                    hours = run_count * table_epochs * out[f"{label} {precision}{suffix}"]["s"] / 3600
+                    lines.append(f"projected {table} ({run_count} runs x {table_epochs} epochs, "
+                                 f"{precision}{suffix or ' hand-written'}): {format_hours(hours)}"
+                                 + (" (Table 2's variants cost what Table 1's do)" if table == "Table 2" else ""))
     baseline = sum(r * e for t, (r, e) in PROTOCOL.items() if t in ("Table 1 (as produced)", "Table 2"))
     offsetl2 = PROTOCOL["Table 3"][0] * PROTOCOL["Table 3"][1]
     for precision in ("fp32", "bf16", "tf32"):
-        if f"Table 1 {precision}" in out and f"Table 3 {precision}" in out:
-            hours = (baseline * out[f"Table 1 {precision}"]["s"]
-                     + offsetl2 * out[f"Table 3 {precision}"]["s"]) / 3600
+        best = {label: min((out[f"{label} {precision}{sfx}"]["s"], sfx.strip() or "hand-written")
+                           for sfx in suffixes if f"{label} {precision}{sfx}" in out)
+                for label in ("Table 1", "Table 3")
+                if any(f"{label} {precision}{sfx}" in out for sfx in suffixes)}
+        if len(best) == 2:
+            hours = (baseline * best["Table 1"][0] + offsetl2 * best["Table 3"][0]) / 3600
             lines.append(f"projected: the whole paper as produced (Tables 1-3, every run once: "
-                         f"{(baseline + offsetl2) / 1e6:.1f} million run-epochs, {precision}): "
+                         f"{(baseline + offsetl2) / 1e6:.1f} million run-epochs, {precision}, "
+                         f"Table 1 {best['Table 1'][1]}, Table 3 {best['Table 3'][1]}): "
                          f"{format_hours(hours)}")
     return lines
 
@@ -190,27 +226,91 @@ def format_hours(hours: float) -> str:
     return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
 
 
+# Models whose runs are chaotic on raw pixels (README): a rounding difference sends a run down
+# another trajectory, so run-by-run agreement cannot be expected of any precision, fp32 on
+# another device included; only their distributions over runs can be compared.
+CHAOTIC = ("Abs2-Neg", "ReLU2")
+MARGIN = 0.1          # points of test accuracy: the equivalence margin for the stable models
+
+
+def equivalence(diffs: np.ndarray, margin: float = MARGIN) -> tuple[np.ndarray, str]:
+    """(paired 95 % interval of the mean difference, verdict) for per-run differences ``diffs``
+    (points): "equivalent" when the interval lies within +-margin, "different" when it excludes
+    0 and lies outside the margin, else "inconclusive"."""
+    ci = stats.t_interval(diffs)
+    if np.isnan(ci).any():
+        return ci, "inconclusive (too few runs)"
+    if -margin <= ci[0] and ci[1] <= margin:
+        return ci, f"equivalent within ±{margin:g}"
+    if ci[0] > margin or ci[1] < -margin:
+        return ci, f"different (beyond ±{margin:g})"
+    return ci, "inconclusive (interval reaches past the margin)"
+
+
 def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf16",), runs: int = 5,
-                   epochs: int = 300, train_subset: int | None = 10000, log=print) -> dict:
-    """Final test accuracy of the Table 1 variants in fp32 and in each of ``precisions``
-    (same seeds, same data), compared variant by variant."""
+                   epochs: int = 300, train_subset: int | None = 10000, engine_name: str = "auto",
+                   out_dir=None, log=print) -> dict:
+    """Train Table 1's and Table 3's models (Table 3 as the author's code computes it) in fp32
+    and in each of ``precisions`` from the same seeds on the same data, and compare each
+    run's final test accuracy with its fp32 twin: per model the mean difference, its paired
+    95 % interval and an equivalence verdict against ``MARGIN`` (the chaotic models: a Welch
+    test of the two distributions instead). With ``out_dir``: ``accuracy.json`` (every run's
+    accuracy and the precision it trained in) and ``accuracy.md``, written atomically."""
     data = load_dataset("mnist", "raw")
     device = str(resolve_device(device_name))
-    out, results = {}, {}
+    models = list(TABLE1 + TABLE3)
+    finals, seconds = {}, {}
     for precision in ("fp32", *precisions):
-        config = SweepConfig(models=list(TABLE1), runs=runs, epochs=epochs, train_subset=train_subset,
-                             precision=precision, eval_every=epochs, device=device)
+        config = SweepConfig(models=models, runs=runs, epochs=epochs, train_subset=train_subset,
+                             precision=precision, eval_every=epochs, device=device,
+                             offsetl2_form="coded", engine=engine_name, max_memory=40 * GiB)
         start = time.perf_counter()
-        results[precision] = Sweep(config, data, progress=False).run()
-        out[f"{precision}_s"] = time.perf_counter() - start
+        results = Sweep(config, data, progress=False).run()
+        seconds[precision] = time.perf_counter() - start
+        finals[precision] = {r.name: 100 * r.arrays["final_test_acc"] for r in results}
+    rows = []
     for precision in precisions:
-        for a, b in zip(results["fp32"], results[precision]):
-            fa, fb = 100 * a.arrays["final_test_acc"], 100 * b.arrays["final_test_acc"]
-            out[(a.name, precision)] = (fa.mean(), fb.mean())
-            log(f"{a.name:<10} fp32 {fa.mean():6.2f} %  {precision} {fb.mean():6.2f} %  difference "
-                f"of means {fb.mean() - fa.mean():+.2f} points, largest per-run |difference| "
-                f"{np.abs(fa - fb).max():.2f}")
-    log("wall time " + ", ".join(f"{p} {out[f'{p}_s']:.0f} s" for p in ("fp32", *precisions))
-        + f" ({runs} runs x {len(TABLE1)} variants x {epochs} epochs on "
-        f"{train_subset or len(data.y_train)} images, {device})")
+        for model in models:
+            a, b = finals["fp32"][model], finals[precision][model]
+            both = ~np.isnan(a) & ~np.isnan(b)
+            d = b[both] - a[both]
+            ci, verdict = equivalence(d)
+            if model in CHAOTIC:
+                welch = stats.welch_t(b[~np.isnan(b)], a[~np.isnan(a)])
+                verdict = (f"chaotic: runs do not pair; distributions "
+                           f"{'differ' if welch.p < 0.05 else 'show no difference'} (Welch p = {welch.p:.2f})")
+            rows.append({"precision": precision, "model": model, "fp32": stats.mean(a[both]),
+                         "other": stats.mean(b[both]), "diff": stats.mean(d), "ci": ci.tolist(),
+                         "max_abs": float(np.abs(d).max()) if len(d) else float("nan"),
+                         "pairs": int(both.sum()), "verdict": verdict})
+            log(f"{model:<12} {precision} - fp32: {rows[-1]['diff']:+.3f} points "
+                f"[{ci[0]:+.3f}, {ci[1]:+.3f}] over {both.sum()} paired runs, largest |difference| "
+                f"{rows[-1]['max_abs']:.2f}: {verdict}")
+    n = train_subset or len(data.y_train)
+    protocol = (f"{runs} paired runs x {len(models)} models x {epochs} epochs on {n} MNIST images "
+                f"(raw pixels, lr 0.001, OffsetL2 coded), engine {engine_name}, {describe_device(resolve_device(device))}")
+    log("wall time " + ", ".join(f"{p} {seconds[p]:.0f} s" for p in seconds) + f" ({protocol})")
+    out = {"protocol": protocol, "margin": MARGIN, "seconds": seconds, "rows": rows,
+           "runs": {p: {m: v.tolist() for m, v in per.items()} for p, per in finals.items()}}
+    if out_dir is not None:
+        write_accuracy(Path(out_dir), out)
     return out
+
+
+def write_accuracy(directory: Path, out: dict) -> None:
+    """``accuracy.json`` and ``accuracy.md`` (the verdict table) in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Reduced precision against fp32", "", f"Protocol: {out['protocol']}.", "",
+             f"Each run's final test accuracy minus that of its fp32 twin (same seed, same data); "
+             f"the paired 95 % interval of the mean difference; equivalent when it lies within "
+             f"±{out['margin']:g} points. The chaotic models' runs do not pair (a rounding "
+             f"difference changes the trajectory), so their distributions are compared instead.",
+             "", "| precision | model | fp32 mean | its mean | difference | 95 % interval | "
+             "largest per-run | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['precision']} | {r['model']} | {r['fp32']:.2f} | {r['other']:.2f} | "
+                     f"{r['diff']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['max_abs']:.2f} | "
+                     f"{r['verdict']} |")
+    lines += ["", "Wall time: " + ", ".join(f"{p} {s:.0f} s" for p, s in out["seconds"].items()), ""]
+    atomic_write_bytes(directory / "accuracy.json", json.dumps(out, indent=1).encode())
+    atomic_write_bytes(directory / "accuracy.md", "\n".join(lines).encode())

@@ -2,7 +2,7 @@
 
 Each claim names a relation between two models (or two groups), the statistic the paper printed
 for it, and how to read it: ``equal`` (no difference), ``less`` / ``greater`` (a difference in
-that direction). :func:`verdicts` tests each pair with the paired t-test where the design is
+that direction), ``at least`` (a not significantly below b). :func:`verdicts` tests each pair with the paired t-test where the design is
 paired (else Welch's), beside the rank test (Wilcoxon signed-rank / Mann-Whitney U) and a
 bootstrap interval of the difference, and says whether the claim holds on these runs, does not,
 or cannot be judged here (and why).
@@ -26,7 +26,7 @@ ALPHA = 0.05
 class Claim:
     text: str                          # as a one-line statement
     pairs: tuple[tuple[str, str], ...]  # (a, b): the claim is about a relative to b
-    relation: str                      # "equal", "less" (a < b) or "greater" (a > b)
+    relation: str                      # "equal", "less" (a < b), "greater" (a > b), "at least" (a >= b)
     printed: str                       # the paper's own statistic, or its words
     spread: bool = False               # also claims a has a smaller std than b
 
@@ -59,6 +59,37 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
+# The study beyond the paper (`distrep reproduce beyond`): its two claims put to the paper's
+# models and the prior-art heads, on each dataset. Distance-style = the class is the output
+# that is SMALL before the final neg (near a prototype or hyperplane); its intensity-style twin
+# is the same model without the neg. Explicit distance heads: OffsetL2 and the prior-art
+# distance layers; baselines: Table 1's models and the cosine classifier.
+DISTANCE_TWINS = (("ReLU2-Neg", "ReLU2"), ("Abs2-Neg", "Abs2"), ("ReLU-L2-Neg", "ReLU-L2"),
+                  ("Abs-L2-Neg", "Abs-L2"))
+DISTANCE_HEADS = {"OffsetL2": OFFSETL2, "RBF": ("ReLU-RBF-Neg",),
+                  "Mahalanobis": ("ReLU-Mahalanobis-Neg",), "GMLVQ": ("ReLU-GMLVQ-Neg",)}
+BASELINES = TABLE1 + ("ReLU-Cosine",)
+_SPREAD = "'significantly outperformed baselines', std <= 0.14 (said of OffsetL2 only)"
+
+BEYOND_CLAIMS: tuple[Claim, ...] = (
+    Claim("Distance-style outputs train as well as or better than their intensity-style twins",
+          DISTANCE_TWINS, "at least", "ReLU2-Neg >> ReLU2, but Abs2-Neg < Abs2 (Table 1)"),
+    Claim("Explicit distance heads beat every baseline, with less spread",
+          tuple((a, b) for heads in DISTANCE_HEADS.values() for a in heads for b in BASELINES),
+          "greater", _SPREAD, spread=True),
+    *(Claim(f"{family} beats every baseline, with less spread",
+            tuple((a, b) for a in heads for b in BASELINES), "greater",
+            _SPREAD if family == "OffsetL2" else "not in the paper (related work only)", spread=True)
+      for family, heads in DISTANCE_HEADS.items()),
+)
+
+
+def claims_for(preset: str | None) -> tuple[Claim, ...]:
+    """The claims an experiment of ``preset`` tests: the study's for the beyond presets, else
+    the paper's."""
+    return BEYOND_CLAIMS if preset and preset.startswith("beyond") else CLAIMS
+
+
 @dataclass
 class Verdict:
     claim: Claim
@@ -88,6 +119,8 @@ def _holds(relation: str, r: dict) -> bool:
     p, diff = r["t"].p, r["diff"]
     if relation == "equal":
         return not p < ALPHA
+    if relation == "at least":
+        return not (p < ALPHA and diff < 0)
     significant = p < ALPHA
     return significant and (diff < 0 if relation == "less" else diff > 0)
 
@@ -101,10 +134,11 @@ def _describe(a: str, b: str, r: dict) -> str:
             f"p = {p}, {r['effect_name']} = {r['effect']:.2f}; {rank.test.split()[0]} p = {rp}")
 
 
-def verdicts(values: dict[str, np.ndarray], paired: bool) -> list[Verdict]:
+def verdicts(values: dict[str, np.ndarray], paired: bool,
+             claims: tuple[Claim, ...] = CLAIMS) -> list[Verdict]:
     """Every claim tested on accuracies ``values`` ({model: [runs]}, NaN for a diverged run)."""
     out = []
-    for claim in CLAIMS:
+    for claim in claims:
         present = [(a, b) for a, b in claim.pairs if a in values and b in values]
         if not present:
             missing = sorted({m for pair in claim.pairs for m in pair} - set(values))

@@ -14,9 +14,10 @@ import numpy as np
 
 from distrep import data as data_mod
 from distrep.errors import DistrepError
+from distrep.engine import ENGINES
 from distrep.executors import EXECUTORS
 from distrep.layers import OFFSETL2_FORMS
-from distrep.models import ALIASES, describe, display_name, parameter_count
+from distrep.models import describe, display_name, parameter_count
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--force", action="store_true",
                        help="discard results in --out made with a different config")
     repro = commands.add_parser("reproduce", help="run one of the paper's experiments and report it")
-    repro.add_argument("preset", help="table1, table2, table3, all or quick")
+    repro.add_argument("preset", help="table1, table2, table3, all, quick; beyond, beyond-quick "
+                       "(the paper's models and the prior-art heads on MNIST and Fashion-MNIST)")
     repro.add_argument("--out", type=out_dir, default=None, help="experiment directory (default runs/PRESET)")
     repro.add_argument("--models", type=comma_list, default=None)
     repro.add_argument("--runs", type=positive_int, default=None)
@@ -144,9 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-memory", type=memory_size, default="8G", metavar="SIZE")
     bench.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
     bench.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
+    bench.add_argument("--precisions", default=None, metavar="P[,P]",
+                       help="time only these precisions (fp32, bf16, tf32; default: all the "
+                            "device has)")
+    bench.add_argument("--no-speed", action="store_true",
+                       help="skip the timings (with --accuracy: only the accuracy comparison)")
+    bench.add_argument("--engine", default="auto", metavar="E[,E]",
+                       help="engine paths to time: auto (the hand-written step), compiled, "
+                            "autograd; comma-separated (default auto)")
     bench.add_argument("--accuracy", action="store_true",
-                       help="also train Table 1's variants briefly in fp32 and in bf16 (and TF32 "
-                            "on CUDA) and compare their final test accuracy")
+                       help="also train Table 1's and Table 3's models in fp32 and in bf16 (and "
+                            "TF32 on CUDA) from the same seeds and test each precision's "
+                            "equivalence with fp32, run by run")
+    bench.add_argument("--accuracy-out", type=Path, default=None, metavar="DIR",
+                       help="write the accuracy comparison to DIR/accuracy.md and accuracy.json")
     bench.add_argument("--accuracy-runs", type=positive_int, default=5, metavar="R")
     bench.add_argument("--accuracy-epochs", type=positive_int, default=300, metavar="E")
     bench.add_argument("--accuracy-subset", type=positive_int, default=10000, metavar="N",
@@ -176,6 +189,10 @@ def add_engine_arguments(parser, defaults: bool) -> None:
     d = (lambda value: value) if defaults else (lambda value: None)
     parser.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default=d("fp32"),
                         help="fp32 (exact, default); bf16 first-layer products (CPU/GPU); tf32 (GPU)")
+    parser.add_argument("--engine", choices=ENGINES, default=d("auto"),
+                        help="auto (default): the hand-written step where it covers the model, "
+                             "else autograd; compiled: the autograd step fused by torch.compile "
+                             "(any model; CUDA graphs on a GPU; bf16 keeps activations in bf16)")
     parser.add_argument("--base-seed", type=non_negative_int, default=d(0))
     parser.add_argument("--unpaired", action="store_true",
                         help="give every model its own seeds (default: run i of every model "
@@ -241,14 +258,12 @@ def cmd_data(args) -> None:
 
 def cmd_models(args) -> None:
     from distrep.engine import engine_path
-    from distrep.heads import HEADS
-    from distrep.models import parse
-    # the distance heads read through neg (logit = -d); cosine is a similarity already
-    names = list(ALIASES) + [f"linear-relu-{head}" + ("" if head == "cosine" else "-neg") for head in HEADS]
+    from distrep.models import NAMES, parse
+    names = list(NAMES)
     width = max(len(name) for name in names)
     print(f"{'name':<{width}}  {'spec':<32}  {'params':>7}  {'engine path':<12}  layers")
     for name in names:
-        print(f"{name:<{width}}  {ALIASES.get(name, name):<32}  {parameter_count(name, args.width):>7}  "
+        print(f"{name:<{width}}  {NAMES[name]:<32}  {parameter_count(name, args.width):>7}  "
               f"{engine_path(parse(name, args.width)):<12}  {describe(name, args.width)}")
     print("\nAny spec of layers joined by '-' works too, e.g. linear-relu-linear-relu-linear or "
           "linear-abs-gmlvq-neg (see distrep.models). The engine trains models of linear, offsetl2 "
@@ -294,7 +309,7 @@ def cmd_sweep(args) -> None:
         eval_every=args.eval_every, offsetl2_form=args.offsetl2_form, precision=args.precision,
         base_seed=args.base_seed, paired=not args.unpaired, device=args.device,
         max_memory=args.max_memory, checkpoint_every=args.checkpoint_every,
-        max_runs_per_chunk=args.max_runs_per_chunk).validate()
+        max_runs_per_chunk=args.max_runs_per_chunk, engine=args.engine).validate()
     data_mod.get_spec(config.dataset)
     executor = executor_from(args)
     out: Path = args.out
@@ -312,29 +327,39 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_reproduce(args) -> None:
-    from distrep.reproduce import GROUPS, PRESET_NAMES, reproduce
+    from distrep.experiment import experiment_lock
+    from distrep.reproduce import GROUPS, PRESET_NAMES, reproduce, resolve_preset
 
     if args.preset not in PRESET_NAMES:
         raise DistrepError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
     overrides = {name: getattr(args, name) for name in (
         "models", "runs", "epochs", "lr", "width", "dataset", "preprocess", "offsetl2_form",
         "train_subset", "eval_every", "precision", "device", "base_seed", "max_memory",
-        "checkpoint_every", "max_runs_per_chunk")}
+        "checkpoint_every", "max_runs_per_chunk", "engine")}
     overrides["paired"] = False if args.unpaired else None
     if overrides["dataset"] is not None:
         data_mod.get_spec(overrides["dataset"])
     out = args.out or Path("runs") / args.preset
+    members = GROUPS.get(args.preset, {"": args.preset})     # {subdirectory: preset}
+    if args.dataset is not None and len({resolve_preset(p, {}).dataset for p in members.values()}) > 1:
+        raise DistrepError(f"--dataset: {args.preset} runs on {' and '.join(members)} by design; "
+                           f"name one of its presets ({', '.join(members.values())}) to change it")
     if args.dry_run:
         from distrep.reproduce import dry_run
-        for preset in GROUPS.get(args.preset, (args.preset,)):
+        for preset in members.values():
             dry_run(preset, overrides)
         return
     executor = executor_from(args)
-    for preset in GROUPS.get(args.preset, (args.preset,)):
-        target = out / preset if args.preset in GROUPS else out
+    for label, preset in members.items():
+        target = out / label
         reproduce(preset, target, overrides, force=args.force, progress=not args.quiet,
                   executor=executor)
         print(f"{preset}: report in {target / 'report.html'} and {target / 'report.md'}")
+    if args.preset in GROUPS:
+        from distrep.report import write_group_report
+        with experiment_lock(out):
+            paths = write_group_report(out, args.preset, {label: out / label for label in members})
+        print(f"{args.preset}: report over {', '.join(members)} in {paths['html']} and {paths['md']}")
 
 
 def executor_from(args):
@@ -365,7 +390,8 @@ def cmd_analyze(args) -> None:
 
 def cmd_bench(args) -> None:
     from distrep.bench import accuracy_check, run_bench
-    from distrep.models import TABLE1
+    from distrep.experiment import check_writable
+    from distrep.models import TABLE1, TABLE3
     from distrep.provenance import resolve_device
     from distrep.sweep import SweepConfig
     # every option is checked before the first timing, not after minutes of them
@@ -374,17 +400,32 @@ def cmd_bench(args) -> None:
     for name, value in (("--train-subset", args.train_subset), ("--accuracy-subset", args.accuracy_subset)):
         if value is not None and value > n_train:
             raise DistrepError(f"{name} {value} is more than the {n_train} MNIST training images")
+    engines = tuple(e.strip() for e in args.engine.split(",") if e.strip())
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise DistrepError(f"--engine: unknown engine {', '.join(bad) or '(none)'}; choose from "
+                           f"{', '.join(ENGINES)}")
     if args.accuracy:
         for precision in ("fp32", "bf16", "tf32"):
-            SweepConfig(models=list(TABLE1), runs=args.accuracy_runs, epochs=args.accuracy_epochs,
+            SweepConfig(models=list(TABLE1 + TABLE3), runs=args.accuracy_runs, epochs=args.accuracy_epochs,
                         precision=precision if precision != "tf32" or cuda else "fp32",
-                        device=args.device).validate()
-    run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
-              bf16=not args.no_bf16)
+                        device=args.device, engine=engines[-1]).validate()
+        if args.accuracy_out is not None:
+            check_writable(args.accuracy_out)
+    chosen = None
+    if args.precisions is not None:
+        chosen = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+        wrong = [p for p in chosen if p not in ("fp32", "bf16", "tf32") or (p == "tf32" and not cuda)]
+        if wrong or not chosen:
+            raise DistrepError(f"--precisions: {', '.join(wrong) or '(none)'} cannot be timed here; "
+                               f"choose from fp32, bf16" + (", tf32" if cuda else " (tf32 needs CUDA)"))
+    if not args.no_speed:
+        run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
+                  bf16=not args.no_bf16, engines=engines, precisions=chosen)
     if args.accuracy:
         precisions = (("bf16",) if not args.no_bf16 else ()) + (("tf32",) if cuda else ())
         accuracy_check(args.device, precisions, args.accuracy_runs, args.accuracy_epochs,
-                       args.accuracy_subset)
+                       args.accuracy_subset, engine_name=engines[-1], out_dir=args.accuracy_out)
 
 
 def _usable_streams() -> None:

@@ -397,13 +397,25 @@ def finite_runs(group: StackedRuns) -> torch.Tensor:
 # takes the fast path, any other (the heads, a user's layer) the autograd path.
 HAND_WRITTEN = frozenset({"linear", "offsetl2", "relu", "abs", "neg", "tanh", "sigmoid", "gelu",
                           "softplus", "elu", "identity"})
-PATHS = ("hand-written", "autograd")
+PATHS = ("hand-written", "autograd", "compiled")
+ENGINES = ("auto",) + PATHS
 
 
-def engine_path(specs: tuple[LayerSpec, ...]) -> str:
-    """Which of the engine's two paths trains a model with these layers (the one place that
-    decides): "hand-written" when every layer has a hand-written batched gradient."""
-    return "hand-written" if all(s.kind in HAND_WRITTEN for s in specs) else "autograd"
+def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto") -> str:
+    """Which of the engine's paths trains a model with these layers (the one place that
+    decides). ``auto``: "hand-written" when every layer has a hand-written batched gradient,
+    else "autograd"; "compiled" (the autograd step fused by ``torch.compile``) and "autograd"
+    take any model when asked for; "hand-written" only the models it covers."""
+    covered = all(s.kind in HAND_WRITTEN for s in specs)
+    if engine == "auto":
+        return "hand-written" if covered else "autograd"
+    if engine not in PATHS:
+        raise DistrepError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "hand-written" and not covered:
+        missing = sorted({s.kind for s in specs if s.kind not in HAND_WRITTEN})
+        raise DistrepError(f"the hand-written engine has no gradient for {', '.join(missing)}; "
+                           f"use --engine auto, autograd or compiled")
+    return engine
 
 
 def stack_parameters(models: list[nn.Module], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -467,6 +479,73 @@ class AutogradRuns:
         return [z.transpose(1, 2)]
 
 
+class CompiledRuns(AutogradRuns):
+    """:class:`AutogradRuns` whose step and test pass are compiled by ``torch.compile``: one
+    graph per step (forward, backward, loss, the divergence test and the SGD update), the
+    elementwise work fused around the matrix products by Inductor, and on CUDA replayed as a
+    CUDA graph (one launch a step). The same arithmetic as the autograd path, so the same
+    results to rounding (tested against the reference trainer on the CPU).
+
+    Precision: with ``bf16`` the model runs under autocast, so its matrix products and the
+    activations between them are bf16 while the loss, the gradients of the fp32 master
+    parameters and the update stay fp32; ``tf32`` and ``fp32`` as elsewhere in the engine.
+    Compiling costs seconds to a minute per model, once per chunk."""
+
+    def __init__(self, template: nn.Module, specs: tuple[LayerSpec, ...], params: dict[str, torch.Tensor]):
+        super().__init__(template, specs, params)
+        self.autocast = False
+        # Every group compiles the same method for its own model: one entry per group in
+        # Dynamo's cache of that code (default limit 8), not a fall-back to eager at the 9th.
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 256))
+        cuda = next(iter(params.values())).device.type == "cuda"
+        options = {"fullgraph": True, "dynamic": False}
+        # CUDA graphs replay a whole step; their outputs are overwritten by the next replay,
+        # so what the caller keeps is cloned in step() and forward().
+        self._step = torch.compile(self._step_graph, mode="reduce-overhead" if cuda else None, **options)
+        self._logits_all = torch.compile(self._logits_graph, **options)
+
+    def _context(self, device: torch.device):
+        if self.autocast:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, enabled=False)
+
+    def _step_graph(self, params, x, y, lr: float, frozen):
+        def loss(p):
+            with self._context(x.device):
+                z = self._logits(p, x)
+            z = z.float()
+            return nn.functional.cross_entropy(z, y), z.argmax(1).eq(y).sum()
+
+        grads, (value, correct) = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True))(params)
+        frozen = frozen | ~torch.isfinite(value)
+        new = {}
+        for name, p in params.items():
+            keep = frozen.view(-1, *(1,) * (p.dim() - 1))
+            new[name] = p - lr * grads[name].masked_fill(keep, 0.0)
+        ok = torch.stack([torch.isfinite(v).reshape(v.shape[0], -1).all(1) for v in new.values()]).all(0)
+        return new, value, correct, frozen | ~ok
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, frozen: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        new, value, correct, now = self._step(self.params, x, y, lr, frozen)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(new[name])
+        frozen.copy_(now)
+        return value.detach().clone(), correct.clone()
+
+    def _logits_graph(self, params, x_t):
+        with self._context(x_t.device):
+            z = torch.func.vmap(self._logits, in_dims=(0, None))(params, x_t.t())
+        return z.float().transpose(1, 2)
+
+    @torch.no_grad()
+    def forward(self, x_t: torch.Tensor) -> list[torch.Tensor]:
+        return [self._logits_all(self.params, x_t).clone()]
+
+
 class Trainer:
     """Trains a chunk of runs (several variants' :class:`StackedRuns`) on one full batch.
 
@@ -482,6 +561,9 @@ class Trainer:
                 raise DistrepError("the engine needs an affine first layer (linear or offsetl2)")
         self.groups, self.precision = groups, precision
         self._buffers: dict = {}
+        for group in groups:
+            if isinstance(group, CompiledRuns):
+                group.autocast = precision == "bf16"
 
     def _buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)

@@ -21,7 +21,8 @@ without it, a final ``neg`` cannot be undone by a bias shift, which is the paper
     linear-abs-offsetl2-neg         # Abs-L2-Neg
     linear-relu-linear-relu-linear  # a deeper variant of ReLU
 
-The paper's model names are aliases (:data:`ALIASES`); names are matched case-insensitively and
+The paper's model names are aliases (:data:`ALIASES`), as are short names for the heads on a
+ReLU hidden layer (:data:`HEAD_ALIASES`); names are matched case-insensitively and
 ``_`` counts as ``-``.
 
 Initialisation
@@ -75,11 +76,22 @@ ALIASES: dict[str, str] = {
     "Linear-L2-Neg": "linear-offsetl2-neg",
 }
 
+# Names for the prior-art heads on a ReLU hidden layer (distrep.heads; not the paper's): the
+# distances read through neg (logit = -d), the cosine classifier a similarity read directly.
+HEAD_ALIASES: dict[str, str] = {
+    "ReLU-RBF-Neg": "linear-relu-rbf-neg",
+    "ReLU-Mahalanobis-Neg": "linear-relu-mahalanobis-neg",
+    "ReLU-GMLVQ-Neg": "linear-relu-gmlvq-neg",
+    "ReLU-Cosine": "linear-relu-cosine",
+}
+NAMES: dict[str, str] = ALIASES | HEAD_ALIASES     # every model name distrep knows
+
 TABLE1 = ("Abs", "ReLU", "Abs2", "Abs2-Neg", "ReLU2", "ReLU2-Neg")
 TABLE2 = tuple(f"{name}-Bias" for name in TABLE1)
 TABLE3 = ("ReLU-L2", "ReLU-L2-Neg", "Abs-L2", "Abs-L2-Neg")
+HEAD_MODELS = tuple(HEAD_ALIASES)
 
-_ALIAS_KEYS = {name.lower(): name for name in ALIASES}
+_ALIAS_KEYS = {name.lower(): name for name in NAMES}
 
 
 @dataclass(frozen=True)
@@ -108,7 +120,7 @@ def resolve(name_or_spec: str) -> tuple[str | None, str]:
     key = name_or_spec.strip().lower().replace("_", "-")
     if key in _ALIAS_KEYS:
         alias = _ALIAS_KEYS[key]
-        return alias, ALIASES[alias]
+        return alias, NAMES[alias]
     return None, key
 
 
@@ -167,7 +179,7 @@ def canonical_spec(name_or_spec: str) -> str:
 def display_name(name_or_spec: str) -> str:
     """The paper's name if the spec has one, else the canonical spec."""
     spec = canonical_spec(name_or_spec)
-    return next((alias for alias, s in ALIASES.items() if s == spec), spec)
+    return next((alias for alias, s in NAMES.items() if s == spec), spec)
 
 
 class Net(nn.Sequential):
@@ -266,5 +278,5 @@ def parameter_count(name_or_spec: str, width: int = 128, in_features: int = 784,
 
 def _unknown_message(name: str, token: str | None) -> str:
     what = f"unknown layer {token!r} in {name!r}" if token else f"unknown model {name!r}"
-    return (f"{what}; valid names: {', '.join(ALIASES)}; or a spec of layers "
+    return (f"{what}; valid names: {', '.join(NAMES)}; or a spec of layers "
             f"{'/'.join(tuple(AFFINE_LAYERS) + tuple(ACTIVATIONS))} joined by '-' (see `distrep models`)")

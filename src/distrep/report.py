@@ -18,7 +18,7 @@ import numpy as np
 from distrep import stats
 from distrep.errors import DistrepError
 from distrep.models import create_model
-from distrep.claims import verdicts
+from distrep.claims import BEYOND_CLAIMS, claims_for, verdicts
 from distrep.paper import CLAMP_DROPOFF, DISCREPANCIES, RUNS, match, run_protocol
 from distrep.plots import (_log_y, plot_clamping, plot_first_layer, plot_hyperplanes,
                            plot_prototypes, save_figure)
@@ -297,10 +297,20 @@ def is_paired(exp: dict) -> bool:
 
 
 def claims_table(exp: dict, epoch: int | None = None) -> tuple[list[str], list[list[str]]]:
-    head = ["the paper's claim", "the paper printed", "these runs", "verdict"]
+    """The claims the experiment's preset tests (:func:`distrep.claims.claims_for`), one row
+    each: the claim, what the paper printed, what these runs show, the verdict."""
+    claims = claims_for(exp["config"].get("preset"))
+    head = ["the paper's claim" if claims is not BEYOND_CLAIMS else "the claim",
+            "the paper printed", "these runs", "verdict"]
     body = [[v.claim.text, v.claim.printed, v.ours, v.verdict + (f" ({v.why})" if v.why else "")]
-            for v in verdicts(comparison_values(exp, epoch), is_paired(exp))]
+            for v in verdicts(comparison_values(exp, epoch), is_paired(exp), claims)]
     return head, body
+
+
+def claims_title(exp: dict) -> str:
+    if claims_for(exp["config"].get("preset")) is BEYOND_CLAIMS:
+        return "The paper's two claims, beyond the paper"
+    return "The paper's claims"
 
 
 CLAIMS_NOTE = ("Each claim of the paper's results, tested on this experiment's runs at the reading "
@@ -311,6 +321,25 @@ CLAIMS_NOTE = ("Each claim of the paper's results, tested on this experiment's r
                "claimed difference holds when it is significant and in the claimed direction. "
                "The paper's statistics come from its own runs (Table 1: 50,000 epochs by the "
                "evidence), compared here only in kind.")
+
+
+BEYOND_NOTE = ("The paper's two claims put to its own models and to the prior-art distance heads on "
+               "this dataset. Distance-style: the class is the output that is small before the "
+               "final Neg (ReLU2-Neg, Abs2-Neg, ReLU-L2-Neg, Abs-L2-Neg); each is compared with its "
+               "twin without the Neg, and the claim holds when no twin is significantly below. "
+               "Explicit distance heads (OffsetL2, RBF, Mahalanobis, GMLVQ) are compared with every "
+               "baseline (Table 1's models and the cosine classifier): the claim holds for a pair "
+               "when the head is significantly better and its std smaller. Diverged runs are left "
+               "out of the tests and counted in the accuracy table. Tests: the paired t-test "
+               "where the design is paired (else Welch's) at the 5 % level, beside a rank test "
+               "and a bootstrap 95 % interval; 'not significantly below' is not proof of "
+               "equivalence.")
+
+
+def claims_note(exp: dict) -> str:
+    if claims_for(exp["config"].get("preset")) is BEYOND_CLAIMS:
+        return BEYOND_NOTE
+    return CLAIMS_NOTE
 
 
 def epochs_table(exp: dict, until: int | None = None) -> tuple[list[str], list[list[str]]] | None:
@@ -686,7 +715,7 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
         f", read at epoch {at_epoch:,}" if at_epoch is not None else "") + (
         f" (unfinished: training stopped at epoch {reached:,} of {epochs:,})" if reached < epochs else "")
     sections = [
-        Section(f"The paper's claims ({reading} test accuracy)", CLAIMS_NOTE, claims_table(exp, at_epoch)),
+        Section(f"{claims_title(exp)} ({reading} test accuracy)", claims_note(exp), claims_table(exp, at_epoch)),
         Section(f"Test accuracy (%), {reading}", MAIN_NOTE, main_table(rows)),
     ]
     if at_epoch is None and epochs > STATED_EPOCHS and STATED_EPOCHS in tested:
@@ -705,16 +734,25 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
         Section("Where the paper, its tables and its code disagree", DISCREPANCY_NOTE,
                 discrepancies_table(), folded=True),
     ]
-    protocol = protocol_lines(exp)
+    paths = write_pages(directory, suffix, title, sections, protocol_lines(exp), latex)
+    paths["tex"] = directory / f"table{suffix}.tex"
+    atomic_write_bytes(paths["tex"], latex.encode())
+    return paths
 
+
+def write_pages(directory: Path, suffix: str, title: str, sections: list[Section],
+                protocol: list[str], latex: str | None = None) -> dict[str, Path]:
+    """``report{suffix}.md`` and ``report{suffix}.html`` (images inlined) in ``directory``:
+    the sections, then the protocol and the LaTeX table (if any)."""
     md = [f"# {title}", ""]
     for sec in sections:
         md += [f"## {sec.title}", ""]
         md += [sec.note, ""] if sec.note else []
         md += [_md_table(*sec.table), ""] if sec.table else []
         md += [line for alt, path in sec.images for line in (f"![{alt}]({path})", "")]
-    md += ["## Protocol", "", *(f"- {line}" for line in protocol), "",
-           "## LaTeX", "", "```latex", latex.rstrip(), "```", ""]
+    md += ["## Protocol", "", *(f"- {line}" for line in protocol), ""]
+    if latex is not None:
+        md += ["## LaTeX", "", "```latex", latex.rstrip(), "```", ""]
 
     def image(alt, path):
         data = base64.b64encode((directory / path).read_bytes()).decode()
@@ -730,6 +768,7 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
         return f"<h2>{html.escape(sec.title)}</h2>{inner}\n"
 
     body = "".join(block(sec) for sec in sections)
+    tail = "" if latex is None else f"<h2>LaTeX</h2><pre>{html.escape(latex)}</pre>\n"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -745,12 +784,62 @@ summary h2 {{ display: inline; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 {body}<h2>Protocol</h2><ul>{"".join(f"<li>{html.escape(line)}</li>" for line in protocol)}</ul>
-<h2>LaTeX</h2><pre>{html.escape(latex)}</pre>
-</body></html>
+{tail}</body></html>
 """
-    paths = {"md": directory / f"report{suffix}.md", "html": directory / f"report{suffix}.html",
-             "tex": directory / f"table{suffix}.tex"}
+    paths = {"md": directory / f"report{suffix}.md", "html": directory / f"report{suffix}.html"}
     atomic_write_bytes(paths["md"], "\n".join(md).encode())
     atomic_write_bytes(paths["html"], page.encode())
-    atomic_write_bytes(paths["tex"], latex.encode())
     return paths
+
+
+# --------------------------------------------------------------------------- a group of experiments
+
+GROUP_NOTE = ("Mean ± sample std of the final test accuracy over the runs that finished, with "
+              "the number of diverged runs where there are any; each experiment's own report "
+              "(linked below) has its tests, curves and analyses.")
+
+
+def group_accuracy_table(exps: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per model, one column per experiment: mean ± std (k of n diverged)."""
+    models = list(dict.fromkeys(m for exp in exps.values() for m in exp["models"]))
+    head = ["model"] + list(exps)
+    body = []
+    for model in models:
+        row = [model]
+        for exp in exps.values():
+            if model not in exp["metrics"]:
+                row.append("—")
+                continue
+            acc = final_accuracy(exp["metrics"][model])
+            lost = int(np.isnan(acc).sum())
+            row.append(_pm(acc, 2) + (f" ({lost} of {len(acc)} diverged)" if lost else ""))
+        body.append(row)
+    return head, body
+
+
+def write_group_report(directory, name: str, members: dict[str, Path]) -> dict[str, Path]:
+    """``report.md`` / ``report.html`` in ``directory`` for a group of finished experiments
+    ``{label: directory}`` (e.g. one per dataset): every model's accuracy side by side, each
+    experiment's claims, their accuracy per run, and links to their own reports."""
+    directory = Path(directory)
+    exps = {label: load_experiment(path) for label, path in members.items()}
+    fig, axes = plt.subplots(1, len(exps), figsize=(6.5 * len(exps), 5), layout="constrained",
+                             squeeze=False)
+    for ax, (label, exp) in zip(axes[0], exps.items()):
+        plot_final(exp["metrics"], ax)
+        ax.set_title(f"{label}: test accuracy per run")
+    save_figure(fig, directory / "figures/final_accuracy.png")
+    sections = [Section("Test accuracy (%), final", GROUP_NOTE, group_accuracy_table(exps))]
+    for label, exp in exps.items():
+        sections.append(Section(f"{label}: {claims_title(exp)}",
+                                claims_note(exp), claims_table(exp)))
+    sections.append(Section("Accuracy per run", images=[("accuracy per run", "figures/final_accuracy.png")]))
+    protocol = []
+    for label, path in members.items():
+        rel = path.relative_to(directory) if path.is_relative_to(directory) else path
+        cfg = exps[label]["config"]["config"]
+        protocol.append(f"{label}: {rel}/report.md — {len(exps[label]['models'])} models x "
+                        f"{cfg['runs']} runs x {cfg['epochs']} epochs on "
+                        f"{cfg['train_subset'] or 'all'} {cfg['dataset']} training images "
+                        f"({cfg['preprocess']} pixels), lr {cfg['lr']}, {cfg['precision']}")
+    return write_pages(directory, "", f"distrep study: {name} ({', '.join(exps)})", sections, protocol)

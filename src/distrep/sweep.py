@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from distrep.data import Dataset, load_dataset
-from distrep.engine import (PRECISIONS, AutogradRuns, StackedRuns, Trainer, engine_path,
+from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, StackedRuns, Trainer, engine_path,
                             stack_parameters)
 from distrep.errors import DistrepError
 from distrep.models import canonical_spec, create_model, display_name, parse
@@ -64,13 +64,14 @@ class SweepConfig:
     max_memory: int = 8 * GiB
     checkpoint_every: float = 300.0
     max_runs_per_chunk: int | None = None
+    engine: str = "auto"
 
-    # device, memory budget and checkpoint interval never change a result (fp32 CPU/GPU differ
-    # only in rounding); everything else does.
+    # device, engine path, memory budget and checkpoint interval never change a result (they
+    # differ only in rounding); everything else does.
     @property
     def result_fields(self) -> dict:
         d = asdict(self)
-        for key in ("device", "max_memory", "checkpoint_every", "max_runs_per_chunk"):
+        for key in ("device", "max_memory", "checkpoint_every", "max_runs_per_chunk", "engine"):
             d.pop(key)
         d["models"] = [canonical_spec(m) for m in self.models]
         return d
@@ -101,10 +102,12 @@ class SweepConfig:
             raise DistrepError(f"max runs per chunk must be at least 1, got {self.max_runs_per_chunk}")
         if self.max_memory <= 0:
             raise DistrepError(f"max memory must be positive, got {self.max_memory}")
-        if self.precision == "bf16" and any(engine_path(parse(m)) == "autograd" for m in self.models):
-            raise DistrepError("bf16 is a precision of the engine's hand-written path; models on its "
-                               "autograd path (" + ", ".join(m for m in self.models if engine_path(
-                                   parse(m)) == "autograd") + ") train in fp32 (or tf32 on CUDA)")
+        paths = {m: engine_path(parse(m), self.engine) for m in self.models}
+        if self.precision == "bf16" and "autograd" in paths.values():
+            raise DistrepError("bf16 is a precision of the engine's hand-written and compiled paths; "
+                               "models on its autograd path (" + ", ".join(
+                                   m for m, p in paths.items() if p == "autograd") + ") train in fp32 "
+                               "(or tf32 on CUDA), or in bf16 with --engine compiled")
         if self.precision == "tf32" and device.type != "cuda":
             raise DistrepError("tf32 is a CUDA precision; on the CPU use fp32 or bf16")
         return self
@@ -139,14 +142,15 @@ class VariantResult:
 
 # --------------------------------------------------------------------------- memory and chunks
 
-def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes: int) -> int:
+def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes: int,
+                  engine: str = "auto") -> int:
     """Working memory of one run in the engine: fp32 buffers for every layer's output and the
     gradient flowing back (n values per feature; twice that on the autograd path), float64
     copies inside OffsetL2, a head's intermediates (Mahalanobis: ``[n, out, rank]``), parameters
     with their gradients."""
     total, fan_in = 0, in_features
     layers = parse(model, width, in_features, num_classes)
-    autograd = engine_path(layers) == "autograd"
+    autograd = engine_path(layers, engine) != "hand-written"
     for layer in layers:
         features = layer.out_features if layer.affine else fan_in
         total += (4 if autograd else 2) * 4 * n * features     # autograd keeps more per layer
@@ -345,7 +349,7 @@ class Sweep:
         (and ``max_runs_per_chunk``) and share a starting epoch."""
         c, d = self.config, self.data
         n = max(len(d.y_train), len(d.y_test))
-        cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes) for s in self.specs]
+        cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine) for s in self.specs]
         fixed = 4 * n * d.num_features * (2 if c.precision == "bf16" else 1)
         budget = c.max_memory - fixed
         if budget < max(cost):
@@ -519,7 +523,8 @@ def build_trainer(work: ChunkWork, data: Dataset, device: torch.device):
     c, groups = work.config, []
     for v in work.variants:
         specs = parse(canonical_spec(c.models[v]), c.width, data.num_features, data.num_classes)
-        runs = StackedRuns if engine_path(specs) == "hand-written" else AutogradRuns
+        runs = {"hand-written": StackedRuns, "autograd": AutogradRuns,
+                "compiled": CompiledRuns}[engine_path(specs, c.engine)]
         groups.append(runs.from_state(specs, {name: p.to(device, copy=True)
                                               for name, p in work.params[v].items()}, c.offsetl2_form))
     return Trainer(groups, c.precision), groups
@@ -592,7 +597,7 @@ def _store_params(groups, work: ChunkWork) -> None:
 def describe_sweep(config: SweepConfig, device: torch.device) -> dict:
     return {"config": asdict(config), "result_fields": config.result_fields,
             "models": [{"name": display_name(m), "spec": canonical_spec(m),
-                        "seeds": config.seeds(m), "engine_path": engine_path(parse(m))}
+                        "seeds": config.seeds(m), "engine_path": engine_path(parse(m), config.engine)}
                        for m in config.models],
             "design": "paired: run i of every model starts from the same first-layer weights"
                       if config.paired else "unpaired: every model has its own seeds",
