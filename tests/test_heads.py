@@ -99,10 +99,9 @@ def test_the_autograd_path_matches_the_reference_for_the_paper_models_too(names,
     assert_matches_reference(results, standardized, "standardized", 60, tol=2e-5)
 
 
-# one model per layer kind the engine knows: linear with and without an output bias, relu,
-# abs, neg, tanh, offsetl2, a distance head and the cosine head
-COMPILED_MODELS = ["ReLU2-Neg", "Abs2-Bias", "linear-tanh-linear+bias", "Abs-L2-Neg",
-                   "linear-relu-rbf-neg", "linear-abs-cosine"]
+# the layer kinds of the paper and a head: linear with and without an output bias, relu, abs,
+# neg, offsetl2 and a distance head (compiling costs seconds per model on the CPU)
+COMPILED_MODELS = ["ReLU2-Neg", "Abs2-Bias", "Abs-L2-Neg", "linear-relu-rbf-neg"]
 
 
 def test_the_compiled_step_matches_the_reference_trainer(standardized):
@@ -123,7 +122,7 @@ def test_compiled_bf16_stays_near_fp32(standardized):
     """bf16 under autocast: products and activations in bf16, loss and update in fp32 — close to
     fp32 after 60 epochs, and not identical (it did run in bf16)."""
     kw = {"runs": 2, "epochs": 60, "eval_every": 20, "preprocess": "standardized", "engine": "compiled"}
-    fp32, bf16 = (sweep(standardized, ["ReLU", "linear-relu-rbf-neg"], precision=p, **kw)
+    fp32, bf16 = (sweep(standardized, ["linear-relu-rbf-neg"], precision=p, **kw)
                   for p in ("fp32", "bf16"))
     for a, b in zip(fp32, bf16):
         gap = relative(b.arrays["train_loss"], a.arrays["train_loss"])
