@@ -11,11 +11,8 @@
 # Usage: scripts/gpu-check.sh MNIST_DIR OUT_DIR [SECONDS]   (MNIST_DIR: idx or idx.gz files;
 # SECONDS: the time the whole pass may take, default 660; the last steps get what is left).
 set -u
-data=${1:?usage: scripts/gpu-check.sh MNIST_DIR OUT_DIR [SECONDS]}
-out=${2:?usage: scripts/gpu-check.sh MNIST_DIR OUT_DIR [SECONDS]}
-budget=${3:-660}
-device=${DEVICE:-cuda}
-source "$(dirname "$0")/gpu-lib.sh"
+default_budget=660
+source "$(dirname "$0")/gpu-lib.sh" "$@"
 
 step 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 step 60 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"

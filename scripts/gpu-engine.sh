@@ -11,11 +11,8 @@
 # finished. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 540)
 # Environment: ACCURACY_RUNS (4), ACCURACY_EPOCHS (500), BENCH_EPOCHS (5), DEVICE (cuda).
 set -u
-data=${1:?usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]}
-out=${2:?usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]}
-budget=${3:-540}
-device=${DEVICE:-cuda}
-source "$(dirname "$0")/gpu-lib.sh"
+default_budget=540
+source "$(dirname "$0")/gpu-lib.sh" "$@"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
 
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv

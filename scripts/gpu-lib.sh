@@ -1,6 +1,12 @@
 # Shared by the GPU scripts (sourced): the environment, and `step`/`left` that run each part
 # of a pass under a time limit, logged to $log, never stopping the pass.
-# Needs: $out (the folder to log into) and $budget (seconds the whole pass may take).
+# Sourced with the script's arguments, MNIST_DIR OUT_DIR [SECONDS]: sets $data, $out (the folder
+# to log into), $budget (seconds the whole pass may take; default $default_budget) and $device.
+usage="usage: $0 MNIST_DIR OUT_DIR [SECONDS]"
+data=${1:?$usage}
+out=${2:?$usage}
+budget=${3:-$default_budget}
+device=${DEVICE:-cuda}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 DISTREP_OFFLINE=1

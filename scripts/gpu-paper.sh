@@ -11,14 +11,11 @@
 # Environment: OFFSETL2_RUNS (2), BASELINE_RUNS (2), PRECISION (tf32), DEVICE (cuda), and
 # EXTRA_ARGS, added to every reproduce (e.g. "--epochs 40 --train-subset 500" for a dry test).
 set -u
-data=${1:?usage: scripts/gpu-paper.sh MNIST_DIR OUT_DIR [SECONDS]}
-out=${2:?usage: scripts/gpu-paper.sh MNIST_DIR OUT_DIR [SECONDS]}
-budget=${3:-560}
-device=${DEVICE:-cuda}
+default_budget=560
+source "$(dirname "$0")/gpu-lib.sh" "$@"
 precision=${PRECISION:-tf32}
 work=${WORK:-/tmp/distrep-paper}
 mkdir -p "$work"
-source "$(dirname "$0")/gpu-lib.sh"
 pack() {   # pack NAME: the experiment directory, without the checkpoint once results exist
     local exclude=()
     [[ -f $work/$1/summary.csv ]] && exclude=(--exclude=checkpoint.safetensors)

@@ -58,6 +58,18 @@ def test_a_group_refuses_one_dataset_for_all(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_missing_dataset_stops_the_group_before_it_trains(tmp_path, mnist):
+    """MNIST in the cache, Fashion-MNIST absent and nothing to fetch it from: one line naming
+    it and the command that fetches it, before the MNIST member trains."""
+    import shutil
+    from distrep.data import MNIST, cache_dir
+    shutil.copytree(cache_dir(MNIST), tmp_path / "cache" / "mnist")
+    env = {"DISTREP_DATA": str(tmp_path / "cache"), "DISTREP_OFFLINE": "1"}
+    r = distrep("reproduce", "beyond-quick", "--out", tmp_path / "x", "--epochs", 2, env=env)
+    assert_one_line_error(r, "dataset fashion-mnist is not in the cache", "distrep data fetch fashion-mnist")
+    assert not (tmp_path / "x").exists()
+
+
 @needs_fashion
 def test_beyond_quick_reports_both_datasets(tmp_path, mnist):
     out = tmp_path / "study"

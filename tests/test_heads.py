@@ -173,6 +173,11 @@ def test_a_layer_registered_by_a_user_trains_in_a_sweep_and_is_reported(tmp_path
         AFFINE_LAYERS.pop("cauchy", None)
     with pytest.raises(DistrepError, match="reset_parameters"):
         register_layer("plain", nn.Identity, affine=True)
+    with pytest.raises(DistrepError, match="reset_parameters"):     # no generator to seed from
+        register_layer("mylinear", type("MyLinear", (nn.Linear,), {}), affine=True)
+    # a subclass inheriting reset_parameters(generator) is seeded like its parent
+    register_layer("cauchytwo", type("CauchyTwo", (Cauchy,), {}), affine=True)
+    AFFINE_LAYERS.pop("cauchytwo")
 
 
 def test_chunk_memory_counts_a_heads_intermediates():

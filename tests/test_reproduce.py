@@ -130,10 +130,16 @@ def test_all_trains_each_run_once(tmp_path, mnist):
     r = distrep("reproduce", "all", "--out", tmp_path, "--runs", 2, "--epochs", 2,
                 "--train-subset", 100, "--eval-every", 1, "--quiet")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["table2", "table3"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["figures", "table2", "table3"]
     for table, models in (("table2", TABLE2), ("table3", TABLE1 + TABLE3)):
         report = (tmp_path / table / "report.md").read_text()
         assert all(f"| {m} |" in report for m in models), table
+    # and one report over both: every model once, in the column of the experiment that trained it
+    group = (tmp_path / "report.md").read_text()
+    assert "| model | table2 | table3 |" in group
+    for m in TABLE1 + TABLE3 + TABLE2:
+        row = next(line for line in group.splitlines() if line.startswith(f"| {m} |"))
+        assert row.count("—") == 1, row
 
 
 def test_analyze_adds_every_analysis_to_the_report(table1_tiny):

@@ -349,6 +349,9 @@ def cmd_reproduce(args) -> None:
         for preset in members.values():
             dry_run(preset, overrides)
         return
+    # every dataset of a group present (or fetched) before its first member trains
+    for dataset in dict.fromkeys(resolve_preset(p, overrides).dataset for p in members.values()):
+        data_mod.fetch(dataset)
     executor = executor_from(args)
     for label, preset in members.items():
         target = out / label

@@ -36,6 +36,7 @@ distributions are PyTorch's ``nn.Linear`` defaults (weight and bias ~ U(-1/sqrt(
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,9 +216,17 @@ def register_layer(name: str, layer: type[nn.Module], affine: bool) -> None:
         raise DistrepError(f"layer names are lower-case letters and digits, got {name!r}")
     if name in AFFINE_LAYERS or name in ACTIVATIONS:
         raise DistrepError(f"a layer named {name!r} exists already")
-    if affine and "reset_parameters" not in vars(layer):
+    if affine and "generator" not in _parameters_of(getattr(layer, "reset_parameters", None)):
         raise DistrepError(f"{layer.__name__} needs reset_parameters(generator) to be seeded")
     (AFFINE_LAYERS if affine else ACTIVATIONS)[name] = layer
+
+
+def _parameters_of(method) -> tuple[str, ...]:
+    """The parameter names of ``method`` (defined on the class or inherited), () if none."""
+    try:
+        return tuple(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 def create_model(name_or_spec: str, width: int = 128, *, in_features: int = 784,
