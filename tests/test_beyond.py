@@ -73,8 +73,8 @@ def test_a_missing_dataset_stops_the_group_before_it_trains(tmp_path, mnist):
 @needs_fashion
 def test_beyond_quick_reports_both_datasets(tmp_path, mnist):
     out = tmp_path / "study"
-    r = distrep("reproduce", "beyond-quick", "--out", out, "--runs", 3, "--epochs", 6,
-                "--train-subset", 300, "--eval-every", 3, "--quiet")
+    r = distrep("reproduce", "beyond-quick", "--out", out, "--runs", 2, "--epochs", 4,
+                "--train-subset", 200, "--eval-every", 2, "--quiet")
     assert r.returncode == 0, r.stderr
     for dataset in ("mnist", "fashion-mnist"):
         member = (out / dataset / "report.md").read_text()

@@ -268,7 +268,8 @@ def cmd_models(args) -> None:
     print("\nAny spec of layers joined by '-' works too, e.g. linear-relu-linear-relu-linear or "
           "linear-abs-gmlvq-neg (see distrep.models). The engine trains models of linear, offsetl2 "
           "and activation layers on its hand-written path, any other (the heads rbf, mahalanobis, "
-          "gmlvq, cosine, or a layer you register) on its autograd path.")
+          "gmlvq, cosine, or a layer you register) on its autograd path; --engine compiled "
+          "trains any of them with one torch.compile'd step (the fast path on a GPU).")
 
 
 def cmd_train(args) -> None:
