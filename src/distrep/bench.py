@@ -263,7 +263,8 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
     for precision in ("fp32", *precisions):
         config = SweepConfig(models=models, runs=runs, epochs=epochs, train_subset=train_subset,
                              precision=precision, eval_every=epochs, device=device,
-                             offsetl2_form="coded", engine=engine_name, max_memory=40 * GiB)
+                             offsetl2_form="coded", engine=engine_name,
+                             max_memory=(40 if device.startswith("cuda") else 8) * GiB)
         start = time.perf_counter()
         results = Sweep(config, data, progress=False).run()
         seconds[precision] = time.perf_counter() - start
