@@ -257,14 +257,15 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
     test of the two distributions instead). With ``out_dir``: ``accuracy.json`` (every run's
     accuracy and the precision it trained in) and ``accuracy.md``, written atomically."""
     data = load_dataset("mnist", "raw")
-    device = str(resolve_device(device_name))
+    resolved = resolve_device(device_name)
+    device = str(resolved)
     models = list(TABLE1 + TABLE3)
     finals, seconds = {}, {}
     for precision in ("fp32", *precisions):
         config = SweepConfig(models=models, runs=runs, epochs=epochs, train_subset=train_subset,
                              precision=precision, eval_every=epochs, device=device,
                              offsetl2_form="coded", engine=engine_name,
-                             max_memory=(40 if device.startswith("cuda") else 8) * GiB)
+                             max_memory=(40 if resolved.type == "cuda" else 8) * GiB)
         start = time.perf_counter()
         results = Sweep(config, data, progress=False).run()
         seconds[precision] = time.perf_counter() - start
@@ -289,7 +290,7 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
                 f"{rows[-1]['max_abs']:.2f}: {verdict}")
     n = train_subset or len(data.y_train)
     protocol = (f"{runs} paired runs x {len(models)} models x {epochs} epochs on {n} MNIST images "
-                f"(raw pixels, lr 0.001, OffsetL2 coded), engine {engine_name}, {describe_device(resolve_device(device))}")
+                f"(raw pixels, lr 0.001, OffsetL2 coded), engine {engine_name}, {describe_device(resolved)}")
     log("wall time " + ", ".join(f"{p} {seconds[p]:.0f} s" for p in seconds) + f" ({protocol})")
     out = {"protocol": protocol, "margin": MARGIN, "seconds": seconds, "rows": rows,
            "runs": {p: {m: v.tolist() for m, v in per.items()} for p, per in finals.items()}}

@@ -384,8 +384,13 @@ def _needs_own_output(layer) -> bool:
 
 def finite_runs(group: StackedRuns) -> torch.Tensor:
     """bool ``[R]``: which runs have only finite parameters."""
+    return finite_rows(group.state().values())
+
+
+def finite_rows(stacked) -> torch.Tensor:
+    """bool ``[R]``: which rows (runs) of the stacked tensors ``[R, ...]`` are finite in all."""
     ok = None
-    for p in group.state().values():
+    for p in stacked:
         f = torch.isfinite(p).reshape(p.shape[0], -1).all(1)
         ok = f if ok is None else ok & f
     return ok
@@ -451,32 +456,57 @@ class AutogradRuns:
     def runs(self) -> int:
         return next(iter(self.params.values())).shape[0]
 
+    autocast = False          # bf16 under autocast: the compiled path's (set by the Trainer)
+
     def _logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(self.template, params, (x,))
+
+    def _context(self, device: torch.device):
+        if self.autocast:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, enabled=False)
+
+    def _step_graph(self, params, x, y, lr: float, frozen):
+        """(new parameters, loss [R], correct [R], frozen [R]) of one SGD step of every run,
+        written functionally so that :class:`CompiledRuns` can compile it whole. Runs whose
+        loss or new parameters are non-finite join ``frozen`` and keep their parameters."""
+        def loss(p):
+            with self._context(x.device):
+                z = self._logits(p, x)
+            z = z.float()
+            return nn.functional.cross_entropy(z, y), z.argmax(1).eq(y).sum()   # argmax: first maximum
+
+        grads, (value, correct) = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True))(params)
+        frozen = frozen | ~torch.isfinite(value)
+        new = {name: torch.add(p, grads[name].masked_fill(frozen.view(-1, *(1,) * (p.dim() - 1)), 0.0),
+                               alpha=-lr)                 # the update torch.optim.SGD makes
+               for name, p in params.items()}
+        return new, value, correct, frozen | ~finite_rows(new.values())
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, frozen: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step of every run on ``x [n, in]``; ``(loss [R], correct [R])`` before it.
         Runs whose loss or parameters become non-finite join ``frozen``."""
-        def loss(params):
-            z = self._logits(params, x)
-            return nn.functional.cross_entropy(z, y), z.argmax(1).eq(y).sum()   # argmax: first maximum
-
-        grads, (value, correct) = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True))(self.params)
-        frozen |= ~torch.isfinite(value)
+        new, value, correct, now = self._run_step(self.params, x, y, lr, frozen)
         with torch.no_grad():
             for name, p in self.params.items():
-                g = grads[name].masked_fill_(frozen.view(-1, *(1,) * (p.dim() - 1)), 0.0)
-                p.add_(g, alpha=-lr)
-        frozen |= ~finite_runs(self)
-        return value.detach(), correct
+                p.copy_(new[name])
+        frozen.copy_(now)
+        return value.detach().clone(), correct.clone()
+
+    def _run_step(self, *args):
+        return self._step_graph(*args)
+
+    def _logits_graph(self, params, x_t):
+        with self._context(x_t.device):
+            z = torch.func.vmap(self._logits, in_dims=(0, None))(params, x_t.t())
+        return z.float().transpose(1, 2)
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor) -> list[torch.Tensor]:
         """``[logits [R, C, n]]`` for feature-major ``x_t [in, n]`` (as :meth:`StackedRuns.forward`
         ends)."""
-        z = torch.func.vmap(self._logits, in_dims=(0, None))(self.params, x_t.t())
-        return [z.transpose(1, 2)]
+        return [self._logits_graph(self.params, x_t)]
 
 
 class CompiledRuns(AutogradRuns):
@@ -493,7 +523,6 @@ class CompiledRuns(AutogradRuns):
 
     def __init__(self, template: nn.Module, specs: tuple[LayerSpec, ...], params: dict[str, torch.Tensor]):
         super().__init__(template, specs, params)
-        self.autocast = False
         # Every group compiles the same method for its own model: one entry per group in
         # Dynamo's cache of that code (default limit 8), not a fall-back to eager at the 9th.
         config = torch._dynamo.config
@@ -502,44 +531,9 @@ class CompiledRuns(AutogradRuns):
         cuda = next(iter(params.values())).device.type == "cuda"
         options = {"fullgraph": True, "dynamic": False}
         # CUDA graphs replay a whole step; their outputs are overwritten by the next replay,
-        # so what the caller keeps is cloned in step() and forward().
-        self._step = torch.compile(self._step_graph, mode="reduce-overhead" if cuda else None, **options)
+        # so what the caller keeps is copied or cloned in step() and forward().
+        self._run_step = torch.compile(self._step_graph, mode="reduce-overhead" if cuda else None, **options)
         self._logits_all = torch.compile(self._logits_graph, **options)
-
-    def _context(self, device: torch.device):
-        if self.autocast:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return torch.autocast(device.type, enabled=False)
-
-    def _step_graph(self, params, x, y, lr: float, frozen):
-        def loss(p):
-            with self._context(x.device):
-                z = self._logits(p, x)
-            z = z.float()
-            return nn.functional.cross_entropy(z, y), z.argmax(1).eq(y).sum()
-
-        grads, (value, correct) = torch.func.vmap(torch.func.grad_and_value(loss, has_aux=True))(params)
-        frozen = frozen | ~torch.isfinite(value)
-        new = {}
-        for name, p in params.items():
-            keep = frozen.view(-1, *(1,) * (p.dim() - 1))
-            new[name] = p - lr * grads[name].masked_fill(keep, 0.0)
-        ok = torch.stack([torch.isfinite(v).reshape(v.shape[0], -1).all(1) for v in new.values()]).all(0)
-        return new, value, correct, frozen | ~ok
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, frozen: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        new, value, correct, now = self._step(self.params, x, y, lr, frozen)
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(new[name])
-        frozen.copy_(now)
-        return value.detach().clone(), correct.clone()
-
-    def _logits_graph(self, params, x_t):
-        with self._context(x_t.device):
-            z = torch.func.vmap(self._logits, in_dims=(0, None))(params, x_t.t())
-        return z.float().transpose(1, 2)
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ import numpy as np
 from distrep import stats
 from distrep.errors import DistrepError
 from distrep.models import create_model
-from distrep.claims import BEYOND_CLAIMS, claims_for, verdicts
+from distrep.claims import BEYOND_CLAIMS, CLAIMS, claims_for, verdicts
 from distrep.paper import CLAMP_DROPOFF, DISCREPANCIES, RUNS, match, run_protocol
 from distrep.plots import (_log_y, plot_clamping, plot_first_layer, plot_hyperplanes,
                            plot_prototypes, save_figure)
@@ -296,21 +296,17 @@ def is_paired(exp: dict) -> bool:
     return bool(exp["config"]["config"]["paired"])
 
 
-def claims_table(exp: dict, epoch: int | None = None) -> tuple[list[str], list[list[str]]]:
+def claims_section(exp: dict, epoch: int | None = None) -> "Section":
     """The claims the experiment's preset tests (:func:`distrep.claims.claims_for`), one row
-    each: the claim, what the paper printed, what these runs show, the verdict."""
-    claims = claims_for(exp["config"].get("preset"))
-    head = ["the paper's claim" if claims is not BEYOND_CLAIMS else "the claim",
-            "the paper printed", "these runs", "verdict"]
+    each: the claim, what the paper printed, what these runs show (at ``epoch``, default the
+    final parameters), the verdict; titled by which claims they are."""
+    beyond = claims_for(exp["config"].get("preset")) is BEYOND_CLAIMS
+    head = ["the claim" if beyond else "the paper's claim", "the paper printed", "these runs", "verdict"]
     body = [[v.claim.text, v.claim.printed, v.ours, v.verdict + (f" ({v.why})" if v.why else "")]
-            for v in verdicts(comparison_values(exp, epoch), is_paired(exp), claims)]
-    return head, body
-
-
-def claims_title(exp: dict) -> str:
-    if claims_for(exp["config"].get("preset")) is BEYOND_CLAIMS:
-        return "The paper's two claims, beyond the paper"
-    return "The paper's claims"
+            for v in verdicts(comparison_values(exp, epoch), is_paired(exp),
+                              BEYOND_CLAIMS if beyond else CLAIMS)]
+    return Section("The paper's two claims, beyond the paper" if beyond else "The paper's claims",
+                   BEYOND_NOTE if beyond else CLAIMS_NOTE, (head, body))
 
 
 CLAIMS_NOTE = ("Each claim of the paper's results, tested on this experiment's runs at the reading "
@@ -334,12 +330,6 @@ BEYOND_NOTE = ("The paper's two claims put to its own models and to the prior-ar
                "where the design is paired (else Welch's) at the 5 % level, beside a rank test "
                "and a bootstrap 95 % interval; 'not significantly below' is not proof of "
                "equivalence.")
-
-
-def claims_note(exp: dict) -> str:
-    if claims_for(exp["config"].get("preset")) is BEYOND_CLAIMS:
-        return BEYOND_NOTE
-    return CLAIMS_NOTE
 
 
 def epochs_table(exp: dict, until: int | None = None) -> tuple[list[str], list[list[str]]] | None:
@@ -714,8 +704,10 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
     title = f"distrep experiment: {exp['config'].get('preset', 'sweep')}" + (
         f", read at epoch {at_epoch:,}" if at_epoch is not None else "") + (
         f" (unfinished: training stopped at epoch {reached:,} of {epochs:,})" if reached < epochs else "")
+    claims = claims_section(exp, at_epoch)
+    claims.title += f" ({reading} test accuracy)"
     sections = [
-        Section(f"{claims_title(exp)} ({reading} test accuracy)", claims_note(exp), claims_table(exp, at_epoch)),
+        claims,
         Section(f"Test accuracy (%), {reading}", MAIN_NOTE, main_table(rows)),
     ]
     if at_epoch is None and epochs > STATED_EPOCHS and STATED_EPOCHS in tested:
@@ -831,8 +823,9 @@ def write_group_report(directory, name: str, members: dict[str, Path]) -> dict[s
     save_figure(fig, directory / "figures/final_accuracy.png")
     sections = [Section("Test accuracy (%), final", GROUP_NOTE, group_accuracy_table(exps))]
     for label, exp in exps.items():
-        sections.append(Section(f"{label}: {claims_title(exp)}",
-                                claims_note(exp), claims_table(exp)))
+        claims = claims_section(exp)
+        claims.title = f"{label}: {claims.title}"
+        sections.append(claims)
     sections.append(Section("Accuracy per run", images=[("accuracy per run", "figures/final_accuracy.png")]))
     protocol = []
     for label, path in members.items():
