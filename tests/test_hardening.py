@@ -19,7 +19,7 @@ from distrep.experiment import experiment_lock
 from distrep.report import comparison_table, summary_rows
 from distrep.storage import atomic_write_bytes, read_arrays, read_json, write_json
 from tests.conftest import make_synthetic
-from tests.test_cli import assert_one_line_error, distrep
+from tests.test_cli import assert_one_line_error, distrep, distrep_process
 
 SMALL = ["--runs", 2, "--epochs", 3, "--train-subset", 100, "--eval-every", 1, "--quiet"]
 
@@ -95,9 +95,10 @@ def test_18_every_run_diverged_still_reports(tmp_path, mnist):
 def test_5_14_a_second_process_is_refused_while_the_first_holds_the_directory(tmp_path, mnist):
     out = tmp_path / "busy"
     with experiment_lock(out):
-        r = distrep("sweep", "--models", "ReLU", *SMALL, "--out", out)
+        # another process: the lock is this process's, and nested uses in one process are allowed
+        r = distrep_process("sweep", "--models", "ReLU", *SMALL, "--out", out)
         assert_one_line_error(r, "in use by another distrep process", f"pid {os.getpid()}")
-        r = distrep("sweep", "--models", "Abs", *SMALL, "--out", out)   # another config: the same
+        r = distrep_process("sweep", "--models", "Abs", *SMALL, "--out", out)   # another config: the same
         assert_one_line_error(r, "in use by another distrep process")
     assert not (out / "config.json").exists(), "the refused runs wrote nothing"
     # a stale lock file (its holder was killed: the OS released the lock) does not block
@@ -315,7 +316,7 @@ def test_22_no_home_and_no_passwd_entry(monkeypatch, capsys):
 
 
 def test_22_ascii_output_and_a_closed_stderr(tmp_path, mnist):
-    r = distrep("models", env={"PYTHONIOENCODING": "ascii"})
+    r = distrep_process("models", env={"PYTHONIOENCODING": "ascii"})
     assert r.returncode == 0 and "Traceback" not in r.stderr and "ReLU2-Neg" in r.stdout
     out = tmp_path / "closed"
     cmd = " ".join([sys.executable, "-m", "distrep.cli", "sweep", "--models", "ReLU", "--runs", "1",
