@@ -196,8 +196,9 @@ def test_sweep_refuses_to_mix_configs(tmp_path, mnist):
 def test_bench_prints_every_figure(mnist):
     r = distrep("bench", "--device", "cpu", "--runs", 1, "--epochs", 1, "--train-subset", 300)
     assert r.returncode == 0, r.stderr
-    for fragment in ("GEMM peak", "author-style loop", "Table 1 variants x 1 runs, fp32",
-                     "Table 3 variants", "bf16", "x the author-style loop", "peak memory"):
+    for fragment in ("GEMM peak", "author-style loop, Table 1 (ReLU2", "author-style loop, Table 3 (ReLU-L2",
+                     "Table 1 variants x 1 runs, fp32", "Table 3 variants", "bf16",
+                     "x the author-style loop of Table 1", "x the author-style loop of Table 3", "peak memory"):
         assert fragment in r.stdout, fragment
 
 

@@ -219,6 +219,41 @@ def test_every_activation_chain_matches_autograd_in_float64():
     assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
 
 
+@pytest.mark.parametrize("slabs", ["blocks of 64 examples per run (the CPU's)", "one for all runs (a GPU's)"])
+def test_offsetl2_slabs_match_autograd(monkeypatch, slabs):
+    """OffsetL2 works slab by slab and rebuilds [x ; x^2] from its input in the backward pass,
+    where it may write dL/dx over that input block by block. Both slab plans, against autograd
+    in float64: several blocks and a short last one, the input shared (OffsetL2 first), its
+    gradient written over the input (after relu, abs) or into its own buffer (after tanh), and
+    both forms."""
+    from distrep.engine import StackedOffsetL2
+    if slabs.startswith("one"):
+        monkeypatch.setattr(StackedOffsetL2, "slabs",
+                            lambda self, n: [(slice(0, self.mu.shape[0]), slice(0, n))])
+    else:
+        monkeypatch.setattr(StackedOffsetL2, "CACHE_BYTES", 16 * 7 * 64)     # 64 examples
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 7, generator=g, dtype=torch.float64)
+    y = torch.arange(300) % 3
+    failures = []
+    for spec in ("linear-relu-offsetl2", "linear-abs-offsetl2-neg", "linear-tanh-offsetl2", "offsetl2-neg"):
+        for form in ("paper", "coded"):
+            models = [create_model(spec, 7, in_features=7, num_classes=3, offsetl2_form=form, seed=s).double()
+                      for s in (0, 1, 2)]
+            group = StackedRuns.from_models(models)
+            before = {k: v.clone() for k, v in group.state().items()}
+            Trainer([group]).step(x.t().contiguous(), y, 1.0, [torch.zeros(3, dtype=torch.bool)])
+            for r, model in enumerate(models):
+                model.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                for name, p in model.named_parameters():
+                    got = before[name][r] - group.state()[name][r]
+                    err = (got - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)
+                    if not err < 1e-9:
+                        failures.append(f"{spec} {form} run {r} {name}: relative error {float(err):.1e}")
+    assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
+
+
 @pytest.mark.parametrize("form", ["paper", "coded"])
 def test_offsetl2_divergence_is_detected_in_every_path(raw, form):
     """lr 1e6 blows OffsetL2 runs up. A NaN squared distance once became y = 0 in the paper form

@@ -124,3 +124,16 @@ def test_abs_and_neg():
     x = torch.tensor([-2.0, 0.0, 3.0])
     assert torch.equal(L.Abs()(x), torch.tensor([2.0, 0.0, 3.0]))
     assert torch.equal(L.Neg()(x), torch.tensor([2.0, -0.0, -3.0]))
+
+
+def test_the_benchmarks_author_arithmetic_is_the_coded_form():
+    """bench's Table 3 baseline computes the coded OffsetL2 (in its input's precision)."""
+    from distrep.bench import AuthorOffsetL2
+    torch.manual_seed(0)
+    layer = AuthorOffsetL2(6, 3).double()
+    with torch.no_grad():
+        layer.alpha.uniform_(-0.5, 2.0)        # negative alphas: the clamp matters
+    x = torch.randn(40, 6, dtype=torch.float64)
+    expected = offset_l2(x, layer.mu.detach(), layer.alpha.detach(), form="coded", method="direct")
+    assert torch.allclose(layer(x), expected, rtol=1e-10, atol=1e-12)
+    assert (expected == L.CODED_CLAMP ** 0.5).any()    # some distances were clamped
