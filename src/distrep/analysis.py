@@ -192,7 +192,7 @@ class UnitClamp:
         outputs = group.forward(x_t, stop=k + 1)
         self.a, self.layer, self.after, self.y = outputs[k - 1], group.layers[k], group.layers[k + 1:], y
         if isinstance(self.layer, StackedOffsetL2):
-            self.base = self.layer.squared_distance(self.a)                   # s [R, C, n]
+            self.base = self.layer.squared_distance(self.layer.stacked_inputs(self.a))   # s [R, C, n]
             self.weight, self.mu = self.layer.metric_weight(), self.layer.mu.double()
         else:
             self.base, self.weight = outputs[k], self.layer.weight                 # z [R, C, n]

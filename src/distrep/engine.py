@@ -215,49 +215,49 @@ class StackedOffsetL2:
     """R OffsetL2 layers: y_rjn = sqrt(sum_i w_rji (x_rin - mu_rji)^2), w = alpha^2 (paper) or
     alpha (coded, with the square root's argument clamped at 1e-12). mu, alpha ``[R, out, in]``.
 
-    The squared distance is expanded into products, accumulated in float64:
+    The squared distance is expanded into products, accumulated in float64 over the stacked
+    inputs ``[x ; x^2]`` (one ``[R, 2 in, n]`` float64 buffer, reused every step):
         s = [-2 w*mu | w] @ [x ; x^2] + sum_i w mu^2
     and its gradients (g_s = dL/ds = g_y / (2 y) where the root is differentiable, else 0):
-        dL/dx  = 2 (x * (w^T g_s) - (w*mu)^T g_s)
+        [g_s x^T | g_s (x^2)^T] = g_s @ [x ; x^2]^T
+        dL/dx  = 2 x * (w^T g_s) - 2 (w*mu)^T g_s      (built in the buffer's spent x^2 half)
         dL/dw  = g_s (x^2)^T - 2 mu * (g_s x^T) + mu^2 * sum_n g_s
         dL/dmu = -2 w * (g_s x^T - mu * sum_n g_s)
         dL/dalpha = 2 alpha * dL/dw (paper) or dL/dw (coded)
-
-    The work goes slab by slab (:meth:`slabs`). On the CPU a slab is one run's block of examples:
-    its float64 ``[x ; x^2]`` stays in cache, so each pass reads x once instead of streaming
-    float64 copies of it through memory (the layer's step 1.4x faster on 2 cores), and a run's
-    numbers do not depend on the other runs of its chunk. Elsewhere one slab holds everything
-    (one batched product per term). Nothing is kept between forward and backward but the
-    distances: the backward pass rebuilds ``[x ; x^2]`` from x, which it may then overwrite with
-    dL/dx block by block.
+    Every operation stays in float64 until dL/dx is copied to its fp32 destination (mixed-dtype
+    elementwise operations take PyTorch's slow casting path, ~10x slower here).
     """
-
-    CACHE_BYTES = 1 << 22        # the float64 [x ; x^2] of a CPU slab: 2 * in * BLOCK * 8 bytes
 
     def __init__(self, mu: torch.Tensor, alpha: torch.Tensor, form: str):
         self.mu, self.alpha, self.form = mu, alpha, form
         self.params = {"mu": mu, "alpha": alpha}
         self.grads = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        self._work = None         # [R, 2 in, n] float64 when training, reused every step
         self._cache = None
 
-    def slabs(self, n: int) -> list[tuple[slice, slice]]:
-        """(runs, examples) of each slab: on the CPU one run and ``CACHE_BYTES / (16 in)``
-        examples (2,048 for 128 inputs) at a time, examples in the outer loop; else all at once."""
-        R, _, i = self.mu.shape
-        if self.mu.device.type != "cpu":
-            return [(slice(0, R), slice(0, n))]
-        block = max(64, self.CACHE_BYTES // (16 * i))
-        return [(slice(r, r + 1), slice(b, b + block)) for b in range(0, n, block) for r in range(R)]
+    def stacked_inputs(self, x: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """``[x ; x^2]`` in float64: ``[2 in, n]`` for a shared x ``[in, n]``, else ``[R, 2 in, n]``
+        (in the reused buffer with ``keep``)."""
+        shape = (*x.shape[:-2], 2 * x.shape[-2], x.shape[-1])
+        if not keep:
+            work = torch.empty(shape, dtype=torch.float64, device=x.device)
+        else:
+            if self._work is None or self._work.shape != shape:
+                self._work = None                  # free the old one before allocating
+                self._work = torch.empty(shape, dtype=torch.float64, device=x.device)
+            work = self._work
+        i = x.shape[-2]
+        head = work[..., :i, :].copy_(x)
+        torch.mul(head, head, out=work[..., i:, :])
+        return work
 
     @staticmethod
-    def _stack(x: torch.Tensor, runs: slice, examples: slice, shared: bool) -> torch.Tensor:
-        """``[r, 2 in, b]`` = [x ; x^2] in float64 for a slab; x shared ``[in, n]`` or ``[R, in, n]``."""
-        xs = x[:, examples].expand(runs.stop - runs.start, -1, -1) if shared else x[runs, :, examples]
-        r, i, b = xs.shape
-        work = torch.empty(r, 2 * i, b, dtype=torch.float64, device=x.device)
-        work[:, :i].copy_(xs)
-        torch.mul(work[:, :i], work[:, :i], out=work[:, i:])
-        return work
+    def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """a ``[R, p, q]`` times b: shared ``[q, n]`` (one product) or per-run ``[R, q, n]``."""
+        if b.dim() == 2:
+            R, p, q = a.shape
+            return (a.reshape(R * p, q) @ b).view(R, p, -1)
+        return bmm(a, b, out=out)
 
     def metric_weight(self) -> torch.Tensor:
         """w in float64: alpha^2 (paper) or alpha (coded)."""
@@ -272,23 +272,18 @@ class StackedOffsetL2:
             return torch.where(s == 0, 1.0, s).sqrt_().mul_(active), active
         return s.clamp_min(CODED_CLAMP).sqrt_(), s > CODED_CLAMP
 
-    @torch.no_grad()
-    def squared_distance(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
-        """s ``[R, out, n]`` in float64 for inputs x: shared ``[in, n]`` or per run ``[R, in, n]``."""
+    def squared_distance(self, work: torch.Tensor) -> torch.Tensor:
+        """s ``[R, out, n]`` in float64 from the stacked inputs ``work`` (:meth:`stacked_inputs`)."""
         w, mu = self.metric_weight(), self.mu.double()
-        m = torch.cat([-2 * w * mu, w], 2)                                # [R, out, 2 in]
-        R, o, _ = w.shape
-        n = x.shape[-1]
-        s = torch.empty(R, o, n, dtype=torch.float64, device=x.device)
-        for runs, examples in self.slabs(n):
-            s[runs, :, examples] = torch.bmm(m[runs], self._stack(x, runs, examples, shared))
+        s = self._mm(torch.cat([-2 * w * mu, w], 2), work)
         return s.add_((w * mu * mu).sum(2, keepdim=True))
 
     def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None,
                 keep: bool = True) -> torch.Tensor:
-        y, active = self.root(self.squared_distance(x, shared))
+        work = self.stacked_inputs(x, keep)
+        y, active = self.root(self.squared_distance(work))
         if keep:
-            self._cache = (y, active)
+            self._cache = (work, y, active)
         if out is None:
             return y.to(x.dtype)
         return out.copy_(y)
@@ -296,27 +291,27 @@ class StackedOffsetL2:
     def backward(self, g: torch.Tensor, x: torch.Tensor, shared: bool, need_dx: bool,
                  dx_out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Gradients of mu and alpha into ``grads``; dL/dx into ``dx_out`` (which may be x)."""
-        y, active = self._cache
+        work, y, active = self._cache
         self._cache = None
         w, mu = self.metric_weight(), self.mu.double()
         R, o, i = w.shape
         gs = torch.where(active, g.double() / (2 * torch.where(active, y, 1.0)), 0.0)
-        gxx = torch.zeros(R, o, 2 * i, dtype=torch.float64, device=x.device)   # [g_s x^T | g_s (x^2)^T]
-        back = torch.cat([2 * w, -2 * w * mu], 2).transpose(1, 2).contiguous()   # [R, 2 in, out]
-        if need_dx and dx_out is None:
-            dx_out = torch.empty(x.shape, dtype=g.dtype, device=x.device)
-        for runs, examples in self.slabs(x.shape[-1]):
-            work, gs_slab = self._stack(x, runs, examples, shared), gs[runs, :, examples]
-            gxx[runs] += torch.bmm(gs_slab, work.transpose(1, 2))
-            if need_dx:                               # u = [2 w^T g_s ; -2 (w mu)^T g_s]
-                u = torch.bmm(back[runs], gs_slab)
-                torch.addcmul(u[:, i:], work[:, :i], u[:, :i], out=dx_out[runs, :, examples])
+        if shared:
+            gxx = (gs.reshape(R * o, -1) @ work.t()).view(R, o, 2 * i)
+        else:
+            gxx = bmm(gs, work.transpose(1, 2))
         gx, gx2 = gxx[..., :i], gxx[..., i:]
         q = gs.sum(2, keepdim=True)
         grad_w = gx2 - 2 * mu * gx + mu * mu * q
         self.grads["mu"].copy_(-2 * w * (gx - mu * q))
         self.grads["alpha"].copy_(2 * self.alpha.double() * grad_w if self.form == "paper" else grad_w)
-        return dx_out if need_dx else None
+        if not need_dx:
+            return None
+        # in the spent x^2 half: 2 x * (w^T g_s), then += -2 (w*mu)^T g_s inside the product
+        x64, t = work[:, :i], work[:, i:]
+        bmm((2 * w).transpose(1, 2), gs, out=t).mul_(x64)
+        t.baddbmm_((-2 * w * mu).transpose(1, 2), gs)
+        return t.to(g.dtype) if dx_out is None else dx_out.copy_(t)
 
 
 class StackedActivation:
