@@ -252,12 +252,12 @@ class StackedOffsetL2:
         return work
 
     @staticmethod
-    def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a ``[R, p, q]`` times b: shared ``[q, n]`` (one product) or per-run ``[R, q, n]``."""
         if b.dim() == 2:
             R, p, q = a.shape
             return (a.reshape(R * p, q) @ b).view(R, p, -1)
-        return bmm(a, b, out=out)
+        return bmm(a, b)
 
     def metric_weight(self) -> torch.Tensor:
         """w in float64: alpha^2 (paper) or alpha (coded)."""
