@@ -193,6 +193,28 @@ def _chains():
     return specs
 
 
+def _mismatches_with_autograd(label: str, models: list, x: torch.Tensor, y: torch.Tensor,
+                              lrs=(1.0,)) -> list[str]:
+    """Train float64 ``models`` stacked, one engine step per learning rate in ``lrs`` (all but the
+    last 0, so that the parameters move only in the last), and compare each run's movement with
+    its gradient from PyTorch's autograd at the initial parameters (relative 1e-9)."""
+    group = StackedRuns.from_models(models)
+    before = {k: v.clone() for k, v in group.state().items()}
+    trainer = Trainer([group])
+    for lr in lrs:
+        trainer.step(x.t().contiguous(), y, lr, [torch.zeros(len(models), dtype=torch.bool)])
+    failures = []
+    for r, model in enumerate(models):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for name, p in model.named_parameters():
+            got = before[name][r] - group.state()[name][r]          # lr 1: the gradient
+            err = (got - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)
+            if not err < 1e-9:
+                failures.append(f"{label} run {r} {name}: relative error {float(err):.1e}")
+    return failures
+
+
 def test_every_activation_chain_matches_autograd_in_float64():
     """One engine step against PyTorch's autograd on the same nn.Sequential, in float64, for every
     chain the grammar allows (not a hand-picked list). Buffer reuse inside the step (gradients
@@ -204,25 +226,15 @@ def test_every_activation_chain_matches_autograd_in_float64():
     failures = []
     for spec in _chains():
         models = [create_model(spec, 5, in_features=6, num_classes=3, seed=s).double() for s in (0, 1)]
-        group = StackedRuns.from_models(models)
-        before = {k: v.clone() for k, v in group.state().items()}
-        frozen = [torch.zeros(2, dtype=torch.bool)]
-        Trainer([group]).step(x.t().contiguous(), y, 1.0, frozen)
-        for r, model in enumerate(models):
-            model.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            for name, p in model.named_parameters():
-                got = before[name][r] - group.state()[name][r]          # lr 1: the gradient
-                err = (got - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)
-                if not err < 1e-9:
-                    failures.append(f"{spec} run {r} {name}: relative error {float(err):.1e}")
+        failures += _mismatches_with_autograd(spec, models, x, y)
     assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
 
 
 def test_offsetl2_matches_autograd_with_its_gradient_over_its_input():
-    """OffsetL2 builds dL/dx in its float64 work buffer and writes it straight to its fp32
-    destination, which may be its own input (after relu, abs) or a buffer of its own (after
-    tanh); the input may be shared (OffsetL2 first). Both forms, against autograd in float64."""
+    """OffsetL2 builds dL/dx in its float64 work buffer and copies it to its fp32 destination,
+    which may be its own input (after relu, abs) or a buffer of its own (after tanh); the input
+    may be shared (OffsetL2 first). Both forms, two steps (the second reuses the buffer of the
+    first), against autograd in float64."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 7, generator=g, dtype=torch.float64)
     y = torch.arange(300) % 3
@@ -231,19 +243,7 @@ def test_offsetl2_matches_autograd_with_its_gradient_over_its_input():
         for form in ("paper", "coded"):
             models = [create_model(spec, 7, in_features=7, num_classes=3, offsetl2_form=form, seed=s).double()
                       for s in (0, 1, 2)]
-            group = StackedRuns.from_models(models)
-            before = {k: v.clone() for k, v in group.state().items()}
-            trainer = Trainer([group])
-            for lr in (0.0, 1.0):        # the second step reuses the work buffer of the first
-                trainer.step(x.t().contiguous(), y, lr, [torch.zeros(3, dtype=torch.bool)])
-            for r, model in enumerate(models):
-                model.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                for name, p in model.named_parameters():
-                    got = before[name][r] - group.state()[name][r]
-                    err = (got - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)
-                    if not err < 1e-9:
-                        failures.append(f"{spec} {form} run {r} {name}: relative error {float(err):.1e}")
+            failures += _mismatches_with_autograd(f"{spec} {form}", models, x, y, lrs=(0.0, 1.0))
     assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
 
 
