@@ -2,11 +2,18 @@
 
 import gzip
 import hashlib
+import os
 from pathlib import Path
+
+import torch
+
+# Without a GPU the fused engine's Triton kernel runs under Triton's interpreter; the switch is
+# read when the kernel is defined, so it is set before distrep is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
-import torch
 
 from distrep.data import DatasetSpec, IdxFile, load_dataset, write_idx
 

@@ -116,3 +116,27 @@ def test_compiled_step_on_cuda_matches_the_cpu(standardized):
         print(f"\ncompiled CUDA vs CPU, {a.name}: loss {loss:.1e}, params {params:.1e}; bf16 loss {low:.1e}")
         assert loss < 1e-4 and params < 2e-3, a.name
         assert low < 3e-2, a.name
+
+
+def test_fused_step_on_cuda_matches_the_cpu(standardized):
+    """The fused step (the Triton kernel compiled for the GPU) against the hand-written step on
+    the CPU, for every model it covers: fp32 the same training to rounding; TF32 and bf16 close
+    to it (and not identical: the mode is applied)."""
+    from distrep.fused import fused_layout
+    from distrep.models import parse
+    names = [m for m in list(ALIASES) + EXTRA if fused_layout(parse(m)) is not None]
+    kw = dict(preprocess="standardized", runs=2, epochs=40)
+    cpu = sweep(standardized, names, **kw)
+    fused = {p: sweep(standardized, names, device="cuda", engine="fused", precision=p, **kw)
+             for p in ("fp32", "tf32", "bf16")}
+    print("\nfused CUDA vs hand-written CPU after 40 epochs (train loss / parameters; TF32, bf16 loss):")
+    for i, a in enumerate(cpu):
+        b = fused["fp32"][i]
+        loss = relative(b.arrays["train_loss"], a.arrays["train_loss"])
+        params = max(relative(b.params[k], a.params[k]) for k in a.params)
+        low = {p: relative(fused[p][i].arrays["train_loss"], a.arrays["train_loss"]) for p in ("tf32", "bf16")}
+        print(f"  {a.name:<40} {loss:.1e} / {params:.1e}; {low['tf32']:.1e}, {low['bf16']:.1e}")
+        assert loss < 1e-4 and params < 2e-3, a.name
+        np.testing.assert_allclose(b.arrays["test_acc"], a.arrays["test_acc"], atol=0.004)
+        for p in ("tf32", "bf16"):
+            assert 0 < low[p] < 3e-2, (a.name, p)

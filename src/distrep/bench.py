@@ -165,7 +165,7 @@ def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every)
     return total / (runs * len(models)), setup
 
 
-ENGINE_LABEL = {"auto": "hand-written", "compiled": "compiled", "autograd": "autograd"}
+ENGINE_LABEL = {"auto": "hand-written", "compiled": "compiled", "autograd": "autograd", "fused": "fused"}
 
 
 def case_key(label: str, precision: str, engine_name: str = "auto") -> str:
@@ -232,7 +232,7 @@ def projections(out: dict) -> list[str]:
     from the measured seconds per run-epoch ``out["Table 1 fp32"]["s"]`` etc., for every
     engine and precision measured; for the whole paper also the fastest engine per table."""
     lines = []
-    suffixes = [""] + [f" {e}" for e in ("compiled", "autograd")]
+    suffixes = [""] + [f" {e}" for e in ("compiled", "autograd", "fused")]
     for table, (run_count, table_epochs) in PROTOCOL.items():
         label = "Table 3" if table == "Table 3" else "Table 1"
         for precision in ("fp32", "bf16", "tf32"):

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the timings (with --accuracy: only the accuracy comparison)")
     bench.add_argument("--engine", default="auto", metavar="E[,E]",
                        help="engine paths to time: auto (the hand-written step), compiled, "
-                            "autograd; comma-separated (default auto)")
+                            "fused, autograd; comma-separated (default auto)")
     bench.add_argument("--accuracy", action="store_true",
                        help="also train Table 1's and Table 3's models in fp32 and in bf16 (and "
                             "TF32 on CUDA) from the same seeds and test each precision's "
@@ -192,7 +192,9 @@ def add_engine_arguments(parser, defaults: bool) -> None:
     parser.add_argument("--engine", choices=ENGINES, default=d("auto"),
                         help="auto (default): the hand-written step where it covers the model, "
                              "else autograd; compiled: the autograd step fused by torch.compile "
-                             "(any model; CUDA graphs on a GPU; bf16 keeps activations in bf16)")
+                             "(any model; CUDA graphs on a GPU; bf16 keeps activations in bf16); "
+                             "fused: the paper's two-layer models in one Triton kernel per step "
+                             "around the first layer's products (CUDA)")
     parser.add_argument("--base-seed", type=non_negative_int, default=d(0))
     parser.add_argument("--unpaired", action="store_true",
                         help="give every model its own seeds (default: run i of every model "
@@ -424,6 +426,8 @@ def cmd_bench(args) -> None:
             raise DistrepError(f"--precisions: {', '.join(wrong) or '(none)'} cannot be timed here; "
                                f"choose from fp32, bf16" + (", tf32" if cuda else " (tf32 needs CUDA)"))
     if not args.no_speed:
+        for engine in engines:
+            SweepConfig(models=list(TABLE1 + TABLE3), device=args.device, engine=engine).validate()
         run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
                   bf16=not args.no_bf16, engines=engines, precisions=chosen)
     if args.accuracy:

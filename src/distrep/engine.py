@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from distrep.errors import DistrepError
+from distrep.fused import FusedRuns, fused_layout
 from distrep.layers import CODED_CLAMP
 from distrep.models import LayerSpec, Net
 
@@ -413,7 +414,7 @@ def finite_rows(stacked) -> torch.Tensor:
 # takes the fast path, any other (the heads, a user's layer) the autograd path.
 HAND_WRITTEN = frozenset({"linear", "offsetl2", "relu", "abs", "neg", "tanh", "sigmoid", "gelu",
                           "softplus", "elu", "identity"})
-PATHS = ("hand-written", "autograd", "compiled")
+PATHS = ("hand-written", "autograd", "compiled", "fused")
 ENGINES = ("auto",) + PATHS
 
 
@@ -421,7 +422,8 @@ def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto") -> str:
     """Which of the engine's paths trains a model with these layers (the one place that
     decides). ``auto``: "hand-written" when every layer has a hand-written batched gradient,
     else "autograd"; "compiled" (the autograd step fused by ``torch.compile``) and "autograd"
-    take any model when asked for; "hand-written" only the models it covers."""
+    take any model when asked for; "hand-written" and "fused" (:mod:`distrep.fused`, the paper's
+    two-layer family, Triton) only the models they cover."""
     covered = all(s.kind in HAND_WRITTEN for s in specs)
     if engine == "auto":
         return "hand-written" if covered else "autograd"
@@ -431,6 +433,9 @@ def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto") -> str:
         missing = sorted({s.kind for s in specs if s.kind not in HAND_WRITTEN})
         raise DistrepError(f"the hand-written engine has no gradient for {', '.join(missing)}; "
                            f"use --engine auto, autograd or compiled")
+    if engine == "fused" and fused_layout(specs) is None:
+        raise DistrepError("the fused engine covers linear-[relu|abs]-linear|offsetl2 followed by at "
+                           "most two of relu/abs/neg; use --engine auto, autograd or compiled")
     return engine
 
 
@@ -569,6 +574,8 @@ class Trainer:
         for group in groups:
             if isinstance(group, CompiledRuns):
                 group.autocast = precision == "bf16"
+            if isinstance(group, FusedRuns):
+                group.precision = precision
 
     def _buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)
@@ -600,6 +607,9 @@ class Trainer:
         for gi, group in enumerate(self.groups):
             if isinstance(group, AutogradRuns):
                 results.append(group.step(x_t.t(), y, lr, frozen[gi]))
+                continue
+            if isinstance(group, FusedRuns):
+                results.append(group.step(x_t, y, lr, frozen[gi], x_bf16))
                 continue
             inputs, z = self._forward_group(gi, group, x_t, x_bf16)
             g = self._buffer((gi, "logits"), z.shape, z)

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from distrep.data import Dataset, load_dataset
-from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, StackedRuns, Trainer, engine_path,
-                            stack_parameters)
+from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
+                            engine_path, stack_parameters)
 from distrep.errors import DistrepError
+from distrep.fused import unavailable
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
@@ -108,6 +109,8 @@ class SweepConfig:
                                "models on its autograd path (" + ", ".join(
                                    m for m, p in paths.items() if p == "autograd") + ") train in fp32 "
                                "(or tf32 on CUDA), or in bf16 with --engine compiled")
+        if "fused" in paths.values() and unavailable(device):
+            raise DistrepError(unavailable(device))
         if self.precision == "tf32" and device.type != "cuda":
             raise DistrepError("tf32 is a CUDA precision; on the CPU use fp32 or bf16")
         return self
@@ -147,10 +150,14 @@ def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes:
     """Working memory of one run in the engine: fp32 buffers for every layer's output and the
     gradient flowing back (n values per feature; twice that on the autograd path), float64
     copies inside OffsetL2, a head's intermediates (Mahalanobis: ``[n, out, rank]``), parameters
-    with their gradients."""
+    with their gradients. The fused step keeps only the first layer's output."""
     total, fan_in = 0, in_features
     layers = parse(model, width, in_features, num_classes)
-    autograd = engine_path(layers, engine) != "hand-written"
+    path = engine_path(layers, engine)
+    if path == "fused":        # P [width, n] (written over by dP), parameters, their gradients
+        return 4 * n * layers[0].out_features + sum(3 * 4 * parameter_count_of(layer)
+                                                    for layer in layers if layer.affine)
+    autograd = path != "hand-written"
     for layer in layers:
         features = layer.out_features if layer.affine else fan_in
         total += (4 if autograd else 2) * 4 * n * features     # autograd keeps more per layer
@@ -524,7 +531,7 @@ def build_trainer(work: ChunkWork, data: Dataset, device: torch.device):
     for v in work.variants:
         specs = parse(canonical_spec(c.models[v]), c.width, data.num_features, data.num_classes)
         runs = {"hand-written": StackedRuns, "autograd": AutogradRuns,
-                "compiled": CompiledRuns}[engine_path(specs, c.engine)]
+                "compiled": CompiledRuns, "fused": FusedRuns}[engine_path(specs, c.engine)]
         groups.append(runs.from_state(specs, {name: p.to(device, copy=True)
                                               for name, p in work.params[v].items()}, c.offsetl2_form))
     return Trainer(groups, c.precision), groups

@@ -1,0 +1,421 @@
+"""The fused training step: the whole output layer in one pass over the hidden layer (Triton).
+
+For the paper's two-layer family ``linear - act - head - post...`` (head: ``linear[+bias]`` or
+``offsetl2``; act: relu, abs or none; post: up to two of relu, abs, neg) a step is
+
+    P  = W1 X                       one matrix product, [R*H, D] @ [D, n], in the mode's dtype
+    (one Triton kernel, per run and block of examples, reading P once and writing dP over it)
+        a = P + b1,  h = act(a)                      hidden activations, never stored
+        z = head(h), logits = post(z)                the output layer, [C, block] on chip
+        loss, correct, g = (softmax - onehot) / n    cross-entropy and its gradient
+        g_z = post'(.) g                             back through the output activations
+        dW2 += g_z h^T (linear)  or  sum_n g_s (h - mu), sum_n g_s (h - mu)^2 (OffsetL2)
+        dP = act'(a) * dL/dh,  db1 += sum_n dP       written over P
+    dW1 = dP X^T                    one more matrix product
+    p <- p - lr * grad              the SGD update, frozen runs excluded
+
+so the ``[R, H, n]`` activations cross memory three times a step (P written, read and
+overwritten, read) instead of once per elementwise operation, and stay in bf16 in bf16 mode.
+The partial sums of each program are reduced in a fixed order, so a step is deterministic.
+
+OffsetL2 distances are computed directly, s_c = sum_i w_ci (h_i - mu_ci)^2, class by class in
+fp32: exact near a prototype without the float64 of the expanded form (the elementwise work is
+~10 x 3 operations per hidden value, small next to the first layer's products).
+
+Precision: ``fp32`` keeps everything fp32 (the output layer's products in IEEE fp32),
+``tf32`` runs the first layer's products and the output layer's in TF32, ``bf16`` stores P and
+dP in bf16 and runs the three products on bf16 operands, accumulating in fp32. Losses,
+softmax, OffsetL2 distances and all parameter gradients are accumulated in fp32.
+
+Triton runs the kernel on CUDA; on the CPU it runs only under Triton's interpreter
+(``TRITON_INTERPRET=1``, slow: for the tests), where products are computed in fp32 whatever the
+mode (the interpreter's bf16 products are wrong in Triton 3.6-3.9).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from distrep.errors import DistrepError
+from distrep.layers import CODED_CLAMP
+from distrep.models import LayerSpec
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:            # the fused step is optional: everything else runs without it
+    triton = None
+
+HIDDEN = {"identity": 0, "relu": 1, "abs": 2}          # activation codes inside the kernel
+POST = {"identity": 0, "relu": 1, "abs": 2, "neg": 3}
+MAX_POST = 2
+BLOCK_N = 32             # examples per block: a [H, 32] tile of P per step of a program
+NUM_WARPS = 8
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_layout(specs: tuple[LayerSpec, ...]) -> dict | None:
+    """What the kernel needs to know of a model (activation codes, head, biases), or None if the
+    fused step does not cover it: ``linear`` (any bias), at most one hidden activation among
+    relu/abs/identity, a ``linear`` or ``offsetl2`` output layer, then at most two of
+    relu/abs/neg/identity."""
+    kinds = [s.kind for s in specs]
+    if len(specs) < 2 or kinds[0] != "linear":
+        return None
+    k, hidden = 1, "identity"
+    if kinds[1] in HIDDEN:
+        hidden, k = kinds[1], 2
+    if k >= len(specs) or kinds[k] not in ("linear", "offsetl2"):
+        return None
+    post = kinds[k + 1:]
+    if len(post) > MAX_POST or any(p not in POST for p in post):
+        return None
+    post = post + ["identity"] * (MAX_POST - len(post))
+    return {"hidden": HIDDEN[hidden], "head_index": k, "offsetl2": kinds[k] == "offsetl2",
+            "head_bias": specs[k].bias and kinds[k] == "linear",
+            "post": tuple(POST[p] for p in post)}
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why the fused step cannot run on ``device`` (one line), or None if it can."""
+    if triton is None:
+        return "the fused engine needs Triton (pip install triton)"
+    if device.type != "cuda" and not interpreting():
+        return ("the fused engine runs on CUDA (on the CPU only under Triton's interpreter, "
+                "TRITON_INTERPRET=1, for testing)")
+    return None
+
+
+if triton is not None:
+    @triton.jit
+    def _act(x, CODE: tl.constexpr):
+        if CODE == 1:
+            return tl.maximum(x, 0.0)
+        elif CODE == 2:
+            return tl.abs(x)
+        elif CODE == 3:
+            return -x
+        else:
+            return x
+
+    @triton.jit
+    def _act_backward(g, x, CODE: tl.constexpr):
+        """g * f'(x) for the activation ``CODE`` at its input x (relu: 1[x > 0]; abs: sign x)."""
+        if CODE == 1:
+            return tl.where(x > 0, g, 0.0)
+        elif CODE == 2:
+            return tl.where(x > 0, g, tl.where(x < 0, -g, 0.0))
+        elif CODE == 3:
+            return -g
+        else:
+            return g
+
+    @triton.jit
+    def _dot(a, b, DOT: tl.constexpr):
+        """a @ b accumulated in fp32: operands in bf16 (DOT 2), TF32 (1) or IEEE fp32 (0)."""
+        if DOT == 2:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+        elif DOT == 1:
+            return tl.dot(a, b, input_precision="tf32")
+        else:
+            return tl.dot(a, b, input_precision="ieee")
+
+    @triton.jit
+    def _head_kernel(P, dP, B1, W, B2, MU, LABELS, LOGITS,
+                     PART_A, PART_B, PART_DB2, PART_DB1, PART_LOSS, PART_CORRECT,
+                     n, inv_n, clamp, ROUNDS: tl.constexpr,
+                     H: tl.constexpr, C: tl.constexpr, HP: tl.constexpr, CP: tl.constexpr,
+                     BN: tl.constexpr, HIDDEN: tl.constexpr, OFFSETL2: tl.constexpr,
+                     PAPER: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                     POST1: tl.constexpr, POST2: tl.constexpr, TRAIN: tl.constexpr,
+                     DOT: tl.constexpr):
+        """One program: run ``r`` = program_id(0), every ``S``-th block of BN examples from
+        block program_id(1). P, dP ``[R, H, n]`` (dP may be P); W ``[R, C, H]`` (the linear
+        weight, or OffsetL2's metric weight w with MU its prototypes); partial sums per program
+        ``[R, S, ...]``: PART_A dW (linear) or sum g_s (h - mu) (OffsetL2), PART_B
+        sum g_s (h - mu)^2, PART_DB2 ``[CP]``, PART_DB1 ``[HP]``, loss and correct counts.
+        Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is differentiated."""
+        r = tl.program_id(0)
+        s = tl.program_id(1)
+        S = tl.num_programs(1)
+        rh = tl.arange(0, HP)
+        rc = tl.arange(0, CP)
+        hm = rh < H
+        cm = rc < C
+        if not OFFSETL2:                 # OffsetL2 reads its rows class by class instead
+            w = tl.load(W + r * C * H + rc[:, None] * H + rh[None, :],
+                        mask=cm[:, None] & hm[None, :], other=0.0)
+        if HAS_B1:
+            b1 = tl.load(B1 + r * H + rh, mask=hm, other=0.0)
+        if HAS_B2:
+            b2 = tl.load(B2 + r * C + rc, mask=cm, other=0.0)
+        acc_a = tl.zeros((CP, HP), dtype=tl.float32)
+        acc_b = tl.zeros((CP, HP), dtype=tl.float32)
+        acc_db2 = tl.zeros((CP,), dtype=tl.float32)
+        acc_db1 = tl.zeros((HP,), dtype=tl.float32)
+        loss_sum = tl.zeros((BN,), dtype=tl.float32)      # per column, summed at the end
+        correct_sum = tl.zeros((BN,), dtype=tl.int32)
+        base = r.to(tl.int64) * H * n        # R * H * n passes 2^31 at ~280 runs of full MNIST
+        for i in range(0, ROUNDS):           # blocks s, s + S, ...; the last may be empty
+            cols = (s + i * S) * BN + tl.arange(0, BN)
+            nm = cols < n
+            m2 = hm[:, None] & nm[None, :]
+            a = tl.load(P + base + rh[:, None] * n + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_B1:
+                a = a + b1[:, None]
+            h = tl.where(m2, _act(a, HIDDEN), 0.0)                       # [HP, BN]
+            if OFFSETL2:
+                z = tl.zeros((CP, BN), dtype=tl.float32)
+                for c in range(0, C):
+                    sel = (rc == c)[:, None]
+                    mu_c = tl.load(MU + r * C * H + c * H + rh, mask=hm, other=0.0)      # [HP]
+                    w_c = tl.load(W + r * C * H + c * H + rh, mask=hm, other=0.0)
+                    d = h - mu_c[:, None]            # padded rows: w_c = 0
+                    s_c = tl.sum(w_c[:, None] * d * d, axis=0)
+                    z = tl.where(sel, s_c[None, :], z)
+                if PAPER:                          # a diverged run's NaN must stay NaN
+                    active = z > 0
+                    zh = tl.sqrt(tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL))
+                else:
+                    active = z > clamp
+                    zh = tl.sqrt(tl.maximum(z, clamp, propagate_nan=tl.PropagateNan.ALL))
+            else:
+                zh = _dot(w, h, DOT)                                      # [CP, BN]
+                if HAS_B2:
+                    zh = zh + b2[:, None]
+            u1 = _act(zh, POST1)
+            logits = _act(u1, POST2)
+            valid = cm[:, None] & nm[None, :]
+            if TRAIN:
+                label = tl.load(LABELS + cols, mask=nm, other=0)
+                zl = tl.where(cm[:, None], logits, float("-inf"))
+                zmax = tl.max(zl, axis=0)
+                e = tl.exp(zl - zmax[None, :])
+                total = tl.sum(e, axis=0)
+                onehot = rc[:, None] == label[None, :]
+                target = tl.sum(tl.where(onehot, zl, 0.0), axis=0)
+                loss_sum += tl.where(nm, zmax + tl.log(total) - target, 0.0)
+                pred = tl.argmax(zl, axis=0)
+                correct_sum += tl.where(nm & (pred == label), 1, 0)
+                g = (e / total[None, :] - tl.where(onehot, 1.0, 0.0)) * inv_n
+                g = tl.where(valid, g, 0.0)
+                g = _act_backward(g, u1, POST2)
+                g = _act_backward(g, zh, POST1)                           # dL/d(head output)
+                if OFFSETL2:
+                    gs = tl.where(active, g / (2.0 * tl.where(active, zh, 1.0)), 0.0)
+                    dh = tl.zeros((HP, BN), dtype=tl.float32)
+                    for c in range(0, C):
+                        sel = (rc == c)[:, None]
+                        mu_c = tl.load(MU + r * C * H + c * H + rh, mask=hm, other=0.0)
+                        w_c = tl.load(W + r * C * H + c * H + rh, mask=hm, other=0.0)
+                        gs_c = tl.sum(tl.where(sel, gs, 0.0), axis=0)       # [BN]
+                        d = h - mu_c[:, None]
+                        gd = gs_c[None, :] * d               # 0 outside the block: gs_c = 0
+                        dh += 2.0 * w_c[:, None] * gd
+                        acc_a += tl.where(sel, tl.sum(gd, axis=1)[None, :], 0.0)
+                        acc_b += tl.where(sel, tl.sum(gd * d, axis=1)[None, :], 0.0)
+                else:
+                    acc_a += _dot(g, tl.trans(h), DOT)                    # [CP, HP]
+                    acc_db2 += tl.sum(g, axis=1)
+                    dh = _dot(tl.trans(w), g, DOT)                         # [HP, BN]
+                dpre = tl.where(m2, _act_backward(dh, a, HIDDEN), 0.0)
+                acc_db1 += tl.sum(dpre, axis=1)
+                tl.store(dP + base + rh[:, None] * n + cols[None, :], dpre.to(dP.dtype.element_ty), mask=m2)
+            else:
+                tl.store(LOGITS + r * C * n + rc[:, None] * n + cols[None, :], logits, mask=valid)
+        if TRAIN:
+            part = r * S + s
+            tl.store(PART_A + part * CP * HP + rc[:, None] * HP + rh[None, :], acc_a)
+            tl.store(PART_B + part * CP * HP + rc[:, None] * HP + rh[None, :], acc_b)
+            tl.store(PART_DB2 + part * CP + rc, acc_db2)
+            tl.store(PART_DB1 + part * HP + rh, acc_db1)
+            tl.store(PART_LOSS + part, tl.sum(loss_sum, axis=0))
+            tl.store(PART_CORRECT + part, tl.sum(correct_sum, axis=0))
+
+
+# --------------------------------------------------------------------------- a model's runs
+
+def _padded(x: int) -> int:
+    """The next power of two, at least 16 (the smallest side of a Triton product)."""
+    return max(16, 1 << (x - 1).bit_length())
+
+
+def kernel_constants(layout: dict, form: str, H: int, C: int, rounds: int, train: bool,
+                     precision: str, first_bias: bool) -> dict:
+    """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
+    C classes, ``rounds`` blocks per program. Products: bf16 operands in bf16 mode, TF32 in
+    tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16 products are wrong)."""
+    dot = 0 if precision == "fp32" or interpreting() else (2 if precision == "bf16" else 1)
+    return dict(ROUNDS=rounds, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,
+                HIDDEN=layout["hidden"], OFFSETL2=layout["offsetl2"], PAPER=form == "paper",
+                HAS_B1=first_bias, HAS_B2=layout["head_bias"], POST1=layout["post"][0],
+                POST2=layout["post"][1], TRAIN=train, DOT=dot)
+
+
+def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train: bool = True,
+                    form: str = "paper", arch: int = 90, n: int = 60000, splits: int = 27):
+    """Compile the kernel for a model without a GPU (Triton's compiler and ptxas run on the
+    CPU): proof that it compiles for CUDA architecture ``arch`` (90: H100/H200), and the
+    compiled kernel (``.asm["cubin"]``, ``.metadata``) for register and spill counts. Needs
+    Triton's JIT, not its interpreter (unset TRITON_INTERPRET before importing distrep)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    layout = fused_layout(specs)
+    H, C = specs[0].out_features, specs[layout["head_index"]].out_features
+    meta = kernel_constants(layout, form, H, C, triton.cdiv(triton.cdiv(n, BLOCK_N), splits), train,
+                            precision, specs[0].bias)
+    p = "*bf16" if precision == "bf16" else "*fp32"
+    types = {"P": p, "dP": p, "LABELS": "*i64", "PART_CORRECT": "*i32", "n": "i32", "inv_n": "fp32",
+             "clamp": "fp32"}
+    names = _head_kernel.arg_names
+    signature = {name: "constexpr" if name in meta else types.get(name, "*fp32") for name in names}
+    source = ASTSource(fn=_head_kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in meta.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+
+
+class FusedRuns:
+    """R runs of one model trained by the fused step; the interface the engine's
+    :class:`~distrep.engine.Trainer` needs, as :class:`~distrep.engine.AutogradRuns` has it.
+    Parameters are the stacked ``{"0.weight": [R, H, D], ...}`` (updated in place)."""
+
+    precision = "fp32"          # set by the Trainer
+
+    def __init__(self, specs: tuple[LayerSpec, ...], params: dict[str, torch.Tensor],
+                 layout: dict, offsetl2_form: str):
+        self.specs, self.params, self.layout, self.form = specs, params, layout, offsetl2_form
+        self.grads = {name: torch.zeros_like(p) for name, p in params.items()}
+        self._buffers: dict = {}
+        k = layout["head_index"]
+        self.head = (f"{k}.mu", f"{k}.alpha") if layout["offsetl2"] else (f"{k}.weight", f"{k}.bias")
+
+    @classmethod
+    def from_state(cls, specs: tuple[LayerSpec, ...], state: dict[str, torch.Tensor],
+                   offsetl2_form: str = "paper") -> "FusedRuns":
+        layout = fused_layout(specs)
+        if layout is None:
+            raise DistrepError("the fused engine covers linear - [relu|abs] - linear|offsetl2 "
+                               "- up to two of relu/abs/neg; use --engine auto for this model")
+        reason = unavailable(next(iter(state.values())).device)
+        if reason:
+            raise DistrepError(reason)
+        return cls(specs, state, layout, offsetl2_form)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.params
+
+    @property
+    def runs(self) -> int:
+        return self.params["0.weight"].shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first layer's products and of P: bf16 in bf16 mode, else fp32."""
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def _buffer(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype:
+            self._buffers.pop(key, None)               # free the old one before allocating
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=self.params["0.weight"].device)
+        return buf
+
+    def _first_layer(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """P = W1 x ``[R, H, n]`` for the shared input ``x [D, n]`` (in the mode's dtype)."""
+        w1 = self.params["0.weight"]
+        R, H, D = w1.shape
+        n = x.shape[1]
+        P = self._buffer(key, (R, H, n), self.dtype)
+        torch.mm(w1.view(R * H, D).to(self.dtype), x.to(self.dtype), out=P.view(R * H, n))
+        return P
+
+    def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(W, B2, MU) as the kernel reads them: the output layer's weight and bias, or
+        OffsetL2's metric weight w (alpha^2 or alpha) and prototypes."""
+        first, second = (self.params.get(name) for name in self.head)
+        if not self.layout["offsetl2"]:
+            return first.contiguous(), second, None
+        w = second * second if self.form == "paper" else second
+        return w.contiguous(), None, first.contiguous()
+
+    def _launch(self, P: torch.Tensor, y: torch.Tensor | None, logits: torch.Tensor | None):
+        """Run the head kernel over P; the per-program partial sums when training (``y``),
+        else the logits written into ``logits``."""
+        R, H, n = P.shape
+        W, B2, MU = self._head_weights()
+        C = W.shape[1]
+        HP, CP = _padded(H), _padded(C)
+        blocks = triton.cdiv(n, BLOCK_N)
+        if P.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(P.device).multi_processor_count
+            splits = max(1, min(blocks, (4 * sms + R - 1) // R))
+        else:
+            splits = min(blocks, 2)
+        train = y is not None
+        f32 = dict(dtype=torch.float32, device=P.device)
+        parts = {"a": torch.empty(R, splits, CP, HP, **f32), "b": torch.empty(R, splits, CP, HP, **f32),
+                 "db2": torch.empty(R, splits, CP, **f32), "db1": torch.empty(R, splits, HP, **f32),
+                 "loss": torch.empty(R, splits, **f32),
+                 "correct": torch.empty(R, splits, dtype=torch.int32, device=P.device)} if train else {}
+        dummy = W
+        b1 = self.params.get("0.bias")
+        meta = kernel_constants(self.layout, self.form, H, C, triton.cdiv(blocks, splits), train,
+                                self.precision, b1 is not None)
+        _head_kernel[(R, splits)](
+            P, P, b1 if b1 is not None else dummy, W, B2 if B2 is not None else dummy,
+            MU if MU is not None else dummy, y if train else dummy, logits if logits is not None else dummy,
+            *(parts[k] if train else dummy for k in ("a", "b", "db2", "db1", "loss", "correct")),
+            n, 1.0 / n, CODED_CLAMP, **meta, num_warps=NUM_WARPS)
+        return parts
+
+    def step(self, x_t: torch.Tensor, y: torch.Tensor, lr: float, frozen: torch.Tensor,
+             x_bf16: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step of every run on ``x_t [D, n]``; ``(loss [R], correct [R])`` before it.
+        Runs whose loss or parameters become non-finite join ``frozen``."""
+        x = x_bf16 if self.dtype == torch.bfloat16 and x_bf16 is not None else x_t.to(self.dtype)
+        R, H, D = self.params["0.weight"].shape
+        n = x.shape[1]
+        P = self._first_layer(x, "train")
+        parts = self._launch(P, y, None)
+        C = self._head_weights()[0].shape[1]
+        loss = parts["loss"].sum(1) / n
+        correct = parts["correct"].sum(1)
+        g = self.grads
+        g["0.weight"].view(R * H, D).copy_(torch.mm(P.view(R * H, n), x.t()))    # dP X^T
+        if "0.bias" in g:
+            torch.sum(parts["db1"][:, :, :H], 1, out=g["0.bias"])
+        a = parts["a"][:, :, :C, :H].sum(1)
+        if self.layout["offsetl2"]:
+            mu_name, alpha_name = self.head
+            w = self._head_weights()[0]
+            g[mu_name].copy_(-2 * w * a)
+            dw = parts["b"][:, :, :C, :H].sum(1)
+            g[alpha_name].copy_(2 * self.params[alpha_name] * dw if self.form == "paper" else dw)
+        else:
+            weight_name, bias_name = self.head
+            g[weight_name].copy_(a)
+            if bias_name in g:
+                torch.sum(parts["db2"][:, :, :C], 1, out=g[bias_name])
+        frozen |= ~torch.isfinite(loss)
+        for name, p in self.params.items():
+            grad = g[name]
+            grad.masked_fill_(frozen.view(-1, *(1,) * (grad.dim() - 1)), 0.0)
+            p.add_(grad, alpha=-lr)
+        for p in self.params.values():      # a step can overflow the parameters themselves
+            frozen |= ~torch.isfinite(p).flatten(1).all(1)
+        return loss, correct
+
+    @torch.no_grad()
+    def forward(self, x_t: torch.Tensor) -> list[torch.Tensor]:
+        """``[logits [R, C, n]]`` for the shared input ``x_t [D, n]``, in the mode's precision."""
+        P = self._first_layer(x_t, "eval")
+        W = self._head_weights()[0]
+        logits = torch.empty(P.shape[0], W.shape[1], P.shape[2], dtype=torch.float32, device=P.device)
+        self._launch(P, None, logits)
+        return [logits]
+
