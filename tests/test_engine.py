@@ -277,3 +277,52 @@ def test_nan_input_to_offsetl2_stays_nan():
     layer.mu[0, 0, 0] = float("nan")
     y = layer.forward(torch.ones(1, 4, 5), shared=False, keep=False)
     assert torch.isnan(y[0, 0]).all() and torch.isfinite(y[0, 1]).all()
+
+
+def test_offsetl2_direct_form_on_the_cpu_matches_the_float64_form(monkeypatch):
+    """The CPU's compiled direct form (fp32, class by class) against the float64 expanded form
+    (itself checked against autograd above), with prototypes placed on examples so that some
+    distances are ~0, in both forms, the input gradient written over the input itself; and the
+    fall-back to float64 when compiling fails."""
+    from distrep.engine import StackedOffsetL2
+    g = torch.Generator().manual_seed(0)
+    R, C, H, n = 3, 10, 24, 700
+    x = 50 * torch.rand(R, H, n, generator=g)
+    mu = x[:, :, :C].transpose(1, 2).contiguous() + 0.01 * torch.randn(R, C, H, generator=g)
+    alpha = 0.5 + torch.rand(R, C, H, generator=g)
+    grad = torch.randn(R, C, n, generator=g)
+
+    def step(form):
+        layer = StackedOffsetL2(mu.clone(), alpha.clone(), form)
+        xin = x.clone()
+        y = layer.forward(xin, shared=False)
+        direct = layer._cache[0] is None
+        dx = layer.backward(grad, xin, shared=False, need_dx=True, dx_out=xin)
+        assert dx.data_ptr() == xin.data_ptr()
+        return direct, [y, dx, layer.grads["mu"], layer.grads["alpha"]]
+
+    reference = {}
+    for form in ("paper", "coded"):
+        took_direct, direct = step(form)
+        monkeypatch.setattr(StackedOffsetL2, "direct", False)
+        took_float64, float64 = reference[form] = step(form)
+        monkeypatch.setattr(StackedOffsetL2, "direct", True)
+        assert took_direct and not took_float64
+        for name, a, b in zip(("y", "dx", "dmu", "dalpha"), direct, float64):
+            assert relative(a, b) < 2e-6, (form, name)
+        near = direct[0][:, range(C), range(C)]             # example j sits ~0.01 from prototype j
+        assert relative(near, float64[0][:, range(C), range(C)]) < 1e-5, form
+
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler")
+        return fail
+
+    from distrep import engine
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    monkeypatch.setattr(engine.torch, "compile", broken)
+    with pytest.warns(UserWarning, match="did not compile"):
+        took_direct, fallen_back = step("paper")
+    assert not took_direct and StackedOffsetL2.direct is False
+    for a, b in zip(fallen_back, reference["paper"][1]):
+        assert relative(a, b) < 1e-12

@@ -183,7 +183,8 @@ class UnitClamp:
     unclamped pre-activation instead of recomputing the whole layer (H times less work):
         linear:   z' = z + W[:, u] (a'_u - a_u)
         OffsetL2: s' = s + w_u ((a'_u - mu_u)^2 - (a_u - mu_u)^2),  y' = sqrt(s')
-    then the layers after it (OffsetL2 in float64, as the engine computes it). Chunks of units
+    then the layers after it (OffsetL2's s and its updates in float64: the update is a
+    difference of squares, which fp32 would round). Chunks of units
     hold ~``memory`` bytes of work at a time."""
 
     @torch.no_grad()

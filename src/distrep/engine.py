@@ -18,13 +18,15 @@ On CUDA, cuBLAS chooses kernels by shape, so chunked results agree only to round
 
 Precision: ``fp32`` (default) keeps every operation in fp32; ``bf16`` runs the two first-layer
 products (nearly all the arithmetic) on bf16 copies of their operands; ``tf32`` lets CUDA
-matrix products use TF32. OffsetL2 layers accumulate their squared distances in float64 (see
-:func:`distrep.layers.squared_distance_expanded`).
+matrix products use TF32. OffsetL2 layers compute their squared distances directly, class by
+class in fp32, on the CPU (compiled; no cancellation), and as products accumulated in float64
+elsewhere (see :class:`StackedOffsetL2`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -216,8 +218,12 @@ class StackedOffsetL2:
     """R OffsetL2 layers: y_rjn = sqrt(sum_i w_rji (x_rin - mu_rji)^2), w = alpha^2 (paper) or
     alpha (coded, with the square root's argument clamped at 1e-12). mu, alpha ``[R, out, in]``.
 
-    The squared distance is expanded into products, accumulated in float64 over the stacked
-    inputs ``[x ; x^2]`` (one ``[R, 2 in, n]`` float64 buffer, reused every step):
+    On the CPU, for per-run inputs, the squared distance and its gradients are computed in the
+    direct form, class by class in fp32 (:func:`direct_squared_distance` and its backward,
+    compiled by ``torch.compile``, one run at a time): no cancellation, so no float64 needed.
+    Elsewhere (CUDA, a shared input, or where compiling fails) they are expanded into products,
+    accumulated in float64 over the stacked inputs ``[x ; x^2]`` (one ``[R, 2 in, n]`` float64
+    buffer, reused every step):
         s = [-2 w*mu | w] @ [x ; x^2] + sum_i w mu^2
     and its gradients (g_s = dL/ds = g_y / (2 y) where the root is differentiable, else 0):
         [g_s x^T | g_s (x^2)^T] = g_s @ [x ; x^2]^T
@@ -260,12 +266,17 @@ class StackedOffsetL2:
             return (a.reshape(R * p, q) @ b).view(R, p, -1)
         return bmm(a, b)
 
-    def metric_weight(self) -> torch.Tensor:
-        """w in float64: alpha^2 (paper) or alpha (coded)."""
-        return (self.alpha * self.alpha if self.form == "paper" else self.alpha).double()
+    def metric_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """w: alpha^2 (paper) or alpha (coded), in ``dtype``."""
+        return (self.alpha * self.alpha if self.form == "paper" else self.alpha).to(dtype)
+
+    direct = True     # False: the float64 expanded form on the CPU too (set if compiling fails)
+
+    def _direct(self, x: torch.Tensor, shared: bool) -> bool:
+        return StackedOffsetL2.direct and not shared and x.device.type == "cpu" and x.dtype == torch.float32
 
     def root(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y, where the root is differentiable) from squared distances s (float64, any shape):
+        """(y, where the root is differentiable) from squared distances s (any shape and dtype):
         y = sqrt(max(s, 0)) (paper) or sqrt(max(s, 1e-12)) (coded)."""
         s = s.clamp_min(0.0)                     # NaN stays NaN: a diverged run must show it
         if self.form == "paper":
@@ -281,8 +292,13 @@ class StackedOffsetL2:
 
     def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None,
                 keep: bool = True) -> torch.Tensor:
-        work = self.stacked_inputs(x, keep)
-        y, active = self.root(self.squared_distance(work))
+        s, work = None, None
+        if self._direct(x, shared):
+            s = per_run(direct_squared_distance, x, self.mu, self.metric_weight(x.dtype))
+        if s is None:
+            work = self.stacked_inputs(x, keep)
+            s = self.squared_distance(work)
+        y, active = self.root(s)
         if keep:
             self._cache = (work, y, active)
         if out is None:
@@ -294,6 +310,17 @@ class StackedOffsetL2:
         """Gradients of mu and alpha into ``grads``; dL/dx into ``dx_out`` (which may be x)."""
         work, y, active = self._cache
         self._cache = None
+        if work is None:                   # the forward pass took the direct form
+            w = self.metric_weight(x.dtype)
+            gs = torch.where(active, g / (2 * torch.where(active, y, 1.0)), 0.0)
+            if dx_out is None:
+                dx_out = torch.empty_like(x)
+            result = per_run(direct_squared_distance_backward, x, self.mu, w, gs, out=dx_out)
+            if result is not None:
+                A, B = result
+                self._parameter_grads(w, self.mu, -2 * w * A, B)
+                return dx_out if need_dx else None
+            work = self.stacked_inputs(x, keep=True)      # compiling failed: float64 from here
         w, mu = self.metric_weight(), self.mu.double()
         R, o, i = w.shape
         gs = torch.where(active, g.double() / (2 * torch.where(active, y, 1.0)), 0.0)
@@ -303,9 +330,7 @@ class StackedOffsetL2:
             gxx = bmm(gs, work.transpose(1, 2))
         gx, gx2 = gxx[..., :i], gxx[..., i:]
         q = gs.sum(2, keepdim=True)
-        grad_w = gx2 - 2 * mu * gx + mu * mu * q
-        self.grads["mu"].copy_(-2 * w * (gx - mu * q))
-        self.grads["alpha"].copy_(2 * self.alpha.double() * grad_w if self.form == "paper" else grad_w)
+        self._parameter_grads(w, mu, -2 * w * (gx - mu * q), gx2 - 2 * mu * gx + mu * mu * q)
         if not need_dx:
             return None
         # in the spent x^2 half: 2 x * (w^T g_s), then += -2 (w*mu)^T g_s inside the product
@@ -313,6 +338,79 @@ class StackedOffsetL2:
         bmm((2 * w).transpose(1, 2), gs, out=t).mul_(x64)
         t.baddbmm_((-2 * w * mu).transpose(1, 2), gs)
         return t.to(g.dtype) if dx_out is None else dx_out.copy_(t)
+
+
+    def _parameter_grads(self, w, mu, grad_mu: torch.Tensor, grad_w: torch.Tensor) -> None:
+        """dL/dmu and dL/dalpha = 2 alpha dL/dw (paper) or dL/dw (coded) into ``grads``."""
+        self.grads["mu"].copy_(grad_mu)
+        alpha = self.alpha.to(grad_w.dtype)
+        self.grads["alpha"].copy_(2 * alpha * grad_w if self.form == "paper" else grad_w)
+
+
+def direct_squared_distance(x: torch.Tensor, mu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """s_jn = sum_i w_ji (x_in - mu_ji)^2 for one run: x ``[in, n]``, mu, w ``[out, in]`` ->
+    ``[out, n]``, class by class (compiled: one fused pass over x per class, never an
+    ``[out, in, n]`` tensor). Each term is a square, so fp32 loses nothing to cancellation."""
+    return torch.stack([(w[j, :, None] * (x - mu[j, :, None]).square()).sum(0) for j in range(mu.shape[0])])
+
+
+def direct_squared_distance_backward(x: torch.Tensor, mu: torch.Tensor, w: torch.Tensor,
+                                     gs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For g_s = dL/ds ``[out, n]`` of one run: (dL/dx ``[in, n]``, A, B ``[out, in]``) with
+
+        dL/dx_in = 2 sum_j g_jn w_ji (x_in - mu_ji)
+        A_ji = sum_n g_jn (x_in - mu_ji),   B_ji = sum_n g_jn (x_in - mu_ji)^2
+
+    so that dL/dmu = -2 w * A and dL/dw = B."""
+    dx, A, B = 0, [], []
+    for j in range(mu.shape[0]):
+        d = x - mu[j, :, None]
+        gd = gs[j] * d
+        dx = dx + w[j, :, None] * gd
+        A.append(gd.sum(1))
+        B.append((gd * d).sum(1))
+    return 2 * dx, torch.stack(A), torch.stack(B)
+
+
+_COMPILED: dict = {}
+
+
+def allow_recompiles(limit: int = 256) -> None:
+    """Let Dynamo keep up to ``limit`` compiled versions of one function (its default, 8, would
+    run the 9th shape or model eagerly, with other rounding)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
+def per_run(fn, x: torch.Tensor, *per_run_args: torch.Tensor, out: torch.Tensor | None = None):
+    """``fn`` compiled (static shapes) and called on each run's slices ``x[r], arg[r], ...``,
+    its results stacked over the runs; with ``out``, the first result of run r is written into
+    ``out[r]`` as soon as it is computed (``out`` may be x: run r's slice is read only by run
+    r's call) and only the others are returned. One run at a time, so a run's numbers never
+    depend on how many runs share the chunk. None (and the direct form switched off, with a
+    warning) if compiling fails, e.g. with no C++ compiler: that happens at the first call,
+    before anything is written."""
+    compiled = _COMPILED.get(fn)
+    if compiled is None:
+        allow_recompiles()                       # one entry per shape met
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    results = []
+    try:
+        for r in range(x.shape[0]):
+            result = compiled(x[r], *(a[r] for a in per_run_args))
+            if out is not None:
+                out[r].copy_(result[0])
+                result = result[1:]
+            results.append(result)
+    except Exception as error:      # noqa: BLE001 - any compiler failure: fall back, correctly
+        warnings.warn(f"OffsetL2's direct form did not compile ({type(error).__name__}); using the "
+                      f"float64 expanded form instead")
+        StackedOffsetL2.direct = False
+        return None
+    if isinstance(results[0], torch.Tensor):
+        return torch.stack(results)
+    return tuple(torch.stack(parts) for parts in zip(*results))
 
 
 class StackedActivation:
@@ -539,11 +637,8 @@ class CompiledRuns(AutogradRuns):
 
     def __init__(self, template: nn.Module, specs: tuple[LayerSpec, ...], params: dict[str, torch.Tensor]):
         super().__init__(template, specs, params)
-        # Every group compiles the same method for its own model: one entry per group in
-        # Dynamo's cache of that code (default limit 8), not a fall-back to eager at the 9th.
-        config = torch._dynamo.config
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), 256))
+        # Every group compiles the same method for its own model: one entry per group.
+        allow_recompiles()
         cuda = next(iter(params.values())).device.type == "cuda"
         options = {"fullgraph": True, "dynamic": False}
         # CUDA graphs replay a whole step; their outputs are overwritten by the next replay,

@@ -19,8 +19,8 @@ overwritten, read) instead of once per elementwise operation, and stay in bf16 i
 The partial sums of each program are reduced in a fixed order, so a step is deterministic.
 
 OffsetL2 distances are computed directly, s_c = sum_i w_ci (h_i - mu_ci)^2, class by class in
-fp32: exact near a prototype without the float64 of the expanded form (the elementwise work is
-~10 x 3 operations per hidden value, small next to the first layer's products).
+fp32: exact near a prototype without the float64 of the expanded form (~10 x 11 elementwise
+operations per hidden value forward and back, against ~3,100 in the first layer's products).
 
 Precision: ``fp32`` keeps everything fp32 (the output layer's products in IEEE fp32),
 ``tf32`` runs the first layer's products and the output layer's in TF32, ``bf16`` stores P and
@@ -51,7 +51,10 @@ except ImportError:            # the fused step is optional: everything else run
 HIDDEN = {"identity": 0, "relu": 1, "abs": 2}          # activation codes inside the kernel
 POST = {"identity": 0, "relu": 1, "abs": 2, "neg": 3}
 MAX_POST = 2
-BLOCK_N = 32             # examples per block: a [H, 32] tile of P per step of a program
+# Examples per block (a [H, BLOCK_N] tile of P per step of a program) and warps per program:
+# compiled for sm_90, 32 x 8 holds Table 1's bf16 kernel in 236 registers without spilling
+# (64 x 8 spills 440 bytes); not yet timed on a GPU (scripts/fused-tune.py does).
+BLOCK_N = 32
 NUM_WARPS = 8
 
 
