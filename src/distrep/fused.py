@@ -14,8 +14,8 @@ For the paper's two-layer family ``linear - act - head - post...`` (head: ``line
     dW1 = dP X^T                    one more matrix product
     p <- p - lr * grad              the SGD update, frozen runs excluded
 
-so the ``[R, H, n]`` activations cross memory three times a step (P written, read and
-overwritten, read) instead of once per elementwise operation, and stay in bf16 in bf16 mode.
+so the ``[R, H, n]`` activations cross memory four times a step (P written, read, dP written
+over it, read) instead of once or twice per elementwise operation, and stay in bf16 in bf16 mode.
 The partial sums of each program are reduced in a fixed order, so a step is deterministic.
 
 OffsetL2 distances are computed directly, s_c = sum_i w_ci (h_i - mu_ci)^2, class by class in
