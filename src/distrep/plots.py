@@ -151,8 +151,7 @@ def plot_first_layer(weight: np.ndarray, title: str, columns: int = 16):
     for u in range(units):
         r, c = divmod(u, columns)
         mosaic[r * cell:r * cell + side, c * cell:c * cell + side] = scaled[u].reshape(side, side)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")     # gaps between units: white
     fig, ax = plt.subplots(figsize=(columns * 0.6, rows * 0.6 + 0.4), layout="constrained")
     ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     ax.axis("off")
