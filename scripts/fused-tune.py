@@ -1,29 +1,70 @@
 """Time the fused step at several block shapes on one GPU (for choosing distrep.fused's
 BLOCK_N and NUM_WARPS): Table 1's and Table 3's variants x RUNS runs on full MNIST, in bf16
-and TF32, ms per run-epoch (step plus a tenth of a test pass), as `distrep bench` measures it.
+and TF32, ms per run-epoch (step plus a tenth of a test pass), as `distrep bench` measures it;
+then, at the default shape, where one variant's step spends its time (the first layer's
+product, the kernel, the weight-gradient product, the rest), with the kernel's effective
+bandwidth (P read and dP written) and the products' TFLOP/s.
 Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPS ...]   (default 20 32x8 ...)
+A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=100 (bf16 only).
 """
 
+import os
 import sys
+from dataclasses import replace
 
 import torch
 
 from distrep import fused
-from distrep.bench import engine
+from distrep.bench import engine, timed
 from distrep.data import load_dataset
 from distrep.models import TABLE1, TABLE3
 from distrep.sweep import GiB
+
+
+def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]) -> None:
+    """Milliseconds per step of each part of one variant's fused step (10 repeats)."""
+    from distrep.sweep import Sweep, SweepConfig, matmul_precision
+    x_t, y = data.x_train.t().contiguous().to(device), data.y_train.to(device)
+    for precision in precisions:
+        for model in ("ReLU2", "ReLU-L2"):
+            config = SweepConfig(models=[model], runs=runs, epochs=1, precision=precision,
+                                 device=str(device), engine="fused", max_memory=40 * GiB)
+            sweep = Sweep(config, data, progress=False)
+            trainer, (group,) = sweep.chunk_trainer(sweep.chunks()[0])
+            with matmul_precision(precision, device):
+                x = x_t.bfloat16() if precision == "bf16" else x_t
+                frozen = torch.zeros(runs, dtype=torch.bool, device=device)
+                group.step(x_t, y, 1e-3, frozen, x)                    # warm-up, compiles
+                P = group._first_layer(x, "train")
+                R, H, D = group.params["0.weight"].shape
+                n = P.shape[2]
+                parts = {"first-layer product": lambda: group._first_layer(x, "train"),
+                         "kernel": lambda: group._launch(P, y, None),
+                         "weight-gradient product": lambda: torch.mm(P.view(R * H, n), x.t()),
+                         "whole step": lambda: group.step(x_t, y, 0.0, frozen, x)}
+                times = {name: timed(fn, device, 10) * 1e3 for name, fn in parts.items()}
+            gemm = 2 * R * H * D * n / 1e12
+            moved = 2 * P.numel() * P.element_size() / 1e9
+            print(f"{model} x {runs} runs, {precision}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
+                  + f"; products {gemm / times['first-layer product'] * 1e3:.0f} and "
+                  f"{gemm / times['weight-gradient product'] * 1e3:.0f} TFLOP/s, kernel "
+                  f"{moved / times['kernel'] * 1e3:.0f} GB/s over P and dP", flush=True)
 
 
 def main(argv: list[str]) -> None:
     runs = int(argv[0]) if argv else 20
     shapes = [tuple(int(v) for v in s.split("x")) for s in argv[1:]] or [
         (32, 8), (64, 8), (64, 16), (16, 4), (32, 4), (128, 16)]
-    device = torch.device("cuda")
+    device = torch.device(os.environ.get("TUNE_DEVICE", "cuda"))
+    subset = os.environ.get("TUNE_SUBSET")
     data = load_dataset("mnist", "raw")
+    if subset:                      # the smoke test: few training and test images
+        data = replace(data.subset(int(subset)), x_test=data.x_test[:int(subset)], y_test=data.y_test[:int(subset)])
+    precisions = ("bf16", "tf32") if device.type == "cuda" else ("bf16",)
+    default = fused.BLOCK_N, fused.NUM_WARPS
     for block, warps in shapes:
         fused.BLOCK_N, fused.NUM_WARPS = block, warps
-        for precision in ("bf16", "tf32"):
+        for precision in precisions:
             for label, models in (("Table 1", TABLE1), ("Table 3", TABLE3)):
                 try:
                     seconds, setup = engine(list(models), runs, data, device, precision, 5, 40 * GiB,
@@ -32,6 +73,8 @@ def main(argv: list[str]) -> None:
                           f"run-epoch = {1 / seconds:,.0f} run-epochs/s (warm-up {setup:.1f} s)", flush=True)
                 except Exception as e:          # noqa: BLE001 - a shape that fails is a result here
                     print(f"BN {block:>3} warps {warps:>2} {precision} {label}: failed: {e!r}"[:300], flush=True)
+    fused.BLOCK_N, fused.NUM_WARPS = default
+    breakdown(data, runs, device, precisions)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@
 #      (`bench --accuracy`), every Table 1 and Table 3 model on full MNIST, into OUT_DIR/accuracy/;
 #   5. the compiled step (torch.compile, CUDA graphs) in TF32 and bf16, if time is left.
 # Each step is time-limited and logged as it goes, so a pass cut short still brings back what
-# finished. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 540)
+# finished. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
 # Environment: ACCURACY_RUNS (4), ACCURACY_EPOCHS (500), BENCH_EPOCHS (5), DEVICE (cuda).
 set -u
-default_budget=540
+default_budget=560
 source "$(dirname "$0")/gpu-lib.sh" "$@"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-cache}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
@@ -22,7 +22,7 @@ step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --
 step 40 "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 60 "$python" -m distrep.cli data fetch mnist --from "$data"
 step 150 "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k fused
-step 100 "$python" scripts/fused-tune.py 20
+step 130 "$python" scripts/fused-tune.py 20
 step 180 "$python" -m distrep.cli bench --device "$device" --epochs "${BENCH_EPOCHS:-5}" --max-memory 40G \
     --engine auto,fused --precisions fp32,tf32,bf16
 step "$(left 100)" "$python" -m distrep.cli bench --device "$device" --no-speed --accuracy --engine fused \
