@@ -1,7 +1,8 @@
 """Time the fused step at several block shapes on one GPU (for choosing distrep.fused's
 BLOCK_N and NUM_WARPS): Table 1's and Table 3's variants x RUNS runs on full MNIST, in bf16
 and TF32, ms per run-epoch (step plus a tenth of a test pass), as `distrep bench` measures it;
-then, at the default shape, where one variant's step spends its time (the first layer's
+both OffsetL2 kernels (direct, expanded) for Table 3; then, at the default shape and for each
+OffsetL2 kernel, where one variant's step spends its time (the first layer's
 product, the kernel, the weight-gradient product, the rest), with the kernel's effective
 bandwidth (P read and dP written) and the products' TFLOP/s.
 Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPS ...]   (default 20 32x8 ...)
@@ -59,22 +60,29 @@ def main(argv: list[str]) -> None:
     subset = os.environ.get("TUNE_SUBSET")
     data = load_dataset("mnist", "raw")
     if subset:                      # the smoke test: few training and test images
-        data = replace(data.subset(int(subset)), x_test=data.x_test[:int(subset)], y_test=data.y_test[:int(subset)])
+        n = int(subset)
+        data = replace(data.subset(n), x_test=data.x_test[:n], y_test=data.y_test[:n])
     precisions = ("bf16", "tf32") if device.type == "cuda" else ("bf16",)
     default = fused.BLOCK_N, fused.NUM_WARPS
+    cases = [("Table 1", TABLE1, "direct")] + [("Table 3", TABLE3, form) for form in fused.OFFSETL2_KERNEL_FORMS]
     for block, warps in shapes:
         fused.BLOCK_N, fused.NUM_WARPS = block, warps
         for precision in precisions:
-            for label, models in (("Table 1", TABLE1), ("Table 3", TABLE3)):
+            for label, models, form in cases:
+                fused.OFFSETL2_KERNEL = form
+                name = f"BN {block:>3} warps {warps:>2} {precision} {label}" + (f" {form}" if label == "Table 3" else "")
                 try:
                     seconds, setup = engine(list(models), runs, data, device, precision, 5, 40 * GiB,
                                             engine_name="fused")
-                    print(f"BN {block:>3} warps {warps:>2} {precision} {label}: {seconds * 1e3:.4f} ms per "
-                          f"run-epoch = {1 / seconds:,.0f} run-epochs/s (warm-up {setup:.1f} s)", flush=True)
+                    print(f"{name}: {seconds * 1e3:.4f} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s "
+                          f"(warm-up {setup:.1f} s)", flush=True)
                 except Exception as e:          # noqa: BLE001 - a shape that fails is a result here
-                    print(f"BN {block:>3} warps {warps:>2} {precision} {label}: failed: {e!r}"[:300], flush=True)
+                    print(f"{name}: failed: {e!r}"[:300], flush=True)
     fused.BLOCK_N, fused.NUM_WARPS = default
-    breakdown(data, runs, device, precisions)
+    for form in fused.OFFSETL2_KERNEL_FORMS:
+        fused.OFFSETL2_KERNEL = form
+        print(f"breakdown, OffsetL2 kernel {form}:", flush=True)
+        breakdown(data, runs, device, precisions)
 
 
 if __name__ == "__main__":

@@ -83,8 +83,22 @@ def test_the_coded_offsetl2_form_matches_too(data):
 
 
 @interpreted
+def test_the_expanded_offsetl2_kernel_matches_too(data, monkeypatch):
+    """The kernel's other OffsetL2 form (four products; fp32 products under the interpreter)."""
+    monkeypatch.setattr("distrep.fused.OFFSETL2_KERNEL", "expanded")
+    models = ["ReLU-L2", "Abs-L2-Neg", "linear-offsetl2-abs-neg"]
+    for form in ("paper", "coded"):
+        for f, h in zip(run(data, models, "fused", offsetl2_form=form),
+                        run(data, models, "auto", offsetl2_form=form)):
+            assert relative(f.arrays["train_loss"], h.arrays["train_loss"]) < 1e-5, (form, f.name)
+            for name, p in h.params.items():
+                assert relative(f.params[name], p) < 1e-5, (form, f.name, name)
+
+
+@interpreted
 def test_bf16_keeps_the_first_layer_output_in_bf16_and_trains_close_to_fp32(data):
-    bf16, fp32 = run(data, ["ReLU", "Abs-L2"], "fused", precision="bf16"), run(data, ["ReLU", "Abs-L2"], "fused")
+    models = ["ReLU", "Abs-L2"]
+    bf16, fp32 = run(data, models, "fused", precision="bf16"), run(data, models, "fused")
     for b, f in zip(bf16, fp32):
         assert not np.array_equal(b.arrays["train_loss"], f.arrays["train_loss"]), b.name
         assert relative(b.arrays["train_loss"], f.arrays["train_loss"]) < 1e-2, b.name
@@ -137,6 +151,7 @@ def test_without_a_gpu_or_the_interpreter_the_fused_engine_says_so(monkeypatch, 
 
 
 COMPILE = """
+from distrep import fused
 from distrep.fused import compile_for_gpu
 from distrep.models import TABLE1, TABLE3, parse
 cases = [(m, "bf16", True, "paper") for m in TABLE1 + TABLE3] + [
@@ -144,16 +159,20 @@ cases = [(m, "bf16", True, "paper") for m in TABLE1 + TABLE3] + [
     ("ReLU", "bf16", False, "paper"), ("Abs-L2", "tf32", False, "coded")]
 for model, precision, train, form in cases:
     compile_for_gpu(parse(model), precision, train, form)
-print("compiled", len(cases))
+fused.OFFSETL2_KERNEL = "expanded"
+for model, precision, train in [("ReLU-L2", "bf16", True), ("Abs-L2-Neg", "tf32", False)]:
+    compile_for_gpu(parse(model), precision, train)
+print("compiled", len(cases) + 2)
 """
 
 
 def test_the_kernel_compiles_for_an_h100_without_one():
-    """Triton's compiler and ptxas run on the CPU: every Table 1 and Table 3 model's kernel, the
-    three product modes, both OffsetL2 forms and the test pass compile for sm_90 (the
-    interpreter accepts code the compiler rejects: it caught one such line)."""
+    """Triton's compiler and ptxas run on the CPU: every Table 1 and Table 3 model's kernel,
+    the three product modes, both OffsetL2 forms and both OffsetL2 kernels, and the test pass
+    compile for sm_90 (the interpreter accepts code the compiler rejects: it caught one such
+    line)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(Path(tempfile.mkdtemp()) / "triton")     # compile, not reuse
     result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env,
                             timeout=600)
-    assert result.returncode == 0 and "compiled 14" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and "compiled 16" in result.stdout, result.stderr[-3000:]

@@ -56,6 +56,13 @@ MAX_POST = 2
 # (64 x 8 spills 440 bytes); not yet timed on a GPU (scripts/fused-tune.py does).
 BLOCK_N = 32
 NUM_WARPS = 8
+# How the kernel computes OffsetL2: "direct", sum_i w (h_i - mu_i)^2 class by class in fp32
+# (exact; ~110 elementwise operations per hidden value), or "expanded" into four products on
+# tensor cores (three TF32 passes each, ~fp32 accuracy, but the terms cancel near a prototype).
+# Which is faster, and whether "expanded" stays equivalent in accuracy, is for a GPU to say
+# (scripts/fused-tune.py times both).
+OFFSETL2_KERNEL_FORMS = ("direct", "expanded")
+OFFSETL2_KERNEL = "direct"
 
 
 def interpreting() -> bool:
@@ -120,11 +127,14 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, DOT: tl.constexpr):
-        """a @ b accumulated in fp32: operands in bf16 (DOT 2), TF32 (1) or IEEE fp32 (0)."""
+        """a @ b accumulated in fp32: operands in bf16 (DOT 2), TF32 (1), three TF32 passes
+        (3: about fp32's accuracy on tensor cores) or IEEE fp32 (0)."""
         if DOT == 2:
             return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
         elif DOT == 1:
             return tl.dot(a, b, input_precision="tf32")
+        elif DOT == 3:
+            return tl.dot(a, b, input_precision="tf32x3")
         else:
             return tl.dot(a, b, input_precision="ieee")
 
@@ -133,16 +143,20 @@ if triton is not None:
                      PART_A, PART_B, PART_DB2, PART_DB1, PART_LOSS, PART_CORRECT,
                      n, inv_n, clamp, ROUNDS: tl.constexpr,
                      H: tl.constexpr, C: tl.constexpr, HP: tl.constexpr, CP: tl.constexpr,
-                     BN: tl.constexpr, HIDDEN: tl.constexpr, OFFSETL2: tl.constexpr,
+                     BN: tl.constexpr, HIDDEN: tl.constexpr, HEAD: tl.constexpr,
                      PAPER: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
                      POST1: tl.constexpr, POST2: tl.constexpr, TRAIN: tl.constexpr,
-                     DOT: tl.constexpr):
+                     DOT: tl.constexpr, DOT_L2: tl.constexpr):
         """One program: run ``r`` = program_id(0), every ``S``-th block of BN examples from
         block program_id(1). P, dP ``[R, H, n]`` (dP may be P); W ``[R, C, H]`` (the linear
-        weight, or OffsetL2's metric weight w with MU its prototypes); partial sums per program
-        ``[R, S, ...]``: PART_A dW (linear) or sum g_s (h - mu) (OffsetL2), PART_B
-        sum g_s (h - mu)^2, PART_DB2 ``[CP]``, PART_DB1 ``[HP]``, loss and correct counts.
-        Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is differentiated."""
+        weight, or OffsetL2's metric weight w with MU its prototypes). HEAD: 0 linear, 1
+        OffsetL2 in the direct form, 2 OffsetL2 expanded into products (DOT_L2 precision):
+            s = w @ h^2 - 2 (w mu) @ h + sum_i w mu^2
+        Partial sums per program ``[R, S, ...]``: PART_A dW (linear), sum g_s (h - mu) (direct)
+        or sum g_s h^T (expanded); PART_B sum g_s (h - mu)^2 (direct) or sum g_s (h^2)^T
+        (expanded); PART_DB2 ``[CP]`` db2 (linear) or sum g_s (expanded); PART_DB1 ``[HP]``; loss
+        and correct counts. Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is
+        differentiated."""
         r = tl.program_id(0)
         s = tl.program_id(1)
         S = tl.num_programs(1)
@@ -150,9 +164,14 @@ if triton is not None:
         rc = tl.arange(0, CP)
         hm = rh < H
         cm = rc < C
-        if not OFFSETL2:                 # OffsetL2 reads its rows class by class instead
+        if HEAD != 1:                    # the direct form reads its rows class by class instead
             w = tl.load(W + r * C * H + rc[:, None] * H + rh[None, :],
                         mask=cm[:, None] & hm[None, :], other=0.0)
+        if HEAD == 2:
+            mu = tl.load(MU + r * C * H + rc[:, None] * H + rh[None, :],
+                         mask=cm[:, None] & hm[None, :], other=0.0)
+            wmu = w * mu
+            s0 = tl.sum(wmu * mu, axis=1)                                 # sum_i w mu^2 [CP]
         if HAS_B1:
             b1 = tl.load(B1 + r * H + rh, mask=hm, other=0.0)
         if HAS_B2:
@@ -172,15 +191,19 @@ if triton is not None:
             if HAS_B1:
                 a = a + b1[:, None]
             h = tl.where(m2, _act(a, HIDDEN), 0.0)                       # [HP, BN]
-            if OFFSETL2:
-                z = tl.zeros((CP, BN), dtype=tl.float32)
-                for c in range(0, C):
-                    sel = (rc == c)[:, None]
-                    mu_c = tl.load(MU + r * C * H + c * H + rh, mask=hm, other=0.0)      # [HP]
-                    w_c = tl.load(W + r * C * H + c * H + rh, mask=hm, other=0.0)
-                    d = h - mu_c[:, None]            # padded rows: w_c = 0
-                    s_c = tl.sum(w_c[:, None] * d * d, axis=0)
-                    z = tl.where(sel, s_c[None, :], z)
+            if HEAD != 0:
+                if HEAD == 2:
+                    z = _dot(w, h * h, DOT_L2) - 2.0 * _dot(wmu, h, DOT_L2) + s0[:, None]
+                    z = tl.where(z < 0, 0.0, z)       # cancellation can undercut 0 (NaN kept)
+                else:
+                    z = tl.zeros((CP, BN), dtype=tl.float32)
+                    for c in range(0, C):
+                        sel = (rc == c)[:, None]
+                        mu_c = tl.load(MU + r * C * H + c * H + rh, mask=hm, other=0.0)  # [HP]
+                        w_c = tl.load(W + r * C * H + c * H + rh, mask=hm, other=0.0)
+                        d = h - mu_c[:, None]            # padded rows: w_c = 0
+                        s_c = tl.sum(w_c[:, None] * d * d, axis=0)
+                        z = tl.where(sel, s_c[None, :], z)
                 if PAPER:                          # a diverged run's NaN must stay NaN
                     active = z > 0
                     zh = tl.sqrt(tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL))
@@ -209,7 +232,13 @@ if triton is not None:
                 g = tl.where(valid, g, 0.0)
                 g = _act_backward(g, u1, POST2)
                 g = _act_backward(g, zh, POST1)                           # dL/d(head output)
-                if OFFSETL2:
+                if HEAD == 2:
+                    gs = tl.where(active, g / (2.0 * tl.where(active, zh, 1.0)), 0.0)
+                    acc_a += _dot(gs, tl.trans(h), DOT_L2)
+                    acc_b += _dot(gs, tl.trans(h * h), DOT_L2)
+                    acc_db2 += tl.sum(gs, axis=1)
+                    dh = 2.0 * h * _dot(tl.trans(w), gs, DOT_L2) - 2.0 * _dot(tl.trans(wmu), gs, DOT_L2)
+                elif HEAD == 1:
                     gs = tl.where(active, g / (2.0 * tl.where(active, zh, 1.0)), 0.0)
                     dh = tl.zeros((HP, BN), dtype=tl.float32)
                     for c in range(0, C):
@@ -252,12 +281,15 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, rounds: int, train
                      precision: str, first_bias: bool) -> dict:
     """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
     C classes, ``rounds`` blocks per program. Products: bf16 operands in bf16 mode, TF32 in
-    tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16 products are wrong)."""
-    dot = 0 if precision == "fp32" or interpreting() else (2 if precision == "bf16" else 1)
+    tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16 products are wrong); the
+    expanded OffsetL2 form's products in three TF32 passes (IEEE in fp32)."""
+    exact = precision == "fp32" or interpreting()
+    dot = 0 if exact else (2 if precision == "bf16" else 1)
+    head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(OFFSETL2_KERNEL) + 1
     return dict(ROUNDS=rounds, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,
-                HIDDEN=layout["hidden"], OFFSETL2=layout["offsetl2"], PAPER=form == "paper",
+                HIDDEN=layout["hidden"], HEAD=head, PAPER=form == "paper",
                 HAS_B1=first_bias, HAS_B2=layout["head_bias"], POST1=layout["post"][0],
-                POST2=layout["post"][1], TRAIN=train, DOT=dot)
+                POST2=layout["post"][1], TRAIN=train, DOT=dot, DOT_L2=0 if exact else 3)
 
 
 def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train: bool = True,
@@ -395,10 +427,13 @@ class FusedRuns:
         a = parts["a"][:, :, :C, :H].sum(1)
         if self.layout["offsetl2"]:
             mu_name, alpha_name = self.head
-            w = self._head_weights()[0]
-            g[mu_name].copy_(-2 * w * a)
-            dw = parts["b"][:, :, :C, :H].sum(1)
-            g[alpha_name].copy_(2 * self.params[alpha_name] * dw if self.form == "paper" else dw)
+            w, mu = self._head_weights()[0], self.params[mu_name]
+            b = parts["b"][:, :, :C, :H].sum(1)
+            if OFFSETL2_KERNEL == "expanded":    # a = sum g_s h, b = sum g_s h^2, q = sum g_s
+                q = parts["db2"][:, :, :C].sum(1).unsqueeze(2)
+                a, b = a - mu * q, b - 2 * mu * a + mu * mu * q
+            g[mu_name].copy_(-2 * w * a)        # a = sum g_s (h - mu), b = sum g_s (h - mu)^2
+            g[alpha_name].copy_(2 * self.params[alpha_name] * b if self.form == "paper" else b)
         else:
             weight_name, bias_name = self.head
             g[weight_name].copy_(a)
