@@ -1,12 +1,13 @@
-"""Time the fused step at several block shapes on one GPU (for choosing distrep.fused's
-BLOCK_N and NUM_WARPS): Table 1's and Table 3's variants x RUNS runs on full MNIST, in bf16
-and TF32, ms per run-epoch (step plus a tenth of a test pass), as `distrep bench` measures it;
-both OffsetL2 kernels (direct, expanded) for Table 3; then, at the default shape and for each
-OffsetL2 kernel, where one variant's step spends its time (the first layer's
-product, the kernel, the weight-gradient product, the rest), with the kernel's effective
-bandwidth (P read and dP written) and the products' TFLOP/s.
+"""Time the fused step on one GPU, to choose distrep.fused's BLOCK_N, NUM_WARPS and
+OFFSETL2_KERNEL: one Table 1 model (ReLU2) and one Table 3 model (ReLU-L2), RUNS runs each (a
+chunk's group), full MNIST, bf16 and TF32, ms per run-epoch (step plus a tenth of a test pass,
+as `distrep bench` measures it) at several block shapes; every OffsetL2 kernel (direct,
+expanded, hybrid) at the default shape; then, at the default shape, where a step spends its
+time (the first layer's product, the kernel, the weight-gradient product, the whole step), with
+the products' TFLOP/s and the kernel's effective bandwidth over P and dP. One model per table
+keeps the kernel compilations (a second or two per model, mode and shape) to a few dozen.
 Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPS ...]   (default 20 32x8 ...)
-A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=100 (bf16 only).
+A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=64 (bf16 only).
 """
 
 import os
@@ -18,16 +19,16 @@ import torch
 from distrep import fused
 from distrep.bench import engine, timed
 from distrep.data import load_dataset
-from distrep.models import TABLE1, TABLE3
 from distrep.sweep import GiB
 
 
-def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]) -> None:
+def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...],
+              models: tuple[str, ...]) -> None:
     """Milliseconds per step of each part of one variant's fused step (10 repeats)."""
     from distrep.sweep import Sweep, SweepConfig, matmul_precision
     x_t, y = data.x_train.t().contiguous().to(device), data.y_train.to(device)
     for precision in precisions:
-        for model in ("ReLU2", "ReLU-L2"):
+        for model in models:
             config = SweepConfig(models=[model], runs=runs, epochs=1, precision=precision,
                                  device=str(device), engine="fused", max_memory=40 * GiB)
             sweep = Sweep(config, data, progress=False)
@@ -64,25 +65,35 @@ def main(argv: list[str]) -> None:
         data = replace(data.subset(n), x_test=data.x_test[:n], y_test=data.y_test[:n])
     precisions = ("bf16", "tf32") if device.type == "cuda" else ("bf16",)
     default = fused.BLOCK_N, fused.NUM_WARPS
-    cases = [("Table 1", TABLE1, "direct")] + [("Table 3", TABLE3, form) for form in fused.OFFSETL2_KERNEL_FORMS]
-    for block, warps in shapes:
+
+    def time_case(name, models, precision):
+        try:
+            seconds, setup = engine(list(models), runs, data, device, precision, 5, 40 * GiB,
+                                    engine_name="fused")
+            print(f"{name}: {seconds * 1e3:.4f} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s "
+                  f"(warm-up {setup:.1f} s)", flush=True)
+        except Exception as e:          # noqa: BLE001 - a shape that fails is a result here
+            print(f"{name}: failed: {e!r}"[:300], flush=True)
+
+    kernel = fused.OFFSETL2_KERNEL
+    for block, warps in shapes:                          # OffsetL2 with the default kernel
         fused.BLOCK_N, fused.NUM_WARPS = block, warps
         for precision in precisions:
-            for label, models, form in cases:
-                fused.OFFSETL2_KERNEL = form
-                name = f"BN {block:>3} warps {warps:>2} {precision} {label}" + (f" {form}" if label == "Table 3" else "")
-                try:
-                    seconds, setup = engine(list(models), runs, data, device, precision, 5, 40 * GiB,
-                                            engine_name="fused")
-                    print(f"{name}: {seconds * 1e3:.4f} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s "
-                          f"(warm-up {setup:.1f} s)", flush=True)
-                except Exception as e:          # noqa: BLE001 - a shape that fails is a result here
-                    print(f"{name}: failed: {e!r}"[:300], flush=True)
+            for model in ("ReLU2", "ReLU-L2"):
+                time_case(f"BN {block:>3} warps {warps:>2} {precision} {model}"
+                          + (f" {kernel}" if model == "ReLU-L2" else ""), [model], precision)
     fused.BLOCK_N, fused.NUM_WARPS = default
+    for form in fused.OFFSETL2_KERNEL_FORMS:            # the other OffsetL2 kernels, default shape
+        if form != kernel:
+            fused.OFFSETL2_KERNEL = form
+            for precision in precisions:
+                time_case(f"BN {default[0]:>3} warps {default[1]:>2} {precision} ReLU-L2 {form}",
+                          ["ReLU-L2"], precision)
     for form in fused.OFFSETL2_KERNEL_FORMS:
         fused.OFFSETL2_KERNEL = form
         print(f"breakdown, OffsetL2 kernel {form}:", flush=True)
-        breakdown(data, runs, device, precisions)
+        breakdown(data, runs, device, precisions, ("ReLU2", "ReLU-L2") if form == kernel else ("ReLU-L2",))
+    fused.OFFSETL2_KERNEL = kernel
 
 
 if __name__ == "__main__":

@@ -83,9 +83,10 @@ def test_the_coded_offsetl2_form_matches_too(data):
 
 
 @interpreted
-def test_the_expanded_offsetl2_kernel_matches_too(data, monkeypatch):
-    """The kernel's other OffsetL2 form (four products; fp32 products under the interpreter)."""
-    monkeypatch.setattr("distrep.fused.OFFSETL2_KERNEL", "expanded")
+@pytest.mark.parametrize("kernel", ["expanded", "hybrid"])
+def test_the_other_offsetl2_kernels_match_too(kernel, data, monkeypatch):
+    """The kernel's OffsetL2 forms with products (fp32 products under the interpreter)."""
+    monkeypatch.setattr("distrep.fused.OFFSETL2_KERNEL", kernel)
     models = ["ReLU-L2", "Abs-L2-Neg", "linear-offsetl2-abs-neg"]
     for form in ("paper", "coded"):
         for f, h in zip(run(data, models, "fused", offsetl2_form=form),
@@ -159,20 +160,22 @@ cases = [(m, "bf16", True, "paper") for m in TABLE1 + TABLE3] + [
     ("ReLU", "bf16", False, "paper"), ("Abs-L2", "tf32", False, "coded")]
 for model, precision, train, form in cases:
     compile_for_gpu(parse(model), precision, train, form)
-fused.OFFSETL2_KERNEL = "expanded"
-for model, precision, train in [("ReLU-L2", "bf16", True), ("Abs-L2-Neg", "tf32", False)]:
+for kernel, model, precision, train in [("expanded", "ReLU-L2", "bf16", True),
+                                        ("expanded", "Abs-L2-Neg", "tf32", False),
+                                        ("hybrid", "Abs-L2-Neg", "bf16", True)]:
+    fused.OFFSETL2_KERNEL = kernel
     compile_for_gpu(parse(model), precision, train)
-print("compiled", len(cases) + 2)
+print("compiled", len(cases) + 3)
 """
 
 
 def test_the_kernel_compiles_for_an_h100_without_one():
     """Triton's compiler and ptxas run on the CPU: every Table 1 and Table 3 model's kernel,
-    the three product modes, both OffsetL2 forms and both OffsetL2 kernels, and the test pass
+    the three product modes, both OffsetL2 forms and the three OffsetL2 kernels, and the test pass
     compile for sm_90 (the interpreter accepts code the compiler rejects: it caught one such
     line)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(Path(tempfile.mkdtemp()) / "triton")     # compile, not reuse
     result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env,
                             timeout=600)
-    assert result.returncode == 0 and "compiled 16" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and "compiled 17" in result.stdout, result.stderr[-3000:]

@@ -56,12 +56,14 @@ MAX_POST = 2
 # (64 x 8 spills 440 bytes); not yet timed on a GPU (scripts/fused-tune.py does).
 BLOCK_N = 32
 NUM_WARPS = 8
-# How the kernel computes OffsetL2: "direct", sum_i w (h_i - mu_i)^2 class by class in fp32
-# (exact; ~110 elementwise operations per hidden value), or "expanded" into four products on
-# tensor cores (three TF32 passes each, ~fp32 accuracy, but the terms cancel near a prototype).
-# Which is faster, and whether "expanded" stays equivalent in accuracy, is for a GPU to say
-# (scripts/fused-tune.py times both).
-OFFSETL2_KERNEL_FORMS = ("direct", "expanded")
+# How the kernel computes OffsetL2: "direct", sum_i w (h_i - mu_i)^2 class by class in fp32,
+# forward and back (exact; ~110 elementwise operations per hidden value); "expanded" into
+# products on tensor cores (three TF32 passes each, ~fp32 accuracy, but the terms cancel near a
+# prototype), forward and back; "hybrid": the distances direct, their gradients (where
+# cancellation costs only absolute error of fp32's size) as products. Which is fastest, and
+# whether the products stay equivalent in accuracy, is for a GPU to say (scripts/fused-tune.py
+# times all three).
+OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
 OFFSETL2_KERNEL = "direct"
 
 
@@ -150,12 +152,13 @@ if triton is not None:
         """One program: run ``r`` = program_id(0), every ``S``-th block of BN examples from
         block program_id(1). P, dP ``[R, H, n]`` (dP may be P); W ``[R, C, H]`` (the linear
         weight, or OffsetL2's metric weight w with MU its prototypes). HEAD: 0 linear, 1
-        OffsetL2 in the direct form, 2 OffsetL2 expanded into products (DOT_L2 precision):
+        OffsetL2 in the direct form, 2 OffsetL2 expanded into products (DOT_L2 precision),
             s = w @ h^2 - 2 (w mu) @ h + sum_i w mu^2
-        Partial sums per program ``[R, S, ...]``: PART_A dW (linear), sum g_s (h - mu) (direct)
-        or sum g_s h^T (expanded); PART_B sum g_s (h - mu)^2 (direct) or sum g_s (h^2)^T
-        (expanded); PART_DB2 ``[CP]`` db2 (linear) or sum g_s (expanded); PART_DB1 ``[HP]``; loss
-        and correct counts. Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is
+            dL/dh = 2 h * (w^T g_s) - 2 (w mu)^T g_s,
+        3 the direct form's distances with the expanded form's gradients. Partial sums per
+        program ``[R, S, ...]``: PART_A dW (linear), sum g_s (h - mu) (direct) or sum g_s h^T
+        (products); PART_B sum g_s (h - mu)^2 (direct) or sum g_s (h^2)^T (products); PART_DB2
+        ``[CP]`` db2 (linear) or sum g_s (products); PART_DB1 ``[HP]``; loss and correct counts. Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is
         differentiated."""
         r = tl.program_id(0)
         s = tl.program_id(1)
@@ -167,7 +170,7 @@ if triton is not None:
         if HEAD != 1:                    # the direct form reads its rows class by class instead
             w = tl.load(W + r * C * H + rc[:, None] * H + rh[None, :],
                         mask=cm[:, None] & hm[None, :], other=0.0)
-        if HEAD == 2:
+        if HEAD >= 2:
             mu = tl.load(MU + r * C * H + rc[:, None] * H + rh[None, :],
                          mask=cm[:, None] & hm[None, :], other=0.0)
             wmu = w * mu
@@ -232,7 +235,7 @@ if triton is not None:
                 g = tl.where(valid, g, 0.0)
                 g = _act_backward(g, u1, POST2)
                 g = _act_backward(g, zh, POST1)                           # dL/d(head output)
-                if HEAD == 2:
+                if HEAD >= 2:
                     gs = tl.where(active, g / (2.0 * tl.where(active, zh, 1.0)), 0.0)
                     acc_a += _dot(gs, tl.trans(h), DOT_L2)
                     acc_b += _dot(gs, tl.trans(h * h), DOT_L2)
@@ -429,7 +432,7 @@ class FusedRuns:
             mu_name, alpha_name = self.head
             w, mu = self._head_weights()[0], self.params[mu_name]
             b = parts["b"][:, :, :C, :H].sum(1)
-            if OFFSETL2_KERNEL == "expanded":    # a = sum g_s h, b = sum g_s h^2, q = sum g_s
+            if OFFSETL2_KERNEL != "direct":      # a = sum g_s h, b = sum g_s h^2, q = sum g_s
                 q = parts["db2"][:, :, :C].sum(1).unsqueeze(2)
                 a, b = a - mu * q, b - 2 * mu * a + mu * mu * q
             g[mu_name].copy_(-2 * w * a)        # a = sum g_s (h - mu), b = sum g_s (h - mu)^2
