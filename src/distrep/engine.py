@@ -318,7 +318,7 @@ class StackedOffsetL2:
             result = per_run(direct_squared_distance_backward, x, self.mu, w, gs, out=dx_out)
             if result is not None:
                 A, B = result
-                self._parameter_grads(w, self.mu, -2 * w * A, B)
+                self._parameter_grads(-2 * w * A, B)
                 return dx_out if need_dx else None
             work = self.stacked_inputs(x, keep=True)      # compiling failed: float64 from here
         w, mu = self.metric_weight(), self.mu.double()
@@ -330,7 +330,7 @@ class StackedOffsetL2:
             gxx = bmm(gs, work.transpose(1, 2))
         gx, gx2 = gxx[..., :i], gxx[..., i:]
         q = gs.sum(2, keepdim=True)
-        self._parameter_grads(w, mu, -2 * w * (gx - mu * q), gx2 - 2 * mu * gx + mu * mu * q)
+        self._parameter_grads(-2 * w * (gx - mu * q), gx2 - 2 * mu * gx + mu * mu * q)
         if not need_dx:
             return None
         # in the spent x^2 half: 2 x * (w^T g_s), then += -2 (w*mu)^T g_s inside the product
@@ -339,8 +339,7 @@ class StackedOffsetL2:
         t.baddbmm_((-2 * w * mu).transpose(1, 2), gs)
         return t.to(g.dtype) if dx_out is None else dx_out.copy_(t)
 
-
-    def _parameter_grads(self, w, mu, grad_mu: torch.Tensor, grad_w: torch.Tensor) -> None:
+    def _parameter_grads(self, grad_mu: torch.Tensor, grad_w: torch.Tensor) -> None:
         """dL/dmu and dL/dalpha = 2 alpha dL/dw (paper) or dL/dw (coded) into ``grads``."""
         self.grads["mu"].copy_(grad_mu)
         alpha = self.alpha.to(grad_w.dtype)
