@@ -37,7 +37,7 @@ def data():
 
 
 def run(data, models, engine, **kw):
-    cfg = SweepConfig(models=models, **{"runs": 2, "epochs": 8, "eval_every": 4, "width": 20,
+    cfg = SweepConfig(models=models, **{"runs": 2, "epochs": 4, "eval_every": 2, "width": 20,
                                         "engine": engine, **kw})
     return Sweep(cfg, data, progress=False).run()
 
@@ -61,7 +61,7 @@ def test_the_fused_step_covers_the_paper_and_only_what_it_can():
 @interpreted
 @pytest.mark.parametrize("names", [list(ALIASES)[:9], list(ALIASES)[9:] + EXTRA])
 def test_every_covered_model_matches_the_hand_written_step(names, data):
-    """8 epochs of 2 runs each, fp32: losses, test accuracy and every parameter agree with the
+    """4 epochs of 2 runs each, fp32: losses, test accuracy and every parameter agree with the
     hand-written step (itself checked against the reference trainer) to fp32 rounding."""
     fused, hand = run(data, names, "fused"), run(data, names, "auto")
     for f, h in zip(fused, hand):
