@@ -35,15 +35,16 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
             trainer, (group,) = sweep.chunk_trainer(sweep.chunks()[0])
             with matmul_precision(precision, device):
                 x = x_t.bfloat16() if precision == "bf16" else x_t
+                x_bf16 = x if precision == "bf16" else None
                 frozen = torch.zeros(runs, dtype=torch.bool, device=device)
-                group.step(x_t, y, 1e-3, frozen, x)                    # warm-up, compiles
+                trainer.step(x_t, y, 1e-3, [frozen], x_bf16)           # warm-up, compiles
                 P = group._first_layer(x, "train")
                 R, H, D = group.params["0.weight"].shape
                 n = P.shape[2]
                 parts = {"first-layer product": lambda: group._first_layer(x, "train"),
-                         "kernel": lambda: group._launch(P, y, None),
+                         "kernel": lambda: group._launch(P, group._head_weights(), y, None),
                          "weight-gradient product": lambda: torch.mm(P.view(R * H, n), x.t()),
-                         "whole step": lambda: group.step(x_t, y, 0.0, frozen, x)}
+                         "whole step": lambda: trainer.step(x_t, y, 0.0, [frozen], x_bf16)}
                 times = {name: timed(fn, device, 10) * 1e3 for name, fn in parts.items()}
             gemm = 2 * R * H * D * n / 1e12
             moved = 2 * P.numel() * P.element_size() / 1e9

@@ -703,27 +703,33 @@ class Trainer:
                 results.append(group.step(x_t.t(), y, lr, frozen[gi]))
                 continue
             if isinstance(group, FusedRuns):
-                results.append(group.step(x_t, y, lr, frozen[gi], x_bf16))
-                continue
-            inputs, z = self._forward_group(gi, group, x_t, x_bf16)
-            g = self._buffer((gi, "logits"), z.shape, z)
-            loss, correct = cross_entropy_backward(z, y, g)
+                loss, correct = group.gradients(x_t, y, x_bf16)
+            else:
+                loss, correct = self._backward(gi, group, x_t, y, x_bf16)
             frozen[gi] |= ~torch.isfinite(loss)
-            outputs = inputs[1:] + [z]
-            for k in range(len(group.layers) - 1, -1, -1):
-                layer = group.layers[k]
-                if isinstance(layer, StackedActivation):
-                    g = activation_backward(layer.kind, inputs[k], outputs[k], g,
-                                            overwrite_input=not _needs_own_output(group.layers[k - 1]))
-                elif k == 0 and x_bf16 is not None and isinstance(layer, StackedLinear):
-                    first_linear_bf16_backward(layer, g, x_bf16)
-                else:
-                    g = layer.backward(g, inputs[k], shared=k == 0, need_dx=k > 0,
-                                       dx_out=self._dx_buffer(gi, group, k, inputs))
-            self._update(group, lr, frozen[gi])
+            self._update(self._parameters_and_gradients(group), lr, frozen[gi])
             frozen[gi] |= ~finite_runs(group)     # a step can overflow the parameters themselves
             results.append((loss, correct))
         return results
+
+    def _backward(self, gi: int, group: StackedRuns, x_t, y, x_bf16) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward pass of one hand-written group: its gradients into the layers'
+        ``grads``; ``(loss [R], correct [R])``."""
+        inputs, z = self._forward_group(gi, group, x_t, x_bf16)
+        g = self._buffer((gi, "logits"), z.shape, z)
+        loss, correct = cross_entropy_backward(z, y, g)
+        outputs = inputs[1:] + [z]
+        for k in range(len(group.layers) - 1, -1, -1):
+            layer = group.layers[k]
+            if isinstance(layer, StackedActivation):
+                g = activation_backward(layer.kind, inputs[k], outputs[k], g,
+                                        overwrite_input=not _needs_own_output(group.layers[k - 1]))
+            elif k == 0 and x_bf16 is not None and isinstance(layer, StackedLinear):
+                first_linear_bf16_backward(layer, g, x_bf16)
+            else:
+                g = layer.backward(g, inputs[k], shared=k == 0, need_dx=k > 0,
+                                   dx_out=self._dx_buffer(gi, group, k, inputs))
+        return loss, correct
 
     def _dx_buffer(self, gi, group, k, inputs) -> torch.Tensor | None:
         """Where layer k writes the gradient of its input: over that input itself when the
@@ -736,16 +742,21 @@ class Trainer:
         return self._buffer((gi, k, "dx"), inputs[k].shape, inputs[k])
 
     @staticmethod
-    def _update(group: StackedRuns, lr: float, frozen: torch.Tensor) -> None:
+    def _parameters_and_gradients(group):
+        """(stacked parameter, its gradient) pairs of a hand-written or fused group."""
+        if isinstance(group, FusedRuns):
+            return ((p, group.grads[name]) for name, p in group.params.items())
+        return ((p, layer.grads[name]) for layer in group.layers for name, p in layer.params.items())
+
+    @staticmethod
+    def _update(pairs, lr: float, frozen: torch.Tensor) -> None:
         """p <- p - lr * grad for every run not frozen (the operation torch.optim.SGD uses).
 
         The frozen runs' gradients are zeroed by a masked fill (exact, NaN-proof) rather than
         behind a test of ``frozen.any()``, which would stall a GPU's queue once per step."""
-        for layer in group.layers:
-            for name, p in layer.params.items():
-                grad = layer.grads[name]
-                grad.masked_fill_(frozen.view(-1, *(1,) * (grad.dim() - 1)), 0.0)
-                p.add_(grad, alpha=-lr)
+        for p, grad in pairs:
+            grad.masked_fill_(frozen.view(-1, *(1,) * (grad.dim() - 1)), 0.0)
+            p.add_(grad, alpha=-lr)
 
     @torch.no_grad()
     def evaluate(self, x_t: torch.Tensor, y: torch.Tensor, batch: int = 10000

@@ -12,15 +12,16 @@ For the paper's two-layer family ``linear - act - head - post...`` (head: ``line
         dW2 += g_z h^T (linear)  or  sum_n g_s (h - mu), sum_n g_s (h - mu)^2 (OffsetL2)
         dP = act'(a) * dL/dh,  db1 += sum_n dP       written over P
     dW1 = dP X^T                    one more matrix product
-    p <- p - lr * grad              the SGD update, frozen runs excluded
+    p <- p - lr * grad              the SGD update (the Trainer's, as for every path)
 
 so the ``[R, H, n]`` activations cross memory four times a step (P written, read, dP written
 over it, read) instead of once or twice per elementwise operation, and stay in bf16 in bf16 mode.
 The partial sums of each program are reduced in a fixed order, so a step is deterministic.
 
-OffsetL2 distances are computed directly, s_c = sum_i w_ci (h_i - mu_ci)^2, class by class in
-fp32: exact near a prototype without the float64 of the expanded form (~10 x 11 elementwise
-operations per hidden value forward and back, against ~3,100 in the first layer's products).
+OffsetL2 distances are computed directly by default, s_c = sum_i w_ci (h_i - mu_ci)^2, class by
+class in fp32: exact near a prototype without the float64 of the expanded form (~10 x 11
+elementwise operations per hidden value forward and back, against ~3,100 in the first layer's
+products); :data:`OFFSETL2_KERNEL` selects the forms with products instead.
 
 Precision: ``fp32`` keeps everything fp32 (the output layer's products in IEEE fp32),
 ``tf32`` runs the first layer's products and the output layer's in TF32, ``bf16`` stores P and
@@ -158,7 +159,8 @@ if triton is not None:
         3 the direct form's distances with the expanded form's gradients. Partial sums per
         program ``[R, S, ...]``: PART_A dW (linear), sum g_s (h - mu) (direct) or sum g_s h^T
         (products); PART_B sum g_s (h - mu)^2 (direct) or sum g_s (h^2)^T (products); PART_DB2
-        ``[CP]`` db2 (linear) or sum g_s (products); PART_DB1 ``[HP]``; loss and correct counts. Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is
+        ``[CP]`` db2 (linear) or sum g_s (products); PART_DB1 ``[HP]``; loss and correct
+        counts. Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is
         differentiated."""
         r = tl.program_id(0)
         s = tl.program_id(1)
@@ -235,14 +237,14 @@ if triton is not None:
                 g = tl.where(valid, g, 0.0)
                 g = _act_backward(g, u1, POST2)
                 g = _act_backward(g, zh, POST1)                           # dL/d(head output)
-                if HEAD >= 2:
+                if HEAD != 0:                                             # dL/ds = g / (2 y)
                     gs = tl.where(active, g / (2.0 * tl.where(active, zh, 1.0)), 0.0)
+                if HEAD >= 2:
                     acc_a += _dot(gs, tl.trans(h), DOT_L2)
                     acc_b += _dot(gs, tl.trans(h * h), DOT_L2)
                     acc_db2 += tl.sum(gs, axis=1)
                     dh = 2.0 * h * _dot(tl.trans(w), gs, DOT_L2) - 2.0 * _dot(tl.trans(wmu), gs, DOT_L2)
                 elif HEAD == 1:
-                    gs = tl.where(active, g / (2.0 * tl.where(active, zh, 1.0)), 0.0)
                     dh = tl.zeros((HP, BN), dtype=tl.float32)
                     for c in range(0, C):
                         sel = (rc == c)[:, None]
@@ -318,9 +320,9 @@ def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train
 
 
 class FusedRuns:
-    """R runs of one model trained by the fused step; the interface the engine's
-    :class:`~distrep.engine.Trainer` needs, as :class:`~distrep.engine.AutogradRuns` has it.
-    Parameters are the stacked ``{"0.weight": [R, H, D], ...}`` (updated in place)."""
+    """R runs of one model trained by the fused step: their gradients (:meth:`gradients`) and
+    test-pass logits (:meth:`forward`) for the engine's :class:`~distrep.engine.Trainer`, which
+    updates the stacked parameters ``params`` (``{"0.weight": [R, H, D], ...}``) in place."""
 
     precision = "fp32"          # set by the Trainer
 
@@ -381,11 +383,12 @@ class FusedRuns:
         w = second * second if self.form == "paper" else second
         return w.contiguous(), None, first.contiguous()
 
-    def _launch(self, P: torch.Tensor, y: torch.Tensor | None, logits: torch.Tensor | None):
-        """Run the head kernel over P; the per-program partial sums when training (``y``),
-        else the logits written into ``logits``."""
+    def _launch(self, P: torch.Tensor, head: tuple, y: torch.Tensor | None, logits: torch.Tensor | None):
+        """Run the head kernel over P with the output layer's ``head`` (:meth:`_head_weights`);
+        the per-program partial sums when training (``y``), else the logits written into
+        ``logits``."""
         R, H, n = P.shape
-        W, B2, MU = self._head_weights()
+        W, B2, MU = head
         C = W.shape[1]
         HP, CP = _padded(H), _padded(C)
         blocks = triton.cdiv(n, BLOCK_N)
@@ -411,18 +414,17 @@ class FusedRuns:
             n, 1.0 / n, CODED_CLAMP, **meta, num_warps=NUM_WARPS)
         return parts
 
-    def step(self, x_t: torch.Tensor, y: torch.Tensor, lr: float, frozen: torch.Tensor,
-             x_bf16: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step of every run on ``x_t [D, n]``; ``(loss [R], correct [R])`` before it.
-        Runs whose loss or parameters become non-finite join ``frozen``."""
+    def gradients(self, x_t: torch.Tensor, y: torch.Tensor, x_bf16: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every run's gradient on ``x_t [D, n]`` into ``grads``; ``(loss [R], correct [R])``.
+        The :class:`~distrep.engine.Trainer` applies the update, as for the hand-written step."""
         x = x_bf16 if self.dtype == torch.bfloat16 and x_bf16 is not None else x_t.to(self.dtype)
         R, H, D = self.params["0.weight"].shape
         n = x.shape[1]
         P = self._first_layer(x, "train")
-        parts = self._launch(P, y, None)
-        C = self._head_weights()[0].shape[1]
-        loss = parts["loss"].sum(1) / n
-        correct = parts["correct"].sum(1)
+        head = self._head_weights()
+        parts = self._launch(P, head, y, None)
+        C = head[0].shape[1]
         g = self.grads
         g["0.weight"].view(R * H, D).copy_(torch.mm(P.view(R * H, n), x.t()))    # dP X^T
         if "0.bias" in g:
@@ -430,7 +432,7 @@ class FusedRuns:
         a = parts["a"][:, :, :C, :H].sum(1)
         if self.layout["offsetl2"]:
             mu_name, alpha_name = self.head
-            w, mu = self._head_weights()[0], self.params[mu_name]
+            w, mu = head[0], self.params[mu_name]
             b = parts["b"][:, :, :C, :H].sum(1)
             if OFFSETL2_KERNEL != "direct":      # a = sum g_s h, b = sum g_s h^2, q = sum g_s
                 q = parts["db2"][:, :, :C].sum(1).unsqueeze(2)
@@ -442,21 +444,14 @@ class FusedRuns:
             g[weight_name].copy_(a)
             if bias_name in g:
                 torch.sum(parts["db2"][:, :, :C], 1, out=g[bias_name])
-        frozen |= ~torch.isfinite(loss)
-        for name, p in self.params.items():
-            grad = g[name]
-            grad.masked_fill_(frozen.view(-1, *(1,) * (grad.dim() - 1)), 0.0)
-            p.add_(grad, alpha=-lr)
-        for p in self.params.values():      # a step can overflow the parameters themselves
-            frozen |= ~torch.isfinite(p).flatten(1).all(1)
-        return loss, correct
+        return parts["loss"].sum(1) / n, parts["correct"].sum(1)
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor) -> list[torch.Tensor]:
         """``[logits [R, C, n]]`` for the shared input ``x_t [D, n]``, in the mode's precision."""
         P = self._first_layer(x_t, "eval")
-        W = self._head_weights()[0]
-        logits = torch.empty(P.shape[0], W.shape[1], P.shape[2], dtype=torch.float32, device=P.device)
-        self._launch(P, None, logits)
+        head = self._head_weights()
+        logits = torch.empty(P.shape[0], head[0].shape[1], P.shape[2], dtype=torch.float32, device=P.device)
+        self._launch(P, head, None, logits)
         return [logits]
 
