@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from distrep.data import load_dataset
-from distrep.engine import StackedRuns, Trainer, cross_entropy_backward, first_argmax
+from distrep.engine import (StackedRuns, Trainer, cross_entropy_backward, first_argmax,
+                            first_linear_onednn)
 from distrep.errors import DistrepError
 from distrep.models import ALIASES, create_model
 from distrep.sweep import Sweep, SweepConfig, bytes_per_run, plan_chunks, verify_fp32_matmul
@@ -42,14 +43,26 @@ def sweep(data, models, **kw):
     return Sweep(cfg, data, progress=False).run()
 
 
-def assert_matches_reference(results, data, preprocess, epochs, tol):
+# How far a run may drift from its reference over 60 epochs. The engine's first layer rounds
+# differently from nn.Linear's on the CPU (oneDNN, not MKL), and a unit whose input crosses a
+# kink (ReLU or abs at 0) one step earlier or later moves the run by a bounded step: measured
+# up to 3.5e-4 relative (Abs2-Neg on standardized inputs, runs agreeing to 1e-7 until epoch 10).
+# A wrong gradient moves it by ~1e-2 (an output bias left untrained, a wrong activation mask).
+DRIFT = 1e-3
+EARLY = 10
+
+
+def assert_matches_reference(results, data, preprocess, epochs, tol, drift=DRIFT):
+    """Each run against the reference trainer from its seed: the first EARLY epochs' losses to
+    rounding (``tol``), the whole loss curve and the final parameters to ``drift``."""
     for res in results:
         for i, seed in enumerate(res.seeds):
             ref = train(TrainConfig(res.spec, epochs=epochs, seed=int(seed), eval_every=20,
                                     preprocess=preprocess), data, progress=False)
-            assert relative(res.arrays["train_loss"][i], ref.train_loss) < tol, res.name
+            assert relative(res.arrays["train_loss"][i][:EARLY], ref.train_loss[:EARLY]) < tol, res.name
+            assert relative(res.arrays["train_loss"][i], ref.train_loss) < max(tol, drift), res.name
             for name, p in ref.state.items():
-                assert relative(res.params[name][i], p) < tol, (res.name, name)
+                assert relative(res.params[name][i], p) < max(tol, drift), (res.name, name)
             assert abs(res.arrays["final_test_acc"][i] - ref.final["test_acc"]) <= 0.004, res.name
             np.testing.assert_allclose(res.arrays["test_acc"][i], ref.test_acc, atol=0.004)
 
@@ -73,11 +86,29 @@ def test_raw_pixels_match_where_the_dynamics_are_not_chaotic(raw):
         assert relative(res.arrays["train_loss"][0], ref.train_loss) < 1e-5, res.name
 
 
+@pytest.mark.parametrize("model", ["ReLU", "linear+nobias-abs-linear"])
+def test_the_cpu_first_layer_is_one_onednn_product_with_its_bias_inside(model, raw, monkeypatch):
+    """On the CPU the Trainer computes the first layer as ``[W | b] [X | 1]^T`` through oneDNN
+    (a bias or none): W x + b to fp32 rounding, for every stacked run."""
+    import distrep.engine as engine
+    calls = []
+    monkeypatch.setattr(engine, "first_linear_onednn",
+                        lambda *a: calls.append(1) or first_linear_onednn(*a))
+    nets = [create_model(model, seed=s) for s in (0, 1)]
+    group = StackedRuns.from_models(nets)
+    inputs, _ = Trainer([group])._forward_group(0, group, raw.x_train.t().contiguous(), None)
+    assert calls, "the CPU step did not take oneDNN's path"
+    for r, net in enumerate(nets):
+        expected = net[0](raw.x_train).t().detach()
+        assert relative(inputs[1][r], expected) < 1e-6, (model, r)
+
+
 def test_chunking_never_changes_a_result(raw):
     models, kw = ["ReLU2-Neg", "Abs-L2", "Abs2"], dict(runs=3, epochs=15, eval_every=5)
     whole = sweep(raw, models, **kw)
     per_run = SweepConfig(models=models, **kw).validate()
-    two_runs = 4 * 500 * 784 + 2 * max(bytes_per_run(m, 128, 500, 784, 10) for m in models)
+    # the data twice (feature-major, and example-major for oneDNN) and two runs
+    two_runs = 2 * 4 * 500 * 784 + 2 * max(bytes_per_run(m, 128, 500, 784, 10) for m in models)
     chunked_sweep = Sweep(replace(per_run, max_memory=two_runs), raw, progress=False)
     assert len(chunked_sweep.chunks()) >= 4, "the budget should force small chunks"
     chunked = chunked_sweep.run()
