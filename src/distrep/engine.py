@@ -693,12 +693,14 @@ class Trainer:
         for k, layer in enumerate(group.layers):
             inputs.append(h)
             first_linear = k == 0 and isinstance(layer, StackedLinear)
+            if first_linear and x_bf16 is None and onednn_cpu(x_t):
+                h = first_linear_onednn(layer, self._example_rows(x_t))     # a fresh tensor
+                continue
+            out = self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t)
             if first_linear and x_bf16 is not None:
-                h = first_linear_bf16(layer, x_bf16, self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t))
-            elif first_linear and onednn_cpu(x_t):
-                h = first_linear_onednn(layer, self._example_rows(x_t))
+                h = first_linear_bf16(layer, x_bf16, out)
             else:
-                h = layer.forward(h, shared=k == 0, out=self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t))
+                h = layer.forward(h, shared=k == 0, out=out)
         return inputs, h
 
     def _example_rows(self, x_t: torch.Tensor) -> torch.Tensor:
