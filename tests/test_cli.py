@@ -16,6 +16,7 @@ from unittest import mock
 import pytest
 import torch
 
+from distrep import bench
 from distrep.cli import main
 from distrep.models import ALIASES, TABLE1, TABLE3
 from distrep.storage import read_arrays, read_json
@@ -193,7 +194,8 @@ def test_sweep_refuses_to_mix_configs(tmp_path, mnist):
                                   "--out", tmp_path / "y"), "expected a size like 8G")
 
 
-def test_bench_prints_every_figure(mnist):
+def test_bench_prints_every_figure(mnist, monkeypatch):
+    monkeypatch.setitem(bench.PEAK_SIZE, "cpu", 1024)    # ten peak measurements: keep them short
     r = distrep("bench", "--device", "cpu", "--runs", 1, "--epochs", 1, "--train-subset", 300)
     assert r.returncode == 0, r.stderr
     for fragment in ("GEMM peak", "author-style loop, Table 1 (ReLU2", "author-style loop, Table 3 (ReLU-L2",

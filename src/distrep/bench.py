@@ -57,10 +57,14 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+# the side of the square product that measures a device's GEMM peak
+PEAK_SIZE = {"cpu": 4096, "cuda": 8192}
+
+
 def gemm_peak(device: torch.device, dtype=torch.float32, tf32: bool = False) -> float:
     """The best GFLOP/s of a large square product, through each path the engine may use
     (with ``tf32``: fp32 operands on CUDA's TF32 tensor cores)."""
-    size = 4096 if device.type == "cpu" else 8192
+    size = PEAK_SIZE[device.type]
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     paths = [lambda: a @ b]
@@ -197,7 +201,7 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
         precisions = ("fp32",) + (("bf16",) if bf16 else ()) + (("tf32",) if cuda else ())
     peaks = {precision: peak(device, precision) for precision in dict.fromkeys(("fp32", *precisions))}
     out["peaks"] = peaks
-    log("GEMM peak (4096^3 on CPU / 8192^3 on GPU): "
+    log(f"GEMM peak ({PEAK_SIZE[device.type]}^3): "
         + ", ".join(f"{name} {value:.0f} GFLOP/s" for name, value in peaks.items()))
     def loop(label: str) -> float:
         return author_loop(data, device, max(epochs, 3), label)
