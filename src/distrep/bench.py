@@ -219,8 +219,8 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 models = list(TABLE3 if label == "Table 3" else TABLE1)
                 # A shared host's speed drifts by tens of percent within minutes, so the GEMM peak
                 # and the table's author loop are measured right before and right after the case,
-                # and the engine is compared with the better of each (never flattered by a slow
-                # moment).
+                # and the engine is compared with the better of each (a slow moment in one of the
+                # two cannot flatter the engine).
                 peak_before, loop_before = peak(device, precision), loop(label)
                 seconds, setup = engine(models, runs, data, device, precision, epochs, max_memory,
                                         engine_name=engine_name)
