@@ -36,7 +36,7 @@ from torch import nn
 
 from distrep.errors import DistrepError
 from distrep.fused import FusedRuns, fused_layout
-from distrep.layers import CODED_CLAMP
+from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec, Net
 
 PRECISIONS = ("fp32", "bf16", "tf32")
@@ -275,7 +275,7 @@ class StackedOffsetL2:
 
     def metric_weight(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """w: alpha^2 (paper) or alpha (coded), in ``dtype``."""
-        return (self.alpha * self.alpha if self.form == "paper" else self.alpha).to(dtype)
+        return metric_weight(self.alpha, self.form).to(dtype)
 
     direct = True     # False: the float64 expanded form on the CPU too (set if compiling fails)
 
@@ -349,8 +349,7 @@ class StackedOffsetL2:
     def _parameter_grads(self, grad_mu: torch.Tensor, grad_w: torch.Tensor) -> None:
         """dL/dmu and dL/dalpha = 2 alpha dL/dw (paper) or dL/dw (coded) into ``grads``."""
         self.grads["mu"].copy_(grad_mu)
-        alpha = self.alpha.to(grad_w.dtype)
-        self.grads["alpha"].copy_(2 * alpha * grad_w if self.form == "paper" else grad_w)
+        self.grads["alpha"].copy_(alpha_gradient(self.alpha.to(grad_w.dtype), grad_w, self.form))
 
 
 def direct_squared_distance(x: torch.Tensor, mu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import os
 import torch
 
 from distrep.errors import DistrepError
-from distrep.layers import CODED_CLAMP
+from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec
 
 try:
@@ -380,8 +380,7 @@ class FusedRuns:
         first, second = (self.params.get(name) for name in self.head)
         if not self.layout["offsetl2"]:
             return first.contiguous(), second, None
-        w = second * second if self.form == "paper" else second
-        return w.contiguous(), None, first.contiguous()
+        return metric_weight(second, self.form).contiguous(), None, first.contiguous()
 
     def _launch(self, P: torch.Tensor, head: tuple, y: torch.Tensor | None, logits: torch.Tensor | None):
         """Run the head kernel over P with the output layer's ``head`` (:meth:`_head_weights`);
@@ -438,7 +437,7 @@ class FusedRuns:
                 q = parts["db2"][:, :, :C].sum(1).unsqueeze(2)
                 a, b = a - mu * q, b - 2 * mu * a + mu * mu * q
             g[mu_name].copy_(-2 * w * a)        # a = sum g_s (h - mu), b = sum g_s (h - mu)^2
-            g[alpha_name].copy_(2 * self.params[alpha_name] * b if self.form == "paper" else b)
+            g[alpha_name].copy_(alpha_gradient(self.params[alpha_name], b, self.form))
         else:
             weight_name, bias_name = self.head
             g[weight_name].copy_(a)

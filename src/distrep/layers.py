@@ -78,6 +78,16 @@ def safe_sqrt(s: torch.Tensor) -> torch.Tensor:
                        torch.where(s.isnan(), s, torch.zeros_like(s)))   # NaN stays NaN
 
 
+def metric_weight(alpha: torch.Tensor, form: str) -> torch.Tensor:
+    """OffsetL2's weight w in s_j = sum_i w_ji (x_i - mu_ji)^2: alpha^2 (paper) or alpha (coded)."""
+    return alpha * alpha if form == "paper" else alpha
+
+
+def alpha_gradient(alpha: torch.Tensor, grad_w: torch.Tensor, form: str) -> torch.Tensor:
+    """dL/dalpha from dL/dw (:func:`metric_weight`): 2 alpha dL/dw (paper) or dL/dw (coded)."""
+    return 2 * alpha * grad_w if form == "paper" else grad_w
+
+
 def offset_l2(x: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor, form: str = "paper",
               method: str = "auto") -> torch.Tensor:
     """Weighted L2 distance of each input to each prototype.
