@@ -47,7 +47,7 @@ def sweep(data, models, **kw):
 # differently from nn.Linear's on the CPU (oneDNN, not MKL), and a unit whose input crosses a
 # kink (ReLU or abs at 0) one step earlier or later moves the run by a bounded step: measured
 # up to 3.5e-4 relative (Abs2-Neg on standardized inputs, runs agreeing to 1e-7 until epoch 10).
-# A wrong gradient moves it by ~1e-2 (an output bias left untrained, a wrong activation mask).
+# A wrong gradient moves it by ~6e-3 (an output bias left untrained, a wrong activation mask).
 DRIFT = 1e-3
 EARLY = 10
 
