@@ -65,16 +65,19 @@ def onednn_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_nt()
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b^T for row-major ``a [M, K]`` and ``b [N, K]``, returns ``[M, N]``.
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, post: str = "none") -> torch.Tensor:
+    """a @ b^T for row-major ``a [M, K]`` and ``b [N, K]``, returns ``[M, N]``; with
+    ``post="relu"``, max(a @ b^T, 0).
 
     On the CPU this goes through oneDNN's inner product, which uses AVX-512 on AMD processors
     too (measured on a Zen 4: ~200 GFLOP/s on 4096^3, steadily, where MKL's ``torch.mm`` gives
-    100-175); elsewhere through ``torch.mm``, whose BLAS reads the transposed operand in place.
+    100-175) and applies the ReLU as it writes the result; elsewhere through ``torch.mm``, whose
+    BLAS reads the transposed operand in place.
     """
     if onednn_cpu(a):
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return torch.mm(a, b.t())
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, post, [], "")
+    product = torch.mm(a, b.t())
+    return product.clamp_min_(0.0) if post == "relu" else product
 
 
 # --------------------------------------------------------------------------- activations
@@ -146,7 +149,7 @@ def cross_entropy_backward(z: torch.Tensor, y: torch.Tensor, grad: torch.Tensor
     index = y.view(1, 1, n).expand(z.shape[0], 1, n)
     target = z.gather(1, index)
     loss = (zmax + total.log() - target).sum(2).squeeze(1) / n
-    correct = (first_argmax(z) == y).sum(1)
+    correct = (first_argmax(z, zmax) == y).sum(1)
     grad.div_(total)
     grad.scatter_add_(1, index, torch.full_like(target, -1.0))
     grad.div_(n)
@@ -163,10 +166,26 @@ def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
     return (zmax + total.log() - target).sum(2).squeeze(1) / n, (first_argmax(z) == y).sum(1)
 
 
-def first_argmax(z: torch.Tensor) -> torch.Tensor:
+def first_argmax(z: torch.Tensor, zmax: torch.Tensor | None = None) -> torch.Tensor:
     """``z.argmax(1)`` for ``z [R, C, n]``: the first class holding the maximum (ties are common:
-    a ReLU output layer often gives several classes exactly 0). A pass per class over the
-    contiguous ``[R, n]`` slices; PyTorch's argmax across the strided class axis is ~20x slower."""
+    a ReLU output layer often gives several classes exactly 0), or the first NaN. ``zmax`` is
+    ``z.amax(1, keepdim=True)`` where the caller has it.
+
+    first = C - max_c( hit_c * (C - c) ), hit_c = [z_c == zmax] or [z_c is NaN]: a few passes over
+    the whole tensor, where PyTorch's argmax across the strided class axis is ~20x slower and a
+    loop over the classes ~2x."""
+    C = z.shape[1]
+    if C > 255:
+        return _first_argmax_loop(z)
+    if zmax is None:
+        zmax = z.amax(1, keepdim=True)      # NaN wherever the column holds one
+    hit = (z == zmax).logical_or_(z.isnan()).view(torch.uint8)
+    countdown = torch.arange(C, 0, -1, dtype=torch.uint8, device=z.device).view(1, C, 1)
+    return C - hit.mul_(countdown).amax(1).long()
+
+
+def _first_argmax_loop(z: torch.Tensor) -> torch.Tensor:
+    """:func:`first_argmax` by a pass per class (for more classes than a byte counts)."""
     best, index = z[:, 0].clone(), torch.zeros(z.shape[0], z.shape[2], dtype=torch.long, device=z.device)
     for c in range(1, z.shape[1]):
         better = (z[:, c] > best) | (z[:, c].isnan() & ~best.isnan())   # argmax treats NaN as max
@@ -688,12 +707,16 @@ class Trainer:
                        x_bf16: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(the input of every layer, the logits ``[R, C, n]``) of one group, written into the
         step's reused buffers, keeping what the backward pass needs."""
-        h, inputs = x_t, []
+        h, inputs, relu_done = x_t, [], False
         for k, layer in enumerate(group.layers):
             inputs.append(h)
+            if relu_done:       # the product applied this ReLU: its output is its input
+                relu_done = False
+                continue
             first_linear = k == 0 and isinstance(layer, StackedLinear)
             if first_linear and x_bf16 is None and onednn_cpu(x_t):
-                h = first_linear_onednn(layer, self._example_rows(x_t))     # a fresh tensor
+                relu_done = _is_relu(group.layers[1]) if len(group.layers) > 1 else False
+                h = first_linear_onednn(layer, self._example_rows(x_t), relu=relu_done)  # fresh
                 continue
             out = self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t)
             if first_linear and x_bf16 is not None:
@@ -756,7 +779,10 @@ class Trainer:
         if k == 0:
             return None
         before = group.layers[k - 1]
-        if isinstance(before, StackedActivation) and not _needs_own_output(before):
+        # (a ReLU applied inside the first product keeps one tensor as its input and output,
+        # which its own backward step reads after this one)
+        if isinstance(before, StackedActivation) and not _needs_own_output(before) \
+                and inputs[k] is not inputs[k - 1]:
             return inputs[k]
         return self._buffer((gi, k, "dx"), inputs[k].shape, inputs[k])
 
@@ -801,14 +827,20 @@ def _out_shape(layer, h: torch.Tensor, runs: int) -> tuple[int, ...]:
     return tuple(h.shape)
 
 
-def first_linear_onednn(layer: StackedLinear, x_rows: torch.Tensor) -> torch.Tensor:
+def first_linear_onednn(layer: StackedLinear, x_rows: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """h = W x + b for every run as ONE oneDNN product ``[W | b] [X | 1]^T``: ``W [R, o, in]``,
     ``x_rows = [X | 1] [n, in + 1]`` -> a fresh ``[R, o, n]`` (oneDNN's product writes no given
     buffer). The bias rides in the product as the weight of the column of ones, so no pass adds
-    it. A row of the result does not depend on how many runs are stacked (tested)."""
+    it; with ``relu`` the product returns max(h, 0), applied as it writes (no pass either). A row
+    of the result does not depend on how many runs are stacked (tested)."""
     R, o, i = layer.weight.shape
     bias = layer.bias.view(R * o, 1) if layer.bias is not None else layer.weight.new_zeros(R * o, 1)
-    return matmul_nt(torch.cat([layer.weight.view(R * o, i), bias], 1), x_rows).view(R, o, -1)
+    return matmul_nt(torch.cat([layer.weight.view(R * o, i), bias], 1), x_rows,
+                     "relu" if relu else "none").view(R, o, -1)
+
+
+def _is_relu(layer) -> bool:
+    return isinstance(layer, StackedActivation) and layer.kind == "relu"
 
 
 def first_linear_bf16(layer: StackedLinear, x_bf16: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
