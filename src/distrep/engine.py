@@ -832,7 +832,9 @@ def first_linear_onednn(layer: StackedLinear, x_rows: torch.Tensor, relu: bool =
     ``x_rows = [X | 1] [n, in + 1]`` -> a fresh ``[R, o, n]`` (oneDNN's product writes no given
     buffer). The bias rides in the product as the weight of the column of ones, so no pass adds
     it; with ``relu`` the product returns max(h, 0), applied as it writes (no pass either). A row
-    of the result does not depend on how many runs are stacked (tested)."""
+    of the result does not depend on how many runs are stacked (tested). oneDNN's ReLU turns a
+    NaN into 0 where ``clamp_min`` keeps it; finite parameters and data give no NaN here, and a
+    step that makes a parameter non-finite freezes its run at once (:func:`finite_runs`)."""
     R, o, i = layer.weight.shape
     bias = layer.bias.view(R * o, 1) if layer.bias is not None else layer.weight.new_zeros(R * o, 1)
     return matmul_nt(torch.cat([layer.weight.view(R * o, i), bias], 1), x_rows,
