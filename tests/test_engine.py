@@ -126,6 +126,39 @@ def test_chunking_never_changes_a_result(raw):
         np.testing.assert_array_equal(alone[0].arrays[key], whole[1].arrays[key])
 
 
+def test_the_step_log_keeps_every_step_and_the_epoch_each_run_froze():
+    """The sweep keeps each step's statistics on the device and writes them into the chunk's
+    state a window at a time: the same arrays as writing every step (NaN once a run is
+    frozen, its diverged epoch the first step after which it is), whether the run froze in the
+    first window, a later one, or before the chunk started (resumed)."""
+    from types import SimpleNamespace
+
+    from distrep.sweep import StepLog
+    R, E, n = 4, 7, 50
+    state = {"A/diverged_epoch": torch.tensor([0, 0, 0, 1]), "A/epochs_done": torch.zeros(R, dtype=torch.int64),
+             "A/train_loss": torch.zeros(R, E, dtype=torch.float64), "A/train_acc": torch.zeros(R, E, dtype=torch.float64)}
+    work = SimpleNamespace(state=state, variants=["A"])
+    froze_after = [None, 2, 5, 0]            # run 3 was frozen when the chunk (re)started
+    log, flushes = StepLog([R], torch.device("cpu"), capacity=3), 0
+    for epoch in range(1, E + 1):
+        frozen = torch.tensor([f is not None and epoch >= f for f in froze_after])
+        loss = torch.tensor([10.0 * epoch + r for r in range(R)], dtype=torch.float32)
+        log.record(epoch, [(loss, torch.arange(R) * 10)], [frozen])
+        if log.full():
+            log.flush(work, n)
+            flushes += 1
+    log.flush(work, n)
+    assert flushes == 2 and state["A/epochs_done"].tolist() == [E] * R
+    assert state["A/diverged_epoch"].tolist() == [0, 2, 5, 1]
+    for r, f in enumerate(froze_after):
+        for epoch in range(1, E + 1):
+            loss, acc = state["A/train_loss"][r, epoch - 1], state["A/train_acc"][r, epoch - 1]
+            if f is not None and epoch >= f:
+                assert loss.isnan() and acc.isnan(), (r, epoch)
+            else:
+                assert loss == 10.0 * epoch + r and acc == r * 10 / n, (r, epoch)
+
+
 def test_diverged_run_is_frozen_and_others_continue(raw):
     cfg = SweepConfig(models=["ReLU"], runs=3, epochs=10, eval_every=5).validate()
     s = Sweep(cfg, raw, progress=False)

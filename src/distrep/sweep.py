@@ -554,31 +554,70 @@ def train_chunk(work: ChunkWork, data: Dataset, device: torch.device,
     test_index = {int(e): k for k, e in enumerate(c.test_epochs())}
     start = int(st[f"{variants[0]}/epochs_done"][0])
     frozen = [(st[f"{v}/diverged_epoch"] > 0).to(device) for v in variants]
+    log = StepLog([g.runs for g in groups], device)
     last_save = time.monotonic()
     with matmul_precision(c.precision, device):
         x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None
         for epoch in range(start + 1, c.epochs + 1):
-            stats = trainer.step(x_t, y, c.lr, frozen, x_bf16)
-            for gi, v in enumerate(variants):
-                loss, correct = (t.double().cpu() for t in stats[gi])
-                was = st[f"{v}/diverged_epoch"] > 0
-                now = frozen[gi].cpu()
-                st[f"{v}/diverged_epoch"][now & ~was] = epoch
-                st[f"{v}/train_loss"][:, epoch - 1] = torch.where(now, float("nan"), loss)
-                st[f"{v}/train_acc"][:, epoch - 1] = torch.where(now, float("nan"), correct / n)
+            log.record(epoch, trainer.step(x_t, y, c.lr, frozen, x_bf16), frozen)
             if epoch in test_index:
                 _evaluate_into(trainer, work, frozen, x_test_t, y_test, test_index[epoch])
-            for v in variants:
-                st[f"{v}/epochs_done"][:] = epoch
+            if log.full():
+                log.flush(work, n)
             if advance is not None:
                 advance(len(work.units))
             if save is not None and time.monotonic() - last_save > c.checkpoint_every:
+                log.flush(work, n)
                 _store_params(groups, work)
                 save(work)
                 last_save = time.monotonic()
+        log.flush(work, n)
         _store_params(groups, work)
         _finalize(trainer, work, x_t, y, x_test_t, y_test)
     return work
+
+
+class StepLog:
+    """Every step's ``(loss, correct)`` and frozen runs, per variant, kept on the device and
+    moved into the chunk's state ``capacity`` steps at a time (and before a checkpoint and at
+    the end): copying them to the host every step would wait for the device every step, so
+    that it could never run ahead of the Python that launches its kernels."""
+
+    def __init__(self, runs: list[int], device: torch.device, capacity: int = 100):
+        self.capacity, self.epochs = capacity, []
+        self.loss = [torch.empty(r, capacity, dtype=torch.float64, device=device) for r in runs]
+        self.correct = [torch.empty(r, capacity, dtype=torch.float64, device=device) for r in runs]
+        self.frozen = [torch.empty(r, capacity, dtype=torch.bool, device=device) for r in runs]
+
+    def record(self, epoch: int, stats: list[tuple[torch.Tensor, torch.Tensor]],
+               frozen: list[torch.Tensor]) -> None:
+        """Keep one step's per-group ``(loss [R], correct [R])`` and ``frozen [R]`` after it."""
+        j = len(self.epochs)
+        for gi, (loss, correct) in enumerate(stats):
+            self.loss[gi][:, j].copy_(loss)
+            self.correct[gi][:, j].copy_(correct)
+            self.frozen[gi][:, j].copy_(frozen[gi])
+        self.epochs.append(epoch)
+
+    def full(self) -> bool:
+        return len(self.epochs) == self.capacity
+
+    def flush(self, work: "ChunkWork", n: int) -> None:
+        """Write the kept steps into ``work.state``: train loss and accuracy (NaN for a run
+        frozen by then), the epoch a run diverged (the first step after which it is frozen),
+        and how many epochs are done."""
+        if not self.epochs:
+            return
+        k, first = len(self.epochs), self.epochs[0]
+        st, window = work.state, slice(first - 1, self.epochs[-1])
+        for gi, v in enumerate(work.variants):
+            loss, correct, now = (t[:, :k].cpu() for t in (self.loss[gi], self.correct[gi], self.frozen[gi]))
+            newly = now.any(1) & ~(st[f"{v}/diverged_epoch"] > 0)
+            st[f"{v}/diverged_epoch"][newly] = first + now[newly].int().argmax(1)  # frozen stays so
+            st[f"{v}/train_loss"][:, window] = torch.where(now, float("nan"), loss)
+            st[f"{v}/train_acc"][:, window] = torch.where(now, float("nan"), correct / n)
+            st[f"{v}/epochs_done"][:] = self.epochs[-1]
+        self.epochs = []
 
 
 def _evaluate_into(trainer, work: ChunkWork, frozen, x_t, y, k: int) -> None:
