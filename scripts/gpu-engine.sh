@@ -9,9 +9,11 @@
 #   4. a real sweep of Table 1's variants x 20 runs with the fused step in bf16 (1,000 epochs):
 #      its run-epochs/s against the bench's, which times the step alone (the sweep also keeps
 #      each step's statistics and copies them to the host 100 steps at a time);
-#   5. TF32 and bf16 against fp32 with the fused step, run by run from the same seeds
+#   5. the fused (bf16, TF32) and hand-written (fp32) steps replayed as CUDA graphs
+#      (DISTREP_CUDA_GRAPHS=1; step 1's tests check that the replays train bit for bit alike);
+#   6. TF32 and bf16 against fp32 with the fused step, run by run from the same seeds
 #      (`bench --accuracy`), every Table 1 and Table 3 model on full MNIST, into OUT_DIR/accuracy/;
-#   6. the compiled step (torch.compile, CUDA graphs) in TF32 and bf16, if time is left.
+#   7. the compiled step (torch.compile, CUDA graphs) in TF32 and bf16, if time is left.
 # Each step is time-limited and logged as it goes, so a pass cut short still brings back what
 # finished. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
 # Environment: ACCURACY_RUNS (4), ACCURACY_EPOCHS (500), BENCH_EPOCHS (5), DEVICE (cuda).
@@ -30,6 +32,10 @@ step 180 "$python" -m distrep.cli bench --device "$device" --epochs "${BENCH_EPO
     --engine auto,fused --precisions fp32,tf32,bf16
 step 90 "$python" -m distrep.cli sweep --models Abs,ReLU,Abs2,Abs2-Neg,ReLU2,ReLU2-Neg --runs 20 \
     --epochs 1000 --device "$device" --engine fused --precision bf16 --max-memory 40G --out "$out/sweep-t1"
+DISTREP_CUDA_GRAPHS=1 step 120 "$python" -m distrep.cli bench --device "$device" --epochs "${BENCH_EPOCHS:-5}" \
+    --max-memory 40G --engine fused --precisions bf16,tf32
+DISTREP_CUDA_GRAPHS=1 step 60 "$python" -m distrep.cli bench --device "$device" --epochs "${BENCH_EPOCHS:-5}" \
+    --max-memory 40G --engine auto --precisions fp32
 step "$(left 100)" "$python" -m distrep.cli bench --device "$device" --no-speed --accuracy --engine fused \
     --accuracy-runs "${ACCURACY_RUNS:-4}" --accuracy-epochs "${ACCURACY_EPOCHS:-500}" \
     --accuracy-subset 60000 --accuracy-out "$out/accuracy"

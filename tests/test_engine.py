@@ -159,6 +159,45 @@ def test_the_step_log_keeps_every_step_and_the_epoch_each_run_froze():
                 assert loss == 10.0 * epoch + r and acc == r * 10 / n, (r, epoch)
 
 
+def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(monkeypatch):
+    """The order GraphedStep needs on CUDA, with the CUDA calls replaced by stand-ins: WARMUP
+    eager steps, then one step recorded (not run) inside the capture and replayed, then only
+    replays; the statistics returned are the recorded step's. On the CPU (or without
+    DISTREP_CUDA_GRAPHS=1) step_function is the plain step."""
+    import contextlib
+
+    import distrep.engine as engine
+    events = []
+
+    class Trainer:
+        groups = []
+
+        def step(self, *args):
+            events.append("step")
+            return [("loss", len(events))]
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture")
+        yield
+        events.append("end capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    step = engine.GraphedStep(Trainer(), ())
+    outs = [step() for _ in range(5)]
+    assert events == ["step", "step", "capture", "step", "end capture", "replay", "replay", "replay"]
+    assert outs[2] is outs[4] and outs[2] == [("loss", 4)]
+    monkeypatch.setenv("DISTREP_CUDA_GRAPHS", "1")
+    plain = engine.step_function(Trainer(), torch.zeros(2, 3), None, 0.1, [])
+    assert not isinstance(plain, engine.GraphedStep)
+
+
 def test_diverged_run_is_frozen_and_others_continue(raw):
     cfg = SweepConfig(models=["ReLU"], runs=3, epochs=10, eval_every=5).validate()
     s = Sweep(cfg, raw, progress=False)

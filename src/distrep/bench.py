@@ -25,7 +25,7 @@ from torch import nn
 
 from distrep import stats
 from distrep.data import Dataset, load_dataset
-from distrep.engine import matmul_nt
+from distrep.engine import GraphedStep, cuda_graphs_requested, matmul_nt, step_function
 from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
@@ -159,19 +159,21 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
 
 def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every) -> tuple[float, float]:
     device, runs, models = sweep.device, sweep.config.runs, sweep.specs
-    # CUDA graphs record on the second call and replay from the third
-    warmup = 3 if sweep.config.engine == "compiled" else 1
     total = setup = 0.0
     for chunk in sweep.chunks():
         start = time.perf_counter()
         trainer, groups = sweep.chunk_trainer(chunk)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
-        for _ in range(warmup):
-            trainer.step(x_t, y, 1e-3, frozen, x_bf16)
+        one_step = step_function(trainer, x_t, y, 1e-3, frozen, x_bf16)
+        # CUDA graphs (the compiled path's, or the step's own) record on the third call at the
+        # latest and replay from then on
+        graphed = sweep.config.engine == "compiled" or isinstance(one_step, GraphedStep)
+        for _ in range(GraphedStep.WARMUP + 1 if graphed else 1):
+            one_step()
             trainer.evaluate(x_test_t, y_test)
         sync(device)
         setup += time.perf_counter() - start
-        step = timed(lambda: trainer.step(x_t, y, 1e-3, frozen, x_bf16), device, epochs, warmup=0)
+        step = timed(one_step, device, epochs, warmup=0)
         test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1, warmup=0)
         total += step + test / eval_every
         trainer = groups = None   # free this chunk's buffers before building the next
@@ -230,7 +232,8 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 key = case_key(label, precision, engine_name)
                 out[key] = {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup,
                             "peak_gflops": around, "author_s": author}
-                log(f"engine ({ENGINE_LABEL[engine_name]}), {label} variants x {runs} runs, {precision}: "
+                graphs = ", CUDA graphs" if cuda and engine_name != "compiled" and cuda_graphs_requested() else ""
+                log(f"engine ({ENGINE_LABEL[engine_name]}{graphs}), {label} variants x {runs} runs, {precision}: "
                     f"{seconds * 1e3:.3g} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s, "
                     f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / around:.0%} of the "
                     f"{precision} GEMM peak measured around it ({around:.0f}); "

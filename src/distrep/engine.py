@@ -28,6 +28,7 @@ elsewhere (see :class:`StackedOffsetL2`).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -816,6 +817,57 @@ class Trainer:
                 loss, correct = cross_entropy(group.forward(xs)[-1], ys)
                 totals[gi] = (totals[gi][0] + loss * len(ys), totals[gi][1] + correct)
         return [(loss / n, correct) for loss, correct in totals]
+
+
+# Experimental until measured on a GPU (scripts/gpu-engine.sh): DISTREP_CUDA_GRAPHS=1 replays
+# the hand-written and fused steps as one CUDA graph.
+CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
+
+
+def cuda_graphs_requested() -> bool:
+    return os.environ.get(CUDA_GRAPHS_VARIABLE) == "1"
+
+
+def step_function(trainer: Trainer, x_t: torch.Tensor, y: torch.Tensor, lr: float,
+                  frozen: list[torch.Tensor], x_bf16: torch.Tensor | None = None):
+    """A callable that runs one SGD step of ``trainer`` on these inputs and returns its per-group
+    ``(loss, correct)``: :meth:`Trainer.step` itself, or on CUDA with ``DISTREP_CUDA_GRAPHS=1``
+    (and every group hand-written or fused) the step replayed as a CUDA graph."""
+    graphs = (x_t.device.type == "cuda" and cuda_graphs_requested()
+              and all(isinstance(g, (StackedRuns, FusedRuns)) for g in trainer.groups))
+    if graphs:
+        return GraphedStep(trainer, (x_t, y, lr, frozen, x_bf16))
+    return lambda: trainer.step(x_t, y, lr, frozen, x_bf16)
+
+
+class GraphedStep:
+    """:meth:`Trainer.step` on fixed inputs, captured once as a CUDA graph and replayed, so the
+    launch overhead of the step's ~20 kernels per group is paid once, not every step. The
+    first ``WARMUP`` calls run eagerly (they allocate the step's buffers and compile its Triton
+    kernels); the next captures the step and replays it; later calls replay. Every tensor the
+    step reads or writes keeps its address from step to step (buffers allocated once, parameters
+    and ``frozen`` updated in place), which is what a replay needs; the returned statistics are
+    the graph's own tensors, overwritten by the next replay."""
+
+    WARMUP = 2
+
+    def __init__(self, trainer: Trainer, args: tuple):
+        self.trainer, self.args, self.calls = trainer, args, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.graph is None and self.calls < self.WARMUP:
+            self.calls += 1
+            return self.trainer.step(*self.args)
+        if self.graph is None:
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):          # records; nothing runs until the replay
+                self.stats = self.trainer.step(*self.args)
+            self.graph = graph
+        self.graph.replay()
+        return self.stats
 
 
 def _out_shape(layer, h: torch.Tensor, runs: int) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ import torch
 
 from distrep.data import Dataset, load_dataset
 from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
-                            engine_path, stack_parameters)
+                            engine_path, stack_parameters, step_function)
 from distrep.errors import DistrepError
 from distrep.fused import unavailable
 from distrep.models import canonical_spec, create_model, display_name, parse
@@ -445,11 +445,11 @@ class Sweep:
         x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=dev) for g in groups]
         with matmul_precision(c.precision, dev):
-            x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None
+            step = step_function(trainer, x_t, y, c.lr, frozen, x_t.bfloat16() if c.precision == "bf16" else None)
             timings = []
             for _ in range(5):          # two warm-ups (measured: one left a 13-min estimate of an
-                start = time.perf_counter()        # 8-min run), then the best of three
-                trainer.step(x_t, y, c.lr, frozen, x_bf16)
+                start = time.perf_counter()        # 8-min run), then the best of three (a
+                step()                             # CUDA graph's replays from the fourth)
                 _sync(dev)
                 timings.append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -557,9 +557,9 @@ def train_chunk(work: ChunkWork, data: Dataset, device: torch.device,
     log = StepLog([g.runs for g in groups], device)
     last_save = time.monotonic()
     with matmul_precision(c.precision, device):
-        x_bf16 = x_t.bfloat16() if c.precision == "bf16" else None
+        step = step_function(trainer, x_t, y, c.lr, frozen, x_t.bfloat16() if c.precision == "bf16" else None)
         for epoch in range(start + 1, c.epochs + 1):
-            log.record(epoch, trainer.step(x_t, y, c.lr, frozen, x_bf16), frozen)
+            log.record(epoch, step(), frozen)
             if epoch in test_index:
                 _evaluate_into(trainer, work, frozen, x_test_t, y_test, test_index[epoch])
             if log.full():
