@@ -328,13 +328,18 @@ def test_every_activation_chain_matches_autograd_in_float64():
     chain the grammar allows (not a hand-picked list). Buffer reuse inside the step (gradients
     written over activations, derivatives built in place) is where chains can go wrong: abs
     after tanh/sigmoid/elu once overwrote the output tanh's backward still needed."""
+    _assert_every_chain_matches_autograd(torch.float64, tol=1e-9)
+
+
+def _assert_every_chain_matches_autograd(dtype: torch.dtype, tol: float) -> None:
+    """Every chain of :func:`_chains`, two runs in ``dtype``, one step against autograd."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(24, 6, generator=g, dtype=dtype)
     y = torch.arange(24) % 3
     failures = []
     for spec in _chains():
-        models = [create_model(spec, 5, in_features=6, num_classes=3, seed=s).double() for s in (0, 1)]
-        failures += _mismatches_with_autograd(spec, models, x, y)
+        models = [create_model(spec, 5, in_features=6, num_classes=3, seed=s).to(dtype) for s in (0, 1)]
+        failures += _mismatches_with_autograd(spec, models, x, y, tol=tol)
     assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
 
 
@@ -344,15 +349,8 @@ def test_every_activation_chain_matches_autograd_in_fp32_on_onednns_path():
     the gradient flowing back into it needs a buffer of its own). fp32 rounding: relative 1e-3
     (the largest seen: 1.1e-4, an fp32 OffsetL2 after sigmoid-softplus); the ReLU's input
     overwritten by the gradient is off by 0.8 to 9."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 6, generator=g)
-    y = torch.arange(24) % 3
-    assert onednn_cpu(x)
-    failures = []
-    for spec in _chains():
-        models = [create_model(spec, 5, in_features=6, num_classes=3, seed=s) for s in (0, 1)]
-        failures += _mismatches_with_autograd(spec, models, x, y, tol=1e-3)
-    assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
+    assert onednn_cpu(torch.zeros(1))
+    _assert_every_chain_matches_autograd(torch.float32, tol=1e-3)
 
 
 def test_offsetl2_matches_autograd_with_its_gradient_over_its_input():
