@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
 
     def time_case(name, models, precision):
         try:
-            seconds, setup = engine(list(models), runs, data, device, precision, 5, 40 * GiB,
+            seconds, setup, _ = engine(list(models), runs, data, device, precision, 5, 40 * GiB,
                                     engine_name="fused")
             print(f"{name}: {seconds * 1e3:.4f} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s "
                   f"(warm-up {setup:.1f} s)", flush=True)

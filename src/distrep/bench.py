@@ -25,7 +25,7 @@ from torch import nn
 
 from distrep import stats
 from distrep.data import Dataset, load_dataset
-from distrep.engine import GraphedStep, cuda_graphs_requested, matmul_nt, step_function
+from distrep.engine import GraphedStep, matmul_nt, step_function
 from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
@@ -143,9 +143,10 @@ def author_loop(data: Dataset, device: torch.device, epochs: int, label: str = "
 
 def engine(models: list[str], runs: int, data: Dataset, device: torch.device, precision: str,
            epochs: int, max_memory: int, eval_every: int = 10, engine_name: str = "auto"
-           ) -> tuple[float, float]:
+           ) -> tuple[float, float, bool]:
     """(seconds per run-epoch of the engine summed over the chunks the memory budget needs,
-    seconds of warm-up: the first steps, which compile on the compiled path)."""
+    seconds of warm-up: the first steps, which compile on the compiled path, whether the step
+    was replayed as a CUDA graph of its own: :func:`~distrep.engine.step_function`)."""
     config = SweepConfig(models=models, runs=runs, epochs=epochs, precision=precision,
                          device=str(device), max_memory=max_memory, eval_every=eval_every,
                          engine=engine_name)
@@ -157,18 +158,21 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
         return _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every)
 
 
-def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every) -> tuple[float, float]:
+def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every
+                    ) -> tuple[float, float, bool]:
     device, runs, models = sweep.device, sweep.config.runs, sweep.specs
     total = setup = 0.0
+    graphed = False
     for chunk in sweep.chunks():
         start = time.perf_counter()
         trainer, groups = sweep.chunk_trainer(chunk)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
         one_step = step_function(trainer, x_t, y, 1e-3, frozen, x_bf16)
-        # CUDA graphs (the compiled path's, or the step's own) record on the third call at the
-        # latest and replay from then on
-        graphed = sweep.config.engine == "compiled" or isinstance(one_step, GraphedStep)
-        for _ in range(GraphedStep.WARMUP + 1 if graphed else 1):
+        graphed = isinstance(one_step, GraphedStep)
+        # the step's own CUDA graph records on call WARMUP + 1; the compiled path's records on
+        # the second call and replays from the third
+        warmup = GraphedStep.WARMUP + 1 if graphed else 3 if sweep.config.engine == "compiled" else 1
+        for _ in range(warmup):
             one_step()
             trainer.evaluate(x_test_t, y_test)
         sync(device)
@@ -177,7 +181,7 @@ def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every)
         test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1, warmup=0)
         total += step + test / eval_every
         trainer = groups = None   # free this chunk's buffers before building the next
-    return total / (runs * len(models)), setup
+    return total / (runs * len(models)), setup, graphed
 
 
 ENGINE_LABEL = {"auto": "hand-written", "compiled": "compiled", "autograd": "autograd", "fused": "fused"}
@@ -224,15 +228,15 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 # and the engine is compared with the better of each (a slow moment in one of the
                 # two cannot flatter the engine).
                 peak_before, loop_before = peak(device, precision), loop(label)
-                seconds, setup = engine(models, runs, data, device, precision, epochs, max_memory,
-                                        engine_name=engine_name)
+                seconds, setup, graphed = engine(models, runs, data, device, precision, epochs,
+                                                 max_memory, engine_name=engine_name)
                 around = max(peak_before, peak(device, precision))
                 author = min(loop_before, loop(label))
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
                 key = case_key(label, precision, engine_name)
                 out[key] = {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup,
                             "peak_gflops": around, "author_s": author}
-                graphs = ", CUDA graphs" if cuda and engine_name != "compiled" and cuda_graphs_requested() else ""
+                graphs = ", CUDA graphs" if graphed else ""
                 log(f"engine ({ENGINE_LABEL[engine_name]}{graphs}), {label} variants x {runs} runs, {precision}: "
                     f"{seconds * 1e3:.3g} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s, "
                     f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / around:.0%} of the "

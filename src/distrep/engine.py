@@ -824,16 +824,12 @@ class Trainer:
 CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
 
 
-def cuda_graphs_requested() -> bool:
-    return os.environ.get(CUDA_GRAPHS_VARIABLE) == "1"
-
-
 def step_function(trainer: Trainer, x_t: torch.Tensor, y: torch.Tensor, lr: float,
                   frozen: list[torch.Tensor], x_bf16: torch.Tensor | None = None):
     """A callable that runs one SGD step of ``trainer`` on these inputs and returns its per-group
     ``(loss, correct)``: :meth:`Trainer.step` itself, or on CUDA with ``DISTREP_CUDA_GRAPHS=1``
     (and every group hand-written or fused) the step replayed as a CUDA graph."""
-    graphs = (x_t.device.type == "cuda" and cuda_graphs_requested()
+    graphs = (x_t.device.type == "cuda" and os.environ.get(CUDA_GRAPHS_VARIABLE) == "1"
               and all(isinstance(g, (StackedRuns, FusedRuns)) for g in trainer.groups))
     if graphs:
         return GraphedStep(trainer, (x_t, y, lr, frozen, x_bf16))
