@@ -1,12 +1,13 @@
-"""Time the fused step on one GPU, to choose distrep.fused's BLOCK_N, NUM_WARPS and
-OFFSETL2_KERNEL: one Table 1 model (ReLU2) and one Table 3 model (ReLU-L2), RUNS runs each (a
-chunk's group), full MNIST, bf16 and TF32, ms per run-epoch (step plus a tenth of a test pass,
-as `distrep bench` measures it) at several block shapes; every OffsetL2 kernel (direct,
-expanded, hybrid) at the default shape; then, at the default shape, where a step spends its
-time (the first layer's product, the kernel, the weight-gradient product, the whole step), with
-the products' TFLOP/s and the kernel's effective bandwidth over P and dP. One model per table
-keeps the kernel compilations (a second or two per model, mode and shape) to a few dozen.
-Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPS ...]   (default 20 32x8 ...)
+"""Time the fused step on one GPU, to choose distrep.fused's BLOCK_N, NUM_WARPS,
+BLOCKS_PER_PROGRAM and OFFSETL2_KERNEL: one Table 1 model (ReLU2) and one Table 3 model
+(ReLU-L2, the precision's OffsetL2 kernel), RUNS runs each (a chunk's group), full MNIST, bf16
+and TF32, ms per run-epoch (step plus a tenth of a test pass, as `distrep bench` measures it) at
+several shapes (examples per block x warps x blocks per program); the other OffsetL2 kernels at
+the default shape; then, at the default shape, where a step spends its time (the first layer's
+product, the kernel, the weight-gradient product, the whole step), with the products' TFLOP/s
+and the kernel's effective bandwidth over P and dP. One model per table keeps the kernel
+compilations (a second or two per model, mode and shape) to a few dozen.
+Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS ...]   (default 20 32x4x8 ...)
 A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=64 (bf16 only).
 """
 
@@ -57,7 +58,7 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
 def main(argv: list[str]) -> None:
     runs = int(argv[0]) if argv else 20
     shapes = [tuple(int(v) for v in s.split("x")) for s in argv[1:]] or [
-        (32, 8), (64, 8), (64, 16), (16, 4), (32, 4), (128, 16)]
+        (32, 4, 8), (32, 4, 4), (32, 4, 16), (32, 8, 8), (64, 4, 8), (16, 4, 8)]
     device = torch.device(os.environ.get("TUNE_DEVICE", "cuda"))
     subset = os.environ.get("TUNE_SUBSET")
     data = load_dataset("mnist", "raw")
@@ -65,36 +66,36 @@ def main(argv: list[str]) -> None:
         n = int(subset)
         data = replace(data.subset(n), x_test=data.x_test[:n], y_test=data.y_test[:n])
     precisions = ("bf16", "tf32") if device.type == "cuda" else ("bf16",)
-    default = fused.BLOCK_N, fused.NUM_WARPS
+    default = fused.BLOCK_N, fused.NUM_WARPS, fused.BLOCKS_PER_PROGRAM
+    kernels = dict(fused.OFFSETL2_KERNEL)
 
     def time_case(name, models, precision):
         try:
             seconds, setup, _ = engine(list(models), runs, data, device, precision, 5, 40 * GiB,
-                                    engine_name="fused")
+                                       engine_name="fused")
             print(f"{name}: {seconds * 1e3:.4f} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s "
                   f"(warm-up {setup:.1f} s)", flush=True)
         except Exception as e:          # noqa: BLE001 - a shape that fails is a result here
             print(f"{name}: failed: {e!r}"[:300], flush=True)
 
-    kernel = fused.OFFSETL2_KERNEL
-    for block, warps in shapes:                          # OffsetL2 with the default kernel
-        fused.BLOCK_N, fused.NUM_WARPS = block, warps
+    def label(shape):
+        return "BN {:>3} warps {:>2} blocks {:>2}".format(*shape)
+
+    for shape in shapes:                          # OffsetL2 with each precision's kernel
+        fused.BLOCK_N, fused.NUM_WARPS, fused.BLOCKS_PER_PROGRAM = shape
         for precision in precisions:
             for model in ("ReLU2", "ReLU-L2"):
-                time_case(f"BN {block:>3} warps {warps:>2} {precision} {model}"
-                          + (f" {kernel}" if model == "ReLU-L2" else ""), [model], precision)
-    fused.BLOCK_N, fused.NUM_WARPS = default
-    for form in fused.OFFSETL2_KERNEL_FORMS:            # the other OffsetL2 kernels, default shape
-        if form != kernel:
-            fused.OFFSETL2_KERNEL = form
-            for precision in precisions:
-                time_case(f"BN {default[0]:>3} warps {default[1]:>2} {precision} ReLU-L2 {form}",
-                          ["ReLU-L2"], precision)
-    for form in fused.OFFSETL2_KERNEL_FORMS:
-        fused.OFFSETL2_KERNEL = form
-        print(f"breakdown, OffsetL2 kernel {form}:", flush=True)
-        breakdown(data, runs, device, precisions, ("ReLU2", "ReLU-L2") if form == kernel else ("ReLU-L2",))
-    fused.OFFSETL2_KERNEL = kernel
+                time_case(f"{label(shape)} {precision} {model}"
+                          + (f" {kernels[precision]}" if model == "ReLU-L2" else ""), [model], precision)
+    fused.BLOCK_N, fused.NUM_WARPS, fused.BLOCKS_PER_PROGRAM = default
+    for precision in precisions:                  # the other OffsetL2 kernels, default shape
+        for form in fused.OFFSETL2_KERNEL_FORMS:
+            if form != kernels[precision]:
+                fused.OFFSETL2_KERNEL[precision] = form
+                time_case(f"{label(default)} {precision} ReLU-L2 {form}", ["ReLU-L2"], precision)
+        fused.OFFSETL2_KERNEL[precision] = kernels[precision]
+    print(f"breakdown at {label(default)}, each precision's OffsetL2 kernel:", flush=True)
+    breakdown(data, runs, device, precisions, ("ReLU2", "ReLU-L2"))
 
 
 if __name__ == "__main__":

@@ -162,9 +162,10 @@ def test_the_step_log_keeps_every_step_and_the_epoch_each_run_froze():
 def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(monkeypatch):
     """The order GraphedStep needs on CUDA, with the CUDA calls replaced by stand-ins: WARMUP
     eager steps, then one step recorded (not run) inside the capture and replayed, then only
-    replays; the statistics returned are the recorded step's. On the CPU (or without
-    DISTREP_CUDA_GRAPHS=1) step_function is the plain step."""
+    replays; the statistics returned are the recorded step's. step_function graphs the step on
+    CUDA unless DISTREP_CUDA_GRAPHS=0, never on the CPU."""
     import contextlib
+    import types
 
     import distrep.engine as engine
     events = []
@@ -193,9 +194,13 @@ def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(monkeypatch)
     outs = [step() for _ in range(5)]
     assert events == ["step", "step", "capture", "step", "end capture", "replay", "replay", "replay"]
     assert outs[2] is outs[4] and outs[2] == [("loss", 4)]
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"))      # only its device is read
+    assert isinstance(engine.step_function(Trainer(), on_cuda, None, 0.1, []), engine.GraphedStep)
     monkeypatch.setenv("DISTREP_CUDA_GRAPHS", "1")
     plain = engine.step_function(Trainer(), torch.zeros(2, 3), None, 0.1, [])
     assert not isinstance(plain, engine.GraphedStep)
+    monkeypatch.setenv("DISTREP_CUDA_GRAPHS", "0")
+    assert not isinstance(engine.step_function(Trainer(), on_cuda, None, 0.1, []), engine.GraphedStep)
 
 
 def test_diverged_run_is_frozen_and_others_continue(raw):

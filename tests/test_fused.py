@@ -14,6 +14,7 @@ import torch
 from distrep.data import load_dataset
 from distrep.engine import FusedRuns, engine_path
 from distrep.errors import DistrepError
+from distrep import fused
 from distrep.fused import BLOCK_N, fused_layout, interpreting, triton
 from distrep.models import ALIASES, TABLE1, TABLE3, parse
 from distrep.sweep import Sweep, SweepConfig
@@ -28,10 +29,15 @@ interpreted = pytest.mark.skipif(not interpreting(), reason="Triton's interprete
 EXTRA = ["linear-abs-linear+bias-neg-relu", "linear-identity-linear-abs", "linear-offsetl2-abs-neg"]
 
 
+@pytest.fixture(autouse=True)
+def two_blocks_per_program(monkeypatch):
+    monkeypatch.setattr("distrep.fused.BLOCKS_PER_PROGRAM", 2)
+
+
 @pytest.fixture(scope="module")
 def data():
-    """Two full blocks of examples and a partial one, over two programs per run (the second's
-    second block is empty); 100 test examples."""
+    """Two full blocks of examples and a partial one, over two programs per run of two blocks
+    each (the second's second block is empty); 100 test examples."""
     d = load_dataset("mnist", "standardized")
     return replace(d.subset(2 * BLOCK_N + 6), x_test=d.x_test[:100], y_test=d.y_test[:100])
 
@@ -56,6 +62,18 @@ def test_the_fused_step_covers_the_paper_and_only_what_it_can():
             engine_path(parse(spec), "fused")
     layout = fused_layout(parse("Abs2-Neg-Bias"))
     assert layout["hidden"] == 2 and layout["head_bias"] and layout["post"] == (2, 3)
+
+
+def test_auto_takes_the_fused_step_on_cuda_where_it_covers_the_model(monkeypatch):
+    """No CUDA call is made: the decision reads the device's type only."""
+    assert engine_path(parse("ReLU"), "auto", "cuda") == "fused"
+    assert engine_path(parse("Abs-L2-Neg"), "auto", torch.device("cuda", 0)) == "fused"
+    assert engine_path(parse("ReLU"), "auto", "cpu") == "hand-written"          # interpreter or not
+    assert engine_path(parse("linear-relu-linear-relu-linear"), "auto", "cuda") == "hand-written"
+    assert engine_path(parse("linear-relu-rbf-neg"), "auto", "cuda") == "autograd"
+    assert engine_path(parse("ReLU"), "hand-written", "cuda") == "hand-written"
+    monkeypatch.setattr("distrep.engine.fused_triton", None)
+    assert engine_path(parse("ReLU"), "auto", "cuda") == "hand-written"
 
 
 @interpreted
@@ -86,7 +104,7 @@ def test_the_coded_offsetl2_form_matches_too(data):
 @pytest.mark.parametrize("kernel", ["expanded", "hybrid"])
 def test_the_other_offsetl2_kernels_match_too(kernel, data, monkeypatch):
     """The kernel's OffsetL2 forms with products (fp32 products under the interpreter)."""
-    monkeypatch.setattr("distrep.fused.OFFSETL2_KERNEL", kernel)
+    monkeypatch.setitem(fused.OFFSETL2_KERNEL, "fp32", kernel)
     models = ["ReLU-L2", "Abs-L2-Neg", "linear-offsetl2-abs-neg"]
     for form in ("paper", "coded"):
         for f, h in zip(run(data, models, "fused", offsetl2_form=form),
@@ -94,6 +112,30 @@ def test_the_other_offsetl2_kernels_match_too(kernel, data, monkeypatch):
             assert relative(f.arrays["train_loss"], h.arrays["train_loss"]) < 1e-5, (form, f.name)
             for name, p in h.params.items():
                 assert relative(f.params[name], p) < 1e-5, (form, f.name, name)
+
+
+@interpreted
+def test_each_precision_takes_its_own_offsetl2_kernel(data, monkeypatch):
+    """The kernel and the gradients' assembly read the same precision's entry: in bf16 the
+    expanded kernel (fp32 products under the interpreter) gives the direct kernel's gradients,
+    to rounding (the first layer's to bf16's: dP is stored in bf16), for both forms of OffsetL2."""
+    x_t = data.x_train.t().contiguous()
+
+    def gradients(model, form):
+        cfg = SweepConfig(models=[model], runs=2, epochs=1, width=20, engine="fused",
+                          precision="bf16", offsetl2_form=form)
+        sweep = Sweep(cfg, data, progress=False)
+        _, (group,) = sweep.chunk_trainer(sweep.chunks()[0])
+        group.gradients(x_t, data.y_train, x_t.bfloat16())
+        return group.grads
+
+    for model, form in [("ReLU-L2", "paper"), ("Abs-L2-Neg", "coded")]:
+        direct = gradients(model, form)
+        with monkeypatch.context() as m:
+            m.setitem(fused.OFFSETL2_KERNEL, "bf16", "expanded")
+            expanded = gradients(model, form)
+        for name, g in direct.items():
+            assert relative(expanded[name], g) < (1e-2 if name.startswith("0.") else 1e-4), (model, name)
 
 
 @interpreted
@@ -160,10 +202,10 @@ cases = [(m, "bf16", True, "paper") for m in TABLE1 + TABLE3] + [
     ("ReLU", "bf16", False, "paper"), ("Abs-L2", "tf32", False, "coded")]
 for model, precision, train, form in cases:
     compile_for_gpu(parse(model), precision, train, form)
-for kernel, model, precision, train in [("expanded", "ReLU-L2", "bf16", True),
+for kernel, model, precision, train in [("direct", "ReLU-L2", "bf16", True),
                                         ("expanded", "Abs-L2-Neg", "tf32", False),
                                         ("hybrid", "Abs-L2-Neg", "bf16", True)]:
-    fused.OFFSETL2_KERNEL = kernel
+    fused.OFFSETL2_KERNEL[precision] = kernel
     compile_for_gpu(parse(model), precision, train)
 print("compiled", len(cases) + 3)
 """

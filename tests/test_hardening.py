@@ -125,6 +125,8 @@ def test_7_every_session_is_recorded_and_a_changed_setup_is_warned(finished):
     first["versions"] = dict(first["versions"], torch="2.11.0")
     for key in ("run_epochs", "wall_time_s", "ended"):
         first.pop(key)                                  # as a killed session leaves it
+    assert len(first["chunks"]) == 1 and len(first["chunks"][0]["runs"]) == 4
+    first["chunks"] = []             # killed after the checkpoint was saved, before run.json
     write_json(finished / "run.json", {"finished": False, "sessions": [first]})
     r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
     assert r.returncode == 0, r.stderr
@@ -133,6 +135,8 @@ def test_7_every_session_is_recorded_and_a_changed_setup_is_warned(finished):
     sessions = read_json(finished / "run.json")["sessions"]
     assert len(sessions) == 2 and sessions[0]["ended"].startswith("interrupted")
     assert sessions[0]["run_epochs"] == 12 and sessions[1]["run_epochs"] == 0
+    assert sorted(map(tuple, sessions[0]["chunks"][0]["runs"])) == [("Abs", 0), ("Abs", 1), ("ReLU", 0), ("ReLU", 1)]
+    assert sessions[0]["chunks"][0]["recorded"] == "from the checkpoint after the kill"
     assert sessions[1]["device"].startswith("CPU")
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from distrep import stats
 from distrep.data import Dataset, load_dataset
-from distrep.engine import GraphedStep, matmul_nt, step_function
+from distrep.engine import GraphedStep, engine_path, matmul_nt, step_function
 from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
@@ -184,12 +184,9 @@ def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every
     return total / (runs * len(models)), setup, graphed
 
 
-ENGINE_LABEL = {"auto": "hand-written", "compiled": "compiled", "autograd": "autograd", "fused": "fused"}
-
-
-def case_key(label: str, precision: str, engine_name: str = "auto") -> str:
+def case_key(label: str, precision: str, path: str = "hand-written") -> str:
     """``"Table 1 fp32"`` (the hand-written step) or ``"Table 1 fp32 compiled"``."""
-    return f"{label} {precision}" + ("" if engine_name == "auto" else f" {engine_name}")
+    return f"{label} {precision}" + ("" if path == "hand-written" else f" {path}")
 
 
 def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
@@ -219,7 +216,9 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    for engine_name in engines:
+    # each engine asked for as the path it takes here (auto: fused on CUDA), each path once
+    paths = dict.fromkeys(engine_path(parse(TABLE1[0]), e, device) for e in engines)
+    for path in paths:
         for label in ("Table 1", "Table 3"):
             for precision in precisions:
                 models = list(TABLE3 if label == "Table 3" else TABLE1)
@@ -229,15 +228,15 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 # two cannot flatter the engine).
                 peak_before, loop_before = peak(device, precision), loop(label)
                 seconds, setup, graphed = engine(models, runs, data, device, precision, epochs,
-                                                 max_memory, engine_name=engine_name)
+                                                 max_memory, engine_name=path)
                 around = max(peak_before, peak(device, precision))
                 author = min(loop_before, loop(label))
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
-                key = case_key(label, precision, engine_name)
+                key = case_key(label, precision, path)
                 out[key] = {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup,
                             "peak_gflops": around, "author_s": author}
                 graphs = ", CUDA graphs" if graphed else ""
-                log(f"engine ({ENGINE_LABEL[engine_name]}{graphs}), {label} variants x {runs} runs, {precision}: "
+                log(f"engine ({path}{graphs}), {label} variants x {runs} runs, {precision}: "
                     f"{seconds * 1e3:.3g} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s, "
                     f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / around:.0%} of the "
                     f"{precision} GEMM peak measured around it ({around:.0f}); "
@@ -324,6 +323,7 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
     resolved = resolve_device(device_name)
     device = str(resolved)
     models = list(TABLE1 + TABLE3)
+    path = engine_path(parse(models[0]), engine_name, resolved)
     finals, seconds = {}, {}
     for precision in ("fp32", *precisions):
         config = SweepConfig(models=models, runs=runs, epochs=epochs, train_subset=train_subset,
@@ -334,6 +334,8 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
         results = Sweep(config, data, progress=False).run()
         seconds[precision] = time.perf_counter() - start
         finals[precision] = {r.name: 100 * r.arrays["final_test_acc"] for r in results}
+        log(f"{precision}: {len(models)} models x {runs} runs x {epochs} epochs trained in "
+            f"{seconds[precision]:.0f} s")          # progress, for a pass that may be cut short
     rows = []
     for precision in precisions:
         for model in models:
@@ -354,7 +356,11 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
                 f"{rows[-1]['max_abs']:.2f}: {verdict}")
     n = train_subset or len(data.y_train)
     protocol = (f"{runs} paired runs x {len(models)} models x {epochs} epochs on {n} MNIST images "
-                f"(raw pixels, lr 0.001, OffsetL2 coded), engine {engine_name}, {describe_device(resolved)}")
+                f"(raw pixels, lr 0.001, OffsetL2 coded), engine {path}, {describe_device(resolved)}")
+    if path == "fused":
+        from distrep.fused import offsetl2_kernel
+        protocol += "; the kernel's OffsetL2 form: " + ", ".join(
+            f"{p} {offsetl2_kernel(p)}" for p in ("fp32", *precisions))
     log("wall time " + ", ".join(f"{p} {seconds[p]:.0f} s" for p in seconds) + f" ({protocol})")
     out = {"protocol": protocol, "margin": MARGIN, "seconds": seconds, "rows": rows,
            "runs": {p: {m: v.tolist() for m, v in per.items()} for p, per in finals.items()}}
@@ -366,7 +372,7 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
 def write_accuracy(directory: Path, out: dict) -> None:
     """``accuracy.json`` and ``accuracy.md`` (the verdict table) in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Reduced precision against fp32", "", f"Protocol: {out['protocol']}.", "",
+    lines = ["# Reduced precision against fp32", "", f"Protocol: {out['protocol']}.", "",
              f"Each run's final test accuracy minus that of its fp32 twin (same seed, same data); "
              f"the paired 95 % interval of the mean difference; equivalent when it lies within "
              f"±{out['margin']:g} points. The chaotic models' runs do not pair (a rounding "

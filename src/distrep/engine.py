@@ -37,6 +37,7 @@ from torch import nn
 
 from distrep.errors import DistrepError
 from distrep.fused import FusedRuns, fused_layout
+from distrep.fused import triton as fused_triton
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec, Net
 
@@ -541,14 +542,18 @@ PATHS = ("hand-written", "autograd", "compiled", "fused")
 ENGINES = ("auto",) + PATHS
 
 
-def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto") -> str:
-    """Which of the engine's paths trains a model with these layers (the one place that
-    decides). ``auto``: "hand-written" when every layer has a hand-written batched gradient,
-    else "autograd"; "compiled" (the autograd step fused by ``torch.compile``) and "autograd"
-    take any model when asked for; "hand-written" and "fused" (:mod:`distrep.fused`, the paper's
-    two-layer family, Triton) only the models they cover."""
+def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto",
+                device: torch.device | str = "cpu") -> str:
+    """Which of the engine's paths trains a model with these layers on ``device`` (the one place
+    that decides). ``auto``: on CUDA "fused" (:mod:`distrep.fused`, a Triton kernel) where it
+    covers the model and Triton is installed; else "hand-written" when every layer has a
+    hand-written batched gradient, else "autograd". "compiled" (the autograd step fused by
+    ``torch.compile``) and "autograd" take any model when asked for; "hand-written" and "fused"
+    (the paper's two-layer family) only the models they cover."""
     covered = all(s.kind in HAND_WRITTEN for s in specs)
     if engine == "auto":
+        if torch.device(device).type == "cuda" and fused_triton is not None and fused_layout(specs):
+            return "fused"
         return "hand-written" if covered else "autograd"
     if engine not in PATHS:
         raise DistrepError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
@@ -819,17 +824,19 @@ class Trainer:
         return [(loss / n, correct) for loss, correct in totals]
 
 
-# Experimental until measured on a GPU (scripts/gpu-engine.sh): DISTREP_CUDA_GRAPHS=1 replays
-# the hand-written and fused steps as one CUDA graph.
+# On CUDA the hand-written and fused steps are replayed as one CUDA graph unless
+# DISTREP_CUDA_GRAPHS=0 (measured on an H100: the same bits as the eager step, Table 1's fused
+# bf16 step 4 % faster; docs/engine-h100-fused/).
 CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
 
 
 def step_function(trainer: Trainer, x_t: torch.Tensor, y: torch.Tensor, lr: float,
                   frozen: list[torch.Tensor], x_bf16: torch.Tensor | None = None):
     """A callable that runs one SGD step of ``trainer`` on these inputs and returns its per-group
-    ``(loss, correct)``: :meth:`Trainer.step` itself, or on CUDA with ``DISTREP_CUDA_GRAPHS=1``
-    (and every group hand-written or fused) the step replayed as a CUDA graph."""
-    graphs = (x_t.device.type == "cuda" and os.environ.get(CUDA_GRAPHS_VARIABLE) == "1"
+    ``(loss, correct)``: on CUDA, when every group is hand-written or fused, the step replayed
+    as a CUDA graph (:class:`GraphedStep`; ``DISTREP_CUDA_GRAPHS=0`` turns it off), else
+    :meth:`Trainer.step` itself."""
+    graphs = (x_t.device.type == "cuda" and os.environ.get(CUDA_GRAPHS_VARIABLE, "1") != "0"
               and all(isinstance(g, (StackedRuns, FusedRuns)) for g in trainer.groups))
     if graphs:
         return GraphedStep(trainer, (x_t, y, lr, frozen, x_bf16))

@@ -320,6 +320,15 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
             last["run_epochs"] = done - last.get("run_epochs_before", 0)
             last["wall_time_s"] = wall - last.get("wall_time_s_before", 0.0)
             last["ended"] = "interrupted (trained work read back from the checkpoint)"
+            # a chunk merged into the checkpoint just before the kill, with run.json not yet
+            # rewritten: its runs are recorded here, from the checkpoint
+            recorded = {tuple(u) for s in sessions for c in s.get("chunks", []) for u in c["runs"]}
+            unrecorded = [[name, r] for v, name in enumerate(sweep.names) for r in range(config.runs)
+                          if int(sweep.state["epochs_done"][v, r]) == config.epochs
+                          and (name, r) not in recorded]
+            if unrecorded:
+                last.setdefault("chunks", []).append(
+                    {"runs": unrecorded, "recorded": "from the checkpoint after the kill"})
         session = {"device": describe_device(device), "versions": software_versions(),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_epochs_before": done,
                    "wall_time_s_before": wall}

@@ -21,7 +21,7 @@ The partial sums of each program are reduced in a fixed order, so a step is dete
 OffsetL2 distances are computed directly by default, s_c = sum_i w_ci (h_i - mu_ci)^2, class by
 class in fp32: exact near a prototype without the float64 of the expanded form (~10 x 11
 elementwise operations per hidden value forward and back, against ~3,100 in the first layer's
-products); :data:`OFFSETL2_KERNEL` selects the forms with products instead.
+products); :data:`OFFSETL2_KERNEL` selects, per precision, the forms with products instead.
 
 Precision: ``fp32`` keeps everything fp32 (the output layer's products in IEEE fp32),
 ``tf32`` runs the first layer's products and the output layer's in TF32, ``bf16`` stores P and
@@ -52,20 +52,36 @@ except ImportError:            # the fused step is optional: everything else run
 HIDDEN = {"identity": 0, "relu": 1, "abs": 2}          # activation codes inside the kernel
 POST = {"identity": 0, "relu": 1, "abs": 2, "neg": 3}
 MAX_POST = 2
-# Examples per block (a [H, BLOCK_N] tile of P per step of a program) and warps per program:
-# compiled for sm_90, 32 x 8 holds Table 1's bf16 kernel in 236 registers without spilling
-# (64 x 8 spills 440 bytes); not yet timed on a GPU (scripts/fused-tune.py does).
+# Examples per block (a [H, BLOCK_N] tile of P per step of a program), warps per program, and
+# blocks per program (a run's n examples are cut into ceil(n / (BLOCK_N * BLOCKS_PER_PROGRAM))
+# programs whatever the GPU: many short programs keep a launch's last wave short, and the
+# partial sums, hence the results, do not depend on the GPU's number of SMs). Measured on an
+# H100 (docs/engine-h100-fused/): with 27 programs per run, 32 x 4 beat 32 x 8, 64 x 8, 64 x 16,
+# 16 x 4 and 128 x 16 for ReLU2 and ReLU-L2 in bf16 and TF32 (ReLU2 bf16: 13,662 run-epochs/s
+# against 32 x 8's 11,628) although it spills a few hundred bytes: its 255 registers x 128
+# threads let two programs share an SM, where 32 x 8's 236 x 256 hold one. 8 blocks per
+# program is not tuned (scripts/fused-tune.py times 4, 8 and 16).
 BLOCK_N = 32
-NUM_WARPS = 8
-# How the kernel computes OffsetL2: "direct", sum_i w (h_i - mu_i)^2 class by class in fp32,
-# forward and back (exact; ~110 elementwise operations per hidden value); "expanded" into
-# products on tensor cores (three TF32 passes each, ~fp32 accuracy, but the terms cancel near a
-# prototype), forward and back; "hybrid": the distances direct, their gradients (where
-# cancellation costs only absolute error of fp32's size) as products. Which is fastest, and
-# whether the products stay equivalent in accuracy, is for a GPU to say (scripts/fused-tune.py
-# times all three).
+NUM_WARPS = 4
+BLOCKS_PER_PROGRAM = 8
+# How the kernel computes OffsetL2, by precision: "direct", sum_i w (h_i - mu_i)^2 class by class
+# in fp32, forward and back (exact; ~110 elementwise operations per hidden value, and a
+# reduction across the hidden units per class); "expanded" into products on tensor cores (three
+# TF32 passes each, about fp32's accuracy, but the terms cancel near a prototype: an absolute
+# error of ~1e-7 w |h|^2, below what TF32 or bf16 rounding of h already does to s,
+# ~2 w |h - mu| |h| times 5e-4 or 4e-3, unless |h - mu| < 1e-4 |h|); "hybrid": the distances
+# direct, their gradients as products. On an H100 the expanded kernel took 2.8 ms a step where
+# the direct one took 4.4 (20 runs, bf16, 32 x 8), and agrees with the CPU's fp32 after 40
+# epochs as closely as the direct one (tests/test_cuda.py); it becomes the default of TF32 and
+# bf16 once `bench --accuracy` has compared it with fp32 on full MNIST, as it did the direct one
+# (scripts/gpu-engine.sh, part 1). Until then every precision computes the direct form.
 OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
-OFFSETL2_KERNEL = "direct"
+OFFSETL2_KERNEL = {"fp32": "direct", "tf32": "direct", "bf16": "direct"}
+
+
+def offsetl2_kernel(precision: str) -> str:
+    """The OffsetL2 form the kernel computes in ``precision`` (:data:`OFFSETL2_KERNEL`)."""
+    return OFFSETL2_KERNEL[precision]
 
 
 def interpreting() -> bool:
@@ -282,6 +298,18 @@ def _padded(x: int) -> int:
     return max(16, 1 << (x - 1).bit_length())
 
 
+def programs_per_run(n: int) -> int:
+    """How many programs share a run's n examples: ceil(n / (BLOCK_N * BLOCKS_PER_PROGRAM))."""
+    return -(-n // (BLOCK_N * BLOCKS_PER_PROGRAM))
+
+
+def partial_sums_bytes(n: int, width: int, classes: int) -> int:
+    """Bytes of one run's per-program partial sums in a step (two ``[CP, HP]`` fp32 tiles per
+    program, and small ones), for the memory budget."""
+    return 4 * programs_per_run(n) * (2 * _padded(classes) * _padded(width) + _padded(classes)
+                                      + _padded(width) + 2)
+
+
 def kernel_constants(layout: dict, form: str, H: int, C: int, rounds: int, train: bool,
                      precision: str, first_bias: bool) -> dict:
     """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
@@ -290,7 +318,7 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, rounds: int, train
     expanded OffsetL2 form's products in three TF32 passes (IEEE in fp32)."""
     exact = precision == "fp32" or interpreting()
     dot = 0 if exact else (2 if precision == "bf16" else 1)
-    head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(OFFSETL2_KERNEL) + 1
+    head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(offsetl2_kernel(precision)) + 1
     return dict(ROUNDS=rounds, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,
                 HIDDEN=layout["hidden"], HEAD=head, PAPER=form == "paper",
                 HAS_B1=first_bias, HAS_B2=layout["head_bias"], POST1=layout["post"][0],
@@ -298,7 +326,7 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, rounds: int, train
 
 
 def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train: bool = True,
-                    form: str = "paper", arch: int = 90, n: int = 60000, splits: int = 27):
+                    form: str = "paper", arch: int = 90):
     """Compile the kernel for a model without a GPU (Triton's compiler and ptxas run on the
     CPU): proof that it compiles for CUDA architecture ``arch`` (90: H100/H200), and the
     compiled kernel (``.asm["cubin"]``, ``.metadata``) for register and spill counts. Needs
@@ -307,8 +335,7 @@ def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train
     from triton.compiler import ASTSource
     layout = fused_layout(specs)
     H, C = specs[0].out_features, specs[layout["head_index"]].out_features
-    meta = kernel_constants(layout, form, H, C, triton.cdiv(triton.cdiv(n, BLOCK_N), splits), train,
-                            precision, specs[0].bias)
+    meta = kernel_constants(layout, form, H, C, BLOCKS_PER_PROGRAM, train, precision, specs[0].bias)
     p = "*bf16" if precision == "bf16" else "*fp32"
     types = {"P": p, "dP": p, "LABELS": "*i64", "PART_CORRECT": "*i32", "n": "i32", "inv_n": "fp32",
              "clamp": "fp32"}
@@ -390,12 +417,7 @@ class FusedRuns:
         W, B2, MU = head
         C = W.shape[1]
         HP, CP = _padded(H), _padded(C)
-        blocks = triton.cdiv(n, BLOCK_N)
-        if P.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(P.device).multi_processor_count
-            splits = max(1, min(blocks, (4 * sms + R - 1) // R))
-        else:
-            splits = min(blocks, 2)
+        splits = programs_per_run(n)
         train = y is not None
         f32 = dict(dtype=torch.float32, device=P.device)
         parts = {"a": torch.empty(R, splits, CP, HP, **f32), "b": torch.empty(R, splits, CP, HP, **f32),
@@ -404,7 +426,7 @@ class FusedRuns:
                  "correct": torch.empty(R, splits, dtype=torch.int32, device=P.device)} if train else {}
         dummy = W
         b1 = self.params.get("0.bias")
-        meta = kernel_constants(self.layout, self.form, H, C, triton.cdiv(blocks, splits), train,
+        meta = kernel_constants(self.layout, self.form, H, C, BLOCKS_PER_PROGRAM, train,
                                 self.precision, b1 is not None)
         _head_kernel[(R, splits)](
             P, P, b1 if b1 is not None else dummy, W, B2 if B2 is not None else dummy,
@@ -433,7 +455,7 @@ class FusedRuns:
             mu_name, alpha_name = self.head
             w, mu = head[0], self.params[mu_name]
             b = parts["b"][:, :, :C, :H].sum(1)
-            if OFFSETL2_KERNEL != "direct":      # a = sum g_s h, b = sum g_s h^2, q = sum g_s
+            if offsetl2_kernel(self.precision) != "direct":   # a = sum g_s h, b = sum g_s h^2, q = sum g_s
                 q = parts["db2"][:, :, :C].sum(1).unsqueeze(2)
                 a, b = a - mu * q, b - 2 * mu * a + mu * mu * q
             g[mu_name].copy_(-2 * w * a)        # a = sum g_s (h - mu), b = sum g_s (h - mu)^2

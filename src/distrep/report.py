@@ -4,7 +4,6 @@ built from the files in an experiment directory alone (``distrep report DIR``)."
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import re
 import shlex

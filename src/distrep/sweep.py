@@ -32,7 +32,7 @@ from distrep.data import Dataset, load_dataset
 from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
                             engine_path, stack_parameters, step_function)
 from distrep.errors import DistrepError
-from distrep.fused import unavailable
+from distrep.fused import partial_sums_bytes, unavailable
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
@@ -103,7 +103,7 @@ class SweepConfig:
             raise DistrepError(f"max runs per chunk must be at least 1, got {self.max_runs_per_chunk}")
         if self.max_memory <= 0:
             raise DistrepError(f"max memory must be positive, got {self.max_memory}")
-        paths = {m: engine_path(parse(m), self.engine) for m in self.models}
+        paths = {m: engine_path(parse(m), self.engine, device) for m in self.models}
         if self.precision == "bf16" and "autograd" in paths.values():
             raise DistrepError("bf16 is a precision of the engine's hand-written and compiled paths; "
                                "models on its autograd path (" + ", ".join(
@@ -146,17 +146,19 @@ class VariantResult:
 # --------------------------------------------------------------------------- memory and chunks
 
 def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes: int,
-                  engine: str = "auto") -> int:
+                  engine: str = "auto", device: torch.device | str = "cpu") -> int:
     """Working memory of one run in the engine: fp32 buffers for every layer's output and the
     gradient flowing back (n values per feature; twice that on the autograd path), float64
     copies inside OffsetL2, a head's intermediates (Mahalanobis: ``[n, out, rank]``), parameters
-    with their gradients. The fused step keeps only the first layer's output."""
+    with their gradients. The fused step keeps only the first layer's output (and its
+    programs' partial sums)."""
     total, fan_in = 0, in_features
     layers = parse(model, width, in_features, num_classes)
-    path = engine_path(layers, engine)
+    path = engine_path(layers, engine, device)
     if path == "fused":        # P [width, n] (written over by dP), parameters, their gradients
-        return 4 * n * layers[0].out_features + sum(3 * 4 * parameter_count_of(layer)
-                                                    for layer in layers if layer.affine)
+        hidden = layers[0].out_features
+        return (4 * n * hidden + partial_sums_bytes(n, hidden, num_classes)
+                + sum(3 * 4 * parameter_count_of(layer) for layer in layers if layer.affine))
     autograd = path != "hand-written"
     for layer in layers:
         features = layer.out_features if layer.affine else fan_in
@@ -356,7 +358,8 @@ class Sweep:
         (and ``max_runs_per_chunk``) and share a starting epoch."""
         c, d = self.config, self.data
         n = max(len(d.y_train), len(d.y_test))
-        cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine) for s in self.specs]
+        cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine, self.device)
+                for s in self.specs]
         # the data, and a second copy: bf16, or example-major for oneDNN's first layer on the CPU
         fixed = 4 * n * d.num_features * (2 if c.precision == "bf16" or self.device.type == "cpu" else 1)
         budget = c.max_memory - fixed
@@ -532,7 +535,7 @@ def build_trainer(work: ChunkWork, data: Dataset, device: torch.device):
     for v in work.variants:
         specs = parse(canonical_spec(c.models[v]), c.width, data.num_features, data.num_classes)
         runs = {"hand-written": StackedRuns, "autograd": AutogradRuns,
-                "compiled": CompiledRuns, "fused": FusedRuns}[engine_path(specs, c.engine)]
+                "compiled": CompiledRuns, "fused": FusedRuns}[engine_path(specs, c.engine, device)]
         groups.append(runs.from_state(specs, {name: p.to(device, copy=True)
                                               for name, p in work.params[v].items()}, c.offsetl2_form))
     return Trainer(groups, c.precision), groups
@@ -644,7 +647,7 @@ def _store_params(groups, work: ChunkWork) -> None:
 def describe_sweep(config: SweepConfig, device: torch.device) -> dict:
     return {"config": asdict(config), "result_fields": config.result_fields,
             "models": [{"name": display_name(m), "spec": canonical_spec(m),
-                        "seeds": config.seeds(m), "engine_path": engine_path(parse(m), config.engine)}
+                        "seeds": config.seeds(m), "engine_path": engine_path(parse(m), config.engine, device)}
                        for m in config.models],
             "design": "paired: run i of every model starts from the same first-layer weights"
                       if config.paired else "unpaired: every model has its own seeds",
