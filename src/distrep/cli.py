@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-speed", action="store_true",
                        help="skip the timings (with --accuracy: only the accuracy comparison)")
     bench.add_argument("--engine", default="auto", metavar="E[,E]",
-                       help="engine paths to time: auto (the hand-written step), compiled, "
-                            "fused, autograd; comma-separated (default auto)")
+                       help="engine paths to time: auto (the path the engine takes: fused on "
+                            "CUDA, hand-written on the CPU), hand-written, fused, compiled, "
+                            "autograd; comma-separated (default auto)")
     bench.add_argument("--accuracy", action="store_true",
                        help="also train Table 1's and Table 3's models in fp32 and in bf16 (and "
                             "TF32 on CUDA) from the same seeds and test each precision's "
@@ -190,8 +191,9 @@ def add_engine_arguments(parser, defaults: bool) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default=d("fp32"),
                         help="fp32 (exact, default); bf16 first-layer products (CPU/GPU); tf32 (GPU)")
     parser.add_argument("--engine", choices=ENGINES, default=d("auto"),
-                        help="auto (default): the hand-written step where it covers the model, "
-                             "else autograd; compiled: the autograd step fused by torch.compile "
+                        help="auto (default): on CUDA the fused step where it covers the model, "
+                             "else the hand-written step where it covers the model, else "
+                             "autograd; compiled: the autograd step fused by torch.compile "
                              "(any model; CUDA graphs on a GPU; bf16 keeps activations in bf16); "
                              "fused: the paper's two-layer models in one Triton kernel per step "
                              "around the first layer's products (CUDA)")
@@ -271,7 +273,8 @@ def cmd_models(args) -> None:
           "linear-abs-gmlvq-neg (see distrep.models). The engine trains models of linear, offsetl2 "
           "and activation layers on its hand-written path, any other (the heads rbf, mahalanobis, "
           "gmlvq, cosine, or a layer you register) on its autograd path; --engine compiled "
-          "trains any of them with one torch.compile'd step (the fast path on a GPU).")
+          "trains any of them with one torch.compile'd step. The engine path shown is the CPU's: "
+          "on CUDA the paper's two-layer models take the fused step (a Triton kernel).")
 
 
 def cmd_train(args) -> None:
