@@ -5,7 +5,8 @@
 #      full MNIST, into OUT_DIR/accuracy-expanded/: the check that would make the expanded
 #      kernel the default of TF32 and bf16 (distrep.fused.OFFSETL2_KERNEL);
 #   2. tests/test_cuda.py but its fused and graph tests (which passed on the code of this
-#      script's commit): `auto` takes the fused step on CUDA, so these now check it;
+#      script's commit), and the CUDA case of the SIGKILL-and-resume test: `auto` takes the
+#      fused step on CUDA, with CUDA graphs, so these now check it;
 #   3. the fused step's shapes and OffsetL2 kernels timed (scripts/fused-tune.py), to choose
 #      BLOCK_N, NUM_WARPS, BLOCKS_PER_PROGRAM;
 #   4. `distrep bench`, fused and hand-written side by side: Table 1's and Table 3's variants x
@@ -39,7 +40,8 @@ from distrep import bench, fused
 fused.OFFSETL2_KERNEL.update(tf32='expanded', bf16='expanded')
 bench.accuracy_check('$device', ('bf16', 'tf32'), ${ACCURACY_RUNS:-4}, ${ACCURACY_EPOCHS:-500}, None,
                      'fused', '$out/accuracy-expanded')"
-part step "$(upto 200)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs"
+part step "$(upto 200)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs" \
+    "tests/test_cli.py::test_sweep_killed_by_a_signal_resumes_bit_identically"
 part step "$(upto 90)" "$python" scripts/fused-tune.py 20
 part step "$(upto 120)" "${bench[@]}" --engine fused,hand-written --precisions fp32,tf32,bf16
 part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
