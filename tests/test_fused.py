@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from distrep import fused
 from distrep.data import load_dataset
 from distrep.engine import FusedRuns, engine_path
 from distrep.errors import DistrepError
-from distrep import fused
 from distrep.fused import BLOCK_N, fused_layout, interpreting, triton
 from distrep.models import ALIASES, TABLE1, TABLE3, parse
 from distrep.sweep import Sweep, SweepConfig
