@@ -174,10 +174,10 @@ if triton is not None:
             dL/dh = 2 h * (w^T g_s) - 2 (w mu)^T g_s,
         3 the direct form's distances with the expanded form's gradients. Partial sums per
         program ``[R, S, ...]``: PART_A dW (linear), sum g_s (h - mu) (direct) or sum g_s h^T
-        (products); PART_B sum g_s (h - mu)^2 (direct) or sum g_s (h^2)^T (products); PART_DB2
-        ``[CP]`` db2 (linear) or sum g_s (products); PART_DB1 ``[HP]``; loss and correct
-        counts. Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is
-        differentiated."""
+        (products); PART_B (OffsetL2 only) sum g_s (h - mu)^2 (direct) or sum g_s (h^2)^T
+        (products), both ``[CP, HP]`` with only their C x H entries written; PART_DB2 ``[CP]``
+        db2 (linear) or sum g_s (products); PART_DB1 ``[HP]``; loss and correct counts.
+        Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is differentiated."""
         r = tl.program_id(0)
         s = tl.program_id(1)
         S = tl.num_programs(1)
@@ -283,8 +283,11 @@ if triton is not None:
                 tl.store(LOGITS + r * C * n + rc[:, None] * n + cols[None, :], logits, mask=valid)
         if TRAIN:
             part = r * S + s
-            tl.store(PART_A + part * CP * HP + rc[:, None] * HP + rh[None, :], acc_a)
-            tl.store(PART_B + part * CP * HP + rc[:, None] * HP + rh[None, :], acc_b)
+            # only the C x H entries that are read back: the padding is never written or read
+            ch = cm[:, None] & hm[None, :]
+            tl.store(PART_A + part * CP * HP + rc[:, None] * HP + rh[None, :], acc_a, mask=ch)
+            if HEAD != 0:                  # a linear output layer has no second partial sum
+                tl.store(PART_B + part * CP * HP + rc[:, None] * HP + rh[None, :], acc_b, mask=ch)
             tl.store(PART_DB2 + part * CP + rc, acc_db2)
             tl.store(PART_DB1 + part * HP + rh, acc_db1)
             tl.store(PART_LOSS + part, tl.sum(loss_sum, axis=0))
@@ -304,8 +307,8 @@ def programs_per_run(n: int) -> int:
 
 
 def partial_sums_bytes(n: int, width: int, classes: int) -> int:
-    """Bytes of one run's per-program partial sums in a step (two ``[CP, HP]`` fp32 tiles per
-    program, and small ones), for the memory budget."""
+    """Bytes of one run's per-program partial sums in a step (at most two ``[CP, HP]`` fp32
+    tiles per program, and small ones), for the memory budget."""
     return 4 * programs_per_run(n) * (2 * _padded(classes) * _padded(width) + _padded(classes)
                                       + _padded(width) + 2)
 
@@ -420,10 +423,12 @@ class FusedRuns:
         splits = programs_per_run(n)
         train = y is not None
         f32 = dict(dtype=torch.float32, device=P.device)
-        parts = {"a": torch.empty(R, splits, CP, HP, **f32), "b": torch.empty(R, splits, CP, HP, **f32),
+        parts = {"a": torch.empty(R, splits, CP, HP, **f32),
                  "db2": torch.empty(R, splits, CP, **f32), "db1": torch.empty(R, splits, HP, **f32),
                  "loss": torch.empty(R, splits, **f32),
                  "correct": torch.empty(R, splits, dtype=torch.int32, device=P.device)} if train else {}
+        if train and self.layout["offsetl2"]:
+            parts["b"] = torch.empty(R, splits, CP, HP, **f32)
         dummy = W
         b1 = self.params.get("0.bias")
         meta = kernel_constants(self.layout, self.form, H, C, BLOCKS_PER_PROGRAM, train,
@@ -431,7 +436,7 @@ class FusedRuns:
         _head_kernel[(R, splits)](
             P, P, b1 if b1 is not None else dummy, W, B2 if B2 is not None else dummy,
             MU if MU is not None else dummy, y if train else dummy, logits if logits is not None else dummy,
-            *(parts[k] if train else dummy for k in ("a", "b", "db2", "db1", "loss", "correct")),
+            *(parts.get(k, dummy) for k in ("a", "b", "db2", "db1", "loss", "correct")),
             n, 1.0 / n, CODED_CLAMP, **meta, num_warps=NUM_WARPS)
         return parts
 
