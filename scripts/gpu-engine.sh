@@ -4,15 +4,16 @@
 #      from the same seeds (`bench --accuracy`, fused step), every Table 1 and Table 3 model on
 #      full MNIST, into OUT_DIR/accuracy-expanded/: the check that would make the expanded
 #      kernel the default of TF32 and bf16 (distrep.fused.OFFSETL2_KERNEL);
-#   2. tests/test_cuda.py but its fused and graph tests (which passed on the code of this
-#      script's commit), and the CUDA case of the SIGKILL-and-resume test: `auto` takes the
-#      fused step on CUDA, with CUDA graphs, so these now check it;
+#   2. tests/test_cuda.py but its fused and graph tests (which passed on the GPU before the
+#      last change to the kernel's partial sums; part 5 reruns them), and the CUDA case of the
+#      SIGKILL-and-resume test: `auto` takes the fused step on CUDA, with CUDA graphs, so these
+#      now check it;
 #   3. the fused step's shapes and OffsetL2 kernels timed (scripts/fused-tune.py), to choose
 #      BLOCK_N, NUM_WARPS, BLOCKS_PER_PROGRAM;
 #   4. `distrep bench`, fused and hand-written side by side: Table 1's and Table 3's variants x
 #      20 runs, full MNIST, fp32 / TF32 / bf16: run-epochs/s, fraction of the GEMM peak,
 #      projected time of the whole paper;
-#   5. the fused and graph tests again (after a change to the kernel).
+#   5. the fused and graph tests again (the kernel changed after they last ran on a GPU).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs). Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
