@@ -16,8 +16,8 @@ from distrep.data import load_dataset
 from distrep.engine import FusedRuns, engine_path
 from distrep.errors import DistrepError
 from distrep.fused import BLOCK_N, fused_layout, interpreting, triton
-from distrep.models import ALIASES, TABLE1, TABLE3, parse
-from distrep.sweep import Sweep, SweepConfig
+from distrep.models import ALIASES, parse
+from distrep.sweep import Sweep, SweepConfig, describe_model
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed")
 # On the CPU the kernel runs under Triton's interpreter (conftest switches it on where there is
@@ -136,6 +136,19 @@ def test_each_precision_takes_its_own_offsetl2_kernel(data, monkeypatch):
             expanded = gradients(model, form)
         for name, g in direct.items():
             assert relative(expanded[name], g) < (1e-2 if name.startswith("0.") else 1e-4), (model, name)
+
+
+def test_config_json_records_the_offsetl2_kernel_of_a_fused_model(monkeypatch):
+    """describe_model writes each model's entry of config.json (describe_sweep's models)."""
+    cuda = torch.device("cuda")                 # only its type is read
+    config = SweepConfig(models=["ReLU-L2", "ReLU"], engine="auto", precision="bf16")
+    l2, relu = (describe_model(config, m, cuda) for m in config.models)
+    assert l2["engine_path"] == "fused" and l2["offsetl2_kernel"] == "direct"
+    assert relu["engine_path"] == "fused" and "offsetl2_kernel" not in relu
+    monkeypatch.setitem(fused.OFFSETL2_KERNEL, "bf16", "expanded")
+    assert describe_model(config, "ReLU-L2", cuda)["offsetl2_kernel"] == "expanded"
+    on_cpu = describe_model(config, "ReLU-L2", torch.device("cpu"))
+    assert on_cpu["engine_path"] == "hand-written" and "offsetl2_kernel" not in on_cpu
 
 
 @interpreted

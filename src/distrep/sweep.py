@@ -32,7 +32,7 @@ from distrep.data import Dataset, load_dataset
 from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
                             engine_path, stack_parameters, step_function)
 from distrep.errors import DistrepError
-from distrep.fused import partial_sums_bytes, unavailable
+from distrep.fused import offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
@@ -644,11 +644,21 @@ def _store_params(groups, work: ChunkWork) -> None:
         work.params[v] = {name: p.detach().to("cpu", copy=True) for name, p in group.state().items()}
 
 
+def describe_model(config: SweepConfig, model: str, device: torch.device) -> dict:
+    """A model's entry in ``config.json``: its name, spec, seeds, the engine path that trains it
+    on ``device`` and, on the fused path with an OffsetL2 layer, the form the kernel computes in
+    this precision (:data:`distrep.fused.OFFSETL2_KERNEL`)."""
+    specs = parse(model)
+    entry = {"name": display_name(model), "spec": canonical_spec(model), "seeds": config.seeds(model),
+             "engine_path": engine_path(specs, config.engine, device)}
+    if entry["engine_path"] == "fused" and any(s.kind == "offsetl2" for s in specs):
+        entry["offsetl2_kernel"] = offsetl2_kernel(config.precision)
+    return entry
+
+
 def describe_sweep(config: SweepConfig, device: torch.device) -> dict:
     return {"config": asdict(config), "result_fields": config.result_fields,
-            "models": [{"name": display_name(m), "spec": canonical_spec(m),
-                        "seeds": config.seeds(m), "engine_path": engine_path(parse(m), config.engine, device)}
-                       for m in config.models],
+            "models": [describe_model(config, m, device) for m in config.models],
             "design": "paired: run i of every model starts from the same first-layer weights"
                       if config.paired else "unpaired: every model has its own seeds",
             "versions": software_versions(), "device": describe_device(device)}
