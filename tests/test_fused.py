@@ -72,7 +72,7 @@ def test_auto_takes_the_fused_step_on_cuda_where_it_covers_the_model(monkeypatch
     assert engine_path(parse("linear-relu-linear-relu-linear"), "auto", "cuda") == "hand-written"
     assert engine_path(parse("linear-relu-rbf-neg"), "auto", "cuda") == "autograd"
     assert engine_path(parse("ReLU"), "hand-written", "cuda") == "hand-written"
-    monkeypatch.setattr("distrep.engine.fused_triton", None)
+    monkeypatch.setattr("distrep.fused.triton", None)
     assert engine_path(parse("ReLU"), "auto", "cuda") == "hand-written"
 
 

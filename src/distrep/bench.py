@@ -26,6 +26,7 @@ from torch import nn
 from distrep import stats
 from distrep.data import Dataset, load_dataset
 from distrep.engine import GraphedStep, engine_path, matmul_nt, step_function
+from distrep.fused import offsetl2_kernel
 from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
@@ -358,7 +359,6 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
     protocol = (f"{runs} paired runs x {len(models)} models x {epochs} epochs on {n} MNIST images "
                 f"(raw pixels, lr 0.001, OffsetL2 coded), engine {path}, {describe_device(resolved)}")
     if path == "fused":
-        from distrep.fused import offsetl2_kernel
         protocol += "; the kernel's OffsetL2 form: " + ", ".join(
             f"{p} {offsetl2_kernel(p)}" for p in ("fp32", *precisions))
     log("wall time " + ", ".join(f"{p} {seconds[p]:.0f} s" for p in seconds) + f" ({protocol})")

@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from distrep.errors import DistrepError
-from distrep.fused import FusedRuns, fused_layout
-from distrep.fused import triton as fused_triton
+from distrep.fused import FusedRuns, fused_layout, unavailable
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec, Net
 
@@ -165,7 +164,7 @@ def cross_entropy(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
     zmax = z.amax(1, keepdim=True)
     total = (z - zmax).exp().sum(1, keepdim=True)
     target = z.gather(1, y.view(1, 1, n).expand(z.shape[0], 1, n))
-    return (zmax + total.log() - target).sum(2).squeeze(1) / n, (first_argmax(z) == y).sum(1)
+    return (zmax + total.log() - target).sum(2).squeeze(1) / n, (first_argmax(z, zmax) == y).sum(1)
 
 
 def first_argmax(z: torch.Tensor, zmax: torch.Tensor | None = None) -> torch.Tensor:
@@ -552,7 +551,8 @@ def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto",
     (the paper's two-layer family) only the models they cover."""
     covered = all(s.kind in HAND_WRITTEN for s in specs)
     if engine == "auto":
-        if torch.device(device).type == "cuda" and fused_triton is not None and fused_layout(specs):
+        device = torch.device(device)
+        if device.type == "cuda" and unavailable(device) is None and fused_layout(specs):
             return "fused"
         return "hand-written" if covered else "autograd"
     if engine not in PATHS:

@@ -313,16 +313,16 @@ def partial_sums_bytes(n: int, width: int, classes: int) -> int:
                                       + _padded(width) + 2)
 
 
-def kernel_constants(layout: dict, form: str, H: int, C: int, rounds: int, train: bool,
-                     precision: str, first_bias: bool) -> dict:
+def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, precision: str,
+                     first_bias: bool) -> dict:
     """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
-    C classes, ``rounds`` blocks per program. Products: bf16 operands in bf16 mode, TF32 in
+    C classes (BLOCKS_PER_PROGRAM blocks of BLOCK_N examples per program). Products: bf16 operands in bf16 mode, TF32 in
     tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16 products are wrong); the
     expanded OffsetL2 form's products in three TF32 passes (IEEE in fp32)."""
     exact = precision == "fp32" or interpreting()
     dot = 0 if exact else (2 if precision == "bf16" else 1)
     head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(offsetl2_kernel(precision)) + 1
-    return dict(ROUNDS=rounds, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,
+    return dict(ROUNDS=BLOCKS_PER_PROGRAM, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,
                 HIDDEN=layout["hidden"], HEAD=head, PAPER=form == "paper",
                 HAS_B1=first_bias, HAS_B2=layout["head_bias"], POST1=layout["post"][0],
                 POST2=layout["post"][1], TRAIN=train, DOT=dot, DOT_L2=0 if exact else 3)
@@ -338,7 +338,7 @@ def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train
     from triton.compiler import ASTSource
     layout = fused_layout(specs)
     H, C = specs[0].out_features, specs[layout["head_index"]].out_features
-    meta = kernel_constants(layout, form, H, C, BLOCKS_PER_PROGRAM, train, precision, specs[0].bias)
+    meta = kernel_constants(layout, form, H, C, train, precision, specs[0].bias)
     p = "*bf16" if precision == "bf16" else "*fp32"
     types = {"P": p, "dP": p, "LABELS": "*i64", "PART_CORRECT": "*i32", "n": "i32", "inv_n": "fp32",
              "clamp": "fp32"}
@@ -431,8 +431,7 @@ class FusedRuns:
             parts["b"] = torch.empty(R, splits, CP, HP, **f32)
         dummy = W
         b1 = self.params.get("0.bias")
-        meta = kernel_constants(self.layout, self.form, H, C, BLOCKS_PER_PROGRAM, train,
-                                self.precision, b1 is not None)
+        meta = kernel_constants(self.layout, self.form, H, C, train, self.precision, b1 is not None)
         _head_kernel[(R, splits)](
             P, P, b1 if b1 is not None else dummy, W, B2 if B2 is not None else dummy,
             MU if MU is not None else dummy, y if train else dummy, logits if logits is not None else dummy,
