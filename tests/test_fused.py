@@ -207,6 +207,7 @@ def test_without_a_gpu_or_the_interpreter_the_fused_engine_says_so(monkeypatch, 
 
 
 COMPILE = """
+import re
 from distrep import fused
 from distrep.fused import compile_for_gpu
 from distrep.models import TABLE1, TABLE3, parse
@@ -215,12 +216,13 @@ cases = [(m, "bf16", True, "paper") for m in TABLE1 + TABLE3] + [
     ("ReLU", "bf16", False, "paper"), ("Abs-L2", "tf32", False, "coded")]
 for model, precision, train, form in cases:
     compile_for_gpu(parse(model), precision, train, form)
-for kernel, model, precision, train in [("direct", "ReLU-L2", "bf16", True),
-                                        ("expanded", "Abs-L2-Neg", "tf32", False),
-                                        ("hybrid", "Abs-L2-Neg", "bf16", True)]:
+kernels = [("direct", "ReLU-L2", "bf16", True), ("expanded", "Abs-L2-Neg", "tf32", False),
+           ("hybrid", "Abs-L2-Neg", "bf16", True), ("expanded", "ReLU-L2", "bf16", True)]
+for kernel, model, precision, train in kernels:
     fused.OFFSETL2_KERNEL[precision] = kernel
-    compile_for_gpu(parse(model), precision, train)
-print("compiled", len(cases) + 3)
+    ptx = compile_for_gpu(parse(model), precision, train).asm["ptx"]
+print("compiled", len(cases) + len(kernels))
+print("expanded bf16 products:", sorted(set(re.findall(r"mma[.]sync[.]aligned[.]\\w+[.]row[.]col[.]f32[.](\\w+)", ptx))))
 """
 
 
@@ -228,9 +230,11 @@ def test_the_kernel_compiles_for_an_h100_without_one():
     """Triton's compiler and ptxas run on the CPU: every Table 1 and Table 3 model's kernel,
     the three product modes, both OffsetL2 forms and the three OffsetL2 kernels, and the test pass
     compile for sm_90 (the interpreter accepts code the compiler rejects: it caught one such
-    line)."""
+    line). The expanded kernel in bf16 runs its distances' products in TF32 (three passes) and its
+    gradients' in bf16 (the mode's precision): both kinds of tensor-core product are in its PTX."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(Path(tempfile.mkdtemp()) / "triton")     # compile, not reuse
     result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env,
                             timeout=600)
-    assert result.returncode == 0 and "compiled 17" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and "compiled 18" in result.stdout, result.stderr[-3000:]
+    assert "expanded bf16 products: ['bf16', 'tf32']" in result.stdout, result.stdout

@@ -66,14 +66,22 @@ NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 8
 # How the kernel computes OffsetL2, by precision: "direct", sum_i w (h_i - mu_i)^2 class by class
 # in fp32, forward and back (exact; ~110 elementwise operations per hidden value, and a
-# reduction across the hidden units per class); "expanded" into products on tensor cores (three
-# TF32 passes each, about fp32's accuracy, but the terms cancel near a prototype: an absolute
-# error of ~1e-7 w |h|^2, below what TF32 or bf16 rounding of h already does to s,
-# ~2 w |h - mu| |h| times 5e-4 or 4e-3, unless |h - mu| < 1e-4 |h|); "hybrid": the distances
-# direct, their gradients as products. On an H100 the expanded kernel took 2.8 ms a step where
-# the direct one took 4.4 (20 runs, bf16, 32 x 8), and agrees with the CPU's fp32 after 40
-# epochs as closely as the direct one (tests/test_cuda.py); it becomes the default of TF32 and
-# bf16 once `bench --accuracy` has compared it with fp32 on full MNIST, as it did the direct one
+# reduction across the hidden units per class); "expanded" into products on tensor cores;
+# "hybrid": the distances direct, their gradients as products. The expanded distances take three
+# TF32 passes per product (about fp32's accuracy; the terms cancel near a prototype, leaving an
+# absolute error of ~1e-7 w |h|^2, below what the mode's rounding of h already does to s,
+# ~2 w |h - mu| |h| u with u = 5e-4 (TF32) or 4e-3 (bf16), unless |h - mu| < 1e-4 |h|). The
+# gradients dL/dh and sum_n g_s h run their products in the mode's own precision, as the linear
+# output layer's do: their error, ~u |h| sum_c w |g_s| and ~u sum_n |g_s| |h|, is the size of
+# what rounding h by u already does to them; sum_n g_s h^2, from which the metric weight's
+# gradient sum_n g_s (h - mu)^2 is recovered by cancelling terms, keeps three passes (sm_90
+# SASS from Triton 3.9, bf16, 32 x 4: 3,831 instead of 4,614 warp instructions per block of
+# examples and 79 instead of 107 KB of shared memory, against every product in three passes;
+# not yet timed). On an H100 the expanded kernel with three-pass gradients took 2.8 ms a step
+# where the direct one took 4.4
+# (20 runs, bf16, 32 x 8) and agreed with the CPU's fp32 after 40 epochs as closely as the
+# direct one (tests/test_cuda.py); the expanded form becomes the default of TF32 and bf16 once
+# `bench --accuracy` has compared it with fp32 on full MNIST, as it did the direct one
 # (scripts/gpu-engine.sh, part 1). Until then every precision computes the direct form.
 OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
 OFFSETL2_KERNEL = {"fp32": "direct", "tf32": "direct", "bf16": "direct"}
@@ -169,7 +177,8 @@ if triton is not None:
         """One program: run ``r`` = program_id(0), every ``S``-th block of BN examples from
         block program_id(1). P, dP ``[R, H, n]`` (dP may be P); W ``[R, C, H]`` (the linear
         weight, or OffsetL2's metric weight w with MU its prototypes). HEAD: 0 linear, 1
-        OffsetL2 in the direct form, 2 OffsetL2 expanded into products (DOT_L2 precision),
+        OffsetL2 in the direct form, 2 OffsetL2 expanded into products (DOT_L2 precision for s
+        and sum g_s h^2, which cancel near a prototype; DOT, the mode's, for the rest),
             s = w @ h^2 - 2 (w mu) @ h + sum_i w mu^2
             dL/dh = 2 h * (w^T g_s) - 2 (w mu)^T g_s,
         3 the direct form's distances with the expanded form's gradients. Partial sums per
@@ -256,10 +265,10 @@ if triton is not None:
                 if HEAD != 0:                                             # dL/ds = g / (2 y)
                     gs = tl.where(active, g / (2.0 * tl.where(active, zh, 1.0)), 0.0)
                 if HEAD >= 2:
-                    acc_a += _dot(gs, tl.trans(h), DOT_L2)
-                    acc_b += _dot(gs, tl.trans(h * h), DOT_L2)
+                    acc_a += _dot(gs, tl.trans(h), DOT)
+                    acc_b += _dot(gs, tl.trans(h * h), DOT_L2)  # cancels like s
                     acc_db2 += tl.sum(gs, axis=1)
-                    dh = 2.0 * h * _dot(tl.trans(w), gs, DOT_L2) - 2.0 * _dot(tl.trans(wmu), gs, DOT_L2)
+                    dh = 2.0 * h * _dot(tl.trans(w), gs, DOT) - 2.0 * _dot(tl.trans(wmu), gs, DOT)
                 elif HEAD == 1:
                     dh = tl.zeros((HP, BN), dtype=tl.float32)
                     for c in range(0, C):
