@@ -1,7 +1,8 @@
 """Time the fused step on one GPU, to choose distrep.fused's BLOCK_N, NUM_WARPS,
 BLOCKS_PER_PROGRAM and OFFSETL2_KERNEL: one Table 1 model (ReLU2) and one Table 3 model
-(ReLU-L2, the precision's OffsetL2 kernel), RUNS runs each (a chunk's group), full MNIST, bf16
-and TF32, ms per run-epoch (step plus a tenth of a test pass, as `distrep bench` measures it) at
+(ReLU-L2, the precision's OffsetL2 kernel), RUNS runs each (a chunk's group), full MNIST, bf16,
+TF32 and fp32 (whose IEEE products in the kernel need more registers: at 32 x 4 its sm_90 code
+spills 1.5 KB, at 16 x 8 nothing), ms per run-epoch (step plus a tenth of a test pass, as `distrep bench` measures it) at
 several shapes (examples per block x warps x blocks per program); the other OffsetL2 kernels at
 the default shape; then, at the default shape, where a step spends its time (the first layer's
 product, the kernel, the weight-gradient product, the whole step), with the products' TFLOP/s
@@ -58,14 +59,14 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
 def main(argv: list[str]) -> None:
     runs = int(argv[0]) if argv else 20
     shapes = [tuple(int(v) for v in s.split("x")) for s in argv[1:]] or [
-        (32, 4, 8), (32, 4, 4), (32, 4, 16), (32, 8, 8), (64, 4, 8), (16, 4, 8)]
+        (32, 4, 8), (32, 4, 4), (32, 4, 16), (32, 8, 8), (64, 4, 8), (16, 4, 8), (16, 8, 8)]
     device = torch.device(os.environ.get("TUNE_DEVICE", "cuda"))
     subset = os.environ.get("TUNE_SUBSET")
     data = load_dataset("mnist", "raw")
     if subset:                      # the smoke test: few training and test images
         n = int(subset)
         data = replace(data.subset(n), x_test=data.x_test[:n], y_test=data.y_test[:n])
-    precisions = ("bf16", "tf32") if device.type == "cuda" else ("bf16",)
+    precisions = ("bf16", "tf32", "fp32") if device.type == "cuda" else ("bf16",)
     default = fused.BLOCK_N, fused.NUM_WARPS, fused.BLOCKS_PER_PROGRAM
     kernels = dict(fused.OFFSETL2_KERNEL)
 

@@ -13,7 +13,9 @@
 #   4. `distrep bench`, fused and hand-written side by side: Table 1's and Table 3's variants x
 #      20 runs, full MNIST, fp32 / TF32 / bf16: run-epochs/s, fraction of the GEMM peak,
 #      projected time of the whole paper;
-#   5. the fused and graph tests again (the kernel changed after they last ran on a GPU).
+#   5. the fused and graph tests again (the kernel changed after they last ran on a GPU: the
+#      partial sums, and the expanded OffsetL2 form's gradient products in the mode's precision,
+#      which a new test compares with the direct form's gradients in TF32 and bf16).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs). Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
@@ -43,7 +45,7 @@ bench.accuracy_check('$device', ('bf16', 'tf32'), ${ACCURACY_RUNS:-4}, ${ACCURAC
                      'fused', '$out/accuracy-expanded')"
 part step "$(upto 200)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs" \
     "tests/test_cli.py::test_sweep_killed_by_a_signal_resumes_bit_identically"
-part step "$(upto 90)" "$python" scripts/fused-tune.py 20
+part step "$(upto 120)" "$python" scripts/fused-tune.py 20
 part step "$(upto 120)" "${bench[@]}" --engine fused,hand-written --precisions fp32,tf32,bf16
 part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 echo "=== done after ${SECONDS}s" | tee -a "$log"

@@ -165,3 +165,37 @@ def test_cuda_graphs_replay_the_fused_and_hand_written_steps_exactly(raw, engine
             np.testing.assert_array_equal(b.arrays[key], a.arrays[key], err_msg=f"{a.name} {key}")
         for name in a.params:
             assert torch.equal(b.params[name], a.params[name]), (a.name, name)
+
+
+@pytest.mark.parametrize("kernel", ["expanded", "hybrid"])
+def test_fused_offsetl2_kernels_with_products_match_the_direct_one_on_cuda(standardized, kernel, monkeypatch):
+    """In TF32 and bf16 the kernels that compute OffsetL2 with tensor-core products (distances
+    in three TF32 passes, gradients in the mode's precision: distrep.fused.OFFSETL2_KERNEL)
+    give the direct kernel's gradients in the same mode, for both forms of the layer, to the
+    mode's rounding: relative 1e-2 (TF32) or 5e-2 (bf16) per parameter, and not bit for bit
+    (the products ran in the mode). A gradient built from the wrong partial sums or a product
+    with a wrong sign is off by O(1)."""
+    from distrep import fused
+    x_t = standardized.x_train.t().contiguous().cuda()
+    y = standardized.y_train.cuda()
+    bound = {"tf32": 1e-2, "bf16": 5e-2}
+
+    def gradients(model, form, precision):
+        cfg = SweepConfig(models=[model], runs=2, epochs=1, engine="fused", device="cuda",
+                          precision=precision, offsetl2_form=form)
+        s = Sweep(cfg, standardized, progress=False)
+        _, (group,) = s.chunk_trainer(s.chunks()[0])
+        group.gradients(x_t, y, x_t.bfloat16() if precision == "bf16" else None)
+        return {k: v.clone() for k, v in group.grads.items()}
+
+    print(f"\n{kernel} against direct, largest relative difference per parameter:")
+    for precision in ("tf32", "bf16"):
+        for model, form in [("ReLU-L2", "paper"), ("Abs-L2-Neg", "coded")]:
+            direct = gradients(model, form, precision)
+            with monkeypatch.context() as m:
+                m.setitem(fused.OFFSETL2_KERNEL, precision, kernel)
+                other = gradients(model, form, precision)
+            diffs = {name: relative(other[name].cpu(), g.cpu()) for name, g in direct.items()}
+            print(f"  {precision} {model} {form}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+            assert all(v < bound[precision] for v in diffs.values()), (precision, model, diffs)
+            assert max(diffs.values()) > 0, (precision, model)
