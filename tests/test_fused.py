@@ -238,3 +238,20 @@ def test_the_kernel_compiles_for_an_h100_without_one():
                             timeout=600)
     assert result.returncode == 0 and "compiled 18" in result.stdout, result.stderr[-3000:]
     assert "expanded bf16 products: ['bf16', 'tf32']" in result.stdout, result.stdout
+
+
+def test_kernel_stats_counts_the_class_loops_once_per_class():
+    """scripts/kernel-stats.py (the kernel's static cost on sm_90, without a GPU): the direct
+    OffsetL2 kernel runs two loops over the 10 classes per block of examples, so counted right
+    it costs several times the expanded kernel (measured on an H100: 3.24 against ~2 ms a step);
+    counted once per loop it would cost less."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(Path(tempfile.mkdtemp()) / "triton")
+    script = Path(__file__).parent.parent / "scripts" / "kernel-stats.py"
+    result = subprocess.run([sys.executable, str(script), "ReLU2", "ReLU-L2", "--forms", "direct,expanded"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_warp = {line.split(" bf16")[0].strip(): float(line.split("; ")[1].split(" warp")[0].replace(",", ""))
+                for line in result.stdout.splitlines() if "warp instructions per block" in line}
+    assert set(per_warp) == {"ReLU2", "ReLU-L2 direct", "ReLU-L2 expanded"}, result.stdout
+    assert per_warp["ReLU-L2 direct"] > 2 * per_warp["ReLU-L2 expanded"] > 2 * per_warp["ReLU2"], per_warp

@@ -58,9 +58,10 @@ MAX_POST = 2
 # partial sums, hence the results, do not depend on the GPU's number of SMs). Measured on an
 # H100 (docs/engine-h100-fused/): with 27 programs per run, 32 x 4 beat 32 x 8, 64 x 8, 64 x 16,
 # 16 x 4 and 128 x 16 for ReLU2 and ReLU-L2 in bf16 and TF32 (ReLU2 bf16: 13,662 run-epochs/s
-# against 32 x 8's 11,628) although it spills a few hundred bytes: its 255 registers x 128
-# threads let two programs share an SM, where 32 x 8's 236 x 256 hold one. 8 blocks per
-# program is not tuned (scripts/fused-tune.py times 4, 8 and 16).
+# against 32 x 8's 11,628): it needs the fewest warp instructions per example (ReLU2 bf16 at 32 x 4:
+# 243 registers, no spill, 943 warp instructions per block and warp; scripts/kernel-stats.py,
+# whose counts track the measured kernel times within ~25 % across these shapes). 8 blocks per
+# program and fp32's shape are not tuned (scripts/fused-tune.py times them).
 BLOCK_N = 32
 NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 8
@@ -74,11 +75,10 @@ BLOCKS_PER_PROGRAM = 8
 # gradients dL/dh and sum_n g_s h run their products in the mode's own precision, as the linear
 # output layer's do: their error, ~u |h| sum_c w |g_s| and ~u sum_n |g_s| |h|, is the size of
 # what rounding h by u already does to them; sum_n g_s h^2, from which the metric weight's
-# gradient sum_n g_s (h - mu)^2 is recovered by cancelling terms, keeps three passes (sm_90
-# SASS from Triton 3.9, bf16, 32 x 4: 3,831 instead of 4,614 warp instructions per block of
-# examples and 79 instead of 107 KB of shared memory, against every product in three passes;
-# not yet timed). On an H100 the expanded kernel with three-pass gradients took 2.8 ms a step
-# where the direct one took 4.4
+# gradient sum_n g_s (h - mu)^2 is recovered by cancelling terms, keeps three passes
+# (scripts/kernel-stats.py, bf16, 32 x 4: 2,959 instead of 3,856 warp instructions per block and
+# warp, 94 instead of 123 KB of shared memory; not yet timed). On an H100 the expanded kernel
+# with three-pass gradients took 2.8 ms a step where the direct one took 4.4
 # (20 runs, bf16, 32 x 8) and agreed with the CPU's fp32 after 40 epochs as closely as the
 # direct one (tests/test_cuda.py); the expanded form becomes the default of TF32 and bf16 once
 # `bench --accuracy` has compared it with fp32 on full MNIST, as it did the direct one
@@ -220,7 +220,11 @@ if triton is not None:
             a = tl.load(P + base + rh[:, None] * n + cols[None, :], mask=m2, other=0.0).to(tl.float32)
             if HAS_B1:
                 a = a + b1[:, None]
-            h = tl.where(m2, _act(a, HIDDEN), 0.0)                       # [HP, BN]
+            # no mask: outside the block's examples and hidden units h is finite (act of a
+            # masked bias) and every use of it there meets a zero gradient (same bits as with
+            # the mask under the interpreter; expanded OffsetL2, bf16: 2,705 instead of 2,959
+            # warp instructions per block and warp, 62 instead of 94 KB shared)
+            h = _act(a, HIDDEN)                                          # [HP, BN]
             if HEAD != 0:
                 if HEAD == 2:
                     z = _dot(w, h * h, DOT_L2) - 2.0 * _dot(wmu, h, DOT_L2) + s0[:, None]
@@ -285,7 +289,7 @@ if triton is not None:
                     acc_a += _dot(g, tl.trans(h), DOT)                    # [CP, HP]
                     acc_db2 += tl.sum(g, axis=1)
                     dh = _dot(tl.trans(w), g, DOT)                         # [HP, BN]
-                dpre = tl.where(m2, _act_backward(dh, a, HIDDEN), 0.0)
+                dpre = _act_backward(dh, a, HIDDEN)     # dh is 0 outside the block
                 acc_db1 += tl.sum(dpre, axis=1)
                 tl.store(dP + base + rh[:, None] * n + cols[None, :], dpre.to(dP.dtype.element_ty), mask=m2)
             else:
@@ -353,8 +357,12 @@ def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train
              "clamp": "fp32"}
     names = _head_kernel.arg_names
     signature = {name: "constexpr" if name in meta else types.get(name, "*fp32") for name in names}
+    # what Triton's JIT assumes at a launch on MNIST: every pointer 16-byte aligned (PyTorch's
+    # allocations are) and n a multiple of 16 (60,000 and 10,000); its loads' layouts follow
+    aligned = [(names.index(k),) for k, t in signature.items() if t.startswith("*") or k == "n"]
     source = ASTSource(fn=_head_kernel, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in meta.items()})
+                       constexprs={(names.index(k),): v for k, v in meta.items()},
+                       attrs={key: [["tt.divisibility", 16]] for key in aligned})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
 
 

@@ -1,0 +1,135 @@
+"""The fused kernel's static cost on an H100/H200, measured without a GPU.
+
+Compiles the kernel for sm_90 on the CPU (distrep.fused.compile_for_gpu: Triton's compiler and
+ptxas, specialized as the JIT specializes a launch on MNIST), disassembles it (nvdisasm and
+cuobjdump ship with Triton) and counts warp instructions per block of BLOCK_N examples: the
+block loop's body once, each class loop inside it C times, the code around the loops spread
+over the BLOCKS_PER_PROGRAM blocks of a program. Printed per case: registers, spilled bytes,
+shared memory, warp instructions per block per warp and times the warps of a program (the work
+an SM does per block), the commonest instructions, and the kernel time this predicts.
+
+Calibration (H100, docs/engine-h100-fused pass 1: the kernel's time in a step of 20 runs on full
+MNIST, bf16, against this count times the warps): ReLU2 32x4 0.51 ms / 3,822 and 32x8
+0.77 / 5,515; ReLU-L2 direct 32x4 3.24 / 31,328 and 32x8 4.45 / 42,624; expanded (every
+product in three TF32 passes) 32x8 2.85 / 19,968; hybrid 32x8 4.9 / 31,708: 0.10-0.16 ms per
+1,000 warp instructions per block, whatever the form. The kernel is neither issue- nor
+memory-bound at these sizes (well under one instruction per cycle per SM), but its time
+follows its instruction count: a change that cuts the count cuts the time about as much.
+
+Usage: python scripts/kernel-stats.py [MODEL ...] [--precisions bf16,tf32,fp32]
+       [--forms direct,expanded,hybrid] [--shapes 32x4,32x8]   (default ReLU2 ReLU-L2, bf16, 32x4)
+Needs Triton's JIT (not its interpreter): run it without TRITON_INTERPRET.
+"""
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+from distrep import fused  # noqa: E402 (after the environment is set)
+from distrep.models import parse  # noqa: E402
+
+MS_PER_1000 = (0.10, 0.16)        # calibration above: H100, 20 runs, 60,000 examples
+CALIBRATION_BLOCKS = 20 * 60000 / 32
+
+INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+
+
+def disassemble(kernel) -> str:
+    tools = os.path.join(os.path.dirname(fused.triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name],
+                              capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    return sass, usage
+
+
+def instructions(sass: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """(address, instruction) pairs and the address of each label."""
+    code, labels, pending = [], {}, None
+    for line in sass.splitlines():
+        label = LABEL.match(line)
+        if label:
+            pending = label.group(1)
+            continue
+        m = INSTRUCTION.match(line)
+        if m:
+            address = int(m.group(1), 16)
+            code.append((address, m.group(2)))
+            if pending:
+                labels[pending], pending = address, None
+    return code, labels
+
+
+def opcode(instruction: str) -> str:
+    """``@!P0 FADD.FTZ R1, ...`` -> ``FADD``."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def per_block(sass: str, blocks: int, classes: int) -> collections.Counter:
+    """Warp instructions per block of examples, by opcode: loops are the ranges a backward branch
+    closes; depth 1 (the block loop) counts once, depth 2 (a class loop) ``classes`` times,
+    code outside every loop 1 / ``blocks`` times."""
+    code, labels = instructions(sass)
+    loops = [(labels[m.group(1)], address) for address, text in code
+             for m in [BRANCH.search(text)] if m and labels.get(m.group(1), address + 1) < address]
+    counts = collections.Counter()
+    for address, text in code:
+        depth = sum(start <= address <= end for start, end in loops)
+        counts[opcode(text)] += 1 / blocks if depth == 0 else classes ** (depth - 1)
+    return counts
+
+
+def stats(model: str, precision: str, form: str, shape: tuple[int, int]) -> str:
+    fused.BLOCK_N, fused.NUM_WARPS = shape
+    specs = parse(model)
+    fused.OFFSETL2_KERNEL[precision] = form
+    layout = fused.fused_layout(specs)
+    classes = specs[layout["head_index"]].out_features
+    kernel = fused.compile_for_gpu(specs, precision)
+    sass, usage = disassemble(kernel)
+    registers = re.search(r"REG:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    counts = per_block(sass, fused.BLOCKS_PER_PROGRAM, classes)
+    warp = sum(counts.values())
+    sm = warp * fused.NUM_WARPS
+    blocks = CALIBRATION_BLOCKS * 32 / fused.BLOCK_N
+    low, high = (sm / 1000 * ms * blocks / CALIBRATION_BLOCKS for ms in MS_PER_1000)
+    top = ", ".join(f"{op} {n:.0f}" for op, n in counts.most_common(8))
+    name = model + (f" {form}" if layout["offsetl2"] else "")
+    return (f"{name:<18} {precision} {shape[0]}x{shape[1]}: {registers} registers, {stack} B spilled, "
+            f"{kernel.metadata.shared / 1024:.0f} KB shared; {warp:,.0f} warp instructions per block "
+            f"per warp, x{fused.NUM_WARPS} = {sm:,.0f} (predicted {low:.2f}-{high:.2f} ms per step of 20 "
+            f"runs on full MNIST on an H100)\n    {top}")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=["ReLU2", "ReLU-L2"])
+    parser.add_argument("--precisions", default="bf16")
+    parser.add_argument("--forms", default=None, help="OffsetL2 kernel forms (default: each precision's)")
+    parser.add_argument("--shapes", default=f"{fused.BLOCK_N}x{fused.NUM_WARPS}")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    for precision in args.precisions.split(","):
+        forms = args.forms.split(",") if args.forms else [fused.offsetl2_kernel(precision)]
+        for model in args.models:
+            offsetl2 = fused.fused_layout(parse(model))["offsetl2"]
+            for form in forms if offsetl2 else forms[:1]:
+                for shape in shapes:
+                    print(stats(model, precision, form, shape), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
