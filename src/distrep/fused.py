@@ -202,6 +202,7 @@ if triton is not None:
                          mask=cm[:, None] & hm[None, :], other=0.0)
             wmu = w * mu
             s0 = tl.sum(wmu * mu, axis=1)                                 # sum_i w mu^2 [CP]
+            w2, wmu2 = 2.0 * w, 2.0 * wmu          # exact: the gradient's factor 2 taken once
         if HAS_B1:
             b1 = tl.load(B1 + r * H + rh, mask=hm, other=0.0)
         if HAS_B2:
@@ -227,7 +228,7 @@ if triton is not None:
             h = _act(a, HIDDEN)                                          # [HP, BN]
             if HEAD != 0:
                 if HEAD == 2:
-                    z = _dot(w, h * h, DOT_L2) - 2.0 * _dot(wmu, h, DOT_L2) + s0[:, None]
+                    z = _dot(w, h * h, DOT_L2) - _dot(wmu2, h, DOT_L2) + s0[:, None]
                     z = tl.where(z < 0, 0.0, z)       # cancellation can undercut 0 (NaN kept)
                 else:
                     z = tl.zeros((CP, BN), dtype=tl.float32)
@@ -272,7 +273,7 @@ if triton is not None:
                     acc_a += _dot(gs, tl.trans(h), DOT)
                     acc_b += _dot(gs, tl.trans(h * h), DOT_L2)  # cancels like s
                     acc_db2 += tl.sum(gs, axis=1)
-                    dh = 2.0 * h * _dot(tl.trans(w), gs, DOT) - 2.0 * _dot(tl.trans(wmu), gs, DOT)
+                    dh = h * _dot(tl.trans(w2), gs, DOT) - _dot(tl.trans(wmu2), gs, DOT)
                 elif HEAD == 1:
                     dh = tl.zeros((HP, BN), dtype=tl.float32)
                     for c in range(0, C):
