@@ -14,8 +14,8 @@
 #      20 runs, full MNIST, fp32 / TF32 / bf16: run-epochs/s, fraction of the GEMM peak,
 #      projected time of the whole paper;
 #   5. the fused and graph tests again (the kernel changed after they last ran on a GPU: the
-#      partial sums, and the expanded OffsetL2 form's gradient products in the mode's precision,
-#      which a new test compares with the direct form's gradients in TF32 and bf16).
+#      partial sums, and the expanded OffsetL2 form's products of exact operands in the mode's
+#      precision, which a new test compares with the direct form's gradients in TF32 and bf16).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs). Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)

@@ -117,8 +117,9 @@ def test_the_other_offsetl2_kernels_match_too(kernel, data, monkeypatch):
 @interpreted
 def test_each_precision_takes_its_own_offsetl2_kernel(data, monkeypatch):
     """The kernel and the gradients' assembly read the same precision's entry: in bf16 the
-    expanded kernel (fp32 products under the interpreter) gives the direct kernel's gradients,
-    to rounding (the first layer's to bf16's: dP is stored in bf16), for both forms of OffsetL2."""
+    expanded kernel gives the direct kernel's gradients to bf16's rounding of its products'
+    operands (h, w, w mu, g_s: a few 2^-8, emulated under the interpreter) for both forms of
+    OffsetL2; an assembly that read another precision's entry is off by O(1)."""
     x_t = data.x_train.t().contiguous()
 
     def gradients(model, form):
@@ -135,7 +136,68 @@ def test_each_precision_takes_its_own_offsetl2_kernel(data, monkeypatch):
             m.setitem(fused.OFFSETL2_KERNEL, "bf16", "expanded")
             expanded = gradients(model, form)
         for name, g in direct.items():
-            assert relative(expanded[name], g) < (1e-2 if name.startswith("0.") else 1e-4), (model, name)
+            assert relative(expanded[name], g) < 3e-2, (model, name)
+
+
+UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "tf32": 2.0 ** -11}
+
+
+def operand(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """t rounded to the mode's product operands on the host (bf16, or TF32's 11 bits), in fp64."""
+    if precision == "bf16":
+        return t.bfloat16().double()
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32).double()
+
+
+def distances_near_a_prototype(data, precision: str, device: str = "cpu",
+                               width: int = 20) -> tuple[float, float]:
+    """Every prototype 10^-3 |h| from example 0's own hidden activation h (a bias that keeps h
+    off the operands' grid): (largest error of the kernel's squared distance s over its bound,
+    the same for the expanded sum with h^2 rounded once to an operand, computed on the host).
+    The bound is what rounding h, w and w mu to the mode's operands moves s by,
+    6u sqrt(s sum w h^2) + u s + 9u^2 sum w h^2 (|w' - w| <= u w, |h' - h| <= u h,
+    |mu' - mu| <= 2u mu); the true s ~ 1e-6 sum w h^2."""
+    from distrep.sweep import matmul_precision
+    cfg = SweepConfig(models=["ReLU-L2"], runs=2, epochs=1, width=width, engine="fused",
+                      precision=precision, device=device)
+    sweep = Sweep(cfg, data, progress=False)
+    _, (group,) = sweep.chunk_trainer(sweep.chunks()[0])
+    x_t = data.x_train.t().contiguous().to(device)
+    b1 = group.params["0.bias"]
+    b1.copy_(0.1 * torch.randn(b1.shape, generator=torch.Generator().manual_seed(0)))
+    with matmul_precision(precision, torch.device(device)):
+        h = torch.relu(group._first_layer(x_t, "eval").float() + b1.unsqueeze(2))
+        h0 = h[:, :, :1].transpose(1, 2)                          # [R, 1, H] at example 0
+        sign = torch.tensor([(-1.0) ** i for i in range(h0.shape[2])], device=device)
+        mu = (h0 + 1e-3 * h0.abs() * sign).expand_as(group.params["2.mu"])
+        group.params["2.mu"].copy_(mu)
+        s = group.forward(x_t)[0][:, :, 0].double() ** 2          # [R, C]
+    w = fused.metric_weight(group.params["2.alpha"], "paper").double()
+    h0, mu = h0.double(), mu.double()
+    true = (w * (h0 - mu) ** 2).sum(2)
+    scale = (w * h0 ** 2).sum(2)                                  # sum_i w h^2
+    u = UNIT_ROUNDOFF[precision]
+    bound = 6 * u * (true * scale).sqrt() + u * true + 9 * u * u * scale
+    r = lambda t: operand(t, precision)                           # noqa: E731
+    hr, wr, wmu = r(h0), r(w), r(w * mu)
+    naive = (wr * r(hr * hr) - 2 * wmu * hr + wmu * wmu / wr).sum(2)
+    return ((s - true).abs() / bound).max().item(), ((naive - true).abs() / bound).max().item()
+
+
+@interpreted
+@pytest.mark.parametrize("kernel", ["expanded", "direct"])
+def test_distances_near_a_prototype_do_not_cancel_away(kernel, data, monkeypatch):
+    """bf16, prototypes 10^-3 |h| from an example's own h (:func:`distances_near_a_prototype`):
+    the expanded form (products of exact operands, h^2 split in two; the interpreter emulates
+    the rounding) stays within what the mode's rounding of h moves the distance by, where the
+    same sum with h^2 rounded once is off by several times that; the direct form is exact."""
+    monkeypatch.setitem(fused.OFFSETL2_KERNEL, "bf16", kernel)
+    error, naive = distances_near_a_prototype(data, "bf16")
+    print(f"\n{kernel}: error / bound {error:.2f}; with h^2 rounded once {naive:.1f}")
+    assert error <= 1 and naive > 3, (error, naive)
+    if kernel == "direct":
+        assert error < 0.01
 
 
 def test_config_json_records_the_offsetl2_kernel_of_a_fused_model(monkeypatch):
@@ -230,14 +292,14 @@ def test_the_kernel_compiles_for_an_h100_without_one():
     """Triton's compiler and ptxas run on the CPU: every Table 1 and Table 3 model's kernel,
     the three product modes, both OffsetL2 forms and the three OffsetL2 kernels, and the test pass
     compile for sm_90 (the interpreter accepts code the compiler rejects: it caught one such
-    line). The expanded kernel in bf16 runs its distances' products in TF32 (three passes) and its
-    gradients' in bf16 (the mode's precision): both kinds of tensor-core product are in its PTX."""
+    line). The expanded kernel in bf16 runs every product in bf16 (exact operands, one pass
+    each): no TF32 product is in its PTX."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(Path(tempfile.mkdtemp()) / "triton")     # compile, not reuse
     result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env,
                             timeout=600)
     assert result.returncode == 0 and "compiled 18" in result.stdout, result.stderr[-3000:]
-    assert "expanded bf16 products: ['bf16', 'tf32']" in result.stdout, result.stdout
+    assert "expanded bf16 products: ['bf16']" in result.stdout, result.stdout
 
 
 def test_kernel_stats_counts_the_class_loops_once_per_class():

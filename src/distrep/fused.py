@@ -21,7 +21,8 @@ The partial sums of each program are reduced in a fixed order, so a step is dete
 OffsetL2 distances are computed directly by default, s_c = sum_i w_ci (h_i - mu_ci)^2, class by
 class in fp32: exact near a prototype without the float64 of the expanded form (~10 x 11
 elementwise operations per hidden value forward and back, against ~3,100 in the first layer's
-products); :data:`OFFSETL2_KERNEL` selects, per precision, the forms with products instead.
+products); :data:`OFFSETL2_KERNEL` selects, per precision, the forms with products of exact
+operands instead.
 
 Precision: ``fp32`` keeps everything fp32 (the output layer's products in IEEE fp32),
 ``tf32`` runs the first layer's products and the output layer's in TF32, ``bf16`` stores P and
@@ -67,20 +68,23 @@ NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 8
 # How the kernel computes OffsetL2, by precision: "direct", sum_i w (h_i - mu_i)^2 class by class
 # in fp32, forward and back (exact; ~110 elementwise operations per hidden value, and a
-# reduction across the hidden units per class); "expanded" into products on tensor cores;
-# "hybrid": the distances direct, their gradients as products. The expanded distances take three
-# TF32 passes per product (about fp32's accuracy; the terms cancel near a prototype, leaving an
-# absolute error of ~1e-7 w |h|^2, below what the mode's rounding of h already does to s,
-# ~2 w |h - mu| |h| u with u = 5e-4 (TF32) or 4e-3 (bf16), unless |h - mu| < 1e-4 |h|). The
-# gradients dL/dh and sum_n g_s h run their products in the mode's own precision, as the linear
-# output layer's do: their error, ~u |h| sum_c w |g_s| and ~u sum_n |g_s| |h|, is the size of
-# what rounding h by u already does to them; sum_n g_s h^2, from which the metric weight's
-# gradient sum_n g_s (h - mu)^2 is recovered by cancelling terms, keeps three passes
-# (scripts/kernel-stats.py, bf16, 32 x 4: 2,959 instead of 3,856 warp instructions per block and
-# warp, 94 instead of 123 KB of shared memory; not yet timed). On an H100 the expanded kernel
-# with three-pass gradients took 2.8 ms a step where the direct one took 4.4
-# (20 runs, bf16, 32 x 8) and agreed with the CPU's fp32 after 40 epochs as closely as the
-# direct one (tests/test_cuda.py); the expanded form becomes the default of TF32 and bf16 once
+# reduction across the hidden units per class); "expanded" into products on tensor cores,
+#     s = w @ h^2 - 2 (w mu) @ h + sum_i (w mu)^2 / w,
+# whose terms cancel near a prototype, so its products must be exact: h, w, w mu and g_s are
+# rounded once to the mode's operands (bf16 or TF32: u = 2^-8 or 2^-11), h^2 is split into two
+# such operands (hi + lo, exactly), and each product then runs in one pass, its products exact
+# and only the fp32 sums rounding (~1e-7 of sum w h^2). The distance computed is the exact one
+# to the rounded parameters w' and mu' = (w mu)' / w' at the rounded h', within
+# 6u sqrt(s sum w h^2) + u s + 9u^2 sum w h^2 of the true one: what the mode's own rounding of
+# h does, with no cancellation left (tests/test_fused.py, prototypes 1e-3 |h| from h; rounding
+# h^2 once instead is off by ~u sum w h^2 / sqrt(H)). The gradients are the same products of
+# the same operands (sum g_s h, sum g_s h^2, sum g_s, and dL/dh = 2 h (w^T g_s) - 2 (w mu)^T g_s),
+# from which gradients() recovers the direct form's sums. "hybrid": the direct distances with
+# those gradients. Cost (scripts/kernel-stats.py, bf16, 32 x 4, warp instructions per block
+# and warp): direct 7,767; expanded 1,771 (36 KB shared), where three TF32 passes for the
+# distances and sum g_s h^2 took 2,650. Not yet timed on a GPU: with every product in three
+# TF32 passes the expanded kernel took 2.8 ms a step where the direct one took 4.4 (H100, 20
+# runs, bf16, 32 x 8). The expanded form becomes the default of TF32 and bf16 once
 # `bench --accuracy` has compared it with fp32 on full MNIST, as it did the direct one
 # (scripts/gpu-engine.sh, part 1). Until then every precision computes the direct form.
 OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
@@ -160,10 +164,27 @@ if triton is not None:
             return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
         elif DOT == 1:
             return tl.dot(a, b, input_precision="tf32")
-        elif DOT == 3:
-            return tl.dot(a, b, input_precision="tf32x3")
         else:
-            return tl.dot(a, b, input_precision="ieee")
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+    @triton.jit
+    def _operand(x, ROUND: tl.constexpr):
+        """x rounded to the significant bits a product of the mode reads (ROUND 2: bf16's 8,
+        1: TF32's 11; to nearest, ties away from zero), still in fp32, so that the product of
+        two such operands is exact in the fp32 accumulator; x itself in fp32 (0). Done on the
+        bits: the same on the GPU and under the interpreter (whose bf16 arithmetic is wrong)."""
+        if ROUND == 0:
+            return x
+        drop: tl.constexpr = 16 if ROUND == 2 else 13        # low mantissa bits dropped
+        bits = x.to(tl.int32, bitcast=True)
+        return ((bits + (1 << (drop - 1))) & -(1 << drop)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _split(x, ROUND: tl.constexpr):
+        """(hi, lo), both exact operands (:func:`_operand`), hi + lo = x for x with at most
+        twice their significant bits (the square of an operand)."""
+        hi = _operand(x, ROUND)
+        return hi, x - hi
 
     @triton.jit
     def _head_kernel(P, dP, B1, W, B2, MU, LABELS, LOGITS,
@@ -173,13 +194,13 @@ if triton is not None:
                      BN: tl.constexpr, HIDDEN: tl.constexpr, HEAD: tl.constexpr,
                      PAPER: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
                      POST1: tl.constexpr, POST2: tl.constexpr, TRAIN: tl.constexpr,
-                     DOT: tl.constexpr, DOT_L2: tl.constexpr):
+                     DOT: tl.constexpr, ROUND: tl.constexpr):
         """One program: run ``r`` = program_id(0), every ``S``-th block of BN examples from
         block program_id(1). P, dP ``[R, H, n]`` (dP may be P); W ``[R, C, H]`` (the linear
         weight, or OffsetL2's metric weight w with MU its prototypes). HEAD: 0 linear, 1
-        OffsetL2 in the direct form, 2 OffsetL2 expanded into products (DOT_L2 precision for s
-        and sum g_s h^2, which cancel near a prototype; DOT, the mode's, for the rest),
-            s = w @ h^2 - 2 (w mu) @ h + sum_i w mu^2
+        OffsetL2 in the direct form, 2 OffsetL2 expanded into DOT products of exact operands
+        (h, w, w mu and g_s rounded to the mode's operands once, h^2 split in two),
+            s = w @ h^2 - 2 (w mu) @ h + sum_i (w mu)^2 / w
             dL/dh = 2 h * (w^T g_s) - 2 (w mu)^T g_s,
         3 the direct form's distances with the expanded form's gradients. Partial sums per
         program ``[R, S, ...]``: PART_A dW (linear), sum g_s (h - mu) (direct) or sum g_s h^T
@@ -200,8 +221,11 @@ if triton is not None:
         if HEAD >= 2:
             mu = tl.load(MU + r * C * H + rc[:, None] * H + rh[None, :],
                          mask=cm[:, None] & hm[None, :], other=0.0)
-            wmu = w * mu
-            s0 = tl.sum(wmu * mu, axis=1)                                 # sum_i w mu^2 [CP]
+            # the products' operands, rounded once per program: the distance to the rounded
+            # parameters (w, w mu) = (w', w' mu') is computed exactly, s0 = sum w' mu'^2
+            w = _operand(w, ROUND)
+            wmu = _operand(w * mu, ROUND)
+            s0 = tl.sum(tl.where(w != 0, wmu * wmu / tl.where(w != 0, w, 1.0), 0.0), axis=1)
             w2, wmu2 = 2.0 * w, 2.0 * wmu          # exact: the gradient's factor 2 taken once
         if HAS_B1:
             b1 = tl.load(B1 + r * H + rh, mask=hm, other=0.0)
@@ -223,12 +247,14 @@ if triton is not None:
                 a = a + b1[:, None]
             # no mask: outside the block's examples and hidden units h is finite (act of a
             # masked bias) and every use of it there meets a zero gradient (same bits as with
-            # the mask under the interpreter; expanded OffsetL2, bf16: 2,705 instead of 2,959
-            # warp instructions per block and warp, 62 instead of 94 KB shared)
+            # the mask under the interpreter; fewer instructions and less shared memory)
             h = _act(a, HIDDEN)                                          # [HP, BN]
+            if HEAD >= 2:
+                hr = _operand(h, ROUND)                 # h as the products read it
+                sq_hi, sq_lo = _split(hr * hr, ROUND)
             if HEAD != 0:
-                if HEAD == 2:
-                    z = _dot(w, h * h, DOT_L2) - _dot(wmu2, h, DOT_L2) + s0[:, None]
+                if HEAD == 2:       # exact products: only the fp32 sums round (cancel) below
+                    z = _dot(w, sq_hi, DOT) + _dot(w, sq_lo, DOT) - _dot(wmu2, hr, DOT) + s0[:, None]
                     z = tl.where(z < 0, 0.0, z)       # cancellation can undercut 0 (NaN kept)
                 else:
                     z = tl.zeros((CP, BN), dtype=tl.float32)
@@ -269,11 +295,12 @@ if triton is not None:
                 g = _act_backward(g, zh, POST1)                           # dL/d(head output)
                 if HEAD != 0:                                             # dL/ds = g / (2 y)
                     gs = tl.where(active, g / (2.0 * tl.where(active, zh, 1.0)), 0.0)
-                if HEAD >= 2:
-                    acc_a += _dot(gs, tl.trans(h), DOT)
-                    acc_b += _dot(gs, tl.trans(h * h), DOT_L2)  # cancels like s
+                if HEAD >= 2:       # sums of exact products (the direct form's: gradients())
+                    gs = _operand(gs, ROUND)
+                    acc_a += _dot(gs, tl.trans(hr), DOT)
+                    acc_b += _dot(gs, tl.trans(sq_hi), DOT) + _dot(gs, tl.trans(sq_lo), DOT)
                     acc_db2 += tl.sum(gs, axis=1)
-                    dh = h * _dot(tl.trans(w2), gs, DOT) - _dot(tl.trans(wmu2), gs, DOT)
+                    dh = hr * _dot(tl.trans(w2), gs, DOT) - _dot(tl.trans(wmu2), gs, DOT)
                 elif HEAD == 1:
                     dh = tl.zeros((HP, BN), dtype=tl.float32)
                     for c in range(0, C):
@@ -330,16 +357,19 @@ def partial_sums_bytes(n: int, width: int, classes: int) -> int:
 def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, precision: str,
                      first_bias: bool) -> dict:
     """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
-    C classes (BLOCKS_PER_PROGRAM blocks of BLOCK_N examples per program). Products: bf16 operands in bf16 mode, TF32 in
-    tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16 products are wrong); the
-    expanded OffsetL2 form's products in three TF32 passes (IEEE in fp32)."""
+    C classes (BLOCKS_PER_PROGRAM blocks of BLOCK_N examples per program). Products (DOT): bf16
+    operands in bf16 mode, TF32 in tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16
+    products are wrong); the OffsetL2 forms with products round their operands to the mode's
+    (ROUND) themselves, under the interpreter too, whose fp32 products of them are then exact
+    as the GPU's are."""
     exact = precision == "fp32" or interpreting()
     dot = 0 if exact else (2 if precision == "bf16" else 1)
+    round_to = {"fp32": 0, "tf32": 1, "bf16": 2}[precision]
     head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(offsetl2_kernel(precision)) + 1
     return dict(ROUNDS=BLOCKS_PER_PROGRAM, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,
                 HIDDEN=layout["hidden"], HEAD=head, PAPER=form == "paper",
                 HAS_B1=first_bias, HAS_B2=layout["head_bias"], POST1=layout["post"][0],
-                POST2=layout["post"][1], TRAIN=train, DOT=dot, DOT_L2=0 if exact else 3)
+                POST2=layout["post"][1], TRAIN=train, DOT=dot, ROUND=round_to)
 
 
 def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train: bool = True,
