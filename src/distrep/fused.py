@@ -158,8 +158,7 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, DOT: tl.constexpr):
-        """a @ b accumulated in fp32: operands in bf16 (DOT 2), TF32 (1), three TF32 passes
-        (3: about fp32's accuracy on tensor cores) or IEEE fp32 (0)."""
+        """a @ b accumulated in fp32: operands in bf16 (DOT 2), TF32 (1) or IEEE fp32 (0)."""
         if DOT == 2:
             return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
         elif DOT == 1:
