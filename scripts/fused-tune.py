@@ -4,9 +4,10 @@ BLOCKS_PER_PROGRAM and OFFSETL2_KERNEL: one Table 1 model (ReLU2) and one Table 
 TF32 and fp32 (whose IEEE products in the kernel need more registers: at 32 x 4 its sm_90 code
 spills 592 B, at 16 x 8 nothing: scripts/kernel-stats.py), ms per run-epoch (step plus a tenth
 of a test pass, as `distrep bench` measures it) at several shapes (examples per block x warps x
-blocks per program); the other OffsetL2 kernels at the default shape; then, at the default shape, where a step spends its time (the first layer's
-product, the kernel, the weight-gradient product, the whole step), with the products' TFLOP/s
-and the kernel's effective bandwidth over P and dP. One model per table keeps the kernel
+blocks per program); the other OffsetL2 kernels at the default shape; then, at the default
+shape, where a step spends its time (the first layer's product, the kernel, the weight-gradient
+product, the whole step), with the products' TFLOP/s and the kernel's effective bandwidth over
+P and dP. One model per table keeps the kernel
 compilations (a second or two per model, mode and shape) to a few dozen.
 Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS ...]   (default 20 32x4x8 ...)
 A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=64 (bf16 only).
