@@ -172,11 +172,14 @@ if triton is not None:
         1: TF32's 11; to nearest, ties away from zero), still in fp32, so that the product of
         two such operands is exact in the fp32 accumulator; x itself in fp32 (0). Done on the
         bits: the same on the GPU and under the interpreter (whose bf16 arithmetic is wrong)."""
-        if ROUND == 0:
+        if ROUND == 2:                               # drop the 16 low bits, rounding
+            bits = x.to(tl.int32, bitcast=True)
+            return ((bits + 0x8000) & -0x10000).to(tl.float32, bitcast=True)
+        elif ROUND == 1:                             # drop the 13 low bits, rounding
+            bits = x.to(tl.int32, bitcast=True)
+            return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+        else:
             return x
-        drop: tl.constexpr = 16 if ROUND == 2 else 13        # low mantissa bits dropped
-        bits = x.to(tl.int32, bitcast=True)
-        return ((bits + (1 << (drop - 1))) & -(1 << drop)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _split(x, ROUND: tl.constexpr):
