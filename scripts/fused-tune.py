@@ -46,7 +46,8 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
                 n = P.shape[2]
                 parts = {"first-layer product": lambda: group._first_layer(x, "train"),
                          "kernel": lambda: group._launch(P, group._head_weights(), y, None),
-                         "weight-gradient product": lambda: torch.mm(P.view(R * H, n), x.t()),
+                         "weight-gradient product": lambda: torch.mm(P.view(R * H, n),
+                                                                     group._with_ones(x, "train").t()),
                          "whole step": lambda: trainer.step(x_t, y, 0.0, [frozen], x_bf16)}
                 times = {name: timed(fn, device, 10) * 1e3 for name, fn in parts.items()}
             gemm = 2 * R * H * D * n / 1e12

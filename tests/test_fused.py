@@ -167,7 +167,7 @@ def distances_near_a_prototype(data, precision: str, device: str = "cpu",
     b1 = group.params["0.bias"]
     b1.copy_(0.1 * torch.randn(b1.shape, generator=torch.Generator().manual_seed(0)))
     with matmul_precision(precision, torch.device(device)):
-        h = torch.relu(group._first_layer(x_t, "eval").float() + b1.unsqueeze(2))
+        h = torch.relu(group._first_layer(x_t, "eval").float())    # the bias is in P
         h0 = h[:, :, :1].transpose(1, 2)                          # [R, 1, H] at example 0
         sign = torch.tensor([(-1.0) ** i for i in range(h0.shape[2])], device=device)
         mu = (h0 + 1e-3 * h0.abs() * sign).expand_as(group.params["2.mu"])

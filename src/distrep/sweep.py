@@ -360,8 +360,10 @@ class Sweep:
         n = max(len(d.y_train), len(d.y_test))
         cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine, self.device)
                 for s in self.specs]
-        # the data, and a second copy: bf16, or example-major for oneDNN's first layer on the CPU
-        fixed = 4 * n * d.num_features * (2 if c.precision == "bf16" or self.device.type == "cpu" else 1)
+        # the data, and a second copy: bf16, or example-major for oneDNN's first layer on the CPU;
+        # on CUDA one more, with its row of ones, for the fused step's first layer
+        copies = 2 if c.precision == "bf16" or self.device.type == "cpu" else 1
+        fixed = 4 * n * (d.num_features * copies + (d.num_features + 8) * (self.device.type == "cuda"))
         budget = c.max_memory - fixed
         if budget < max(cost):
             need = (fixed + max(cost)) / GiB
