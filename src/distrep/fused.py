@@ -59,9 +59,10 @@ MAX_POST = 2
 # partial sums, hence the results, do not depend on the GPU's number of SMs). Measured on an
 # H100 (docs/engine-h100-fused/): with 27 programs per run, 32 x 4 beat 32 x 8, 64 x 8, 64 x 16,
 # 16 x 4 and 128 x 16 for ReLU2 and ReLU-L2 in bf16 and TF32 (ReLU2 bf16: 13,662 run-epochs/s
-# against 32 x 8's 11,628): it needs the fewest warp instructions per example (ReLU2 bf16 at 32 x 4:
-# 243 registers, no spill, 943 warp instructions per block and warp; scripts/kernel-stats.py,
-# whose counts track the measured kernel times within ~25 % across these shapes). 8 blocks per
+# against 32 x 8's 11,628): it needs the fewest warp instructions per example (ReLU2 bf16 at 32 x 4
+# as timed: 243 registers, no spill, 943 warp instructions per block and warp, 652 since the
+# bias rides in the first product; scripts/kernel-stats.py, whose counts track the measured
+# kernel times within ~25 % across these shapes). 8 blocks per
 # program and fp32's shape are not tuned (scripts/fused-tune.py times them).
 BLOCK_N = 32
 NUM_WARPS = 4
@@ -81,8 +82,9 @@ BLOCKS_PER_PROGRAM = 8
 # the same operands (sum g_s h, sum g_s h^2, sum g_s, and dL/dh = 2 h (w^T g_s) - 2 (w mu)^T g_s),
 # from which gradients() recovers the direct form's sums. "hybrid": the direct distances with
 # those gradients. Cost (scripts/kernel-stats.py, bf16, 32 x 4, warp instructions per block
-# and warp): direct 7,767; expanded 1,771 (36 KB shared), where three TF32 passes for the
-# distances and sum g_s h^2 took 2,650. Not yet timed on a GPU: with every product in three
+# and warp): direct 7,583; expanded 1,525 (36 KB shared), where three TF32 passes for the
+# distances and sum g_s h^2 took 2,650 (before the bias moved into the first product, which
+# saved ~250 more). Not yet timed on a GPU: with every product in three
 # TF32 passes the expanded kernel took 2.8 ms a step where the direct one took 4.4 (H100, 20
 # runs, bf16, 32 x 8). The expanded form becomes the default of TF32 and bf16 once
 # `bench --accuracy` has compared it with fp32 on full MNIST, as it did the direct one
