@@ -25,8 +25,10 @@ pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed"
 interpreted = pytest.mark.skipif(not interpreting(), reason="Triton's interpreter is off (GPU machine)")
 
 # Beyond the paper's names: two output activations after a bias, no hidden activation, a width
-# that is not a power of two (the kernel pads it), both OffsetL2 forms.
-EXTRA = ["linear-abs-linear+bias-neg-relu", "linear-identity-linear-abs", "linear-offsetl2-abs-neg"]
+# that is not a power of two (the kernel pads it), both OffsetL2 forms, a first layer without a
+# bias (its product then has no row of ones).
+EXTRA = ["linear-abs-linear+bias-neg-relu", "linear-identity-linear-abs", "linear-offsetl2-abs-neg",
+         "linear+nobias-relu-linear+bias-neg"]
 
 
 @pytest.fixture(autouse=True)
