@@ -3,7 +3,8 @@
 #   1. TF32 and bf16 with the expanded OffsetL2 kernel against fp32 (the direct one), run by run
 #      from the same seeds (`bench --accuracy`, fused step), every Table 1 and Table 3 model on
 #      full MNIST, into OUT_DIR/accuracy-expanded/: the check that would make the expanded
-#      kernel the default of TF32 and bf16 (distrep.fused.OFFSETL2_KERNEL);
+#      kernel the default of TF32 and bf16 (distrep.fused.OFFSETL2_KERNEL), and that revalidates
+#      Table 1's reduced precision now that the first layer's bias rides in its product;
 #   2. tests/test_cuda.py but its fused and graph tests (which passed on the GPU before the
 #      last change to the kernel's partial sums; part 5 reruns them), and the CUDA case of the
 #      SIGKILL-and-resume test: `auto` takes the fused step on CUDA, with CUDA graphs, so these
@@ -14,8 +15,8 @@
 #      20 runs, full MNIST, fp32 / TF32 / bf16: run-epochs/s, fraction of the GEMM peak,
 #      projected time of the whole paper;
 #   5. the fused and graph tests again (the kernel changed after they last ran on a GPU: the
-#      partial sums, and the expanded OffsetL2 form's products of exact operands in the mode's
-#      precision, which a new test compares with the direct form's gradients in TF32 and bf16).
+#      partial sums, the bias in the first product, and the expanded OffsetL2 form's products of
+#      exact operands, which two new tests check in TF32 and bf16).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs). Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
