@@ -455,7 +455,7 @@ class FusedRuns:
     def _first_layer(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """P = [W1 b1] [x; 1] ``[R, H, n]`` for the shared input ``x [D, n]`` (in the mode's
         dtype): the bias rides in the product as the weight of the row of ones, so the kernel
-        neither adds it nor sums its gradient (ReLU2, bf16: 657 instead of 943 warp instructions
+        neither adds it nor sums its gradient (ReLU2, bf16: 652 instead of 943 warp instructions
         per block, scripts/kernel-stats.py), for 8 more rows in the products (1 %)."""
         w1, b1 = self.params["0.weight"], self.params.get("0.bias")
         R, H, D = w1.shape
