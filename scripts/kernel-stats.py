@@ -111,7 +111,7 @@ def stats(model: str, precision: str, form: str, shape: tuple[int, int]) -> str:
     low, high = (sm / 1000 * ms * blocks / CALIBRATION_BLOCKS for ms in MS_PER_1000)
     top = ", ".join(f"{op} {n:.0f}" for op, n in counts.most_common(8))
     name = model + (f" {form}" if layout["offsetl2"] else "")
-    return (f"{name:<18} {precision} {shape[0]}x{shape[1]}: {registers} registers, {stack} B spilled, "
+    return (f"{name:<21} {precision} {shape[0]}x{shape[1]}: {registers} registers, {stack} B spilled, "
             f"{kernel.metadata.shared / 1024:.0f} KB shared; {warp:,.0f} warp instructions per block "
             f"per warp, x{fused.NUM_WARPS} = {sm:,.0f} (predicted {low:.2f}-{high:.2f} ms per step of 20 "
             f"runs on full MNIST on an H100)\n    {top}")
