@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # The engine's speed and reduced precision on one GPU (issue 11), most important first:
-#   1. TF32 and bf16 with the expanded OffsetL2 kernel against fp32 (the direct one), run by run
+#   1. the fused and graph tests of tests/test_cuda.py: the kernel changed since they last ran on
+#      a GPU (the partial sums, the bias in the first product, the expanded OffsetL2 form's
+#      products of exact operands, which two new tests check in TF32 and bf16);
+#   2. TF32 and bf16 with the expanded OffsetL2 kernel against fp32 (the direct one), run by run
 #      from the same seeds (`bench --accuracy`, fused step), every Table 1 and Table 3 model on
 #      full MNIST, into OUT_DIR/accuracy-expanded/: the check that would make the expanded
 #      kernel the default of TF32 and bf16 (distrep.fused.OFFSETL2_KERNEL), and that revalidates
 #      Table 1's reduced precision now that the first layer's bias rides in its product;
-#   2. tests/test_cuda.py but its fused and graph tests (which passed on the GPU before the
-#      last change to the kernel's partial sums; part 5 reruns them), and the CUDA case of the
-#      SIGKILL-and-resume test: `auto` takes the fused step on CUDA, with CUDA graphs, so these
-#      now check it;
 #   3. the fused step's shapes and OffsetL2 kernels timed (scripts/fused-tune.py), to choose
-#      BLOCK_N, NUM_WARPS, BLOCKS_PER_PROGRAM;
+#      BLOCK_N, NUM_WARPS, BLOCKS_PER_PROGRAM (and to hold scripts/kernel-stats.py's
+#      predictions against);
 #   4. `distrep bench`, fused and hand-written side by side: Table 1's and Table 3's variants x
 #      20 runs, full MNIST, fp32 / TF32 / bf16: run-epochs/s, fraction of the GEMM peak,
 #      projected time of the whole paper;
-#   5. the fused and graph tests again (the kernel changed after they last ran on a GPU: the
-#      partial sums, the bias in the first product, and the expanded OffsetL2 form's products of
-#      exact operands, which two new tests check in TF32 and bf16).
+#   5. the rest of tests/test_cuda.py and the CUDA case of the SIGKILL-and-resume test (`auto`
+#      takes the fused step on CUDA, with CUDA graphs, so these now check it): parts 1-4 fill a
+#      first call of 560 s, this one a second (FROM=5).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs). Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
@@ -39,14 +39,14 @@ bench=("$python" -m distrep.cli bench --device "$device" --epochs "${BENCH_EPOCH
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 step 40 "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 60 "$python" -m distrep.cli data fetch mnist --from "$data"
-part step "$(upto 170)" "$python" -c "
+part step "$(upto 190)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
+part step "$(upto 160)" "$python" -c "
 from distrep import bench, fused
 fused.OFFSETL2_KERNEL.update(tf32='expanded', bf16='expanded')
 bench.accuracy_check('$device', ('bf16', 'tf32'), ${ACCURACY_RUNS:-4}, ${ACCURACY_EPOCHS:-500}, None,
                      'fused', '$out/accuracy-expanded')"
-part step "$(upto 200)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs" \
+part step "$(upto 100)" "$python" scripts/fused-tune.py 20
+part step "$(upto 100)" "${bench[@]}" --engine fused,hand-written --precisions fp32,tf32,bf16
+part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs" \
     "tests/test_cli.py::test_sweep_killed_by_a_signal_resumes_bit_identically"
-part step "$(upto 120)" "$python" scripts/fused-tune.py 20
-part step "$(upto 120)" "${bench[@]}" --engine fused,hand-written --precisions fp32,tf32,bf16
-part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 echo "=== done after ${SECONDS}s" | tee -a "$log"
