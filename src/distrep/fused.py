@@ -88,7 +88,7 @@ BLOCKS_PER_PROGRAM = 8
 # TF32 passes the expanded kernel took 2.8 ms a step where the direct one took 4.4 (H100, 20
 # runs, bf16, 32 x 8). The expanded form becomes the default of TF32 and bf16 once
 # `bench --accuracy` has compared it with fp32 on full MNIST, as it did the direct one
-# (scripts/gpu-engine.sh, part 1). Until then every precision computes the direct form.
+# (scripts/gpu-engine.sh, part 2). Until then every precision computes the direct form.
 OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
 OFFSETL2_KERNEL = {"fp32": "direct", "tf32": "direct", "bf16": "direct"}
 
