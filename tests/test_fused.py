@@ -133,7 +133,9 @@ def test_each_precision_takes_its_own_offsetl2_kernel(data, monkeypatch):
         return group.grads
 
     for model, form in [("ReLU-L2", "paper"), ("Abs-L2-Neg", "coded")]:
-        direct = gradients(model, form)
+        with monkeypatch.context() as m:
+            m.setitem(fused.OFFSETL2_KERNEL, "bf16", "direct")
+            direct = gradients(model, form)
         with monkeypatch.context() as m:
             m.setitem(fused.OFFSETL2_KERNEL, "bf16", "expanded")
             expanded = gradients(model, form)
@@ -207,10 +209,12 @@ def test_config_json_records_the_offsetl2_kernel_of_a_fused_model(monkeypatch):
     cuda = torch.device("cuda")                 # only its type is read
     config = SweepConfig(models=["ReLU-L2", "ReLU"], engine="auto", precision="bf16")
     l2, relu = (describe_model(config, m, cuda) for m in config.models)
-    assert l2["engine_path"] == "fused" and l2["offsetl2_kernel"] == "direct"
+    assert l2["engine_path"] == "fused" and l2["offsetl2_kernel"] == "expanded"
     assert relu["engine_path"] == "fused" and "offsetl2_kernel" not in relu
-    monkeypatch.setitem(fused.OFFSETL2_KERNEL, "bf16", "expanded")
-    assert describe_model(config, "ReLU-L2", cuda)["offsetl2_kernel"] == "expanded"
+    monkeypatch.setitem(fused.OFFSETL2_KERNEL, "bf16", "direct")
+    assert describe_model(config, "ReLU-L2", cuda)["offsetl2_kernel"] == "direct"
+    fp32 = replace(config, precision="fp32")
+    assert describe_model(fp32, "ReLU-L2", cuda)["offsetl2_kernel"] == "direct"
     on_cpu = describe_model(config, "ReLU-L2", torch.device("cpu"))
     assert on_cpu["engine_path"] == "hand-written" and "offsetl2_kernel" not in on_cpu
 

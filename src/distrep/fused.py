@@ -59,11 +59,12 @@ MAX_POST = 2
 # partial sums, hence the results, do not depend on the GPU's number of SMs). Measured on an
 # H100 (docs/engine-h100-fused/): with 27 programs per run, 32 x 4 beat 32 x 8, 64 x 8, 64 x 16,
 # 16 x 4 and 128 x 16 for ReLU2 and ReLU-L2 in bf16 and TF32 (ReLU2 bf16: 13,662 run-epochs/s
-# against 32 x 8's 11,628): it needs the fewest warp instructions per example (ReLU2 bf16 at 32 x 4
-# as timed: 243 registers, no spill, 943 warp instructions per block and warp, 652 since the
-# bias rides in the first product; scripts/kernel-stats.py, whose counts track the measured
-# kernel times within ~25 % across these shapes). 8 blocks per
-# program and fp32's shape are not tuned (scripts/fused-tune.py times them).
+# against 32 x 8's 11,628): it needs the fewest warp instructions per example (ReLU2 bf16 at 32 x 4:
+# 174 registers, no spill, 652 warp instructions per block and warp; scripts/kernel-stats.py,
+# whose counts track the measured kernel times within ~25 %). Pass 3 (235 programs per run,
+# scripts/fused-tune.py): 32 x 4 x 8 the fastest of 32 x 4 x {4, 8, 16}, 32 x 8 x 8, 64 x 4 x 8,
+# 16 x {4, 8} x 8 in TF32 and fp32, within 7 % of the fastest in bf16 (64 x 4 x 8, which runs
+# 2.6x slower in fp32); so it stays.
 BLOCK_N = 32
 NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 8
@@ -84,13 +85,15 @@ BLOCKS_PER_PROGRAM = 8
 # those gradients. Cost (scripts/kernel-stats.py, bf16, 32 x 4, warp instructions per block
 # and warp): direct 7,583; expanded 1,525 (36 KB shared), where three TF32 passes for the
 # distances and sum g_s h^2 took 2,650 (before the bias moved into the first product, which
-# saved ~250 more). Not yet timed on a GPU: with every product in three
-# TF32 passes the expanded kernel took 2.8 ms a step where the direct one took 4.4 (H100, 20
-# runs, bf16, 32 x 8). The expanded form becomes the default of TF32 and bf16 once
-# `bench --accuracy` has compared it with fp32 on full MNIST, as it did the direct one
-# (scripts/gpu-engine.sh, part 2). Until then every precision computes the direct form.
+# saved ~250 more). Timed on an H100 (docs/engine-h100-fused/pass3/, `bench`, Table 3's four
+# variants x 20 runs, full MNIST): bf16 13,017 run-epochs/s expanded against 6,288 direct
+# (Table 1: 16,643), TF32 6,505 against 4,702. Checked against fp32 by `bench --accuracy` (16 paired runs x 500 epochs, every
+# Table 3 model): TF32 expanded equivalent within 0.1 point for all four; bf16 expanded within
+# 0.06 point on average, equivalent for the two -Neg models, its intervals reaching 0.004 and
+# 0.025 past the margin for ReLU-L2 and Abs-L2 (direct bf16, 4 runs: all four equivalent).
+# Hence expanded in TF32 and bf16, the modes chosen for speed; fp32 keeps the exact form.
 OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
-OFFSETL2_KERNEL = {"fp32": "direct", "tf32": "direct", "bf16": "direct"}
+OFFSETL2_KERNEL = {"fp32": "direct", "tf32": "expanded", "bf16": "expanded"}
 
 
 def offsetl2_kernel(precision: str) -> str:
