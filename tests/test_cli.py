@@ -165,11 +165,15 @@ def test_sweep_killed_by_a_signal_resumes_bit_identically(tmp_path, mnist, devic
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 0 < done < 2 * 2 * epochs, f"the job should be killed part-way (done {done})"
+    started = time.time()
     resumed = distrep(*args, "--out", killed)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from the checkpoint" in resumed.stderr
+    timings = f"killed after {started - (deadline - 300):.0f} s, resumed in {time.time() - started:.0f} s"
+    started = time.time()
     straight = distrep(*args, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
+    print(f"\nSIGKILL and resume on {device}: {timings}, straight in {time.time() - started:.0f} s")
     assert (killed / "summary.csv").read_text() == (tmp_path / "straight" / "summary.csv").read_text()
     for model in ("ReLU2-Neg", "Abs-L2"):
         a = read_arrays(killed / "models" / model / "metrics.npz")
