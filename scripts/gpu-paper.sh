@@ -1,41 +1,89 @@
 #!/usr/bin/env bash
-# As much of the paper *as produced* (50,000 epochs) as fits one short GPU call, most valuable
-# first, each experiment packed into OUT_DIR as soon as it ends (or is cut off), so that a call
+# The paper *as produced* on one GPU, 20 runs per model, in as many short calls as it takes:
+# each experiment of PARTS runs its `distrep reproduce` preset, in turn, as long as the pass's
+# budget allows, and is packed into OUT_DIR as soon as it ends or is cut off, so that a call
 # stopped at its limit still brings back what finished:
-#   1. Table 3's four OffsetL2 models in the author's coded form (never measured at full scale);
-#   2. Table 1's Abs and Abs2 at 50,000 epochs (ReLU and ReLU2-Neg were checked before), which
-#      with their 5,000-epoch readings test "Table 1 is a 50,000-epoch result" on two more models.
-# TF32 products (labelled in every report); full MNIST; paired seeds, so run i of every model in
-# both experiments starts from the same first-layer weights.
+#   NAME.tar.gz        the experiment without its parameters, per-epoch arrays and checkpoint:
+#                      report.md/.html and figures (of an unfinished experiment, its reading at
+#                      the last test pass: report-epoch-N.md), summary.csv, config.json, run.json;
+#   NAME-data.tar.gz.NN  the parameters (and the per-epoch arrays, where they fit too), for
+#                      `distrep analyze` on this side: only what fits in what a call brings back
+#                      (8 files of 16 MiB, 64 MiB in all), in pieces of 15 MiB
+#                      (`cat NAME-data.tar.gz.* | tar -xz`).
+# The experiments (full MNIST, raw pixels, lr 0.001, the epochs that produced the published
+# numbers; PRECISION labelled in every report):
+#   table3-offsetl2  Table 3's four OffsetL2 models, the author's coded form, 50,000 epochs
+#   table1           Table 1's six models, 50,000 epochs (its report reads them at 5,000 too)
+#   table2           Table 2's six bias models, 5,000 epochs
+#   table1-abs       Table 1's Abs and Abs2 only
+# At pass 3's bf16 rates on an H100 (docs/engine-h100-fused/pass3/): table3-offsetl2 ~5.1 min,
+# table1 ~6.0 min, table2 ~0.6 min, plus start-up and test passes; so two calls:
+# PARTS="table3-offsetl2 table2", then PARTS=table1.
 # Usage: scripts/gpu-paper.sh MNIST_DIR OUT_DIR [SECONDS]   (SECONDS: the whole pass, default 560)
-# Environment: OFFSETL2_RUNS (2), BASELINE_RUNS (2), PRECISION (tf32), DEVICE (cuda), and
-# EXTRA_ARGS, added to every reproduce (e.g. "--epochs 40 --train-subset 500" for a dry test).
+# Environment: PARTS ("table3-offsetl2 table2"), RUNS (20), PRECISION (bf16), DEVICE (cuda),
+# WORK (/tmp/distrep-paper), and EXTRA_ARGS, added to every reproduce (e.g. "--epochs 40
+# --train-subset 500" for a dry test; DEVICE=cpu for one without a GPU).
 set -u
 default_budget=560
 source "$(dirname "$0")/gpu-lib.sh" "$@"
-precision=${PRECISION:-tf32}
+precision=${PRECISION:-bf16}
 work=${WORK:-/tmp/distrep-paper}
 mkdir -p "$work"
-pack() {   # pack NAME: the experiment directory, without the checkpoint once results exist
-    local exclude=()
-    [[ -f $work/$1/summary.csv ]] && exclude=(--exclude=checkpoint.safetensors)
-    tar -czf "$out/$1.tar.gz" -C "$work" "${exclude[@]}" --exclude=.distrep.lock "$1" 2>>"$log"
-    ls -la "$out/$1.tar.gz" | tee -a "$log"
+limit_files=8 limit_bytes=$((64 * 1024 * 1024)) piece=15m
+
+room() {   # room BYTES PIECES: whether OUT_DIR can take that many more bytes in that many more files
+    local files bytes
+    files=$(find "$out" -type f | wc -l)
+    bytes=$(du -sb "$out" | cut -f1)
+    (( files + $2 <= limit_files && bytes + $1 <= limit_bytes - 1024 * 1024 ))
 }
-reproduce() {   # reproduce NAME SECONDS PRESET ARGS...
-    local name=$1 limit=$2 preset=$3; shift 3
+
+pack() {   # pack NAME: the report (of an unfinished experiment, at its last test pass), then the data
+    local name=$1 dir=$work/$1 epoch tmp bytes pieces
+    [[ -d $dir ]] || return
+    if [[ ! -f $dir/summary.csv ]]; then          # cut off: read it where it is
+        epoch=$("$python" -m distrep.cli report "$dir" 2>&1 | grep -o 'at-epoch [0-9]*' | head -1 | cut -d' ' -f2)
+        [[ -n $epoch ]] && step 120 "$python" -m distrep.cli report "$dir" --at-epoch "$epoch"
+    fi
+    tar -czf "$out/$name.tar.gz" -C "$work" --exclude=checkpoint.safetensors --exclude=.distrep.lock \
+        --exclude=params.safetensors --exclude=metrics.npz "$name" 2>>"$log"
+    ls -la "$out/$name.tar.gz" | tee -a "$log"
+    [[ -f $dir/summary.csv ]] || return          # an unfinished one's data is its checkpoint: too big
+    tmp=$(mktemp -d)
+    for what in "params.safetensors metrics.npz" "params.safetensors"; do
+        (cd "$work" && find "$name" \( -name ${what// / -o -name } \) -print0 \
+            | tar -czf "$tmp/data.tar.gz" --null -T -) 2>>"$log"
+        bytes=$(stat -c %s "$tmp/data.tar.gz")
+        pieces=$(( (bytes + 15 * 1024 * 1024 - 1) / (15 * 1024 * 1024) ))
+        if room "$bytes" "$pieces"; then
+            split -b "$piece" -d "$tmp/data.tar.gz" "$out/$name-data.tar.gz."
+            echo "=== $name: data ($what) in $pieces piece(s), $bytes bytes" | tee -a "$log"
+            rm -rf "$tmp"; return
+        fi
+    done
+    echo "=== $name: data ($bytes bytes) left behind: no room in what a call brings back" | tee -a "$log"
+    rm -rf "$tmp"
+}
+
+reproduce() {   # reproduce NAME PRESET ARGS...: trains within what is left of the budget, packs
+    local name=$1 preset=$2; shift 2
     step 60 "$python" -m distrep.cli reproduce "$preset" --dry-run --device "$device" \
-        --precision "$precision" "$@" ${EXTRA_ARGS:-}
-    step "$limit" "$python" -m distrep.cli reproduce "$preset" --device "$device" \
-        --precision "$precision" --max-memory 40G --checkpoint-every 30 --quiet \
-        --out "$work/$name" "$@" ${EXTRA_ARGS:-}
+        --precision "$precision" --runs "${RUNS:-20}" "$@" ${EXTRA_ARGS:-}
+    step "$(left 60)" "$python" -m distrep.cli reproduce "$preset" --device "$device" \
+        --precision "$precision" --runs "${RUNS:-20}" --max-memory 40G --checkpoint-every 60 \
+        --quiet --out "$work/$name" "$@" ${EXTRA_ARGS:-}
     pack "$name"
 }
 
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step 40 "$python" -m distrep.cli data fetch mnist --from "$data"
-# The OffsetL2 experiment gets all but the ~150 s that the baselines need.
-reproduce table3-offsetl2 "$(left 150)" table3 --models ReLU-L2,ReLU-L2-Neg,Abs-L2,Abs-L2-Neg \
-    --runs "${OFFSETL2_RUNS:-2}"
-reproduce table1-abs "$(left 10)" table1 --models Abs,Abs2 --runs "${BASELINE_RUNS:-2}"
+for part in ${PARTS:-table3-offsetl2 table2}; do
+    case $part in
+        table3-offsetl2) reproduce "$part" table3 --models ReLU-L2,ReLU-L2-Neg,Abs-L2,Abs-L2-Neg ;;
+        table1) reproduce "$part" table1 ;;
+        table2) reproduce "$part" table2 ;;
+        table1-abs) reproduce "$part" table1 --models Abs,Abs2 ;;
+        *) echo "=== unknown part $part (table3-offsetl2, table1, table2, table1-abs)" | tee -a "$log" ;;
+    esac
+done
 echo "=== done after ${SECONDS}s" | tee -a "$log"

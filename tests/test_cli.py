@@ -185,6 +185,69 @@ def test_sweep_killed_by_a_signal_resumes_bit_identically(tmp_path, mnist, devic
         assert all(pa[k].equal(pb[k]) for k in pb)
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_at_the_end_of_the_epoch_and_the_sweep_resumes_bit_identically(
+        tmp_path, mnist, signame):
+    """SIGTERM (a scheduler's notice) or SIGINT (Ctrl-C) while a sweep trains: it writes its
+    checkpoint at the end of the epoch (none would exist otherwise: --checkpoint-every is an
+    hour), says so in one line, exits 128 + the signal, and the same command resumes to the
+    bits of an uninterrupted sweep."""
+    import signal
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    args = ["sweep", "--models", "ReLU2-Neg,Abs-L2", "--runs", 2, "--epochs", 400, "--train-subset", 200,
+            "--eval-every", 25, "--checkpoint-every", 3600]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "distrep.cli", *map(str, args), "--out", str(stopped)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (line := proc.stderr.readline()).startswith("training:") and line:
+        pass                                  # its first progress line: 5 % trained
+    assert line, "the sweep should report its progress"
+    proc.send_signal(getattr(signal, signame))
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + getattr(signal, signame), stderr
+    last = stderr.strip().splitlines()[-1]
+    assert f"distrep: stopped by {signame} at epoch" in last, stderr
+    assert "rerun the same command to resume" in last and "Traceback" not in stderr
+    done = load_file(stopped / "checkpoint.safetensors")["epochs_done"]
+    assert 0 < int(done.min()) == int(done.max()) < 400, done
+    assert not (stopped / "summary.csv").exists()
+    resumed = distrep(*args, "--out", stopped)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint" in resumed.stderr
+    straight = distrep(*args, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    assert (stopped / "summary.csv").read_text() == (tmp_path / "straight" / "summary.csv").read_text()
+    for model in ("ReLU2-Neg", "Abs-L2"):
+        a = read_arrays(stopped / "models" / model / "metrics.npz")
+        b = read_arrays(tmp_path / "straight" / "models" / model / "metrics.npz")
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
+        pa = load_file(stopped / "models" / model / "params.safetensors")
+        pb = load_file(tmp_path / "straight" / "models" / model / "params.safetensors")
+        assert all(pa[k].equal(pb[k]) for k in pb)
+    sessions = read_json(stopped / "run.json")["sessions"]
+    assert sessions[0]["ended"].startswith("interrupted") and sessions[1]["ended"] == "finished"
+
+
+def test_deferred_stop_holds_the_first_signal_and_not_the_second():
+    import signal
+
+    from distrep.stopping import Stopped, deferred_stop
+    before = signal.getsignal(signal.SIGTERM)
+    with deferred_stop() as stop:
+        assert not stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM        # held, not acted on
+        with pytest.raises(Stopped, match="stopped by SIGTERM at epoch 3"):
+            stop.stop("at epoch 3")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)     # a second signal stops at once
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_sweep_refuses_to_mix_configs(tmp_path, mnist):
     args = ["sweep", "--models", "ReLU", "--runs", 1, "--epochs", 2, "--train-subset", 50,
             "--quiet", "--out", tmp_path / "x"]

@@ -18,6 +18,7 @@ from distrep.engine import ENGINES
 from distrep.executors import EXECUTORS
 from distrep.layers import OFFSETL2_FORMS
 from distrep.models import describe, display_name, parameter_count
+from distrep.stopping import Stopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -463,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistrepError as e:
         print(f"distrep: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:        # a sweep checkpointed and stopped on SIGINT or SIGTERM
+        print(f"distrep: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("distrep: interrupted", file=sys.stderr)
         return 130

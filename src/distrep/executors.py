@@ -8,7 +8,8 @@ checkpoints and, in the end, writes the same files whichever executor ran.
 
 - :class:`LocalExecutor` trains the chunks one after another in this process; every
   ``checkpoint_every`` seconds it hands the chunk's partial state to ``partial(work)``, which
-  the sweep checkpoints (so a long chunk on one GPU resumes where it stopped).
+  the sweep checkpoints (so a long chunk on one GPU resumes where it stopped), and so it does
+  at the end of the epoch when ``stop`` is set (:mod:`distrep.stopping`), then stops.
 - :class:`RayExecutor` makes each chunk a Ray task (Ray is imported only there). The dataset
   goes through Ray's object store and the trained chunk comes back as the task's result, so no
   shared filesystem is needed; a worker that dies mid-chunk is retried by Ray (the chunk is
@@ -47,13 +48,16 @@ class LocalExecutor:
 
     name = "local"
 
-    def run(self, works: list, data, finished: Callable, partial: Callable, advance: Callable) -> None:
+    def run(self, works: list, data, finished: Callable, partial: Callable, advance: Callable,
+            stop=None) -> None:
         from distrep.provenance import describe_device, resolve_device
         from distrep.sweep import train_chunk
-        for work in works:
+        for k, work in enumerate(works):
+            if stop:                 # the chunks before were checkpointed as they finished
+                stop.stop("after a chunk" if k else "before training", trained=k > 0)
             device = resolve_device(work.config.device)
             began = time.perf_counter()
-            trained = train_chunk(work, data, device, advance=advance, save=partial)
+            trained = train_chunk(work, data, device, advance=advance, save=partial, stop=stop)
             finished(trained, chunk_info(trained, time.perf_counter() - began, describe_device(device)))
 
 
@@ -71,7 +75,10 @@ class RayExecutor:
     max_retries: int = 3
     name = "ray"
 
-    def run(self, works: list, data, finished: Callable, partial: Callable, advance: Callable) -> None:
+    def run(self, works: list, data, finished: Callable, partial: Callable, advance: Callable,
+            stop=None) -> None:
+        """(``stop`` is not used: a signal interrupts the driver at once, and Ray's workers keep
+        their own checkpoints with ``checkpoint_dir``.)"""
         try:
             import ray
         except ImportError:

@@ -31,13 +31,14 @@ import re
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 from distrep.errors import DistrepError
 from distrep.provenance import describe_device, resolve_device, software_versions
+from distrep.stopping import deferred_stop
 from distrep.storage import read_json, write_json
 
 CONFIG_FILE, CHECKPOINT_FILE, RUN_FILE, SUMMARY_FILE = (
@@ -335,16 +336,20 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
         if sessions and (warning := _session_warning(sessions[-1], session)):
             log(warning)
         sessions.append(session)
-        write_json(out / CONFIG_FILE, {**describe_sweep(config, device), **(extra or {})})
-        write_json(out / RUN_FILE, {"finished": False, "sessions": sessions})
-        session["executor"] = getattr(executor, "name", "local")
-        session["chunks"] = []
-
-        def chunk_done(info: dict) -> None:      # run.json says where every chunk trained, as it goes
-            session["chunks"].append(info)
+        local = getattr(executor, "name", "local") == "local"
+        # from here a signal is deferred to the end of an epoch, which checkpoints (local
+        # training; a test can wait for run.json and signal)
+        with deferred_stop() if local else nullcontext() as stop:
+            write_json(out / CONFIG_FILE, {**describe_sweep(config, device), **(extra or {})})
             write_json(out / RUN_FILE, {"finished": False, "sessions": sessions})
+            session["executor"] = getattr(executor, "name", "local")
+            session["chunks"] = []
 
-        results = sweep.run(executor, on_chunk=chunk_done)
+            def chunk_done(info: dict) -> None:      # run.json says where every chunk trained, as it goes
+                session["chunks"].append(info)
+                write_json(out / RUN_FILE, {"finished": False, "sessions": sessions})
+
+            results = sweep.run(executor, on_chunk=chunk_done, stop=stop)
         save_results(results, config, out)
         total_wall = float(sweep.state["wall_time_s"])
         session.update(run_epochs=int(sweep.state["epochs_done"].sum()) - done,

@@ -37,6 +37,7 @@ from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
 from distrep.train import MAX_SEED, check_fits, check_protocol, evaluation_epochs, run_bytes
+from distrep.stopping import StopRequest
 from distrep.storage import read_tensors, write_tensors
 
 GiB = 1 << 30
@@ -404,10 +405,13 @@ class Sweep:
             for name, p in work.params[v].items():
                 self.params[v][name][rows] = p
 
-    def run(self, executor=None, on_chunk: Callable[[dict], None] | None = None) -> list[VariantResult]:
+    def run(self, executor=None, on_chunk: Callable[[dict], None] | None = None,
+            stop: StopRequest | None = None) -> list[VariantResult]:
         """Train every unfinished run with ``executor`` (default: this process, chunk after
         chunk), checkpointing after every chunk and, within a local chunk, every
-        ``checkpoint_every`` seconds. ``on_chunk(info)`` after each chunk with where it trained."""
+        ``checkpoint_every`` seconds and when ``stop`` is set (:mod:`distrep.stopping`: the
+        local executor then stops at the end of the epoch). ``on_chunk(info)`` after each chunk
+        with where it trained."""
         from distrep.executors import LocalExecutor
         c = self.config
         chunks = self.chunks()
@@ -429,8 +433,10 @@ class Sweep:
             self.save_checkpoint()
 
         works = (self.chunk_work(chunk) for chunk in chunks)
-        (executor or LocalExecutor()).run(works, self.data, finished, partial, bar.update)
-        bar.close()
+        try:
+            (executor or LocalExecutor()).run(works, self.data, finished, partial, bar.update, stop=stop)
+        finally:
+            bar.close()
         return self.results()
 
     def chunk_trainer(self, chunk: list[tuple[int, int]]):
@@ -546,12 +552,14 @@ def build_trainer(work: ChunkWork, data: Dataset, device: torch.device):
 
 def train_chunk(work: ChunkWork, data: Dataset, device: torch.device,
                 advance: Callable[[int], None] | None = None,
-                save: Callable[[ChunkWork], None] | None = None) -> ChunkWork:
+                save: Callable[[ChunkWork], None] | None = None,
+                stop: StopRequest | None = None) -> ChunkWork:
     """Train the chunk (in place) from the epoch its runs have reached to the sweep's last, on
     ``data`` (the sweep's training subset) and ``device``: the same computation wherever it
     runs. ``advance(n)`` after every epoch with the run-epochs just trained; ``save(work)``
-    every ``checkpoint_every`` seconds with the state so far, parameters included. Returns
-    ``work``."""
+    every ``checkpoint_every`` seconds with the state so far, parameters included, and, once
+    ``stop`` is set (a signal: :mod:`distrep.stopping`), at the end of the epoch, before
+    raising :class:`~distrep.stopping.Stopped`. Returns ``work``."""
     c, st, variants = work.config, work.state, work.variants
     trainer, groups = build_trainer(work, data, device)
     x_t, y = data.x_train.t().contiguous().to(device), data.y_train.to(device)
@@ -572,11 +580,14 @@ def train_chunk(work: ChunkWork, data: Dataset, device: torch.device,
                 log.flush(work, n)
             if advance is not None:
                 advance(len(work.units))
-            if save is not None and time.monotonic() - last_save > c.checkpoint_every:
+            stopping = bool(stop) and epoch < c.epochs
+            if save is not None and (stopping or time.monotonic() - last_save > c.checkpoint_every):
                 log.flush(work, n)
                 _store_params(groups, work)
                 save(work)
                 last_save = time.monotonic()
+            if stopping:
+                stop.stop(f"at epoch {epoch:,} of {c.epochs:,}")
         log.flush(work, n)
         _store_params(groups, work)
         _finalize(trainer, work, x_t, y, x_test_t, y_test)
