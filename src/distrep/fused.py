@@ -87,10 +87,11 @@ BLOCKS_PER_PROGRAM = 8
 # distances and sum g_s h^2 took 2,650 (before the bias moved into the first product, which
 # saved ~250 more). Timed on an H100 (docs/engine-h100-fused/pass3/, `bench`, Table 3's four
 # variants x 20 runs, full MNIST): bf16 13,017 run-epochs/s expanded against 6,288 direct
-# (Table 1: 16,643), TF32 6,505 against 4,702. Checked against fp32 by `bench --accuracy` (16 paired runs x 500 epochs, every
-# Table 3 model): TF32 expanded equivalent within 0.1 point for all four; bf16 expanded within
-# 0.06 point on average, equivalent for the two -Neg models, its intervals reaching 0.004 and
-# 0.025 past the margin for ReLU-L2 and Abs-L2 (direct bf16, 4 runs: all four equivalent).
+# (Table 1: 16,643), TF32 6,505 against 4,702. Checked against fp32 by `bench --accuracy`
+# (16 paired runs x 500 epochs, every Table 3 model): TF32 expanded equivalent within 0.1
+# point for all four; bf16 expanded within 0.06 point on average, equivalent for the two -Neg
+# models, its intervals reaching 0.004 and 0.025 past the margin for ReLU-L2 and Abs-L2
+# (direct bf16, 4 runs: all four equivalent).
 # Hence expanded in TF32 and bf16, the modes chosen for speed; fp32 keeps the exact form.
 OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
 OFFSETL2_KERNEL = {"fp32": "direct", "tf32": "expanded", "bf16": "expanded"}

@@ -27,9 +27,9 @@ class Stopped(KeyboardInterrupt):
 
     def __str__(self) -> str:
         name = signal.Signals(self.signum).name
-        said = (f"the checkpoint holds the work so far" if self.trained
-                else "nothing was trained in this session")
-        return f"stopped by {name}{' ' + self.where if self.where else ''}; {said}: rerun the same command to resume"
+        said = "the checkpoint holds the work so far" if self.trained else "nothing was trained in this session"
+        where = f" {self.where}" if self.where else ""
+        return f"stopped by {name}{where}; {said}: rerun the same command to resume"
 
 
 class StopRequest:

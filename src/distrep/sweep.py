@@ -36,9 +36,9 @@ from distrep.fused import offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
-from distrep.train import MAX_SEED, check_fits, check_protocol, evaluation_epochs, run_bytes
 from distrep.stopping import StopRequest
 from distrep.storage import read_tensors, write_tensors
+from distrep.train import MAX_SEED, check_fits, check_protocol, evaluation_epochs, run_bytes
 
 GiB = 1 << 30
 METRIC_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
