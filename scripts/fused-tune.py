@@ -1,14 +1,14 @@
 """Time the fused step on one GPU, to choose distrep.fused's BLOCK_N, NUM_WARPS,
-BLOCKS_PER_PROGRAM and OFFSETL2_KERNEL: one Table 1 model (ReLU2) and one Table 3 model
-(ReLU-L2, the precision's OffsetL2 kernel), RUNS runs each (a chunk's group), full MNIST, bf16,
-TF32 and fp32 (whose IEEE products in the kernel need more registers: at 32 x 4 its sm_90 code
-spills 592 B, at 16 x 8 nothing: scripts/kernel-stats.py), ms per run-epoch (step plus a tenth
-of a test pass, as `distrep bench` measures it) at several shapes (examples per block x warps x
-blocks per program); the other OffsetL2 kernels at the default shape; then, at the default
-shape, where a step spends its time (the first layer's product, the kernel, the weight-gradient
-product, the whole step), with the products' TFLOP/s and the kernel's effective bandwidth over
-P and dP. One model per table keeps the kernel
-compilations (a second or two per model, mode and shape) to a few dozen.
+BLOCKS_PER_PROGRAM, OFFSETL2_KERNEL and MAX_REGISTERS: one Table 1 model (ReLU2) and one
+Table 3 model (ReLU-L2, the precision's OffsetL2 kernel), RUNS runs each (a chunk's group),
+full MNIST, bf16, TF32 and fp32, ms per run-epoch (step plus a tenth of a test pass, as
+`distrep bench` measures it) at several shapes (examples per block x warps x blocks per
+program); the other OffsetL2 kernels at the default shape; at most TUNE_MAXNREG registers per
+thread (default 168,128: more programs per SM, some spilling: scripts/kernel-stats.py
+--maxnreg); then, at the default shape, where a step spends its time (the first layer's
+product, the kernel, the weight-gradient product, the whole step), with the products'
+TFLOP/s and the kernel's effective bandwidth over P and dP. One model per table keeps the
+kernel compilations (a second or two per model, mode and shape) to a few dozen.
 Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS ...]   (default 20 32x4x8 ...)
 A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=64 (bf16 only).
 """
@@ -61,7 +61,8 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
 def main(argv: list[str]) -> None:
     runs = int(argv[0]) if argv else 20
     shapes = [tuple(int(v) for v in s.split("x")) for s in argv[1:]] or [
-        (32, 4, 8), (32, 4, 4), (32, 4, 16), (32, 8, 8), (64, 4, 8), (16, 4, 8), (16, 8, 8)]
+        (32, 4, 8), (32, 4, 4), (32, 4, 16), (64, 4, 8), (16, 4, 8)]
+    caps = [int(v) for v in os.environ.get("TUNE_MAXNREG", "168,128").split(",") if v]
     device = torch.device(os.environ.get("TUNE_DEVICE", "cuda"))
     subset = os.environ.get("TUNE_SUBSET")
     data = load_dataset("mnist", "raw")
@@ -97,6 +98,15 @@ def main(argv: list[str]) -> None:
                 fused.OFFSETL2_KERNEL[precision] = form
                 time_case(f"{label(default)} {precision} ReLU-L2 {form}", ["ReLU-L2"], precision)
         fused.OFFSETL2_KERNEL[precision] = kernels[precision]
+    for precision in precisions:                  # fewer registers, more programs per SM
+        uncapped = fused.MAX_REGISTERS[precision]
+        for cap in caps:
+            fused.MAX_REGISTERS[precision] = cap
+            for model in ("ReLU2", "ReLU-L2"):
+                time_case(f"{label(default)} {precision} {model}"
+                          + (f" {kernels[precision]}" if model == "ReLU-L2" else "")
+                          + f", at most {cap} registers", [model], precision)
+        fused.MAX_REGISTERS[precision] = uncapped
     print(f"breakdown at {label(default)}, each precision's OffsetL2 kernel:", flush=True)
     breakdown(data, runs, device, precisions, ("ReLU2", "ReLU-L2"))
 

@@ -20,7 +20,8 @@ instruction per cycle per SM), but its time follows its instruction count: a cha
 the count cuts the time about as much.
 
 Usage: python scripts/kernel-stats.py [MODEL ...] [--precisions bf16,tf32,fp32]
-       [--forms direct,expanded,hybrid] [--shapes 32x4,32x8]   (default ReLU2 ReLU-L2, bf16, 32x4)
+       [--forms direct,expanded,hybrid] [--shapes 32x4,32x8] [--maxnreg 168,128]
+       (default ReLU2 ReLU-L2, bf16, 32x4, distrep.fused.MAX_REGISTERS)
 Needs Triton's JIT (not its interpreter): run it without TRITON_INTERPRET.
 """
 
@@ -123,15 +124,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--precisions", default="bf16")
     parser.add_argument("--forms", default=None, help="OffsetL2 kernel forms (default: each precision's)")
     parser.add_argument("--shapes", default=f"{fused.BLOCK_N}x{fused.NUM_WARPS}")
+    parser.add_argument("--maxnreg", default=None, metavar="N[,N]",
+                        help="registers per thread to cap at (default: the precision's MAX_REGISTERS)")
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for precision in args.precisions.split(","):
         forms = args.forms.split(",") if args.forms else [fused.offsetl2_kernel(precision)]
+        caps = [int(v) for v in args.maxnreg.split(",")] if args.maxnreg else [fused.MAX_REGISTERS[precision]]
         for model in args.models:
             offsetl2 = fused.fused_layout(parse(model))["offsetl2"]
             for form in forms if offsetl2 else forms[:1]:
                 for shape in shapes:
-                    print(stats(model, precision, form, shape), flush=True)
+                    for cap in caps:
+                        fused.MAX_REGISTERS[precision] = cap
+                        first, top = stats(model, precision, form, shape).split("\n", 1)
+                        print(first + (f", at most {cap} registers" if cap else "") + "\n" + top, flush=True)
 
 
 if __name__ == "__main__":

@@ -220,7 +220,8 @@ def test_config_json_records_the_offsetl2_kernel_of_a_fused_model(monkeypatch):
 
 
 @interpreted
-def test_bf16_keeps_the_first_layer_output_in_bf16_and_trains_close_to_fp32(data):
+def test_bf16_keeps_the_first_layer_output_in_bf16_and_trains_close_to_fp32(data, monkeypatch):
+    monkeypatch.setitem(fused.MAX_REGISTERS, "bf16", 128)     # a launch option the interpreter takes too
     models = ["ReLU", "Abs-L2"]
     bf16, fp32 = run(data, models, "fused", precision="bf16"), run(data, models, "fused")
     for b, f in zip(bf16, fp32):
@@ -291,6 +292,9 @@ for kernel, model, precision, train in kernels:
     ptx = compile_for_gpu(parse(model), precision, train).asm["ptx"]
 print("compiled", len(cases) + len(kernels))
 print("expanded bf16 products:", sorted(set(re.findall(r"mma[.]sync[.]aligned[.]\\w+[.]row[.]col[.]f32[.](\\w+)", ptx))))
+fused.MAX_REGISTERS["bf16"] = 128
+capped = compile_for_gpu(parse("ReLU2"), "bf16", True)
+print("capped:", re.findall(r"[.]maxnreg \\d+", capped.asm["ptx"]), capped.metadata.num_warps)
 """
 
 
@@ -306,6 +310,7 @@ def test_the_kernel_compiles_for_an_h100_without_one():
                             timeout=600)
     assert result.returncode == 0 and "compiled 18" in result.stdout, result.stderr[-3000:]
     assert "expanded bf16 products: ['bf16']" in result.stdout, result.stdout
+    assert "capped: ['.maxnreg 128'] 4" in result.stdout, result.stdout     # MAX_REGISTERS reaches ptxas
 
 
 def test_kernel_stats_counts_the_class_loops_once_per_class():

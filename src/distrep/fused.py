@@ -68,6 +68,15 @@ MAX_POST = 2
 BLOCK_N = 32
 NUM_WARPS = 4
 BLOCKS_PER_PROGRAM = 8
+# At most this many registers per thread, by precision (None: ptxas decides; it spills the
+# rest). An H100 SM holds 65,536 registers: a program of 4 warps at 174 registers fits twice,
+# at 168 three times, at 128 four, and more programs per SM hide more of the latency the kernel
+# waits on (it runs far below one instruction per cycle per SM: scripts/kernel-stats.py).
+# Static cost at 32 x 4 (kernel-stats.py --maxnreg): ReLU2 bf16 at 128 spills 8 B for 2 % more
+# instructions, TF32 at 168 104 B for 6 %, expanded ReLU-L2 bf16 at 168 120 B for 2 %, fp32 at
+# 168 960 B for 9 %. Not yet timed (scripts/fused-tune.py times 168 and 128).
+MAX_REGISTERS: dict[str, int | None] = {"fp32": None, "tf32": None, "bf16": None}
+
 # How the kernel computes OffsetL2, by precision: "direct", sum_i w (h_i - mu_i)^2 class by class
 # in fp32, forward and back (exact; ~110 elementwise operations per hidden value, and a
 # reduction across the hidden units per class); "expanded" into products on tensor cores,
@@ -369,6 +378,13 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, preci
                 POST2=layout["post"][1], TRAIN=train, DOT=dot, ROUND=round_to)
 
 
+def compile_options(precision: str) -> dict:
+    """Triton's compile options for the kernel in ``precision``: warps, and registers where
+    :data:`MAX_REGISTERS` caps them."""
+    cap = MAX_REGISTERS[precision]
+    return {"num_warps": NUM_WARPS, **({"maxnreg": cap} if cap else {})}
+
+
 def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train: bool = True,
                     form: str = "paper", arch: int = 90):
     """Compile the kernel for a model without a GPU (Triton's compiler and ptxas run on the
@@ -391,7 +407,7 @@ def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train
     source = ASTSource(fn=_head_kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in meta.items()},
                        attrs={key: [["tt.divisibility", 16]] for key in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=compile_options(precision))
 
 
 class FusedRuns:
@@ -504,7 +520,7 @@ class FusedRuns:
             P, P, W, B2 if B2 is not None else dummy,
             MU if MU is not None else dummy, y if train else dummy, logits if logits is not None else dummy,
             *(parts.get(k, dummy) for k in ("a", "b", "db2", "loss", "correct")),
-            n, 1.0 / n, CODED_CLAMP, **meta, num_warps=NUM_WARPS)
+            n, 1.0 / n, CODED_CLAMP, **meta, **compile_options(self.precision))
         return parts
 
     def gradients(self, x_t: torch.Tensor, y: torch.Tensor, x_bf16: torch.Tensor | None = None
