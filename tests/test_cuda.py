@@ -191,7 +191,9 @@ def test_fused_offsetl2_kernels_with_products_match_the_direct_one_on_cuda(stand
     print(f"\n{kernel} against direct, largest relative difference per parameter:")
     for precision in ("tf32", "bf16"):
         for model, form in [("ReLU-L2", "paper"), ("Abs-L2-Neg", "coded")]:
-            direct = gradients(model, form, precision)
+            with monkeypatch.context() as m:
+                m.setitem(fused.OFFSETL2_KERNEL, precision, "direct")
+                direct = gradients(model, form, precision)
             with monkeypatch.context() as m:
                 m.setitem(fused.OFFSETL2_KERNEL, precision, kernel)
                 other = gradients(model, form, precision)
