@@ -167,6 +167,25 @@ def test_cuda_graphs_replay_the_fused_and_hand_written_steps_exactly(raw, engine
             assert torch.equal(b.params[name], a.params[name]), (a.name, name)
 
 
+@pytest.mark.parametrize("precision,cap", [("bf16", 128), ("tf32", 168), ("fp32", 168)])
+def test_fused_kernel_with_fewer_registers_trains_the_same_bits(raw, precision, cap, monkeypatch):
+    """distrep.fused.MAX_REGISTERS caps the kernel's registers so that more programs share an
+    SM; ptxas spills what does not fit but computes the same operations in the same order, so
+    the capped kernel trains what the uncapped one trains, bit for bit (checked before a cap
+    becomes a default)."""
+    from distrep import fused
+    models = ["ReLU2", "Abs-L2-Neg"]
+    kw = dict(runs=2, epochs=8, eval_every=4, device="cuda", engine="fused", precision=precision)
+    uncapped = sweep(raw, models, **kw)
+    monkeypatch.setitem(fused.MAX_REGISTERS, precision, cap)
+    capped = sweep(raw, models, **kw)
+    for a, b in zip(uncapped, capped):
+        for key in a.arrays:
+            np.testing.assert_array_equal(b.arrays[key], a.arrays[key], err_msg=f"{a.name} {key}")
+        for name in a.params:
+            assert torch.equal(b.params[name], a.params[name]), (a.name, name)
+
+
 @pytest.mark.parametrize("kernel", ["expanded", "hybrid"])
 def test_fused_offsetl2_kernels_with_products_match_the_direct_one_on_cuda(standardized, kernel, monkeypatch):
     """In TF32 and bf16 the kernels that compute OffsetL2 with tensor-core products of exact
