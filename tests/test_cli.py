@@ -140,13 +140,28 @@ def test_progress_bar_is_shown_unless_quiet(tmp_path, mnist):
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def assert_same_experiment(resumed, straight, models) -> None:
+    """Two experiment directories hold the same results bit for bit: summary.csv, and each
+    model's metric arrays and parameters."""
+    import numpy as np
+    from safetensors.torch import load_file
+    assert (resumed / "summary.csv").read_text() == (straight / "summary.csv").read_text()
+    for model in models:
+        a = read_arrays(resumed / "models" / model / "metrics.npz")
+        b = read_arrays(straight / "models" / model / "metrics.npz")
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
+        pa = load_file(resumed / "models" / model / "params.safetensors")
+        pb = load_file(straight / "models" / model / "params.safetensors")
+        assert all(pa[k].equal(pb[k]) for k in pb)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU"))])
 def test_sweep_killed_by_a_signal_resumes_bit_identically(tmp_path, mnist, device):
     import signal
     import time
 
-    import numpy as np
     from safetensors.torch import load_file
 
     epochs = 300 if device == "cpu" else 1500      # a GPU is faster: give the kill time to land
@@ -174,15 +189,7 @@ def test_sweep_killed_by_a_signal_resumes_bit_identically(tmp_path, mnist, devic
     straight = distrep(*args, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     print(f"\nSIGKILL and resume on {device}: {timings}, straight in {time.time() - started:.0f} s")
-    assert (killed / "summary.csv").read_text() == (tmp_path / "straight" / "summary.csv").read_text()
-    for model in ("ReLU2-Neg", "Abs-L2"):
-        a = read_arrays(killed / "models" / model / "metrics.npz")
-        b = read_arrays(tmp_path / "straight" / "models" / model / "metrics.npz")
-        for key in b:
-            np.testing.assert_array_equal(a[key], b[key])
-        pa = load_file(killed / "models" / model / "params.safetensors")
-        pb = load_file(tmp_path / "straight" / "models" / model / "params.safetensors")
-        assert all(pa[k].equal(pb[k]) for k in pb)
+    assert_same_experiment(killed, tmp_path / "straight", ("ReLU2-Neg", "Abs-L2"))
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
@@ -194,7 +201,6 @@ def test_a_signal_checkpoints_at_the_end_of_the_epoch_and_the_sweep_resumes_bit_
     bits of an uninterrupted sweep."""
     import signal
 
-    import numpy as np
     from safetensors.torch import load_file
 
     args = ["sweep", "--models", "ReLU2-Neg,Abs-L2", "--runs", 2, "--epochs", 400, "--train-subset", 200,
@@ -219,15 +225,7 @@ def test_a_signal_checkpoints_at_the_end_of_the_epoch_and_the_sweep_resumes_bit_
     assert "resuming from the checkpoint" in resumed.stderr
     straight = distrep(*args, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
-    assert (stopped / "summary.csv").read_text() == (tmp_path / "straight" / "summary.csv").read_text()
-    for model in ("ReLU2-Neg", "Abs-L2"):
-        a = read_arrays(stopped / "models" / model / "metrics.npz")
-        b = read_arrays(tmp_path / "straight" / "models" / model / "metrics.npz")
-        for key in b:
-            np.testing.assert_array_equal(a[key], b[key])
-        pa = load_file(stopped / "models" / model / "params.safetensors")
-        pb = load_file(tmp_path / "straight" / "models" / model / "params.safetensors")
-        assert all(pa[k].equal(pb[k]) for k in pb)
+    assert_same_experiment(stopped, tmp_path / "straight", ("ReLU2-Neg", "Abs-L2"))
     sessions = read_json(stopped / "run.json")["sessions"]
     assert sessions[0]["ended"].startswith("interrupted") and sessions[1]["ended"] == "finished"
 

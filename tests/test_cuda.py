@@ -147,6 +147,15 @@ def test_fused_step_on_cuda_matches_the_cpu(standardized):
             assert 0 < value < 3e-2, (a.name, p)
 
 
+def assert_same_bits(expected, results) -> None:
+    """Two sweeps' results (VariantResults) agree bit for bit: every metric array and parameter."""
+    for a, b in zip(expected, results, strict=True):
+        for key in a.arrays:
+            np.testing.assert_array_equal(b.arrays[key], a.arrays[key], err_msg=f"{a.name} {key}")
+        for name in a.params:
+            assert torch.equal(b.params[name], a.params[name]), (a.name, name)
+
+
 @pytest.mark.parametrize("engine,precision", [("fused", "bf16"), ("fused", "tf32"), ("fused", "fp32"),
                                               ("hand-written", "fp32")])
 def test_cuda_graphs_replay_the_fused_and_hand_written_steps_exactly(raw, engine, precision, monkeypatch):
@@ -160,11 +169,7 @@ def test_cuda_graphs_replay_the_fused_and_hand_written_steps_exactly(raw, engine
     eager = sweep(raw, models, **kw)
     monkeypatch.delenv("DISTREP_CUDA_GRAPHS")
     graphed = sweep(raw, models, **kw)
-    for a, b in zip(eager, graphed):
-        for key in a.arrays:
-            np.testing.assert_array_equal(b.arrays[key], a.arrays[key], err_msg=f"{a.name} {key}")
-        for name in a.params:
-            assert torch.equal(b.params[name], a.params[name]), (a.name, name)
+    assert_same_bits(eager, graphed)
 
 
 @pytest.mark.parametrize("precision,cap", [("bf16", 128), ("tf32", 168), ("fp32", 168)])
@@ -179,11 +184,7 @@ def test_fused_kernel_with_fewer_registers_trains_the_same_bits(raw, precision, 
     uncapped = sweep(raw, models, **kw)
     monkeypatch.setitem(fused.MAX_REGISTERS, precision, cap)
     capped = sweep(raw, models, **kw)
-    for a, b in zip(uncapped, capped):
-        for key in a.arrays:
-            np.testing.assert_array_equal(b.arrays[key], a.arrays[key], err_msg=f"{a.name} {key}")
-        for name in a.params:
-            assert torch.equal(b.params[name], a.params[name]), (a.name, name)
+    assert_same_bits(uncapped, capped)
 
 
 @pytest.mark.parametrize("kernel", ["expanded", "hybrid"])

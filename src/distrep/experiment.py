@@ -336,13 +336,13 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
         if sessions and (warning := _session_warning(sessions[-1], session)):
             log(warning)
         sessions.append(session)
-        local = getattr(executor, "name", "local") == "local"
+        executor_name = getattr(executor, "name", "local")
         # from here a signal is deferred to the end of an epoch, which checkpoints (local
         # training; a test can wait for run.json and signal)
-        with deferred_stop() if local else nullcontext() as stop:
+        with deferred_stop() if executor_name == "local" else nullcontext() as stop:
             write_json(out / CONFIG_FILE, {**describe_sweep(config, device), **(extra or {})})
             write_json(out / RUN_FILE, {"finished": False, "sessions": sessions})
-            session["executor"] = getattr(executor, "name", "local")
+            session["executor"] = executor_name
             session["chunks"] = []
 
             def chunk_done(info: dict) -> None:      # run.json says where every chunk trained, as it goes
