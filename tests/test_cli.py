@@ -246,6 +246,19 @@ def test_deferred_stop_holds_the_first_signal_and_not_the_second():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_deferred_stop_leaves_a_handler_installed_outside_python_alone(monkeypatch):
+    """A handler Python did not install reads as None and cannot be put back: leave it be."""
+    import signal
+
+    from distrep import stopping
+    installed = []
+    monkeypatch.setattr(stopping.signal, "getsignal", lambda s: None)
+    monkeypatch.setattr(stopping.signal, "signal", lambda s, h: installed.append(s))
+    with stopping.deferred_stop() as stop:
+        assert not stop
+    assert installed == []
+
+
 def test_sweep_refuses_to_mix_configs(tmp_path, mnist):
     args = ["sweep", "--models", "ReLU", "--runs", 1, "--epochs", 2, "--train-subset", 50,
             "--quiet", "--out", tmp_path / "x"]

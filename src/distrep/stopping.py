@@ -53,9 +53,11 @@ def deferred_stop():
     """Within: SIGINT and SIGTERM set the yielded :class:`StopRequest` instead of interrupting;
     a second one raises KeyboardInterrupt at once. Signal handlers belong to the main thread,
     so elsewhere (a Ray worker's thread, a test's thread) the request is never set and the
-    signals keep their behaviour."""
+    signals keep their behaviour; so too where a handler was installed from outside Python
+    (``signal.getsignal`` gives None), which could not be put back afterwards."""
     request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() \
+            or any(signal.getsignal(s) is None for s in SIGNALS):
         yield request
         return
 
