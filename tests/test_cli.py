@@ -248,8 +248,6 @@ def test_deferred_stop_holds_the_first_signal_and_not_the_second():
 
 def test_deferred_stop_leaves_a_handler_installed_outside_python_alone(monkeypatch):
     """A handler Python did not install reads as None and cannot be put back: leave it be."""
-    import signal
-
     from distrep import stopping
     installed = []
     monkeypatch.setattr(stopping.signal, "getsignal", lambda s: None)
