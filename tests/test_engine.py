@@ -410,7 +410,8 @@ def test_nan_input_to_offsetl2_stays_nan():
 def test_offsetl2_direct_form_on_the_cpu_matches_the_float64_form(monkeypatch):
     """The CPU's compiled direct form (fp32, class by class) against the float64 expanded form
     (itself checked against autograd above), with prototypes placed on examples so that some
-    distances are ~0, in both forms, the input gradient written over the input itself; and the
+    distances are ~0, in both forms, the input gradient written over the input itself (after
+    abs) or into a buffer of its own (after a ReLU applied inside the first product); and the
     fall-back to float64 when compiling fails."""
     from distrep.engine import StackedOffsetL2
     g = torch.Generator().manual_seed(0)
@@ -420,24 +421,27 @@ def test_offsetl2_direct_form_on_the_cpu_matches_the_float64_form(monkeypatch):
     alpha = 0.5 + torch.rand(R, C, H, generator=g)
     grad = torch.randn(R, C, n, generator=g)
 
-    def step(form):
+    def step(form, over_input=True):
         layer = StackedOffsetL2(mu.clone(), alpha.clone(), form)
         xin = x.clone()
         y = layer.forward(xin, shared=False)
         direct = layer._cache[0] is None
-        dx = layer.backward(grad, xin, shared=False, need_dx=True, dx_out=xin)
-        assert dx.data_ptr() == xin.data_ptr()
+        into = xin if over_input else torch.full_like(xin, float("nan"))
+        dx = layer.backward(grad, xin, shared=False, need_dx=True, dx_out=into)
+        assert dx.data_ptr() == into.data_ptr()
         return direct, [y, dx, layer.grads["mu"], layer.grads["alpha"]]
 
     reference = {}
     for form in ("paper", "coded"):
-        took_direct, direct = step(form)
         monkeypatch.setattr(StackedOffsetL2, "direct", False)
         took_float64, float64 = reference[form] = step(form)
         monkeypatch.setattr(StackedOffsetL2, "direct", True)
-        assert took_direct and not took_float64
-        for name, a, b in zip(("y", "dx", "dmu", "dalpha"), direct, float64):
-            assert relative(a, b) < 2e-6, (form, name)
+        assert not took_float64
+        for over_input in (True, False):
+            took_direct, direct = step(form, over_input)
+            assert took_direct
+            for name, a, b in zip(("y", "dx", "dmu", "dalpha"), direct, float64):
+                assert relative(a, b) < 2e-6, (form, over_input, name)
         near = direct[0][:, range(C), range(C)]             # example j sits ~0.01 from prototype j
         assert relative(near, float64[0][:, range(C), range(C)]) < 1e-5, form
 
