@@ -29,7 +29,7 @@ source "$(dirname "$0")/gpu-lib.sh" "$@"
 precision=${PRECISION:-bf16}
 work=${WORK:-/tmp/distrep-paper}
 mkdir -p "$work"
-limit_files=8 limit_bytes=$((64 * 1024 * 1024)) piece=15m
+limit_files=8 limit_bytes=$((64 * 1024 * 1024)) piece_bytes=$((15 * 1024 * 1024))
 
 room() {   # room BYTES PIECES: whether OUT_DIR can take that many more bytes in that many more files
     local files bytes
@@ -54,9 +54,9 @@ pack() {   # pack NAME: the report (of an unfinished experiment, at its last tes
         (cd "$work" && find "$name" \( -name ${what// / -o -name } \) -print0 \
             | tar -czf "$tmp/data.tar.gz" --null -T -) 2>>"$log"
         bytes=$(stat -c %s "$tmp/data.tar.gz")
-        pieces=$(( (bytes + 15 * 1024 * 1024 - 1) / (15 * 1024 * 1024) ))
+        pieces=$(( (bytes + piece_bytes - 1) / piece_bytes ))
         if room "$bytes" "$pieces"; then
-            split -b "$piece" -d "$tmp/data.tar.gz" "$out/$name-data.tar.gz."
+            split -b "$piece_bytes" -d "$tmp/data.tar.gz" "$out/$name-data.tar.gz."
             echo "=== $name: data ($what) in $pieces piece(s), $bytes bytes" | tee -a "$log"
             rm -rf "$tmp"; return
         fi
