@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # The engine's speed and reduced precision on one GPU (issue 11), most important first:
+#   0. each variant's step on a CUDA stream of its own (DISTREP_CUDA_STREAMS=1, not yet measured):
+#      its test (the same bits as one stream), then `distrep bench` of the fused step in fp32 and
+#      bf16 with one stream and with a stream per variant, back to back on the same GPU (parts 1
+#      and 2; the parts below are numbered from 3);
 #   1. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
 #      graphs bit for bit, the expanded OffsetL2 kernel's gradients and distances in TF32/bf16,
 #      a register cap changing no bit);
@@ -14,8 +18,8 @@
 #      projected time of the whole paper;
 #   5. the rest of tests/test_cuda.py and the CUDA case of the SIGKILL-and-resume test (`auto`
 #      takes the fused step on CUDA, with CUDA graphs, so these now check it; in pass 3 the
-#      resume test ran past 95 s on its own: give it 300): parts 1-4 fill a first call of 560 s
-#      (pass 3: 400 s), this one a second (FROM=5).
+#      resume test ran past 95 s on its own: give it 300): parts 1-6 fill a first call of 560 s
+#      (pass 3: 400 s without parts 1-2), this one a second (FROM=7).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs). Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
@@ -38,6 +42,8 @@ bench=("$python" -m distrep.cli bench --device "$device" --epochs "${BENCH_EPOCH
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 step 40 "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 60 "$python" -m distrep.cli data fetch mnist --from "$data"
+part step "$(upto 120)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k concurrent_streams
+part step "$(upto 200)" bash -c "for s in 0 1; do DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32,bf16; done"
 part step "$(upto 220)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 part step "$(upto 160)" "$python" -c "
 from distrep import bench

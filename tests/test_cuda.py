@@ -172,6 +172,18 @@ def test_cuda_graphs_replay_the_fused_and_hand_written_steps_exactly(raw, engine
     assert_same_bits(eager, graphed)
 
 
+@pytest.mark.parametrize("engine,precision", [("fused", "bf16"), ("fused", "fp32"), ("hand-written", "fp32")])
+def test_groups_on_concurrent_streams_train_the_same_bits(raw, engine, precision, monkeypatch):
+    """DISTREP_CUDA_STREAMS=1 records each variant's step on a stream of its own; the variants
+    share no buffer, so what they train is what the one-stream graph trains, bit for bit."""
+    models = ["ReLU", "Abs2-Neg", "ReLU-L2"]
+    kw = dict(runs=3, epochs=12, eval_every=4, device="cuda", engine=engine, precision=precision)
+    one_stream = sweep(raw, models, **kw)
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "1")
+    concurrent = sweep(raw, models, **kw)
+    assert_same_bits(one_stream, concurrent)
+
+
 @pytest.mark.parametrize("precision,cap", [("bf16", 128), ("tf32", 168), ("fp32", 168)])
 def test_fused_kernel_with_fewer_registers_trains_the_same_bits(raw, precision, cap, monkeypatch):
     """distrep.fused.MAX_REGISTERS caps the kernel's registers so that more programs share an

@@ -203,6 +203,77 @@ def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(monkeypatch)
     assert not isinstance(engine.step_function(Trainer(), on_cuda, None, 0.1, []), engine.GraphedStep)
 
 
+def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(monkeypatch):
+    """With DISTREP_CUDA_STREAMS=1 the recorded step forks every group onto a stream of its own
+    from the capture's stream (each waits for it), records that group's step there alone, and
+    joins every stream back before the capture ends; the statistics are the groups' in order.
+    Without it, or with one group, the step records on the capture's stream. (CUDA stand-ins;
+    tests/test_cuda.py checks the bits on a GPU.)"""
+    import contextlib
+    import types
+
+    import distrep.engine as engine
+    events = []
+
+    class Stream:
+        made = 0
+
+        def __init__(self, name=None):
+            if name is None:
+                name, Stream.made = f"s{Stream.made}", Stream.made + 1
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    capture_stream, current = Stream("capture"), []
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    class Trainer:
+        groups = ["A", "B", "C"]
+
+        def step(self, *args):
+            events.append("whole step")
+            return [("all", 0)]
+
+        def step_group(self, gi, *args):
+            events.append(f"group {gi} on {current[-1].name if current else 'capture'}")
+            return (f"loss {gi}", gi)
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture")
+        yield
+        events.append("end capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: capture_stream)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "1")
+    step = engine.GraphedStep(Trainer(), ())
+    stats = [step() for _ in range(4)][-1]
+    assert events == ["whole step", "whole step", "capture",
+                      "s0 waits capture", "group 0 on s0", "s1 waits capture", "group 1 on s1",
+                      "s2 waits capture", "group 2 on s2",
+                      "capture waits s0", "capture waits s1", "capture waits s2", "end capture"]
+    assert stats == [("loss 0", 0), ("loss 1", 1), ("loss 2", 2)]
+    events.clear()
+    one = Trainer()
+    one.groups = ["A"]
+    [engine.GraphedStep(one, ())() for _ in range(3)]
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "0")
+    [engine.GraphedStep(Trainer(), ())() for _ in range(3)]
+    assert "group 0 on s0" not in events and events.count("whole step") == 6
+
+
 def test_diverged_run_is_frozen_and_others_continue(raw):
     cfg = SweepConfig(models=["ReLU"], runs=3, epochs=10, eval_every=5).validate()
     s = Sweep(cfg, raw, progress=False)

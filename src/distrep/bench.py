@@ -33,7 +33,6 @@ from distrep.provenance import describe_device, resolve_device
 from distrep.storage import atomic_write_bytes
 from distrep.sweep import GiB, Sweep, SweepConfig, matmul_precision
 
-# run-epochs of each table's protocol: runs x variants x epochs
 # run-epochs of each table: runs x variants x epochs. Table 1 as the text states it (5,000 epochs)
 # and as its numbers were produced (50,000; see distrep.paper); Table 3's baselines are Table 1's
 # runs, so only its four OffsetL2 variants are extra.
@@ -144,10 +143,11 @@ def author_loop(data: Dataset, device: torch.device, epochs: int, label: str = "
 
 def engine(models: list[str], runs: int, data: Dataset, device: torch.device, precision: str,
            epochs: int, max_memory: int, eval_every: int = 10, engine_name: str = "auto"
-           ) -> tuple[float, float, bool]:
+           ) -> tuple[float, float, str]:
     """(seconds per run-epoch of the engine summed over the chunks the memory budget needs,
-    seconds of warm-up: the first steps, which compile on the compiled path, whether the step
-    was replayed as a CUDA graph of its own: :func:`~distrep.engine.step_function`)."""
+    seconds of warm-up: the first steps, which compile on the compiled path, how the step was
+    replayed: "" (not as a CUDA graph of its own), "CUDA graphs", or "CUDA graphs, a stream per
+    variant": :func:`~distrep.engine.step_function`)."""
     config = SweepConfig(models=models, runs=runs, epochs=epochs, precision=precision,
                          device=str(device), max_memory=max_memory, eval_every=eval_every,
                          engine=engine_name)
@@ -160,16 +160,18 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
 
 
 def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every
-                    ) -> tuple[float, float, bool]:
+                    ) -> tuple[float, float, str]:
     device, runs, models = sweep.device, sweep.config.runs, sweep.specs
     total = setup = 0.0
-    graphed = False
+    replay = ""
     for chunk in sweep.chunks():
         start = time.perf_counter()
         trainer, groups = sweep.chunk_trainer(chunk)
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
         one_step = step_function(trainer, x_t, y, 1e-3, frozen, x_bf16)
         graphed = isinstance(one_step, GraphedStep)
+        if graphed:
+            replay = "CUDA graphs" + (", a stream per variant" if one_step.concurrent else "")
         # the step's own CUDA graph records on call WARMUP + 1; the compiled path's records on
         # the second call and replays from the third
         warmup = GraphedStep.WARMUP + 1 if graphed else 3 if sweep.config.engine == "compiled" else 1
@@ -182,7 +184,7 @@ def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every
         test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1, warmup=0)
         total += step + test / eval_every
         trainer = groups = None   # free this chunk's buffers before building the next
-    return total / (runs * len(models)), setup, graphed
+    return total / (runs * len(models)), setup, replay
 
 
 def case_key(label: str, precision: str, path: str = "hand-written") -> str:
@@ -228,15 +230,15 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 # and the engine is compared with the better of each (a slow moment in one of the
                 # two cannot flatter the engine).
                 peak_before, loop_before = peak(device, precision), loop(label)
-                seconds, setup, graphed = engine(models, runs, data, device, precision, epochs,
+                seconds, setup, replay = engine(models, runs, data, device, precision, epochs,
                                                  max_memory, engine_name=path)
                 around = max(peak_before, peak(device, precision))
                 author = min(loop_before, loop(label))
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
                 key = case_key(label, precision, path)
-                out[key] = {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup,
+                out[key] = {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup, "replay": replay,
                             "peak_gflops": around, "author_s": author}
-                graphs = ", CUDA graphs" if graphed else ""
+                graphs = f", {replay}" if replay else ""
                 log(f"engine ({path}{graphs}), {label} variants x {runs} runs, {precision}: "
                     f"{seconds * 1e3:.3g} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s, "
                     f"{out[key]['gflops']:.0f} GFLOP/s = {out[key]['gflops'] / around:.0%} of the "

@@ -745,20 +745,23 @@ class Trainer:
         parameters before the step. ``frozen[g]`` (bool ``[R]``) marks runs not to update; runs
         whose loss is non-finite now are added to it. ``x_bf16`` (``x_t`` in bf16) selects bf16
         for the first layer's two products."""
-        results = []
-        for gi, group in enumerate(self.groups):
-            if isinstance(group, AutogradRuns):
-                results.append(group.step(x_t.t(), y, lr, frozen[gi]))
-                continue
-            if isinstance(group, FusedRuns):
-                loss, correct = group.gradients(x_t, y, x_bf16)
-            else:
-                loss, correct = self._backward(gi, group, x_t, y, x_bf16)
-            frozen[gi] |= ~torch.isfinite(loss)
-            self._update(self._parameters_and_gradients(group), lr, frozen[gi])
-            frozen[gi] |= ~finite_runs(group)     # a step can overflow the parameters themselves
-            results.append((loss, correct))
-        return results
+        return [self.step_group(gi, x_t, y, lr, frozen, x_bf16) for gi in range(len(self.groups))]
+
+    def step_group(self, gi: int, x_t, y, lr: float, frozen: list[torch.Tensor],
+                   x_bf16: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step` for group ``gi`` alone: it reads and writes only that group's parameters,
+        buffers and ``frozen[gi]`` (what lets :class:`GraphedStep` run groups concurrently)."""
+        group = self.groups[gi]
+        if isinstance(group, AutogradRuns):
+            return group.step(x_t.t(), y, lr, frozen[gi])
+        if isinstance(group, FusedRuns):
+            loss, correct = group.gradients(x_t, y, x_bf16)
+        else:
+            loss, correct = self._backward(gi, group, x_t, y, x_bf16)
+        frozen[gi] |= ~torch.isfinite(loss)
+        self._update(self._parameters_and_gradients(group), lr, frozen[gi])
+        frozen[gi] |= ~finite_runs(group)     # a step can overflow the parameters themselves
+        return loss, correct
 
     def _backward(self, gi: int, group: StackedRuns, x_t, y, x_bf16) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward pass of one hand-written group: its gradients into the layers'
@@ -828,6 +831,10 @@ class Trainer:
 # DISTREP_CUDA_GRAPHS=0 (measured on an H100: the same bits as the eager step, Table 1's fused
 # bf16 step 4 % faster; docs/engine-h100-fused/).
 CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
+# DISTREP_CUDA_STREAMS=1 records each group (variant) of a graphed step on a stream of its own,
+# so that one variant's latency-bound head kernel can run beside another's products. Off until
+# timed on a GPU (scripts/gpu-engine.sh, part 4); groups share no buffer, so the bits are the same.
+CUDA_STREAMS_VARIABLE = "DISTREP_CUDA_STREAMS"
 
 
 def step_function(trainer: Trainer, x_t: torch.Tensor, y: torch.Tensor, lr: float,
@@ -858,6 +865,8 @@ class GraphedStep:
         self.trainer, self.args, self.calls = trainer, args, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.concurrent = (os.environ.get(CUDA_STREAMS_VARIABLE, "0") == "1"
+                           and len(trainer.groups) > 1)
 
     def __call__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.graph is None and self.calls < self.WARMUP:
@@ -865,12 +874,27 @@ class GraphedStep:
             return self.trainer.step(*self.args)
         if self.graph is None:
             torch.cuda.synchronize()
+            streams = [torch.cuda.Stream() for _ in self.trainer.groups] if self.concurrent else []
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):          # records; nothing runs until the replay
-                self.stats = self.trainer.step(*self.args)
+                self.stats = self._record(streams)
             self.graph = graph
         self.graph.replay()
         return self.stats
+
+    def _record(self, streams: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The step as the graph records it: one stream, or each group forked onto its own
+        stream from the capture's and joined back (the graph's branches then run side by side)."""
+        if not streams:
+            return self.trainer.step(*self.args)
+        capture, stats = torch.cuda.current_stream(), []
+        for gi, stream in enumerate(streams):
+            stream.wait_stream(capture)
+            with torch.cuda.stream(stream):
+                stats.append(self.trainer.step_group(gi, *self.args))
+        for stream in streams:
+            capture.wait_stream(stream)
+        return stats
 
 
 def _out_shape(layer, h: torch.Tensor, runs: int) -> tuple[int, ...]:
