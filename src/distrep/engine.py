@@ -246,8 +246,9 @@ class StackedOffsetL2:
     alpha (coded, with the square root's argument clamped at 1e-12). mu, alpha ``[R, out, in]``.
 
     On the CPU, for per-run inputs, the squared distance and its gradients are computed in the
-    direct form, class by class in fp32 (:func:`direct_squared_distance` and its backward,
-    compiled by ``torch.compile``, one run at a time): no cancellation, so no float64 needed.
+    direct form, class by class in fp32 (:func:`direct_squared_distance`, with the root in the
+    same pass, and its backward, compiled by ``torch.compile``, one run at a time): no
+    cancellation, so no float64 needed.
     Elsewhere (CUDA, a shared input, or where compiling fails) they are expanded into products,
     accumulated in float64 over the stacked inputs ``[x ; x^2]`` (one ``[R, 2 in, n]`` float64
     buffer, reused every step):
@@ -303,13 +304,8 @@ class StackedOffsetL2:
         return StackedOffsetL2.direct and not shared and x.device.type == "cpu" and x.dtype == torch.float32
 
     def root(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y, where the root is differentiable) from squared distances s (any shape and dtype):
-        y = sqrt(max(s, 0)) (paper) or sqrt(max(s, 1e-12)) (coded)."""
-        s = s.clamp_min(0.0)                     # NaN stays NaN: a diverged run must show it
-        if self.form == "paper":
-            active = s > 0
-            return torch.where(s == 0, 1.0, s).sqrt_().mul_(active), active
-        return s.clamp_min(CODED_CLAMP).sqrt_(), s > CODED_CLAMP
+        """(y, where the root is differentiable) from squared distances s: :func:`offsetl2_root`."""
+        return offsetl2_root(s, self.form == "paper")
 
     def squared_distance(self, work: torch.Tensor) -> torch.Tensor:
         """s ``[R, out, n]`` in float64 from the stacked inputs ``work`` (:meth:`stacked_inputs`)."""
@@ -319,13 +315,16 @@ class StackedOffsetL2:
 
     def forward(self, x: torch.Tensor, shared: bool, out: torch.Tensor | None = None,
                 keep: bool = True) -> torch.Tensor:
-        s, work = None, None
-        if self._direct(x, shared):
-            s = per_run(direct_squared_distance, x, self.mu, self.metric_weight(x.dtype))
-        if s is None:
-            work = self.stacked_inputs(x, keep)
-            s = self.squared_distance(work)
-        y, active = self.root(s)
+        work = None
+        if self._direct(x, shared):          # distance and root in one compiled pass per run
+            y = out if out is not None else x.new_empty(_out_shape(self, x, x.shape[0]))
+            rest = per_run(DIRECT_FORWARD[self.form], x, self.mu, self.metric_weight(x.dtype), out=y)
+            if rest is not None:
+                if keep:
+                    self._cache = (None, y, rest[0])
+                return y
+        work = self.stacked_inputs(x, keep)
+        y, active = self.root(self.squared_distance(work))
         if keep:
             self._cache = (work, y, active)
         if out is None:
@@ -339,9 +338,13 @@ class StackedOffsetL2:
         self._cache = None
         if work is None:                   # the forward pass took the direct form
             w = self.metric_weight(x.dtype)
-            gs = torch.where(active, g / (2 * torch.where(active, y, 1.0)), 0.0)
             if dx_out is None:
                 dx_out = torch.empty_like(x)
+            # g_s in a compiled pass of its own (inside the class loop's graph, measured, it made
+            # that graph 7x slower)
+            gs = per_run(root_backward, g, y, active)
+            if gs is None:
+                gs = root_backward(g, y, active)
             result = per_run(direct_squared_distance_backward, x, self.mu, w, gs, out=dx_out)
             if result is not None:
                 A, B = result
@@ -350,7 +353,7 @@ class StackedOffsetL2:
             work = self.stacked_inputs(x, keep=True)      # compiling failed: float64 from here
         w, mu = self.metric_weight(), self.mu.double()
         R, o, i = w.shape
-        gs = torch.where(active, g.double() / (2 * torch.where(active, y, 1.0)), 0.0)
+        gs = root_backward(g.double(), y, active)
         if shared:
             gxx = (gs.reshape(R * o, -1) @ work.t()).view(R, o, 2 * i)
         else:
@@ -377,6 +380,35 @@ def direct_squared_distance(x: torch.Tensor, mu: torch.Tensor, w: torch.Tensor) 
     ``[out, n]``, class by class (compiled: one fused pass over x per class, never an
     ``[out, in, n]`` tensor). Each term is a square, so fp32 loses nothing to cancellation."""
     return torch.stack([(w[j, :, None] * (x - mu[j, :, None]).square()).sum(0) for j in range(mu.shape[0])])
+
+
+def offsetl2_root(s: torch.Tensor, paper: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, where the root is differentiable) from squared distances s (any shape and dtype):
+    y = sqrt(max(s, 0)) (``paper``) or sqrt(max(s, 1e-12)) (coded). NaN stays NaN (a diverged
+    run must show it)."""
+    s = s.clamp_min(0.0)
+    if paper:
+        active = s > 0
+        return torch.where(s == 0, 1.0, s).sqrt_().mul_(active), active
+    return s.clamp_min(CODED_CLAMP).sqrt_(), s > CODED_CLAMP
+
+
+def root_backward(g: torch.Tensor, y: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """g_s = dL/ds = g_y / (2 y) where the root is differentiable (``active``), else 0."""
+    return torch.where(active, g / (2 * torch.where(active, y, 1.0)), 0.0)
+
+
+def _direct_forward_paper(x, mu, w):
+    """(y, active) of one run in the direct form, the paper's root: one compiled pass."""
+    return offsetl2_root(direct_squared_distance(x, mu, w), True)
+
+
+def _direct_forward_coded(x, mu, w):
+    """(y, active) of one run in the direct form, the code's clamped root: one compiled pass."""
+    return offsetl2_root(direct_squared_distance(x, mu, w), False)
+
+
+DIRECT_FORWARD = {"paper": _direct_forward_paper, "coded": _direct_forward_coded}
 
 
 def direct_squared_distance_backward(x: torch.Tensor, mu: torch.Tensor, w: torch.Tensor,
@@ -512,8 +544,11 @@ INPUT_ONLY_DERIVATIVE = {"relu", "abs", "neg", "identity", "softplus", "gelu"}
 
 
 def _needs_own_output(layer) -> bool:
-    """Whether ``layer``'s backward step reads its own output (tanh, sigmoid, elu), so that the
-    buffer holding it must survive the backward steps of the layers after it."""
+    """Whether ``layer``'s backward step reads its own output (tanh, sigmoid, elu; OffsetL2,
+    whose root's gradient is g / 2y, and whose direct form keeps y in the output buffer itself),
+    so that the buffer holding it must survive the backward steps of the layers after it."""
+    if isinstance(layer, StackedOffsetL2):
+        return True
     return isinstance(layer, StackedActivation) and layer.kind not in INPUT_ONLY_DERIVATIVE
 
 
