@@ -236,8 +236,8 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 author = min(loop_before, loop(label))
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
                 key = case_key(label, precision, path)
-                out[key] = {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup, "replay": replay,
-                            "peak_gflops": around, "author_s": author}
+                out[key] = {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup,
+                            "replay": replay, "peak_gflops": around, "author_s": author}
                 graphs = f", {replay}" if replay else ""
                 log(f"engine ({path}{graphs}), {label} variants x {runs} runs, {precision}: "
                     f"{seconds * 1e3:.3g} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s, "

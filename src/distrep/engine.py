@@ -868,7 +868,7 @@ class Trainer:
 CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
 # DISTREP_CUDA_STREAMS=1 records each group (variant) of a graphed step on a stream of its own,
 # so that one variant's latency-bound head kernel can run beside another's products. Off until
-# timed on a GPU (scripts/gpu-engine.sh, part 4); groups share no buffer, so the bits are the same.
+# timed on a GPU (scripts/gpu-engine.sh, parts 1-2); groups share no buffer, so the bits are the same.
 CUDA_STREAMS_VARIABLE = "DISTREP_CUDA_STREAMS"
 
 
