@@ -343,9 +343,8 @@ class StackedOffsetL2:
             # g_s in a compiled pass of its own (inside the class loop's graph, measured, it made
             # that graph 7x slower)
             gs = per_run(root_backward, g, y, active)
-            if gs is None:
-                gs = root_backward(g, y, active)
-            result = per_run(direct_squared_distance_backward, x, self.mu, w, gs, out=dx_out)
+            result = None if gs is None else per_run(direct_squared_distance_backward, x, self.mu,
+                                                     w, gs, out=dx_out)
             if result is not None:
                 A, B = result
                 self._parameter_grads(-2 * w * A, B)
