@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The engine's speed and reduced precision on one GPU (issue 11), most important first:
 #   0. each variant's step on a CUDA stream of its own (DISTREP_CUDA_STREAMS=1, not yet measured):
-#      its test (the same bits as one stream), then `distrep bench` of the fused step in fp32 and
-#      bf16 with one stream and with a stream per variant, back to back on the same GPU (parts 1
+#      its test (the same bits as one stream), then `distrep bench` of the fused step in fp32,
+#      TF32 and bf16 with one stream and with a stream per variant, back to back on the same GPU (parts 1
 #      and 2; the parts below are numbered from 3);
 #   1. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
 #      graphs bit for bit, the expanded OffsetL2 kernel's gradients and distances in TF32/bf16,
@@ -22,8 +22,8 @@
 #      (pass 3: 400 s without parts 1-2), this one a second (FROM=7).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
-# always runs). Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
-# Environment: FROM (1), ACCURACY_RUNS (16), ACCURACY_EPOCHS (500), BENCH_EPOCHS (5), DEVICE (cuda).
+# always runs); SKIP="K L" skips the parts named. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
+# Environment: FROM (1), SKIP (none), ACCURACY_RUNS (16), ACCURACY_EPOCHS (500), BENCH_EPOCHS (5), DEVICE (cuda).
 set -u
 default_budget=560
 source "$(dirname "$0")/gpu-lib.sh" "$@"
@@ -34,6 +34,7 @@ part_no=0
 part() {   # part COMMAND...: the next numbered part, skipped if before FROM
     part_no=$((part_no + 1))
     if (( part_no < from )); then echo "=== part ${part_no} skipped (FROM=${from}): $*" | tee -a "$log"; return; fi
+    if [[ " ${SKIP:-} " == *" ${part_no} "* ]]; then echo "=== part ${part_no} skipped (SKIP=${SKIP}): $*" | tee -a "$log"; return; fi
     "$@"
 }
 upto() { local l; l=$(left 10); echo $(( $1 < l ? $1 : l )); }   # at most $1 s, within the budget
@@ -43,7 +44,7 @@ step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --
 step 40 "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 60 "$python" -m distrep.cli data fetch mnist --from "$data"
 part step "$(upto 120)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k concurrent_streams
-part step "$(upto 200)" bash -c "for s in 0 1; do DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32,bf16; done"
+part step "$(upto 200)" bash -c "for s in 0 1; do DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32,tf32,bf16; done"
 part step "$(upto 220)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 part step "$(upto 160)" "$python" -c "
 from distrep import bench
