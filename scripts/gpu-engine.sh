@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
 # The engine's speed and reduced precision on one GPU (issue 11), most important first:
-#   0. each variant's step on a CUDA stream of its own (DISTREP_CUDA_STREAMS=1, not yet measured):
-#      its test (the same bits as one stream), then `distrep bench` of the fused step in fp32,
-#      TF32 and bf16 with one stream and with a stream per variant, back to back on the same GPU (parts 1
-#      and 2; the parts below are numbered from 3);
-#   1. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
+#   1. a CUDA stream per variant (the default for the fused step in TF32 and bf16 since an H200
+#      timed it: docs/engine-h200-fused/; DISTREP_CUDA_STREAMS=0/1 forces it off/on): its test,
+#      the same bits as one stream;
+#   2. `distrep bench` of the fused step in fp32, TF32 and bf16, one stream, then a stream per
+#      variant, back to back on the same GPU;
+#   3. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
 #      graphs bit for bit, the expanded OffsetL2 kernel's gradients and distances in TF32/bf16,
 #      a register cap changing no bit);
-#   2. TF32 and bf16 against fp32, run by run from the same seeds (`bench --accuracy`, fused
+#   4. TF32 and bf16 against fp32, run by run from the same seeds (`bench --accuracy`, fused
 #      step, each mode's OffsetL2 kernel: distrep.fused.OFFSETL2_KERNEL), every Table 1 and
 #      Table 3 model on full MNIST, into OUT_DIR/accuracy/;
-#   3. the fused step's shapes and OffsetL2 kernels timed (scripts/fused-tune.py), to choose
+#   5. the fused step's shapes and OffsetL2 kernels timed (scripts/fused-tune.py), to choose
 #      BLOCK_N, NUM_WARPS, BLOCKS_PER_PROGRAM (and to hold scripts/kernel-stats.py's
 #      predictions against);
-#   4. `distrep bench`, fused and hand-written side by side: Table 1's and Table 3's variants x
+#   6. `distrep bench`, fused and hand-written side by side: Table 1's and Table 3's variants x
 #      20 runs, full MNIST, fp32 / TF32 / bf16: run-epochs/s, fraction of the GEMM peak,
 #      projected time of the whole paper;
-#   5. the rest of tests/test_cuda.py and the CUDA case of the SIGKILL-and-resume test (`auto`
-#      takes the fused step on CUDA, with CUDA graphs, so these now check it; in pass 3 the
-#      resume test ran past 95 s on its own: give it 300): parts 1-6 fill a first call of 560 s
-#      (pass 3: 400 s without parts 1-2), this one a second (FROM=7).
+#   7. the rest of tests/test_cuda.py and the CUDA case of the SIGKILL-and-resume test (`auto`
+#      takes the fused step on CUDA, with CUDA graphs, so these now check it).
+# On an H200 (2026-11-28) parts 1-3, 6 and 7 took 527 s of a 565 s call (SKIP="4 5"); all seven
+# need a second call (FROM=6).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs); SKIP="K L" skips the parts named. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)

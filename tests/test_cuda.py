@@ -172,12 +172,15 @@ def test_cuda_graphs_replay_the_fused_and_hand_written_steps_exactly(raw, engine
     assert_same_bits(eager, graphed)
 
 
-@pytest.mark.parametrize("engine,precision", [("fused", "bf16"), ("fused", "fp32"), ("hand-written", "fp32")])
+@pytest.mark.parametrize("engine,precision", [("fused", "bf16"), ("fused", "tf32"), ("fused", "fp32"),
+                                              ("hand-written", "fp32")])
 def test_groups_on_concurrent_streams_train_the_same_bits(raw, engine, precision, monkeypatch):
-    """DISTREP_CUDA_STREAMS=1 records each variant's step on a stream of its own; the variants
-    share no buffer, so what they train is what the one-stream graph trains, bit for bit."""
+    """DISTREP_CUDA_STREAMS=1 records each variant's step on a stream of its own (the default
+    for the fused step in TF32 and bf16); the variants share no buffer, so what they train is
+    what the one-stream graph (DISTREP_CUDA_STREAMS=0) trains, bit for bit."""
     models = ["ReLU", "Abs2-Neg", "ReLU-L2"]
     kw = dict(runs=3, epochs=12, eval_every=4, device="cuda", engine=engine, precision=precision)
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "0")
     one_stream = sweep(raw, models, **kw)
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "1")
     concurrent = sweep(raw, models, **kw)

@@ -275,6 +275,39 @@ def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(mo
         assert events == ["whole step", "whole step", "capture", "whole step", "end capture"], streams
 
 
+def test_a_stream_per_variant_is_the_default_only_where_it_was_measured_to_pay(monkeypatch):
+    """Unset (or ``auto``), a graphed step gives each variant its own stream for the fused step
+    in TF32 and bf16 only (faster there on an H200; fp32 slower, hand-written not timed);
+    DISTREP_CUDA_STREAMS=1/0 forces it; one variant never forks; any other value is refused."""
+    import types
+
+    from distrep import engine
+
+    fused = object.__new__(engine.FusedRuns)
+    hand = object.__new__(engine.StackedRuns)
+
+    def trainer(precision, *groups):
+        return types.SimpleNamespace(precision=precision, groups=list(groups))
+
+    monkeypatch.delenv("DISTREP_CUDA_STREAMS", raising=False)
+    assert engine.concurrent_groups(trainer("bf16", fused, fused))
+    assert engine.concurrent_groups(trainer("tf32", fused, fused))
+    assert not engine.concurrent_groups(trainer("fp32", fused, fused))
+    assert not engine.concurrent_groups(trainer("bf16", hand, hand))
+    assert not engine.concurrent_groups(trainer("bf16", fused, hand))
+    assert not engine.concurrent_groups(trainer("bf16", fused))
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "auto")
+    assert engine.concurrent_groups(trainer("bf16", fused, fused))
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "1")
+    assert engine.concurrent_groups(trainer("fp32", hand, hand))
+    assert not engine.concurrent_groups(trainer("fp32", hand))
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "0")
+    assert not engine.concurrent_groups(trainer("bf16", fused, fused))
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "yes")
+    with pytest.raises(DistrepError, match="DISTREP_CUDA_STREAMS='yes'"):
+        engine.concurrent_groups(trainer("bf16", fused, fused))
+
+
 def test_diverged_run_is_frozen_and_others_continue(raw):
     cfg = SweepConfig(models=["ReLU"], runs=3, epochs=10, eval_every=5).validate()
     s = Sweep(cfg, raw, progress=False)

@@ -865,10 +865,27 @@ class Trainer:
 # DISTREP_CUDA_GRAPHS=0 (measured on an H100: the same bits as the eager step, Table 1's fused
 # bf16 step 4 % faster; docs/engine-h100-fused/).
 CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
-# DISTREP_CUDA_STREAMS=1 records each group (variant) of a graphed step on a stream of its own,
-# so that one variant's latency-bound head kernel can run beside another's products. Off until
-# timed on a GPU (scripts/gpu-engine.sh, parts 1-2); groups share no buffer, so the bits are the same.
+# A graphed step records each group (variant) on a CUDA stream of its own, so that one variant's
+# latency-bound head kernel runs beside another's products, where that was measured to pay: the
+# fused step in TF32 and bf16 (H200: Table 1 6-13 % and Table 3 9-16 % faster, the same bits;
+# docs/engine-h200-fused/). Not in fp32, where the products already fill the GPU (Table 1 7 %
+# slower), nor the hand-written step (not timed). DISTREP_CUDA_STREAMS=1 or 0 forces it on or off.
 CUDA_STREAMS_VARIABLE = "DISTREP_CUDA_STREAMS"
+
+
+def concurrent_groups(trainer: Trainer) -> bool:
+    """Whether a graphed step of ``trainer`` records each group on a stream of its own: by
+    ``DISTREP_CUDA_STREAMS`` (``1`` on, ``0`` off, unset or ``auto`` as measured: fused TF32
+    and bf16 steps), never with a single group."""
+    setting = os.environ.get(CUDA_STREAMS_VARIABLE, "auto")
+    if setting not in ("0", "1", "auto"):
+        raise DistrepError(f"{CUDA_STREAMS_VARIABLE}={setting!r}: use 1 (a stream per variant), "
+                           "0 (one stream) or auto")
+    if len(trainer.groups) < 2 or setting == "0":
+        return False
+    if setting == "1":
+        return True
+    return trainer.precision != "fp32" and all(isinstance(g, FusedRuns) for g in trainer.groups)
 
 
 def step_function(trainer: Trainer, x_t: torch.Tensor, y: torch.Tensor, lr: float,
@@ -899,8 +916,7 @@ class GraphedStep:
         self.trainer, self.args, self.calls = trainer, args, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.concurrent = (os.environ.get(CUDA_STREAMS_VARIABLE, "0") == "1"
-                           and len(trainer.groups) > 1)
+        self.concurrent = concurrent_groups(trainer)
 
     def __call__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.graph is None and self.calls < self.WARMUP:
