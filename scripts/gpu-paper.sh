@@ -17,7 +17,8 @@
 #   table2           Table 2's six bias models, 5,000 epochs
 #   table1-abs       Table 1's Abs and Abs2 only
 # At pass 3's bf16 rates on an H100 (docs/engine-h100-fused/pass3/): table3-offsetl2 ~5.1 min,
-# table1 ~6.0 min, table2 ~0.6 min, plus start-up and test passes; so two calls:
+# table1 ~6.0 min, table2 ~0.6 min (on an H200 with a stream per variant, docs/engine-h200-fused/:
+# 4.4, 5.4 and 0.5), plus start-up and test passes; so two calls, the second at once (warm):
 # PARTS="table3-offsetl2 table2", then PARTS=table1.
 # Usage: scripts/gpu-paper.sh MNIST_DIR OUT_DIR [SECONDS]   (SECONDS: the whole pass, default 560)
 # Environment: PARTS ("table3-offsetl2 table2"), RUNS (20), PRECISION (bf16), DEVICE (cuda),
