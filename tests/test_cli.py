@@ -282,6 +282,34 @@ def test_bench_prints_every_figure(mnist, monkeypatch):
         assert fragment in r.stdout, fragment
 
 
+def test_bench_repeats_each_case_and_reports_its_median_reading(mnist, monkeypatch):
+    """`bench --repeats K` times each engine case K times, each between its own peak and loop
+    measurements; the reading whose fraction of the peak is the median stands for the case
+    (its time, peak and loop together, not a mix of readings), with every reading's range."""
+    from distrep.bench import summarize
+    readings = [{"s": 2.0, "gflops": 80.0, "peak_gflops": 100.0, "author_s": 3.0},   # 80 %, 1.5x
+                {"s": 1.0, "gflops": 90.0, "peak_gflops": 200.0, "author_s": 4.0},   # 45 %, 4x
+                {"s": 4.0, "gflops": 60.0, "peak_gflops": 100.0, "author_s": 2.0}]   # 60 %, 0.5x
+    case = summarize(readings)
+    assert (case["s"], case["peak_gflops"], case["author_s"]) == (4.0, 100.0, 2.0)
+    assert case["fraction"] == 0.6 and case["speedup"] == 0.5
+    assert case["fraction_range"] == (0.45, 0.8) and case["speedup_range"] == (0.5, 4.0)
+    assert [r["fraction"] for r in case["repeats"]] == [0.8, 0.45, 0.6]
+    assert summarize(readings[:2])["fraction"] == 0.45            # an even count: the lower middle
+    assert "repeats" not in summarize(readings[:1])
+
+    monkeypatch.setitem(bench.PEAK_SIZE, "cpu", 512)
+    calls = []
+    timed_engine = bench.engine
+    monkeypatch.setattr(bench, "engine", lambda *a, **k: calls.append(a[0]) or timed_engine(*a, **k))
+    r = distrep("bench", "--device", "cpu", "--runs", 1, "--epochs", 1, "--train-subset", 200,
+                "--precisions", "fp32", "--repeats", 2)
+    assert r.returncode == 0, r.stderr
+    assert len(calls) == 4                                         # two tables, twice each
+    assert r.stdout.count("the median of 2 repeats, each against its own peak and loop") == 2
+    assert_one_line_error(distrep("bench", "--device", "cpu", "--repeats", 0), "--repeats")
+
+
 def test_bench_projects_the_paper_as_produced():
     """Table 1 at the stated 5,000 and the producing 50,000 epochs, and the whole paper with
     every run once: 120 x 50,000 + 120 x 5,000 Table-1-like run-epochs, 80 x 50,000 OffsetL2."""

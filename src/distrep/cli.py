@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     bench.add_argument("--runs", type=positive_int, default=20, help="runs per variant")
     bench.add_argument("--epochs", type=positive_int, default=2, help="timed epochs per chunk")
+    bench.add_argument("--repeats", type=positive_int, default=1, metavar="K",
+                       help="time every engine case K times, each between its own peak and loop "
+                            "measurements, and report the median with the range (a noisy host)")
     bench.add_argument("--max-memory", type=memory_size, default="8G", metavar="SIZE")
     bench.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
     bench.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
@@ -433,7 +436,7 @@ def cmd_bench(args) -> None:
         for engine in engines:
             SweepConfig(models=list(TABLE1 + TABLE3), device=args.device, engine=engine).validate()
         run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
-                  bf16=not args.no_bf16, engines=engines, precisions=chosen)
+                  bf16=not args.no_bf16, engines=engines, precisions=chosen, repeats=args.repeats)
     if args.accuracy:
         precisions = (("bf16",) if not args.no_bf16 else ()) + (("tf32",) if cuda else ())
         accuracy_check(args.device, precisions, args.accuracy_runs, args.accuracy_epochs,
