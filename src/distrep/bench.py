@@ -6,7 +6,8 @@ every epoch, as the paper's code trains: ReLU2 for Table 1, ReLU-L2 with the aut
 OffsetL2 arithmetic for Table 3), and the engine on the paper's variants, each against its
 table's loop. The GEMM peak and the author loop are measured again right before and right after
 every engine case, so that each fraction and ratio compares moments minutes apart, not the
-start of a long invocation with its end (a shared host drifts by tens of percent). Engine
+start of a long invocation with its end (a shared host drifts by tens of percent); with
+``repeats`` each case is timed so several times and its median reading reported. Engine
 times are steady state (after one warm-up step, buffers allocated), include a test pass every
 10 epochs (the engine's default) and cover every chunk the memory budget asks for.
 """
