@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The engine's speed and reduced precision on one GPU (issue 11), most important first:
 #   1. a CUDA stream per variant (the default for the fused step in TF32 and bf16 since an H200
-#      timed it: docs/engine-h200-fused/; DISTREP_CUDA_STREAMS=0/1 forces it off/on): its test,
-#      the same bits as one stream;
-#   2. `distrep bench` of the fused step in fp32, TF32 and bf16, one stream, then a stream per
-#      variant, back to back on the same GPU;
+#      timed it: docs/engine-h200-fused/; DISTREP_CUDA_STREAMS=0/1 forces it off/on) and the
+#      two-stream pipeline (=pipeline, not yet timed): their test, the same bits as one stream;
+#   2. `distrep bench` of the fused step in fp32, TF32 and bf16: one stream, a stream per
+#      variant, then the pipeline, back to back on the same GPU;
 #   3. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
 #      graphs bit for bit, the expanded OffsetL2 kernel's gradients and distances in TF32/bf16,
 #      a register cap changing no bit);
@@ -19,8 +19,9 @@
 #      projected time of the whole paper;
 #   7. the rest of tests/test_cuda.py and the CUDA case of the SIGKILL-and-resume test (`auto`
 #      takes the fused step on CUDA, with CUDA graphs, so these now check it).
-# On an H200 (2026-11-28) parts 1-3, 6 and 7 took 527 s of a 565 s call (SKIP="4 5"); all seven
-# need a second call (FROM=6).
+# On an H200 (2026-11-28) parts 1-3, 6 and 7 took 527 s of a 565 s call (SKIP="4 5"), before
+# part 1 had the pipeline's three cases and part 2 its third bench (~60 s more); all seven need
+# a second call (FROM=6).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs); SKIP="K L" skips the parts named. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
@@ -45,7 +46,7 @@ step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --
 step 40 "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 60 "$python" -m distrep.cli data fetch mnist --from "$data"
 part step "$(upto 120)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k concurrent_streams
-part step "$(upto 200)" bash -c "for s in 0 1; do DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32,tf32,bf16; done"
+part step "$(upto 200)" bash -c "for s in 0 1 pipeline; do DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32,tf32,bf16; done"
 part step "$(upto 220)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 part step "$(upto 160)" "$python" -c "
 from distrep import bench

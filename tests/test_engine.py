@@ -278,7 +278,8 @@ def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(mo
 def test_a_stream_per_variant_is_the_default_only_where_it_was_measured_to_pay(monkeypatch):
     """Unset (or ``auto``), a graphed step gives each variant its own stream for the fused step
     in TF32 and bf16 only (faster there on an H200; fp32 slower, hand-written not timed);
-    DISTREP_CUDA_STREAMS=1/0 forces it; one variant never forks; any other value is refused."""
+    DISTREP_CUDA_STREAMS=1/0/pipeline forces a schedule (the pipeline only for fused groups);
+    one variant never forks; any other value is refused."""
     import types
 
     from distrep import engine
@@ -286,26 +287,110 @@ def test_a_stream_per_variant_is_the_default_only_where_it_was_measured_to_pay(m
     fused = object.__new__(engine.FusedRuns)
     hand = object.__new__(engine.StackedRuns)
 
-    def trainer(precision, *groups):
-        return types.SimpleNamespace(precision=precision, groups=list(groups))
+    def schedule(precision, *groups):
+        return engine.stream_schedule(types.SimpleNamespace(precision=precision, groups=list(groups)))
 
     monkeypatch.delenv("DISTREP_CUDA_STREAMS", raising=False)
-    assert engine.concurrent_groups(trainer("bf16", fused, fused))
-    assert engine.concurrent_groups(trainer("tf32", fused, fused))
-    assert not engine.concurrent_groups(trainer("fp32", fused, fused))
-    assert not engine.concurrent_groups(trainer("bf16", hand, hand))
-    assert not engine.concurrent_groups(trainer("bf16", fused, hand))
-    assert not engine.concurrent_groups(trainer("bf16", fused))
+    assert schedule("bf16", fused, fused) == schedule("tf32", fused, fused) == "per-variant"
+    assert schedule("fp32", fused, fused) == "one"
+    assert schedule("bf16", hand, hand) == schedule("bf16", fused, hand) == "one"
+    assert schedule("bf16", fused) == "one"
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "auto")
-    assert engine.concurrent_groups(trainer("bf16", fused, fused))
+    assert schedule("bf16", fused, fused) == "per-variant"
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "1")
-    assert engine.concurrent_groups(trainer("fp32", hand, hand))
-    assert not engine.concurrent_groups(trainer("fp32", hand))
+    assert schedule("fp32", hand, hand) == "per-variant"
+    assert schedule("fp32", hand) == "one"
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "0")
-    assert not engine.concurrent_groups(trainer("bf16", fused, fused))
+    assert schedule("bf16", fused, fused) == "one"
+    monkeypatch.setenv("DISTREP_CUDA_STREAMS", "pipeline")
+    assert schedule("fp32", fused, fused) == schedule("bf16", fused, fused) == "pipeline"
+    assert schedule("fp32", fused) == "one"
+    with pytest.raises(DistrepError, match="pipeline needs the fused step"):
+        schedule("fp32", fused, hand)
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "yes")
     with pytest.raises(DistrepError, match="DISTREP_CUDA_STREAMS='yes'"):
-        engine.concurrent_groups(trainer("bf16", fused, fused))
+        schedule("bf16", fused, fused)
+
+
+def test_a_pipelined_graphed_step_runs_each_kernel_beside_the_next_product(monkeypatch):
+    """DISTREP_CUDA_STREAMS=pipeline: the products and each variant's rest of the step in order
+    on the capture's stream, variant i + 1's product recorded before variant i's rest, each
+    kernel on the second stream after its product (a wait on the capture's stream) and before
+    its rest (a wait on the kernel's event), the second stream joined back before the capture
+    ends; the statistics are the variants' in order. (CUDA stand-ins.)"""
+    import contextlib
+    import types
+
+    import distrep.engine as engine
+    events, current = [], []
+
+    class Stream:
+        def __init__(self, name="kernels"):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+        def wait_event(self, event):
+            events.append(f"{self.name} waits {event.name}")
+
+    class Event:
+        made = 0
+
+        def __init__(self):
+            self.name, Event.made = f"event {Event.made}", Event.made + 1
+
+        def record(self, stream):
+            events.append(f"{self.name} on {stream.name}")
+
+    capture_stream = Stream("capture")
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    def where():
+        return current[-1].name if current else "capture"
+
+    class Trainer:
+        groups = ["A", "B", "C"]
+
+        def step(self, *args):
+            events.append("whole step")
+
+        def fused_phases(self, gi, *args):
+            return (lambda: events.append(f"product {gi} on {where()}"),
+                    lambda: events.append(f"kernel {gi} on {where()}"),
+                    lambda: events.append(f"rest {gi} on {where()}") or (f"loss {gi}", gi))
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture")
+        yield
+        events.append("end capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: capture_stream)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(engine, "stream_schedule", lambda trainer: "pipeline")
+    step = engine.GraphedStep(Trainer(), ())
+    stats = [step() for _ in range(4)][-1]
+    assert events == [
+        "whole step", "whole step", "capture",
+        "product 0 on capture", "kernels waits capture", "kernel 0 on kernels", "event 0 on kernels",
+        "product 1 on capture", "kernels waits capture", "kernel 1 on kernels", "event 1 on kernels",
+        "capture waits event 0", "rest 0 on capture",
+        "product 2 on capture", "kernels waits capture", "kernel 2 on kernels", "event 2 on kernels",
+        "capture waits event 1", "rest 1 on capture",
+        "capture waits event 2", "rest 2 on capture",
+        "capture waits kernels", "end capture"]
+    assert stats == [("loss 0", 0), ("loss 1", 1), ("loss 2", 2)]
 
 
 def test_diverged_run_is_frozen_and_others_continue(raw):

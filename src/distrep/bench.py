@@ -172,7 +172,9 @@ def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every
         one_step = step_function(trainer, x_t, y, 1e-3, frozen, x_bf16)
         graphed = isinstance(one_step, GraphedStep)
         if graphed:
-            replay = "CUDA graphs" + (", a stream per variant" if one_step.concurrent else "")
+            replay = "CUDA graphs" + {"one": "", "per-variant": ", a stream per variant",
+                                      "pipeline": ", products and kernels pipelined on two streams"
+                                      }[one_step.schedule]
         # the step's own CUDA graph records on call WARMUP + 1; the compiled path's records on
         # the second call and replays from the third
         warmup = GraphedStep.WARMUP + 1 if graphed else 3 if sweep.config.engine == "compiled" else 1

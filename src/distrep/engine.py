@@ -792,9 +792,24 @@ class Trainer:
             loss, correct = group.gradients(x_t, y, x_bf16)
         else:
             loss, correct = self._backward(gi, group, x_t, y, x_bf16)
-        frozen[gi] |= ~torch.isfinite(loss)
-        self._update(self._parameters_and_gradients(group), lr, frozen[gi])
-        frozen[gi] |= ~finite_runs(group)     # a step can overflow the parameters themselves
+        return self._apply(group, loss, correct, lr, frozen[gi])
+
+    def fused_phases(self, gi: int, x_t, y, lr: float, frozen: list[torch.Tensor],
+                     x_bf16: torch.Tensor | None = None):
+        """:meth:`step_group` of the fused group ``gi`` as three calls to make in this order
+        (:meth:`~distrep.fused.FusedRuns.phases`): the first layer's product, the head kernel,
+        then the rest of the gradients and the update, which returns ``(loss, correct)``."""
+        group = self.groups[gi]
+        product, kernel, finish = group.phases(x_t, y, x_bf16)
+        return product, kernel, lambda: self._apply(group, *finish(), lr, frozen[gi])
+
+    def _apply(self, group, loss: torch.Tensor, correct: torch.Tensor, lr: float,
+               frozen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SGD update of a hand-written or fused group from its gradients, freezing (in
+        place) the runs whose loss or parameters are no longer finite."""
+        frozen |= ~torch.isfinite(loss)
+        self._update(self._parameters_and_gradients(group), lr, frozen)
+        frozen |= ~finite_runs(group)     # a step can overflow the parameters themselves
         return loss, correct
 
     def _backward(self, gi: int, group: StackedRuns, x_t, y, x_bf16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -865,27 +880,37 @@ class Trainer:
 # DISTREP_CUDA_GRAPHS=0 (measured on an H100: the same bits as the eager step, Table 1's fused
 # bf16 step 4 % faster; docs/engine-h100-fused/).
 CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
-# A graphed step records each group (variant) on a CUDA stream of its own, so that one variant's
-# latency-bound head kernel runs beside another's products, where that was measured to pay: the
-# fused step in TF32 and bf16 (H200: Table 1 6-13 % and Table 3 9-16 % faster, the same bits;
-# docs/engine-h200-fused/). Not in fp32, where the products already fill the GPU (Table 1 7 %
-# slower), nor the hand-written step (not timed). DISTREP_CUDA_STREAMS=1 or 0 forces it on or off.
+# How a graphed step spreads its groups (variants) over CUDA streams. "per-variant": each group on
+# a stream of its own, so that one variant's latency-bound head kernel runs beside another's
+# products; measured to pay for the fused step in TF32 and bf16 (H200: Table 1 6-13 % and Table 3
+# 9-16 % faster, the same bits; docs/engine-h200-fused/), not in fp32, where two products side by
+# side slow each other (Table 1 7 % slower); the hand-written step was not timed with it.
+# "pipeline" (fused groups only, not yet timed): the products in order on one stream, variant
+# i + 1's forward product before variant i's weight gradient, and the head kernels on a second,
+# so that one product at a time runs beside one kernel: the schedule left to try for fp32.
+# DISTREP_CUDA_STREAMS=0 (one stream), 1 (per-variant), pipeline, or auto (unset: as measured).
 CUDA_STREAMS_VARIABLE = "DISTREP_CUDA_STREAMS"
+STREAM_SCHEDULES = {"0": "one", "1": "per-variant", "pipeline": "pipeline"}
 
 
-def concurrent_groups(trainer: Trainer) -> bool:
-    """Whether a graphed step of ``trainer`` records each group on a stream of its own: by
-    ``DISTREP_CUDA_STREAMS`` (``1`` on, ``0`` off, unset or ``auto`` as measured: fused TF32
-    and bf16 steps), never with a single group."""
+def stream_schedule(trainer: Trainer) -> str:
+    """How a graphed step of ``trainer`` uses CUDA streams: ``"one"``, ``"per-variant"`` or
+    ``"pipeline"`` (:data:`CUDA_STREAMS_VARIABLE`; ``auto``, the default, gives each variant a
+    stream of its own for the fused step in TF32 and bf16 and one stream otherwise). A single
+    group always takes one stream."""
     setting = os.environ.get(CUDA_STREAMS_VARIABLE, "auto")
-    if setting not in ("0", "1", "auto"):
+    if setting != "auto" and setting not in STREAM_SCHEDULES:
         raise DistrepError(f"{CUDA_STREAMS_VARIABLE}={setting!r}: use 1 (a stream per variant), "
-                           "0 (one stream) or auto")
-    if len(trainer.groups) < 2 or setting == "0":
-        return False
-    if setting == "1":
-        return True
-    return trainer.precision != "fp32" and all(isinstance(g, FusedRuns) for g in trainer.groups)
+                           "0 (one stream), pipeline (products and kernels on two streams) or auto")
+    fused = all(isinstance(g, FusedRuns) for g in trainer.groups)
+    if len(trainer.groups) < 2:
+        return "one"
+    if setting == "auto":
+        return "per-variant" if fused and trainer.precision != "fp32" else "one"
+    if setting == "pipeline" and not fused:
+        raise DistrepError(f"{CUDA_STREAMS_VARIABLE}=pipeline needs the fused step for every "
+                           "variant (--engine fused)")
+    return STREAM_SCHEDULES[setting]
 
 
 def step_function(trainer: Trainer, x_t: torch.Tensor, y: torch.Tensor, lr: float,
@@ -916,7 +941,7 @@ class GraphedStep:
         self.trainer, self.args, self.calls = trainer, args, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.concurrent = concurrent_groups(trainer)
+        self.schedule = stream_schedule(trainer)
 
     def __call__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.graph is None and self.calls < self.WARMUP:
@@ -924,10 +949,12 @@ class GraphedStep:
             return self.trainer.step(*self.args)
         if self.graph is None:
             torch.cuda.synchronize()
-            streams = [torch.cuda.Stream() for _ in self.trainer.groups] if self.concurrent else []
+            count = {"one": 0, "pipeline": 1, "per-variant": len(self.trainer.groups)}[self.schedule]
+            streams = [torch.cuda.Stream() for _ in range(count)]
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):          # records; nothing runs until the replay
-                self.stats = self._record(streams)
+                self.stats = (self._record_pipeline(streams[0]) if self.schedule == "pipeline"
+                              else self._record(streams))
             self.graph = graph
         self.graph.replay()
         return self.stats
@@ -944,6 +971,28 @@ class GraphedStep:
                 stats.append(self.trainer.step_group(gi, *self.args))
         for stream in streams:
             capture.wait_stream(stream)
+        return stats
+
+    def _record_pipeline(self, kernels) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The fused step as the graph records it with the products in order on the capture's
+        stream (variant i + 1's forward product before variant i's weight gradient and update)
+        and each head kernel on ``kernels``, after its product and before the rest of its step,
+        so that one variant's kernel may run beside the next one's product."""
+        capture, G = torch.cuda.current_stream(), len(self.trainer.groups)
+        phases = [self.trainer.fused_phases(gi, *self.args) for gi in range(G)]
+        done, stats = [], []
+        for i in range(G + 1):
+            if i < G:
+                phases[i][0]()                            # the product, on the capture's stream
+                kernels.wait_stream(capture)
+                with torch.cuda.stream(kernels):
+                    phases[i][1]()                        # the kernel, beside what follows
+                done.append(torch.cuda.Event())
+                done[i].record(kernels)
+            if i > 0:
+                capture.wait_event(done[i - 1])
+                stats.append(phases[i - 1][2]())          # the rest of variant i - 1's step
+        capture.wait_stream(kernels)
         return stats
 
 

@@ -527,13 +527,39 @@ class FusedRuns:
     def gradients(self, x_t: torch.Tensor, y: torch.Tensor, x_bf16: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every run's gradient on ``x_t [D, n]`` into ``grads``; ``(loss [R], correct [R])``.
-        The :class:`~distrep.engine.Trainer` applies the update, as for the hand-written step."""
+        The :class:`~distrep.engine.Trainer` applies the update, as for the hand-written step.
+        The three phases of :meth:`phases` in order."""
+        product, kernel, finish = self.phases(x_t, y, x_bf16)
+        product()
+        kernel()
+        return finish()
+
+    def phases(self, x_t: torch.Tensor, y: torch.Tensor, x_bf16: torch.Tensor | None = None):
+        """:meth:`gradients` as three calls, run in this order (a pipelined schedule may put the
+        kernel on another stream, after the product and before the rest): the first layer's
+        product P; the head kernel, which writes dL/dP over P and its partial sums; then the
+        weight-gradient product dP [X; 1]^T and the sums into ``grads``, returning
+        ``(loss [R], correct [R])``."""
         x = x_bf16 if self.dtype == torch.bfloat16 and x_bf16 is not None else x_t.to(self.dtype)
+        state: dict = {}
+
+        def product() -> None:
+            state["P"] = self._first_layer(x, "train")
+
+        def kernel() -> None:
+            state["head"] = head = self._head_weights()
+            state["parts"] = self._launch(state["P"], head, y, None)
+
+        def finish() -> tuple[torch.Tensor, torch.Tensor]:
+            return self._weight_gradients(x, state["P"], state["head"], state["parts"])
+        return product, kernel, finish
+
+    def _weight_gradients(self, x: torch.Tensor, P: torch.Tensor, head: tuple, parts: dict
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's gradient dP [X; 1]^T (P holds dL/dP after the kernel) and the
+        output layer's from the kernel's partial sums, into ``grads``; ``(loss, correct)``."""
         R, H, D = self.params["0.weight"].shape
         n = x.shape[1]
-        P = self._first_layer(x, "train")
-        head = self._head_weights()
-        parts = self._launch(P, head, y, None)
         C = head[0].shape[1]
         g = self.grads
         grad = torch.mm(P.view(R * H, n), self._with_ones(x, "train").t())    # dP [X; 1]^T
