@@ -203,36 +203,71 @@ def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(monkeypatch)
     assert not isinstance(engine.step_function(Trainer(), on_cuda, None, 0.1, []), engine.GraphedStep)
 
 
+class CudaStandIns:
+    """Stand-ins for the CUDA calls a graphed step records with (streams, events, the capture),
+    installed over ``torch.cuda``: each call appends to ``events`` what it would do; new streams
+    are named s0, s1, ..., the capture's stream "capture"; :meth:`where` names the stream that
+    work is being recorded on. Replays do nothing."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+        import types
+        events, current, made = [], [], {"stream": 0, "event": 0}
+        self.events, self._current = events, current
+
+        class Stream:
+            def __init__(self, name=None):
+                if name is None:
+                    name, made["stream"] = f"s{made['stream']}", made["stream"] + 1
+                self.name = name
+
+            def wait_stream(self, other):
+                events.append(f"{self.name} waits {other.name}")
+
+            def wait_event(self, event):
+                events.append(f"{self.name} waits {event.name}")
+
+        class Event:
+            def __init__(self):
+                self.name, made["event"] = f"event {made['event']}", made["event"] + 1
+
+            def record(self, stream):
+                events.append(f"{self.name} on {stream.name}")
+
+        @contextlib.contextmanager
+        def on(stream):
+            current.append(stream)
+            yield
+            current.pop()
+
+        @contextlib.contextmanager
+        def capture(graph):
+            events.append("capture")
+            yield
+            events.append("end capture")
+
+        capture_stream = Stream("capture")
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
+        monkeypatch.setattr(torch.cuda, "graph", capture)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: capture_stream)
+        monkeypatch.setattr(torch.cuda, "stream", on)
+
+    def where(self) -> str:
+        return self._current[-1].name if self._current else "capture"
+
+
 def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(monkeypatch):
     """With DISTREP_CUDA_STREAMS=1 the recorded step forks every group onto a stream of its own
     from the capture's stream (each waits for it), records that group's step there alone, and
     joins every stream back before the capture ends; the statistics are the groups' in order.
     Without it, or with one group, the step records on the capture's stream. (CUDA stand-ins;
     tests/test_cuda.py checks the bits on a GPU.)"""
-    import contextlib
-    import types
-
     import distrep.engine as engine
-    events = []
-
-    class Stream:
-        made = 0
-
-        def __init__(self, name=None):
-            if name is None:
-                name, Stream.made = f"s{Stream.made}", Stream.made + 1
-            self.name = name
-
-        def wait_stream(self, other):
-            events.append(f"{self.name} waits {other.name}")
-
-    capture_stream, current = Stream("capture"), []
-
-    @contextlib.contextmanager
-    def on(stream):
-        current.append(stream)
-        yield
-        current.pop()
+    cuda = CudaStandIns(monkeypatch)
+    events = cuda.events
 
     class Trainer:
         groups = ["A", "B", "C"]
@@ -242,21 +277,9 @@ def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(mo
             return [("all", 0)]
 
         def step_group(self, gi, *args):
-            events.append(f"group {gi} on {current[-1].name if current else 'capture'}")
+            events.append(f"group {gi} on {cuda.where()}")
             return (f"loss {gi}", gi)
 
-    @contextlib.contextmanager
-    def capture(graph):
-        events.append("capture")
-        yield
-        events.append("end capture")
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: capture_stream)
-    monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "1")
     step = engine.GraphedStep(Trainer(), ())
     stats = [step() for _ in range(4)][-1]
@@ -318,41 +341,9 @@ def test_a_pipelined_graphed_step_runs_each_kernel_beside_the_next_product(monke
     kernel on the second stream after its product (a wait on the capture's stream) and before
     its rest (a wait on the kernel's event), the second stream joined back before the capture
     ends; the statistics are the variants' in order. (CUDA stand-ins.)"""
-    import contextlib
-    import types
-
     import distrep.engine as engine
-    events, current = [], []
-
-    class Stream:
-        def __init__(self, name="kernels"):
-            self.name = name
-
-        def wait_stream(self, other):
-            events.append(f"{self.name} waits {other.name}")
-
-        def wait_event(self, event):
-            events.append(f"{self.name} waits {event.name}")
-
-    class Event:
-        made = 0
-
-        def __init__(self):
-            self.name, Event.made = f"event {Event.made}", Event.made + 1
-
-        def record(self, stream):
-            events.append(f"{self.name} on {stream.name}")
-
-    capture_stream = Stream("capture")
-
-    @contextlib.contextmanager
-    def on(stream):
-        current.append(stream)
-        yield
-        current.pop()
-
-    def where():
-        return current[-1].name if current else "capture"
+    cuda = CudaStandIns(monkeypatch)
+    events, where = cuda.events, cuda.where
 
     class Trainer:
         groups = ["A", "B", "C"]
@@ -365,31 +356,18 @@ def test_a_pipelined_graphed_step_runs_each_kernel_beside_the_next_product(monke
                     lambda: events.append(f"kernel {gi} on {where()}"),
                     lambda: events.append(f"rest {gi} on {where()}") or (f"loss {gi}", gi))
 
-    @contextlib.contextmanager
-    def capture(graph):
-        events.append("capture")
-        yield
-        events.append("end capture")
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: capture_stream)
-    monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(engine, "stream_schedule", lambda trainer: "pipeline")
     step = engine.GraphedStep(Trainer(), ())
     stats = [step() for _ in range(4)][-1]
     assert events == [
         "whole step", "whole step", "capture",
-        "product 0 on capture", "kernels waits capture", "kernel 0 on kernels", "event 0 on kernels",
-        "product 1 on capture", "kernels waits capture", "kernel 1 on kernels", "event 1 on kernels",
+        "product 0 on capture", "s0 waits capture", "kernel 0 on s0", "event 0 on s0",
+        "product 1 on capture", "s0 waits capture", "kernel 1 on s0", "event 1 on s0",
         "capture waits event 0", "rest 0 on capture",
-        "product 2 on capture", "kernels waits capture", "kernel 2 on kernels", "event 2 on kernels",
+        "product 2 on capture", "s0 waits capture", "kernel 2 on s0", "event 2 on s0",
         "capture waits event 1", "rest 1 on capture",
         "capture waits event 2", "rest 2 on capture",
-        "capture waits kernels", "end capture"]
+        "capture waits s0", "end capture"]
     assert stats == [("loss 0", 0), ("loss 1", 1), ("loss 2", 2)]
 
 
