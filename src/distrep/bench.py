@@ -147,8 +147,8 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
            ) -> tuple[float, float, str]:
     """(seconds per run-epoch of the engine summed over the chunks the memory budget needs,
     seconds of warm-up: the first steps, which compile on the compiled path, how the step was
-    replayed: "" (not as a CUDA graph of its own), "CUDA graphs", or "CUDA graphs, a stream per
-    variant": :func:`~distrep.engine.step_function`)."""
+    replayed: "" (not as a CUDA graph of its own), or "CUDA graphs" with the streams of its
+    :func:`~distrep.engine.stream_schedule` named: :func:`~distrep.engine.step_function`)."""
     config = SweepConfig(models=models, runs=runs, epochs=epochs, precision=precision,
                          device=str(device), max_memory=max_memory, eval_every=eval_every,
                          engine=engine_name)
