@@ -3,8 +3,11 @@
 #   1. a CUDA stream per variant (the default for the fused step in TF32 and bf16 since an H200
 #      timed it: docs/engine-h200-fused/; DISTREP_CUDA_STREAMS=0/1 forces it off/on) and the
 #      two-stream pipeline (=pipeline, not yet timed): their test, the same bits as one stream;
+#   1b. fp32's output layer on three TF32 products of exact halves (DISTREP_FP32_HEAD=3xtf32,
+#      not yet run on a GPU): its test against the CPU (tests/test_cuda.py, three_tf32);
 #   2. `distrep bench` of the fused step in fp32, TF32 and bf16: one stream, a stream per
-#      variant, then the pipeline, back to back on the same GPU;
+#      variant, then the pipeline, back to back on the same GPU; then fp32 with 3xtf32, one
+#      stream and the pipeline;
 #   3. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
 #      graphs bit for bit, the expanded OffsetL2 kernel's gradients and distances in TF32/bf16,
 #      a register cap changing no bit);
@@ -45,8 +48,9 @@ bench=("$python" -m distrep.cli bench --device "$device" --epochs "${BENCH_EPOCH
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 step 40 "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 60 "$python" -m distrep.cli data fetch mnist --from "$data"
-part step "$(upto 120)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k concurrent_streams
-part step "$(upto 200)" bash -c "for s in 0 1 pipeline; do DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32,tf32,bf16; done"
+part step "$(upto 150)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "concurrent_streams or three_tf32"
+part step "$(upto 260)" bash -c "for s in 0 1 pipeline; do DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32,tf32,bf16; done
+    for s in 0 pipeline; do DISTREP_FP32_HEAD=3xtf32 DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32; done"
 part step "$(upto 220)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 part step "$(upto 160)" "$python" -c "
 from distrep import bench
@@ -54,6 +58,6 @@ bench.accuracy_check('$device', ('bf16', 'tf32'), ${ACCURACY_RUNS:-16}, ${ACCURA
                      'fused', '$out/accuracy')"
 part step "$(upto 100)" "$python" scripts/fused-tune.py 20
 part step "$(upto 100)" "${bench[@]}" --engine fused,hand-written --precisions fp32,tf32,bf16
-part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs" \
+part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs and not three_tf32" \
     "tests/test_cli.py::test_sweep_killed_by_a_signal_resumes_bit_identically"
 echo "=== done after ${SECONDS}s" | tee -a "$log"

@@ -147,6 +147,26 @@ def test_fused_step_on_cuda_matches_the_cpu(standardized):
             assert 0 < value < 3e-2, (a.name, p)
 
 
+def test_fp32_output_layers_on_three_tf32_products_on_cuda(standardized, monkeypatch):
+    """DISTREP_FP32_HEAD=3xtf32 compiled for the GPU (its output layer's products on tensor
+    cores, three TF32 products of each operand's exact halves): after 40 epochs as close to the
+    CPU as the IEEE products (within 10x of their difference, or 1e-6), where TF32 mode is
+    farther. The four stable Table 1 models (the chaotic ones amplify any rounding)."""
+    names = ["ReLU", "ReLU2-Neg", "Abs", "Abs2"]
+    kw = dict(preprocess="standardized", runs=2, epochs=40)
+    cpu = sweep(standardized, names, **kw)
+    cuda = {p: sweep(standardized, names, device="cuda", engine="fused", precision=p, **kw)
+            for p in ("fp32", "tf32")}
+    monkeypatch.setenv("DISTREP_FP32_HEAD", "3xtf32")
+    cuda["3xtf32"] = sweep(standardized, names, device="cuda", engine="fused", **kw)
+    print("\nfused CUDA vs hand-written CPU after 40 epochs, train loss (fp32 IEEE / fp32 3xTF32 / TF32):")
+    for i, a in enumerate(cpu):
+        d = {p: relative(r[i].arrays["train_loss"], a.arrays["train_loss"]) for p, r in cuda.items()}
+        print(f"  {a.name:<12} {d['fp32']:.1e} / {d['3xtf32']:.1e} / {d['tf32']:.1e}")
+        assert d["3xtf32"] < max(10 * d["fp32"], 1e-6) and d["3xtf32"] < d["tf32"], a.name
+        np.testing.assert_allclose(cuda["3xtf32"][i].arrays["test_acc"], a.arrays["test_acc"], atol=0.004)
+
+
 def assert_same_bits(expected, results) -> None:
     """Two sweeps' results (VariantResults) agree bit for bit: every metric array and parameter."""
     for a, b in zip(expected, results, strict=True):

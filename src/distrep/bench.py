@@ -27,7 +27,7 @@ from torch import nn
 from distrep import stats
 from distrep.data import Dataset, load_dataset
 from distrep.engine import GraphedStep, engine_path, matmul_nt, step_function
-from distrep.fused import offsetl2_kernel
+from distrep.fused import fp32_head_products, offsetl2_kernel
 from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
@@ -225,7 +225,8 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
     n, n_test = len(data.y_train), len(data.y_test)
     log(f"device: {describe_device(device)}; {n} training images, {runs} runs per variant, "
         f"{epochs} timed epochs after a warm-up")
-    out: dict = {"device": describe_device(device), "n_train": n, "runs": runs}
+    out: dict = {"device": describe_device(device), "n_train": n, "runs": runs,
+                 "fp32_head_products": fp32_head_products()}
     if precisions is None:
         precisions = ("fp32",) + (("bf16",) if bf16 else ()) + (("tf32",) if cuda else ())
     peaks = {precision: peak(device, precision) for precision in dict.fromkeys(("fp32", *precisions))}
@@ -265,6 +266,8 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 key = case_key(label, precision, path)
                 out[key] = case = summarize([reading() for _ in range(repeats)])
                 graphs = f", {case['replay']}" if case["replay"] else ""
+                if path == "fused" and precision == "fp32" and fp32_head_products() != "ieee":
+                    graphs += f", linear output layers' products in {fp32_head_products()}"
                 log(f"engine ({path}{graphs}), {label} variants x {runs} runs, {precision}: "
                     f"{case['s'] * 1e3:.3g} ms per run-epoch = {1 / case['s']:,.0f} run-epochs/s, "
                     f"{case['gflops']:.0f} GFLOP/s = {case['fraction']:.0%} of the "

@@ -24,7 +24,8 @@ elementwise operations per hidden value forward and back, against ~3,100 in the 
 products); :data:`OFFSETL2_KERNEL` selects, per precision, the forms with products of exact
 operands instead.
 
-Precision: ``fp32`` keeps everything fp32 (the output layer's products in IEEE fp32),
+Precision: ``fp32`` keeps everything fp32 (the output layer's products in IEEE fp32, or with
+``DISTREP_FP32_HEAD=3xtf32`` a linear one's as three TF32 products of exact halves),
 ``tf32`` runs the first layer's products and the output layer's in TF32, ``bf16`` stores P and
 dP in bf16 and runs the three products on bf16 operands, accumulating in fp32. Losses,
 softmax, OffsetL2 distances and all parameter gradients are accumulated in fp32.
@@ -105,6 +106,23 @@ MAX_REGISTERS: dict[str, int | None] = {"fp32": None, "tf32": None, "bf16": None
 # Hence expanded in TF32 and bf16, the modes chosen for speed; fp32 keeps the exact form.
 OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
 OFFSETL2_KERNEL = {"fp32": "direct", "tf32": "expanded", "bf16": "expanded"}
+
+
+# How fp32 mode computes a linear output layer's three products in the kernel (forward, its
+# weight gradient, its input gradient): "ieee", fp32 FMAs; "3xtf32", each fp32 operand split into
+# two exact TF32 halves and three TF32 products on tensor cores (the halves' low product, ~2^-22
+# of the whole, dropped), every product exact in the fp32 accumulator. The first layer's
+# products, 97 % of the arithmetic, are IEEE fp32 either way. DISTREP_FP32_HEAD picks.
+FP32_HEAD_PRODUCTS = ("ieee", "3xtf32")
+
+
+def fp32_head_products() -> str:
+    """The fp32 output layer's products (:data:`FP32_HEAD_PRODUCTS`): ``DISTREP_FP32_HEAD``,
+    "ieee" when unset."""
+    value = os.environ.get("DISTREP_FP32_HEAD", "ieee")
+    if value not in FP32_HEAD_PRODUCTS:
+        raise DistrepError(f"DISTREP_FP32_HEAD={value!r}: expected one of {', '.join(FP32_HEAD_PRODUCTS)}")
+    return value
 
 
 def offsetl2_kernel(precision: str) -> str:
@@ -198,6 +216,23 @@ if triton is not None:
             return x
 
     @triton.jit
+    def _tf32_pair(x):
+        """(hi, lo), both exact TF32 operands (:func:`_operand`), hi + lo = x to 2^-22 |x|: an
+        fp32 operand in the two halves a product of three TF32 passes reads."""
+        hi = _operand(x, 1)
+        return hi, _operand(x - hi, 1)
+
+    @triton.jit
+    def _dot_tf32x3(a_hi, a_lo, b_hi, b_lo):
+        """a @ b from the :func:`_tf32_pair` halves of fp32 a and b, as three TF32 products
+        (a_lo b_hi + a_hi b_lo + a_hi b_hi, small terms first; a_lo b_lo, ~2^-22 |a b|, dropped):
+        every product exact in the fp32 accumulator, so within ~2^-21 of the IEEE product per
+        term, on tensor cores, and the same under the interpreter as on the GPU."""
+        acc = tl.dot(a_lo, b_hi, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+
+    @triton.jit
     def _split(x, ROUND: tl.constexpr):
         """(hi, lo), both exact operands (:func:`_operand`), hi + lo = x for x with at most
         twice their significant bits (the square of an operand)."""
@@ -246,6 +281,8 @@ if triton is not None:
             wmu = _operand(w * mu, ROUND)
             s0 = tl.sum(tl.where(w != 0, wmu * wmu / tl.where(w != 0, w, 1.0), 0.0), axis=1)
             w2, wmu2 = 2.0 * w, 2.0 * wmu          # exact: the gradient's factor 2 taken once
+        if HEAD == 0 and DOT == 3:        # the weight's TF32 halves, once per program
+            w_hi, w_lo = _tf32_pair(w)
         if HAS_B2:
             b2 = tl.load(B2 + r * C + rc, mask=cm, other=0.0)
         acc_a = tl.zeros((CP, HP), dtype=tl.float32)
@@ -282,6 +319,11 @@ if triton is not None:
                 else:
                     active = z > clamp
                     zh = tl.sqrt(tl.maximum(z, clamp, propagate_nan=tl.PropagateNan.ALL))
+            elif DOT == 3:
+                h_hi, h_lo = _tf32_pair(h)
+                zh = _dot_tf32x3(w_hi, w_lo, h_hi, h_lo)                  # [CP, BN]
+                if HAS_B2:
+                    zh = zh + b2[:, None]
             else:
                 zh = _dot(w, h, DOT)                                      # [CP, BN]
                 if HAS_B2:
@@ -324,6 +366,11 @@ if triton is not None:
                         dh += 2.0 * w_c[:, None] * gd
                         acc_a += tl.where(sel, tl.sum(gd, axis=1)[None, :], 0.0)
                         acc_b += tl.where(sel, tl.sum(gd * d, axis=1)[None, :], 0.0)
+                elif DOT == 3:
+                    g_hi, g_lo = _tf32_pair(g)
+                    acc_a += _dot_tf32x3(g_hi, g_lo, tl.trans(h_hi), tl.trans(h_lo))
+                    acc_db2 += tl.sum(g, axis=1)
+                    dh = _dot_tf32x3(tl.trans(w_hi), tl.trans(w_lo), g_hi, g_lo)
                 else:
                     acc_a += _dot(g, tl.trans(h), DOT)                    # [CP, HP]
                     acc_db2 += tl.sum(g, axis=1)
@@ -371,6 +418,8 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, preci
     as the GPU's are."""
     exact = precision == "fp32" or interpreting()
     dot = 0 if exact else (2 if precision == "bf16" else 1)
+    if precision == "fp32" and not layout["offsetl2"] and fp32_head_products() == "3xtf32":
+        dot = 3
     round_to = {"fp32": 0, "tf32": 1, "bf16": 2}[precision]
     head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(offsetl2_kernel(precision)) + 1
     return dict(ROUNDS=BLOCKS_PER_PROGRAM, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,

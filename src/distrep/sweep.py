@@ -32,7 +32,7 @@ from distrep.data import Dataset, load_dataset
 from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
                             engine_path, stack_parameters, step_function)
 from distrep.errors import DistrepError
-from distrep.fused import offsetl2_kernel, partial_sums_bytes, unavailable
+from distrep.fused import fp32_head_products, offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
@@ -661,12 +661,16 @@ def _store_params(groups, work: ChunkWork) -> None:
 def describe_model(config: SweepConfig, model: str, device: torch.device) -> dict:
     """A model's entry in ``config.json``: its name, spec, seeds, the engine path that trains it
     on ``device`` and, on the fused path with an OffsetL2 layer, the form the kernel computes in
-    this precision (:data:`distrep.fused.OFFSETL2_KERNEL`)."""
+    this precision (:data:`distrep.fused.OFFSETL2_KERNEL`), or in fp32 with a linear one, how
+    its products ran (:func:`distrep.fused.fp32_head_products`)."""
     specs = parse(model)
     entry = {"name": display_name(model), "spec": canonical_spec(model), "seeds": config.seeds(model),
              "engine_path": engine_path(specs, config.engine, device)}
-    if entry["engine_path"] == "fused" and any(s.kind == "offsetl2" for s in specs):
-        entry["offsetl2_kernel"] = offsetl2_kernel(config.precision)
+    if entry["engine_path"] == "fused":
+        if any(s.kind == "offsetl2" for s in specs):
+            entry["offsetl2_kernel"] = offsetl2_kernel(config.precision)
+        elif config.precision == "fp32":
+            entry["fp32_head_products"] = fp32_head_products()
     return entry
 
 
