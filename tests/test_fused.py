@@ -375,6 +375,7 @@ print("expanded bf16 products:", sorted(set(re.findall(r"mma[.]sync[.]aligned[.]
 products = r"mma[.]sync[.]aligned[.]\\w+[.]row[.]col[.]f32[.](\\w+)"
 for head in fused.FP32_HEAD_PRODUCTS:
     os.environ["DISTREP_FP32_HEAD"] = head
+    compile_for_gpu(parse("ReLU"), "fp32", False)                  # the test pass
     ptx = compile_for_gpu(parse("Abs2-Neg"), "fp32", True).asm["ptx"]
     print(f"fp32 {head} products:", sorted(set(re.findall(products, ptx))), len(re.findall(products, ptx)))
 fused.MAX_REGISTERS["bf16"] = 128
