@@ -167,7 +167,7 @@ def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(monkeypatch)
     import contextlib
     import types
 
-    import distrep.engine as engine
+    import distrep.graphs as graphs
     events = []
 
     class Trainer:
@@ -190,17 +190,17 @@ def test_a_graphed_step_runs_eagerly_then_records_once_then_replays(monkeypatch)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    step = engine.GraphedStep(Trainer(), ())
+    step = graphs.GraphedStep(Trainer(), ())
     outs = [step() for _ in range(5)]
     assert events == ["step", "step", "capture", "step", "end capture", "replay", "replay", "replay"]
     assert outs[2] is outs[4] and outs[2] == [("loss", 4)]
     on_cuda = types.SimpleNamespace(device=torch.device("cuda"))      # only its device is read
-    assert isinstance(engine.step_function(Trainer(), on_cuda, None, 0.1, []), engine.GraphedStep)
+    assert isinstance(graphs.step_function(Trainer(), on_cuda, None, 0.1, []), graphs.GraphedStep)
     monkeypatch.setenv("DISTREP_CUDA_GRAPHS", "1")
-    plain = engine.step_function(Trainer(), torch.zeros(2, 3), None, 0.1, [])
-    assert not isinstance(plain, engine.GraphedStep)
+    plain = graphs.step_function(Trainer(), torch.zeros(2, 3), None, 0.1, [])
+    assert not isinstance(plain, graphs.GraphedStep)
     monkeypatch.setenv("DISTREP_CUDA_GRAPHS", "0")
-    assert not isinstance(engine.step_function(Trainer(), on_cuda, None, 0.1, []), engine.GraphedStep)
+    assert not isinstance(graphs.step_function(Trainer(), on_cuda, None, 0.1, []), graphs.GraphedStep)
 
 
 class CudaStandIns:
@@ -265,7 +265,7 @@ def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(mo
     joins every stream back before the capture ends; the statistics are the groups' in order.
     Without it, or with one group, the step records on the capture's stream. (CUDA stand-ins;
     tests/test_cuda.py checks the bits on a GPU.)"""
-    import distrep.engine as engine
+    import distrep.graphs as graphs
     cuda = CudaStandIns(monkeypatch)
     events = cuda.events
 
@@ -281,7 +281,7 @@ def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(mo
             return (f"loss {gi}", gi)
 
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "1")
-    step = engine.GraphedStep(Trainer(), ())
+    step = graphs.GraphedStep(Trainer(), ())
     stats = [step() for _ in range(4)][-1]
     assert events == ["whole step", "whole step", "capture",
                       "s0 waits capture", "group 0 on s0", "s1 waits capture", "group 1 on s1",
@@ -293,7 +293,7 @@ def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(mo
     for trainer, streams in ((one, "1"), (Trainer(), "0")):     # both record the whole step
         monkeypatch.setenv("DISTREP_CUDA_STREAMS", streams)
         events.clear()
-        step = engine.GraphedStep(trainer, ())
+        step = graphs.GraphedStep(trainer, ())
         [step() for _ in range(4)]
         assert events == ["whole step", "whole step", "capture", "whole step", "end capture"], streams
 
@@ -305,13 +305,13 @@ def test_a_stream_per_variant_is_the_default_only_where_it_was_measured_to_pay(m
     one variant never forks; any other value is refused."""
     import types
 
-    from distrep import engine
+    from distrep import engine, graphs
 
     fused = object.__new__(engine.FusedRuns)
     hand = object.__new__(engine.StackedRuns)
 
     def schedule(precision, *groups):
-        return engine.stream_schedule(types.SimpleNamespace(precision=precision, groups=list(groups)))
+        return graphs.stream_schedule(types.SimpleNamespace(precision=precision, groups=list(groups)))
 
     monkeypatch.delenv("DISTREP_CUDA_STREAMS", raising=False)
     assert schedule("bf16", fused, fused) == schedule("tf32", fused, fused) == "per-variant"
@@ -341,7 +341,7 @@ def test_a_pipelined_graphed_step_runs_each_kernel_beside_the_next_product(monke
     kernel on the second stream after its product (a wait on the capture's stream) and before
     its rest (a wait on the kernel's event), the second stream joined back before the capture
     ends; the statistics are the variants' in order. (CUDA stand-ins.)"""
-    import distrep.engine as engine
+    import distrep.graphs as graphs
     cuda = CudaStandIns(monkeypatch)
     events, where = cuda.events, cuda.where
 
@@ -356,8 +356,8 @@ def test_a_pipelined_graphed_step_runs_each_kernel_beside_the_next_product(monke
                     lambda: events.append(f"kernel {gi} on {where()}"),
                     lambda: events.append(f"rest {gi} on {where()}") or (f"loss {gi}", gi))
 
-    monkeypatch.setattr(engine, "stream_schedule", lambda trainer: "pipeline")
-    step = engine.GraphedStep(Trainer(), ())
+    monkeypatch.setattr(graphs, "stream_schedule", lambda trainer: "pipeline")
+    step = graphs.GraphedStep(Trainer(), ())
     stats = [step() for _ in range(4)][-1]
     assert events == [
         "whole step", "whole step", "capture",

@@ -26,8 +26,9 @@ from torch import nn
 
 from distrep import stats
 from distrep.data import Dataset, load_dataset
-from distrep.engine import GraphedStep, engine_path, matmul_nt, step_function
+from distrep.engine import engine_path, matmul_nt
 from distrep.fused import fp32_head_products, offsetl2_kernel
+from distrep.graphs import GraphedStep, step_function
 from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
@@ -148,7 +149,7 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
     """(seconds per run-epoch of the engine summed over the chunks the memory budget needs,
     seconds of warm-up: the first steps, which compile on the compiled path, how the step was
     replayed: "" (not as a CUDA graph of its own), or "CUDA graphs" with the streams of its
-    :func:`~distrep.engine.stream_schedule` named: :func:`~distrep.engine.step_function`)."""
+    :func:`~distrep.graphs.stream_schedule` named: :func:`~distrep.graphs.step_function`)."""
     config = SweepConfig(models=models, runs=runs, epochs=epochs, precision=precision,
                          device=str(device), max_memory=max_memory, eval_every=eval_every,
                          engine=engine_name)

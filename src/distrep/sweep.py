@@ -30,9 +30,10 @@ import torch
 
 from distrep.data import Dataset, load_dataset
 from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
-                            engine_path, stack_parameters, step_function)
+                            engine_path, stack_parameters)
 from distrep.errors import DistrepError
 from distrep.fused import fp32_head_products, offsetl2_kernel, partial_sums_bytes, unavailable
+from distrep.graphs import step_function
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
