@@ -101,7 +101,7 @@ def test_fp32_output_layers_on_three_tf32_products_match_the_hand_written_step(d
     2e-6 to 7e-6 in the loss, with the halves' high product alone 5e-6 to 1e-5."""
     monkeypatch.setenv("DISTREP_FP32_HEAD", "3xtf32")
     names = ["ReLU", "Abs2-Neg", "ReLU2-Neg-Bias", "linear-abs-linear+bias-neg-relu",
-             "linear+nobias-relu-linear+bias-neg", "ReLU-L2"]
+             "linear+nobias-relu-linear+bias-neg", "linear-identity-linear-abs", "ReLU-L2"]
     for f, h in zip(run(data, names, "fused"), run(data, names, "auto")):
         assert relative(f.arrays["train_loss"], h.arrays["train_loss"]) < 2e-6, f.name
         np.testing.assert_array_equal(f.arrays["test_acc"], h.arrays["test_acc"])
