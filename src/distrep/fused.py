@@ -226,8 +226,8 @@ if triton is not None:
     def _dot_tf32x3(a_hi, a_lo, b_hi, b_lo):
         """a @ b from the :func:`_tf32_pair` halves of fp32 a and b, as three TF32 products
         (a_lo b_hi + a_hi b_lo + a_hi b_hi, small terms first; a_lo b_lo, ~2^-22 |a b|, dropped):
-        every product exact in the fp32 accumulator, so within ~2^-21 of the IEEE product per
-        term, on tensor cores, and the same under the interpreter as on the GPU."""
+        every product exact in the fp32 accumulator, each term within 3 * 2^-22 of the exact
+        product, on tensor cores, and the same under the interpreter as on the GPU."""
         acc = tl.dot(a_lo, b_hi, input_precision="tf32")
         acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
         return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
@@ -413,9 +413,10 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, preci
     """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
     C classes (BLOCKS_PER_PROGRAM blocks of BLOCK_N examples per program). Products (DOT): bf16
     operands in bf16 mode, TF32 in tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16
-    products are wrong); the OffsetL2 forms with products round their operands to the mode's
-    (ROUND) themselves, under the interpreter too, whose fp32 products of them are then exact
-    as the GPU's are."""
+    products are wrong), or for fp32's linear output layer three TF32 products of exact halves
+    (3, :func:`fp32_head_products`). Those halves, and the operands of the OffsetL2 forms with
+    products, rounded to the mode's (ROUND), are made by the kernel itself, under the
+    interpreter too, whose fp32 products of such exact operands are exact as the GPU's are."""
     exact = precision == "fp32" or interpreting()
     dot = 0 if exact else (2 if precision == "bf16" else 1)
     if precision == "fp32" and not layout["offsetl2"] and fp32_head_products() == "3xtf32":
