@@ -267,8 +267,8 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 key = case_key(label, precision, path)
                 out[key] = case = summarize([reading() for _ in range(repeats)])
                 graphs = f", {case['replay']}" if case["replay"] else ""
-                if path == "fused" and precision == "fp32" and fp32_head_products() != "ieee":
-                    graphs += f", linear output layers' products in {fp32_head_products()}"
+                if path == "fused" and precision == "fp32" and out["fp32_head_products"] != "ieee":
+                    graphs += f", linear output layers' products in {out['fp32_head_products']}"
                 log(f"engine ({path}{graphs}), {label} variants x {runs} runs, {precision}: "
                     f"{case['s'] * 1e3:.3g} ms per run-epoch = {1 / case['s']:,.0f} run-epochs/s, "
                     f"{case['gflops']:.0f} GFLOP/s = {case['fraction']:.0%} of the "
