@@ -310,6 +310,31 @@ def test_bench_repeats_each_case_and_reports_its_median_reading(mnist, monkeypat
     assert_one_line_error(distrep("bench", "--device", "cpu", "--repeats", 0), "--repeats")
 
 
+def test_bench_times_a_process_per_core_side_by_side(mnist, monkeypatch):
+    """`bench --processes K` (CPU) also times every case as K processes of one thread, each with
+    its share of every variant's runs, whose timed steps start together after their warm-ups;
+    the slowest bounds the time. A process that fails is a one-line error, not a hang."""
+    from distrep.bench import engine_per_core, per_core_seconds, split_runs
+    from distrep.errors import DistrepError
+    assert split_runs(20, 3) == [7, 7, 6] and split_runs(5, 2) == [3, 2] and split_runs(1, 2) == [1]
+    assert per_core_seconds([(3, 0.3), (2, 0.2)], 5) == pytest.approx(0.18)   # 0.9 s for 5 runs
+
+    reading = engine_per_core(["ReLU", "Abs2"], 3, 200, "fp32", 1, 2 * 2**30, 2)
+    assert [(p["runs"], p["threads"]) for p in reading["processes"]] == [(2, 1), (1, 1)]
+    assert len({p["pid"] for p in reading["processes"]} | {os.getpid()}) == 3
+    assert reading["s"] == per_core_seconds([(p["runs"], p["s"]) for p in reading["processes"]], 3)
+    assert 0 <= reading["start_spread_s"] < 1.0        # the barrier: timed steps side by side
+    with pytest.raises(DistrepError, match="a bench process failed: .*NoSuchModel"):
+        engine_per_core(["NoSuchModel"], 2, 200, "fp32", 1, 2**30, 2)
+
+    monkeypatch.setitem(bench.PEAK_SIZE, "cpu", 512)
+    r = distrep("bench", "--device", "cpu", "--runs", 3, "--epochs", 1, "--train-subset", 200,
+                "--precisions", "fp32", "--processes", 2)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("2 processes of one thread side by side, 2/1 runs of each variant") == 2
+    assert "the processes of one thread side by side at most" in r.stdout
+
+
 def test_bench_projects_the_paper_as_produced():
     """Table 1 at the stated 5,000 and the producing 50,000 epochs, and the whole paper with
     every run once: 120 x 50,000 + 120 x 5,000 Table-1-like run-epochs, 80 x 50,000 OffsetL2."""
@@ -329,6 +354,14 @@ def test_bench_projects_the_paper_as_produced():
     assert lines[-1] == (f"projected: the whole paper as produced (Tables 1-3, every run once: 10.6 "
                          f"million run-epochs, bf16, Table 1 compiled, Table 3 hand-written): "
                          f"{whole / 3600:.1f} h")
+    # and a process per core (bench --processes) is one more engine case to project from
+    lines = projections({"Table 1 fp32": {"s": 0.001}, "Table 3 fp32": {"s": 0.002},
+                         "Table 1 fp32 per-core": {"s": 0.0005}, "Table 3 fp32 per-core": {"s": 0.003}})
+    assert ("projected Table 1 (stated) (120 runs x 5000 epochs, fp32 hand-written, a process per "
+            "core): 5.0 min") in lines
+    assert lines[-1].startswith("projected: the whole paper as produced (Tables 1-3, every run once: "
+                                "10.6 million run-epochs, fp32, Table 1 hand-written, a process per "
+                                "core, Table 3 hand-written):")
 
 
 def test_reduced_precision_is_judged_run_by_run_against_fp32(tmp_path, mnist):

@@ -15,6 +15,9 @@ times are steady state (after one warm-up step, buffers allocated), include a te
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import queue
 import resource
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ from torch import nn
 from distrep import stats
 from distrep.data import Dataset, load_dataset
 from distrep.engine import engine_path, matmul_nt
+from distrep.errors import DistrepError
 from distrep.fused import fp32_head_products, offsetl2_kernel
 from distrep.graphs import GraphedStep, step_function
 from distrep.layers import CODED_CLAMP
@@ -144,12 +148,14 @@ def author_loop(data: Dataset, device: torch.device, epochs: int, label: str = "
 
 
 def engine(models: list[str], runs: int, data: Dataset, device: torch.device, precision: str,
-           epochs: int, max_memory: int, eval_every: int = 10, engine_name: str = "auto"
-           ) -> tuple[float, float, str]:
+           epochs: int, max_memory: int, eval_every: int = 10, engine_name: str = "auto",
+           ready=None) -> tuple[float, float, str]:
     """(seconds per run-epoch of the engine summed over the chunks the memory budget needs,
     seconds of warm-up: the first steps, which compile on the compiled path, how the step was
     replayed: "" (not as a CUDA graph of its own), or "CUDA graphs" with the streams of its
-    :func:`~distrep.graphs.stream_schedule` named: :func:`~distrep.graphs.step_function`)."""
+    :func:`~distrep.graphs.stream_schedule` named: :func:`~distrep.graphs.step_function`).
+    ``ready()``, if given, is called once, after the first chunk's warm-up and before its timing
+    (where :func:`engine_per_core`'s processes wait for each other)."""
     config = SweepConfig(models=models, runs=runs, epochs=epochs, precision=precision,
                          device=str(device), max_memory=max_memory, eval_every=eval_every,
                          engine=engine_name)
@@ -158,10 +164,10 @@ def engine(models: list[str], runs: int, data: Dataset, device: torch.device, pr
     x_test_t, y_test = data.x_test.t().contiguous().to(device), data.y_test.to(device)
     x_bf16 = x_t.bfloat16() if precision == "bf16" else None
     with matmul_precision(precision, device):
-        return _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every)
+        return _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every, ready)
 
 
-def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every
+def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every, ready=None
                     ) -> tuple[float, float, str]:
     device, runs, models = sweep.device, sweep.config.runs, sweep.specs
     total = setup = 0.0
@@ -184,6 +190,9 @@ def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every
             trainer.evaluate(x_test_t, y_test)
         sync(device)
         setup += time.perf_counter() - start
+        if ready is not None:
+            ready()
+            ready = None
         step = timed(one_step, device, epochs, warmup=0)
         test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1, warmup=0)
         total += step + test / eval_every
@@ -191,9 +200,130 @@ def _engine_seconds(sweep, x_t, y, x_test_t, y_test, x_bf16, epochs, eval_every
     return total / (runs * len(models)), setup, replay
 
 
-def case_key(label: str, precision: str, path: str = "hand-written") -> str:
-    """``"Table 1 fp32"`` (the hand-written step) or ``"Table 1 fp32 compiled"``."""
-    return f"{label} {precision}" + ("" if path == "hand-written" else f" {path}")
+def split_runs(runs: int, processes: int) -> list[int]:
+    """Each process's share of a variant's runs, as even as can be and none empty: 20 over 3 ->
+    [7, 7, 6]; 1 over 2 -> [1]."""
+    k = min(runs, processes)
+    return [runs // k + (i < runs % k) for i in range(k)]
+
+
+def per_core_seconds(readings: list[tuple[int, float]], runs: int) -> float:
+    """Seconds per run-epoch of processes that start together, from each one's ``(runs, seconds
+    per run-epoch of its own runs)``: the slowest bounds the wall time, max_k(r_k s_k) / runs."""
+    return max(r * s for r, s in readings) / runs
+
+
+def engine_per_core(models: list[str], runs: int, train_subset: int | None, precision: str,
+                    epochs: int, max_memory: int, processes: int, engine_name: str = "auto",
+                    timeout: float = 3600.0) -> dict:
+    """The engine on the CPU run as ``processes`` processes of one thread each, each training its
+    share (:func:`split_runs`) of every variant's runs within its share of ``max_memory``: how
+    ``--executor ray --cpus-per-chunk 1`` trains a sweep's chunks on one machine. The processes
+    wait for each other after their warm-up, so their timed steps run side by side.
+
+    Returns ``{"s"``: seconds per run-epoch of them all (:func:`per_core_seconds`), ``"setup_s"``:
+    the slowest warm-up, ``"start_spread_s"``: how far apart their timed steps began,
+    ``"peak_rss_gib"``: their peak resident memory together (None where the OS does not say),
+    ``"processes"``: each one's ``{"runs", "threads", "pid", "s", "setup_s", "peak_rss_gib"}}``."""
+    shares = split_runs(runs, processes)
+    context = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked OpenMP state
+    barrier, results = context.Barrier(len(shares)), context.Queue()
+    workers = [context.Process(target=_per_core_worker, args=(
+        k, models, share, train_subset, precision, epochs, max_memory // len(shares), engine_name,
+        barrier, results)) for k, share in enumerate(shares)]
+    for worker in workers:
+        worker.start()
+    readings, began = [], time.monotonic()
+    try:
+        while len(readings) < len(workers):
+            try:
+                reading = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if dead or time.monotonic() - began > timeout:
+                    why = f"exited with status {dead[0]}" if dead else f"took over {timeout:.0f} s"
+                    raise DistrepError(f"a bench process {why} before its reading") from None
+                continue
+            if isinstance(reading, str):
+                raise DistrepError(f"a bench process failed: {reading}")
+            readings.append(reading)
+    finally:
+        for worker in workers:
+            worker.join(timeout=10.0 if len(readings) == len(workers) else 0.0)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    readings.sort(key=lambda r: r.pop("index"))
+    started = [r.pop("started") for r in readings]
+    rss = [r["peak_rss_gib"] for r in readings]
+    return {"s": per_core_seconds([(r["runs"], r["s"]) for r in readings], runs),
+            "setup_s": max(r["setup_s"] for r in readings),
+            "start_spread_s": max(started) - min(started),
+            "peak_rss_gib": None if None in rss else sum(rss), "processes": readings}
+
+
+def _per_core_worker(index, models, runs, train_subset, precision, epochs, max_memory,
+                     engine_name, barrier, results) -> None:
+    """Process ``index`` of :func:`engine_per_core`: puts its reading, or the error's one-line
+    description, on ``results``."""
+    try:
+        torch.set_num_threads(1)
+        data = load_dataset("mnist", "raw").subset(train_subset)
+        started = []
+
+        def ready():
+            barrier.wait()
+            started.append(time.monotonic())     # CLOCK_MONOTONIC: one clock for all processes
+
+        seconds, setup, _ = engine(models, runs, data, torch.device("cpu"), precision, epochs,
+                                   max_memory, engine_name=engine_name, ready=ready)
+        results.put({"index": index, "runs": runs, "threads": torch.get_num_threads(),
+                     "pid": os.getpid(), "s": seconds, "setup_s": setup, "started": started[0],
+                     "peak_rss_gib": _own_peak_rss_gib()})
+    except BaseException as e:   # noqa: BLE001 - reported to the parent, which stops the rest
+        results.put(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+
+
+def _own_peak_rss_gib() -> float | None:
+    """This process's peak resident memory from /proc (Linux), or None. (Not ``getrusage``: a
+    spawned process's ``ru_maxrss`` starts from its parent's, which exec folds into it.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / GiB
+    except OSError:
+        pass
+    return None
+
+
+def case_key(label: str, precision: str, path: str = "hand-written", processes: int = 1) -> str:
+    """``"Table 1 fp32"`` (the hand-written step), ``"Table 1 fp32 compiled"``, or with a
+    process per core ``"Table 1 fp32 per-core"``."""
+    return (f"{label} {precision}" + ("" if path == "hand-written" else f" {path}")
+            + ("" if processes == 1 else " per-core"))
+
+
+def describe_case(case: dict, label: str, precision: str, path: str, runs: int, processes: int,
+                  repeats: int, fp32_head: str = "ieee") -> str:
+    """The line ``bench`` prints for one engine case (:func:`summarize`'s dict)."""
+    how = f", {case['replay']}" if case["replay"] else ""
+    if path == "fused" and precision == "fp32" and fp32_head != "ieee":
+        how += f", linear output layers' products in {fp32_head}"
+    if processes > 1:
+        shares = split_runs(runs, processes)
+        how += (f", {len(shares)} processes of one thread side by side, "
+                f"{'/'.join(map(str, shares))} runs of each variant")
+    return (f"engine ({path}{how}), {label} variants x {runs} runs, {precision}: "
+            f"{case['s'] * 1e3:.3g} ms per run-epoch = {1 / case['s']:,.0f} run-epochs/s, "
+            f"{case['gflops']:.0f} GFLOP/s = {case['fraction']:.0%} of the "
+            f"{precision} GEMM peak measured around it ({case['peak_gflops']:.0f}); "
+            f"{case['speedup']:.2f}x the author-style loop of {label} around it "
+            f"({case['author_s'] * 1e3:.3g} ms; warm-up {case['setup_s']:.0f} s)"
+            + (f"; the median of {repeats} repeats, each against its own peak and loop "
+               f"(all: {case['fraction_range'][0]:.0%}-{case['fraction_range'][1]:.0%} of "
+               f"the peak, {case['speedup_range'][0]:.2f}-{case['speedup_range'][1]:.2f}x "
+               f"the loop)" if repeats > 1 else ""))
 
 
 def summarize(readings: list[dict]) -> dict:
@@ -217,9 +347,12 @@ def summarize(readings: list[dict]) -> dict:
 def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
               max_memory: int = 8 * GiB, train_subset: int | None = None,
               bf16: bool = True, engines: tuple[str, ...] = ("auto",),
-              precisions: tuple[str, ...] | None = None, repeats: int = 1, log=print) -> dict:
+              precisions: tuple[str, ...] | None = None, repeats: int = 1, processes: int = 1,
+              log=print) -> dict:
     """Times every engine case ``repeats`` times, each between its own measurements of the GEMM
-    peak and the author loop, and reports the median reading with the range of them all."""
+    peak and the author loop, and reports the median reading with the range of them all. With
+    ``processes`` > 1 (CPU) each case is also timed as that many processes of one thread side by
+    side (:func:`engine_per_core`)."""
     device = resolve_device(device_name)
     cuda = device.type == "cuda"
     data = load_dataset("mnist", "raw").subset(train_subset)
@@ -242,6 +375,7 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
         log(f"author-style loop, {label} ({model}; nn.Module + torch.optim.SGD, test pass every "
             f"epoch): {out['author_s'][label] * 1e3:.3g} ms per run-epoch")
 
+    per_core_rss: list[float | None] = []
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     # each engine asked for as the path it takes here (auto: fused on CUDA), each path once
@@ -252,43 +386,57 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 models = list(TABLE3 if label == "Table 3" else TABLE1)
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
 
-                def reading() -> dict:
+                def reading(processes: int) -> dict:
                     # A shared host's speed drifts by tens of percent within minutes, so the GEMM
                     # peak and the table's author loop are measured right before and right after
                     # the case, and the engine is compared with the better of each (a slow moment
                     # in one of the two cannot flatter the engine).
                     peak_before, loop_before = peak(device, precision), loop(label)
-                    seconds, setup, replay = engine(models, runs, data, device, precision, epochs,
-                                                     max_memory, engine_name=path)
+                    replay = ""
+                    if processes == 1:
+                        seconds, setup, replay = engine(models, runs, data, device, precision,
+                                                        epochs, max_memory, engine_name=path)
+                    else:
+                        side_by_side = engine_per_core(models, runs, train_subset, precision,
+                                                       epochs, max_memory, processes, path)
+                        seconds, setup = side_by_side["s"], side_by_side["setup_s"]
+                        per_core_rss.append(side_by_side["peak_rss_gib"])
                     return {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup,
                             "replay": replay, "peak_gflops": max(peak_before, peak(device, precision)),
                             "author_s": min(loop_before, loop(label))}
 
-                key = case_key(label, precision, path)
-                out[key] = case = summarize([reading() for _ in range(repeats)])
-                graphs = f", {case['replay']}" if case["replay"] else ""
-                if path == "fused" and precision == "fp32" and out["fp32_head_products"] != "ieee":
-                    graphs += f", linear output layers' products in {out['fp32_head_products']}"
-                log(f"engine ({path}{graphs}), {label} variants x {runs} runs, {precision}: "
-                    f"{case['s'] * 1e3:.3g} ms per run-epoch = {1 / case['s']:,.0f} run-epochs/s, "
-                    f"{case['gflops']:.0f} GFLOP/s = {case['fraction']:.0%} of the "
-                    f"{precision} GEMM peak measured around it ({case['peak_gflops']:.0f}); "
-                    f"{case['speedup']:.2f}x the author-style loop of {label} around it "
-                    f"({case['author_s'] * 1e3:.3g} ms; warm-up {case['setup_s']:.0f} s)"
-                    + (f"; the median of {repeats} repeats, each against its own peak and loop "
-                       f"(all: {case['fraction_range'][0]:.0%}-{case['fraction_range'][1]:.0%} of "
-                       f"the peak, {case['speedup_range'][0]:.2f}-{case['speedup_range'][1]:.2f}x "
-                       f"the loop)" if repeats > 1 else ""))
+                for k in dict.fromkeys((1, processes)):
+                    key = case_key(label, precision, path, k)
+                    out[key] = case = summarize([reading(k) for _ in range(repeats)])
+                    log(describe_case(case, label, precision, path, runs, k, repeats,
+                                      out["fp32_head_products"]))
     if cuda:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
     else:
         out["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
+    children = ""
+    if per_core_rss and None not in per_core_rss:
+        out["peak_memory_per_core_gib"] = max(per_core_rss)
+        children = (f"; the processes of one thread side by side at most "
+                    f"{out['peak_memory_per_core_gib']:.2f} GiB together")
     log(f"peak memory: {out['peak_memory_gib']:.2f} GiB "
-        f"({'CUDA allocations' if cuda else 'process RSS'}; budget {max_memory / GiB:.1f} GiB)")
+        f"({'CUDA allocations' if cuda else 'process RSS'}{children}; budget {max_memory / GiB:.1f} GiB)")
     if n == 60000:
         for line in projections(out):
             log(line)
     return out
+
+
+def measured_cases(out: dict, label: str, precision: str) -> list[tuple[str, float]]:
+    """``(engine, seconds per run-epoch)`` of every case of ``label`` in ``precision`` that
+    ``out`` holds, e.g. ``("hand-written", 0.14)``, ``("hand-written, a process per core", 0.13)``."""
+    cases = []
+    for path in ("hand-written", "compiled", "autograd", "fused"):
+        for processes, how in ((1, ""), (2, ", a process per core")):
+            key = case_key(label, precision, path, processes)
+            if key in out:
+                cases.append((path + how, out[key]["s"]))
+    return cases
 
 
 def projections(out: dict) -> list[str]:
@@ -296,28 +444,24 @@ def projections(out: dict) -> list[str]:
     from the measured seconds per run-epoch ``out["Table 1 fp32"]["s"]`` etc., for every
     engine and precision measured; for the whole paper also the fastest engine per table."""
     lines = []
-    suffixes = [""] + [f" {e}" for e in ("compiled", "autograd", "fused")]
     for table, (run_count, table_epochs) in PROTOCOL.items():
         label = "Table 3" if table == "Table 3" else "Table 1"
         for precision in ("fp32", "bf16", "tf32"):
-            for suffix in suffixes:
-                if f"{label} {precision}{suffix}" in out:
-                    hours = run_count * table_epochs * out[f"{label} {precision}{suffix}"]["s"] / 3600
-                    lines.append(f"projected {table} ({run_count} runs x {table_epochs} epochs, "
-                                 f"{precision}{suffix or ' hand-written'}): {format_hours(hours)}"
-                                 + (" (Table 2's variants cost what Table 1's do)" if table == "Table 2" else ""))
+            for name, seconds in measured_cases(out, label, precision):
+                hours = run_count * table_epochs * seconds / 3600
+                lines.append(f"projected {table} ({run_count} runs x {table_epochs} epochs, "
+                             f"{precision} {name}): {format_hours(hours)}"
+                             + (" (Table 2's variants cost what Table 1's do)" if table == "Table 2" else ""))
     baseline = sum(r * e for t, (r, e) in PROTOCOL.items() if t in ("Table 1 (as produced)", "Table 2"))
     offsetl2 = PROTOCOL["Table 3"][0] * PROTOCOL["Table 3"][1]
     for precision in ("fp32", "bf16", "tf32"):
-        best = {label: min((out[f"{label} {precision}{sfx}"]["s"], sfx.strip() or "hand-written")
-                           for sfx in suffixes if f"{label} {precision}{sfx}" in out)
-                for label in ("Table 1", "Table 3")
-                if any(f"{label} {precision}{sfx}" in out for sfx in suffixes)}
+        best = {label: min(cases, key=lambda case: case[1])
+                for label in ("Table 1", "Table 3") if (cases := measured_cases(out, label, precision))}
         if len(best) == 2:
-            hours = (baseline * best["Table 1"][0] + offsetl2 * best["Table 3"][0]) / 3600
+            hours = (baseline * best["Table 1"][1] + offsetl2 * best["Table 3"][1]) / 3600
             lines.append(f"projected: the whole paper as produced (Tables 1-3, every run once: "
                          f"{(baseline + offsetl2) / 1e6:.1f} million run-epochs, {precision}, "
-                         f"Table 1 {best['Table 1'][1]}, Table 3 {best['Table 3'][1]}): "
+                         f"Table 1 {best['Table 1'][0]}, Table 3 {best['Table 3'][0]}): "
                          f"{format_hours(hours)}")
     return lines
 

@@ -147,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=1, metavar="K",
                        help="time every engine case K times, each between its own peak and loop "
                             "measurements, and report the median with the range (a noisy host)")
-    bench.add_argument("--max-memory", type=memory_size, default="8G", metavar="SIZE")
+    bench.add_argument("--processes", type=positive_int, default=1, metavar="K",
+                       help="CPU: also time every case as K processes of one thread each, side "
+                            "by side, each training its share of the runs (as --executor ray "
+                            "--cpus-per-chunk 1 trains a sweep's chunks on one machine)")
+    bench.add_argument("--max-memory", type=memory_size, default="8G", metavar="SIZE",
+                       help="memory budget of a case (with --processes: of all K together)")
     bench.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
     bench.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
     bench.add_argument("--precisions", default=None, metavar="P[,P]",
@@ -413,6 +418,8 @@ def cmd_bench(args) -> None:
     for name, value in (("--train-subset", args.train_subset), ("--accuracy-subset", args.accuracy_subset)):
         if value is not None and value > n_train:
             raise DistrepError(f"{name} {value} is more than the {n_train} MNIST training images")
+    if cuda and args.processes > 1:
+        raise DistrepError("--processes is for the CPU: a GPU trains its runs in one process")
     engines = tuple(e.strip() for e in args.engine.split(",") if e.strip())
     bad = [e for e in engines if e not in ENGINES]
     if bad or not engines:
@@ -436,7 +443,8 @@ def cmd_bench(args) -> None:
         for engine in engines:
             SweepConfig(models=list(TABLE1 + TABLE3), device=args.device, engine=engine).validate()
         run_bench(args.device, args.runs, args.epochs, args.max_memory, args.train_subset,
-                  bf16=not args.no_bf16, engines=engines, precisions=chosen, repeats=args.repeats)
+                  bf16=not args.no_bf16, engines=engines, precisions=chosen, repeats=args.repeats,
+                  processes=args.processes)
     if args.accuracy:
         precisions = (("bf16",) if not args.no_bf16 else ()) + (("tf32",) if cuda else ())
         accuracy_check(args.device, precisions, args.accuracy_runs, args.accuracy_epochs,
