@@ -1,4 +1,5 @@
-"""``distrep bench``: the engine against an author-style training loop, side by side, one process.
+"""``distrep bench``: the engine against an author-style training loop, side by side, one process
+(and on the CPU, with ``--processes K``, also as K processes of one thread: :func:`engine_per_core`).
 
 Everything printed is measured in the same invocation on the same device: the GEMM peak, an
 author-style loop per table (one ``nn.Module``, ``torch.optim.SGD``, full batch, a test pass
@@ -386,19 +387,19 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 models = list(TABLE3 if label == "Table 3" else TABLE1)
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
 
-                def reading(processes: int) -> dict:
+                def reading(k: int) -> dict:
                     # A shared host's speed drifts by tens of percent within minutes, so the GEMM
                     # peak and the table's author loop are measured right before and right after
                     # the case, and the engine is compared with the better of each (a slow moment
                     # in one of the two cannot flatter the engine).
                     peak_before, loop_before = peak(device, precision), loop(label)
                     replay = ""
-                    if processes == 1:
+                    if k == 1:
                         seconds, setup, replay = engine(models, runs, data, device, precision,
                                                         epochs, max_memory, engine_name=path)
                     else:
                         side_by_side = engine_per_core(models, runs, train_subset, precision,
-                                                       epochs, max_memory, processes, path)
+                                                       epochs, max_memory, k, path)
                         seconds, setup = side_by_side["s"], side_by_side["setup_s"]
                         per_core_rss.append(side_by_side["peak_rss_gib"])
                     return {"s": seconds, "gflops": flops / seconds / 1e9, "setup_s": setup,
