@@ -30,7 +30,7 @@ from torch import nn
 
 from distrep import stats
 from distrep.data import Dataset, load_dataset
-from distrep.engine import engine_path, matmul_nt
+from distrep.engine import PATHS, engine_path, matmul_nt
 from distrep.errors import DistrepError
 from distrep.fused import fp32_head_products, offsetl2_kernel
 from distrep.graphs import GraphedStep, step_function
@@ -298,11 +298,11 @@ def _own_peak_rss_gib() -> float | None:
     return None
 
 
-def case_key(label: str, precision: str, path: str = "hand-written", processes: int = 1) -> str:
-    """``"Table 1 fp32"`` (the hand-written step), ``"Table 1 fp32 compiled"``, or with a
-    process per core ``"Table 1 fp32 per-core"``."""
+def case_key(label: str, precision: str, path: str = "hand-written", per_core: bool = False) -> str:
+    """``"Table 1 fp32"`` (the hand-written step), ``"Table 1 fp32 compiled"``, or timed as a
+    process per core (:func:`engine_per_core`) ``"Table 1 fp32 per-core"``."""
     return (f"{label} {precision}" + ("" if path == "hand-written" else f" {path}")
-            + ("" if processes == 1 else " per-core"))
+            + (" per-core" if per_core else ""))
 
 
 def describe_case(case: dict, label: str, precision: str, path: str, runs: int, processes: int,
@@ -407,7 +407,7 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                             "author_s": min(loop_before, loop(label))}
 
                 for k in dict.fromkeys((1, processes)):
-                    key = case_key(label, precision, path, k)
+                    key = case_key(label, precision, path, per_core=k > 1)
                     out[key] = case = summarize([reading(k) for _ in range(repeats)])
                     log(describe_case(case, label, precision, path, runs, k, repeats,
                                       out["fp32_head_products"]))
@@ -432,9 +432,9 @@ def measured_cases(out: dict, label: str, precision: str) -> list[tuple[str, flo
     """``(engine, seconds per run-epoch)`` of every case of ``label`` in ``precision`` that
     ``out`` holds, e.g. ``("hand-written", 0.14)``, ``("hand-written, a process per core", 0.13)``."""
     cases = []
-    for path in ("hand-written", "compiled", "autograd", "fused"):
-        for processes, how in ((1, ""), (2, ", a process per core")):
-            key = case_key(label, precision, path, processes)
+    for path in PATHS:
+        for per_core, how in ((False, ""), (True, ", a process per core")):
+            key = case_key(label, precision, path, per_core)
             if key in out:
                 cases.append((path + how, out[key]["s"]))
     return cases
