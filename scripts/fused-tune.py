@@ -42,15 +42,16 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
                 frozen = torch.zeros(runs, dtype=torch.bool, device=device)
                 trainer.step(x_t, y, 1e-3, [frozen], x_bf16)           # warm-up, compiles
                 P = group._first_layer(x, "train")
-                R, H, D = group.params["0.weight"].shape
+                R, H, _ = group.params["0.weight"].shape
                 n = P.shape[2]
                 parts = {"first-layer product": lambda: group._first_layer(x, "train"),
                          "kernel": lambda: group._launch(P, group._head_weights(), y, None),
                          "weight-gradient product": lambda: torch.mm(P.view(R * H, n),
-                                                                     group._with_ones(x, "train").t()),
+                                                                     group._operand(x, "train")[1].t()),
                          "whole step": lambda: trainer.step(x_t, y, 0.0, [frozen], x_bf16)}
                 times = {name: timed(fn, device, 10) * 1e3 for name, fn in parts.items()}
-            gemm = 2 * R * H * D * n / 1e12
+            columns = group._operand(x, "train")[1].shape[0]      # the varying features, padded
+            gemm = 2 * R * H * columns * n / 1e12
             moved = 2 * P.numel() * P.element_size() / 1e9
             print(f"{model} x {runs} runs, {precision}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
                   + f"; products {gemm / times['first-layer product'] * 1e3:.0f} and "

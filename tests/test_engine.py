@@ -107,12 +107,32 @@ def test_the_cpu_first_layer_is_one_onednn_product_with_its_bias_inside(model, r
         assert relative(inputs[1][r], expected.t().detach()) < 1e-6, (model, r)
 
 
+@pytest.mark.parametrize("model", ["ReLU", "linear+nobias-abs-linear"])
+def test_constant_features_ride_in_the_bias_and_get_their_gradient_from_it(model):
+    """oneDNN's first-layer products read only the features that vary over the training
+    examples; a constant feature c_i reaches h through the bias and gets the gradient db c_i.
+    Against autograd, with constant features of 0 (MNIST's border pixels) and of other values
+    (standardized pixels), with a bias and without one."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 9, generator=g)
+    x[:, [0, 5]], x[:, 7] = 0.0, -0.42
+    y = torch.arange(40) % 10
+    inputs = Trainer([]).first_input(x.t().contiguous())
+    assert inputs.split.varying.tolist() == [1, 2, 3, 4, 6, 8]
+    assert inputs.split.constant.tolist() == [0, 5, 7]
+    assert torch.equal(inputs.split.values, torch.tensor([0.0, 0.0, -0.42]))
+    assert torch.equal(inputs.rows, torch.cat([x[:, [1, 2, 3, 4, 6, 8]], torch.ones(40, 1)], 1))
+    assert torch.equal(inputs.columns, inputs.rows.t())
+    models = [create_model(model, 16, in_features=9, seed=s) for s in (0, 1)]
+    assert not _mismatches_with_autograd(model, models, x, y, tol=1e-5)
+
+
 def test_chunking_never_changes_a_result(raw):
     models, kw = ["ReLU2-Neg", "Abs-L2", "Abs2"], dict(runs=3, epochs=15, eval_every=5)
     whole = sweep(raw, models, **kw)
     per_run = SweepConfig(models=models, **kw).validate()
-    # the data twice (feature-major, and example-major for oneDNN) and two runs
-    two_runs = 2 * 4 * 500 * 784 + 2 * max(bytes_per_run(m, 128, 500, 784, 10) for m in models)
+    # the data three times (as given, and oneDNN's two operands) and two runs
+    two_runs = 3 * 4 * 500 * 784 + 2 * max(bytes_per_run(m, 128, 500, 784, 10) for m in models)
     chunked_sweep = Sweep(replace(per_run, max_memory=two_runs), raw, progress=False)
     assert len(chunked_sweep.chunks()) >= 4, "the budget should force small chunks"
     chunked = chunked_sweep.run()
@@ -511,6 +531,7 @@ def _assert_every_chain_matches_autograd(dtype: torch.dtype, tol: float) -> None
     """Every chain of :func:`_chains`, two runs in ``dtype``, one step against autograd."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 6, generator=g, dtype=dtype)
+    x[:, 1], x[:, 4] = 0.0, 1.5        # constant features: the CPU step folds them into the bias
     y = torch.arange(24) % 3
     failures = []
     for spec in _chains():

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distrep.constant_features import FeatureSplit
 from distrep.errors import DistrepError
 from distrep.fused import FusedRuns, fused_layout, unavailable
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
@@ -600,6 +601,16 @@ def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto",
     return engine
 
 
+def reads_varying_features(path: str, device: torch.device | str, precision: str) -> bool:
+    """Whether a path's first-layer products read only the input features that vary over the
+    training examples (:mod:`distrep.constant_features`): the fused step, and the hand-written
+    step where oneDNN computes its first layer (the CPU, fp32)."""
+    if path == "fused":
+        return True
+    return (path == "hand-written" and torch.device(device).type == "cpu" and precision == "fp32"
+            and _onednn_nt())
+
+
 def stack_parameters(models: list[nn.Module], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """``{"0.weight": [R, ...], ...}``: the parameters of R identically built models, stacked."""
     names = [name for name, _ in models[0].named_parameters()]
@@ -729,7 +740,7 @@ class Trainer:
                 raise DistrepError("the engine needs an affine first layer (linear or offsetl2)")
         self.groups, self.precision = groups, precision
         self._buffers: dict = {}
-        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._first_input: FirstLayerInput | None = None
         for group in groups:
             if isinstance(group, CompiledRuns):
                 group.autocast = precision == "bf16"
@@ -755,7 +766,7 @@ class Trainer:
             first_linear = k == 0 and isinstance(layer, StackedLinear)
             if first_linear and x_bf16 is None and onednn_cpu(x_t):
                 relu_done = _is_relu(group.layers[1]) if len(group.layers) > 1 else False
-                h = first_linear_onednn(layer, self._example_rows(x_t), relu=relu_done)  # fresh
+                h = first_linear_onednn(layer, self.first_input(x_t), relu=relu_done)  # fresh
                 continue
             out = self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t)
             if first_linear and x_bf16 is not None:
@@ -764,13 +775,12 @@ class Trainer:
                 h = layer.forward(h, shared=k == 0, out=out)
         return inputs, h
 
-    def _example_rows(self, x_t: torch.Tensor) -> torch.Tensor:
-        """``[X | 1]``, the training input example-major with a column of ones ``[n, in + 1]``:
-        the first layer's operand on oneDNN's path (kept while ``x_t`` is the same tensor)."""
-        if self._rows is None or self._rows[0] is not x_t:
-            ones = torch.ones(x_t.shape[1], 1, dtype=x_t.dtype, device=x_t.device)
-            self._rows = (x_t, torch.cat([x_t.t(), ones], 1))
-        return self._rows[1]
+    def first_input(self, x_t: torch.Tensor) -> "FirstLayerInput":
+        """The training input as oneDNN's first-layer products read it (kept while ``x_t`` is the
+        same tensor)."""
+        if self._first_input is None or self._first_input.source is not x_t:
+            self._first_input = FirstLayerInput.of(x_t)
+        return self._first_input
 
     def step(self, x_t, y, lr: float, frozen: list[torch.Tensor],
              x_bf16: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -825,6 +835,8 @@ class Trainer:
                                         overwrite_input=not _needs_own_output(group.layers[k - 1]))
             elif k == 0 and x_bf16 is not None and isinstance(layer, StackedLinear):
                 first_linear_bf16_backward(layer, g, x_bf16)
+            elif k == 0 and onednn_cpu(x_t) and isinstance(layer, StackedLinear):
+                first_linear_onednn_backward(layer, g, self.first_input(x_t))
             else:
                 g = layer.backward(g, inputs[k], shared=k == 0, need_dx=k > 0,
                                    dx_out=self._dx_buffer(gi, group, k, inputs))
@@ -884,18 +896,46 @@ def _out_shape(layer, h: torch.Tensor, runs: int) -> tuple[int, ...]:
     return tuple(h.shape)
 
 
-def first_linear_onednn(layer: StackedLinear, x_rows: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """h = W x + b for every run as ONE oneDNN product ``[W | b] [X | 1]^T``: ``W [R, o, in]``,
-    ``x_rows = [X | 1] [n, in + 1]`` -> a fresh ``[R, o, n]`` (oneDNN's product writes no given
-    buffer). The bias rides in the product as the weight of the column of ones, so no pass adds
-    it; with ``relu`` the product returns max(h, 0), applied as it writes (no pass either). A row
-    of the result does not depend on how many runs are stacked (tested). oneDNN's ReLU turns a
-    NaN into 0 where ``clamp_min`` keeps it; finite parameters and data give no NaN here, and a
-    step that makes a parameter non-finite freezes its run at once (:func:`finite_runs`)."""
+@dataclass(frozen=True)
+class FirstLayerInput:
+    """The training input as the CPU step's two first-layer products read it: its varying
+    features and a column of ones for the bias (:mod:`distrep.constant_features`), ``rows
+    [n, k + 1]`` example-major for the forward product, ``columns [k + 1, n]`` feature-major for
+    the weight gradient. ``source`` is the ``x_t`` it was taken from."""
+
+    source: torch.Tensor
+    split: FeatureSplit
+    rows: torch.Tensor
+    columns: torch.Tensor
+
+    @classmethod
+    def of(cls, x_t: torch.Tensor) -> "FirstLayerInput":
+        split = FeatureSplit.of(x_t)
+        columns = split.operand(x_t)
+        return cls(x_t, split, columns.t().contiguous(), columns)
+
+
+def first_linear_onednn(layer: StackedLinear, x: FirstLayerInput, relu: bool = False) -> torch.Tensor:
+    """h = W x + b for every run as ONE oneDNN product ``[W_v | b + W_c c] [X_v | 1]^T`` over the
+    varying features (:class:`FirstLayerInput`): ``W [R, o, in]`` -> a fresh ``[R, o, n]``
+    (oneDNN's product writes no given buffer). The bias rides in the product as the weight of the
+    column of ones, so no pass adds it; with ``relu`` the product returns max(h, 0), applied as it
+    writes (no pass either). A row of the result does not depend on how many runs are stacked
+    (tested). oneDNN's ReLU turns a NaN into 0 where ``clamp_min`` keeps it; finite parameters
+    and data give no NaN here, and a step that makes a parameter non-finite freezes its run at
+    once (:func:`finite_runs`)."""
     R, o, i = layer.weight.shape
-    bias = layer.bias.view(R * o, 1) if layer.bias is not None else layer.weight.new_zeros(R * o, 1)
-    return matmul_nt(torch.cat([layer.weight.view(R * o, i), bias], 1), x_rows,
-                     "relu" if relu else "none").view(R, o, -1)
+    bias = layer.bias.view(R * o) if layer.bias is not None else None
+    weight = x.split.weight(layer.weight.view(R * o, i), bias, layer.weight.new_empty(R * o, x.split.columns))
+    return matmul_nt(weight, x.rows, "relu" if relu else "none").view(R, o, -1)
+
+
+def first_linear_onednn_backward(layer: StackedLinear, g: torch.Tensor, x: FirstLayerInput) -> None:
+    """The first layer's gradients from ``g = dL/dh [R, o, n]`` as ONE oneDNN product
+    ``G [X_v | 1]`` (:class:`FirstLayerInput`), whose last column is db."""
+    R, o, i = layer.weight.shape
+    bias = layer.grads["bias"].view(R * o) if layer.bias is not None else None
+    x.split.gradients(matmul_nt(g.view(R * o, -1), x.columns), layer.grads["weight"].view(R * o, i), bias)
 
 
 def _is_relu(layer) -> bool:

@@ -41,6 +41,7 @@ import os
 
 import torch
 
+from distrep.constant_features import FeatureSplit
 from distrep.errors import DistrepError
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec
@@ -474,7 +475,7 @@ class FusedRuns:
         self.specs, self.params, self.layout, self.form = specs, params, layout, offsetl2_form
         self.grads = {name: torch.zeros_like(p) for name, p in params.items()}
         self._buffers: dict = {}
-        self._inputs: dict = {}            # the first layer's operands, by role (_with_ones)
+        self._inputs: dict = {}            # the first layer's operands, by role (_operand)
         k = layout["head_index"]
         self.head = (f"{k}.mu", f"{k}.alpha") if layout["offsetl2"] else (f"{k}.weight", f"{k}.bias")
 
@@ -509,36 +510,29 @@ class FusedRuns:
             buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=self.params["0.weight"].device)
         return buf
 
-    def _with_ones(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        """The first layer's operand for the input ``x [D, n]``: x itself without a bias, else
-        ``[x; 1; 0...]`` ``[Dp, n]`` in the mode's dtype, Dp = D + 1 rounded up to a multiple of
-        8 (products on tensor cores want 16-byte rows), kept while ``x`` is the same tensor."""
-        if "0.bias" not in self.params:
-            return x.to(self.dtype)
+    def _operand(self, x: torch.Tensor, key: str) -> tuple[FeatureSplit, torch.Tensor]:
+        """The first layer's operand for the input ``x [D, n]``: its varying features, a row of
+        ones for the bias and rows of zeros, ``[X_v; 1; 0...]`` ``[kp, n]`` in the mode's dtype,
+        kp = k + 1 rounded up to a multiple of 8 (products on tensor cores want 16-byte rows;
+        :mod:`distrep.constant_features`), with its split, kept while ``x`` is the same tensor."""
         cached = self._inputs.get(key)
         if cached is None or cached[0] is not x:
-            D, n = x.shape
-            rows = torch.zeros(-(-(D + 1) // 8) * 8, n, dtype=self.dtype, device=x.device)
-            rows[:D].copy_(x)
-            rows[D] = 1
-            self._inputs[key] = cached = (x, rows)
-        return cached[1]
+            split = FeatureSplit.of(x)
+            self._inputs[key] = cached = (x, split, split.operand(x, self.dtype, multiple=8))
+        return cached[1], cached[2]
 
     def _first_layer(self, x: torch.Tensor, key: str) -> torch.Tensor:
-        """P = [W1 b1] [x; 1] ``[R, H, n]`` for the shared input ``x [D, n]`` (in the mode's
-        dtype): the bias rides in the product as the weight of the row of ones, so the kernel
-        neither adds it nor sums its gradient (ReLU2, bf16: 652 instead of 943 warp instructions
-        per block, scripts/kernel-stats.py), for 8 more rows in the products (1 %)."""
+        """P = [W1_v  b1 + W1_c c] [x_v; 1] ``[R, H, n]`` for the shared input ``x [D, n]`` (in the
+        mode's dtype): the product reads only the features that vary over x's examples, and the
+        bias rides in it as the weight of the row of ones, so the kernel neither adds it nor
+        sums its gradient (ReLU2, bf16: 652 instead of 943 warp instructions per block,
+        scripts/kernel-stats.py)."""
         w1, b1 = self.params["0.weight"], self.params.get("0.bias")
         R, H, D = w1.shape
-        rows = self._with_ones(x, key)
+        split, rows = self._operand(x, key)
         P = self._buffer(key, (R, H, rows.shape[1]), self.dtype)
-        weight = w1.view(R * H, D)
-        if b1 is not None:                 # [W1 b1 0...], rebuilt from the parameters each step
-            weight = self._buffer("weight", (R * H, rows.shape[0]), self.dtype)
-            weight[:, :D].copy_(w1.view(R * H, D))
-            weight[:, D].copy_(b1.view(R * H))
-            weight[:, D + 1:].zero_()
+        weight = split.weight(w1.view(R * H, D), None if b1 is None else b1.view(R * H),
+                              self._buffer("weight", (R * H, rows.shape[0]), torch.float32))
         torch.mm(weight.to(self.dtype), rows, out=P.view(R * H, -1))
         return P
 
@@ -613,10 +607,9 @@ class FusedRuns:
         n = x.shape[1]
         C = head[0].shape[1]
         g = self.grads
-        grad = torch.mm(P.view(R * H, n), self._with_ones(x, "train").t())    # dP [X; 1]^T
-        g["0.weight"].view(R * H, D).copy_(grad[:, :D])
-        if "0.bias" in g:
-            g["0.bias"].view(R * H).copy_(grad[:, D])
+        split, rows = self._operand(x, "train")
+        split.gradients(torch.mm(P.view(R * H, n), rows.t()), g["0.weight"].view(R * H, D),   # dP [X_v; 1]^T
+                        g["0.bias"].view(R * H) if "0.bias" in g else None)
         a = parts["a"][:, :, :C, :H].sum(1)
         if self.layout["offsetl2"]:
             mu_name, alpha_name = self.head
