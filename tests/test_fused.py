@@ -98,6 +98,22 @@ def assert_trains_as_the_hand_written_step(data, names) -> None:
 
 
 @interpreted
+def test_the_fused_step_splits_each_input_once(data, monkeypatch):
+    """The features that vary over an input (its first-layer operand) are found once per input
+    tensor, not once per step or per test pass: the training images, the test images, and the
+    training images again for the final pass, however many epochs."""
+    from distrep.constant_features import FeatureSplit
+    splits = []
+    of = FeatureSplit.of
+    monkeypatch.setattr(FeatureSplit, "of", classmethod(lambda cls, x: splits.append(x.shape) or of(x)))
+    for epochs in (2, 4):
+        splits.clear()
+        run(data, ["ReLU"], "fused", epochs=epochs, eval_every=1)
+        assert splits == [data.x_train.t().shape, data.x_test.t().shape, data.x_train.t().shape,
+                          data.x_test.t().shape], epochs
+
+
+@interpreted
 def test_fp32_output_layers_on_three_tf32_products_match_the_hand_written_step(data, monkeypatch):
     """DISTREP_FP32_HEAD=3xtf32: a linear output layer's products as three TF32 products of each
     fp32 operand's exact halves, every product exact in the fp32 accumulator, so the interpreter

@@ -880,7 +880,10 @@ class Trainer:
         n = x_t.shape[1]
         totals = [(0.0, 0) for _ in self.groups]
         for start in range(0, n, batch):
-            xs, ys = x_t[:, start:start + batch].contiguous(), y[start:start + batch]
+            # x_t itself where one batch holds it all: a step keeps what it derives from its input
+            # (the fused step's operand, its split) while the input is the same tensor
+            xs = (x_t if n <= batch else x_t[:, start:start + batch]).contiguous()
+            ys = y[start:start + batch]
             for gi, group in enumerate(self.groups):
                 loss, correct = cross_entropy(group.forward(xs)[-1], ys)
                 totals[gi] = (totals[gi][0] + loss * len(ys), totals[gi][1] + correct)
