@@ -114,6 +114,23 @@ def test_the_fused_step_splits_each_input_once(data, monkeypatch):
 
 
 @interpreted
+def test_a_test_pass_leaves_the_training_steps_buffers_where_they_were(data):
+    """A CUDA graph replays a step at the addresses it recorded, so a test pass (whose input
+    has its own constant features, so other shapes) must not reallocate what a step uses."""
+    x_test = data.x_test.t().contiguous()
+    x_test[:5] = 0.25                               # constant features the training images lack
+    cfg = SweepConfig(models=["ReLU"], runs=2, epochs=1, width=20, engine="fused")
+    sweep = Sweep(cfg, data, progress=False)
+    trainer, (group,) = sweep.chunk_trainer(sweep.chunks()[0])
+    x_t, frozen = data.x_train.t().contiguous(), [torch.zeros(2, dtype=torch.bool)]
+    trainer.step(x_t, data.y_train, 1e-3, frozen)
+    before = {key: buf.data_ptr() for key, buf in group._buffers.items()}
+    trainer.evaluate(x_test, data.y_test)
+    trainer.step(x_t, data.y_train, 1e-3, frozen)
+    assert {key: group._buffers[key].data_ptr() for key in before} == before
+
+
+@interpreted
 def test_fp32_output_layers_on_three_tf32_products_match_the_hand_written_step(data, monkeypatch):
     """DISTREP_FP32_HEAD=3xtf32: a linear output layer's products as three TF32 products of each
     fp32 operand's exact halves, every product exact in the fp32 accumulator, so the interpreter

@@ -532,7 +532,9 @@ class FusedRuns:
         split, rows = self._operand(x, key)
         P = self._buffer(key, (R, H, rows.shape[1]), self.dtype)
         weight = split.weight(w1.view(R * H, D), None if b1 is None else b1.view(R * H),
-                              self._buffer("weight", (R * H, rows.shape[0]), torch.float32))
+                              # one per input: a test pass's split may differ from training's,
+                              # and a CUDA graph's step must find its buffers where it left them
+                              self._buffer(f"{key} weight", (R * H, rows.shape[0]), torch.float32))
         torch.mm(weight.to(self.dtype), rows, out=P.view(R * H, -1))
         return P
 
