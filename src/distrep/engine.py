@@ -3,7 +3,9 @@
 Layout. Activations are kept feature-major, ``[runs, features, examples]``, so that each run's
 block is contiguous: the first layer of all runs is ONE matrix product
 ``W1_all [runs*width, 784] @ X^T [784, n]`` and its weight gradient one more,
-``dH_all [runs*width, n] @ X [n, 784]``; the later layers are batched products over runs. The
+``dH_all [runs*width, n] @ X [n, 784]`` (on the CPU in fp32, over only the input features that
+vary over the examples, with the bias inside: :mod:`distrep.constant_features`,
+:class:`FirstLayerInput`); the later layers are batched products over runs. The
 gradients are written by hand into buffers allocated once, so a step allocates almost nothing:
 on the CPU only the first layer's output, which oneDNN's inner product (the fast fp32 path
 there) returns as a fresh tensor; huge pages (``THP_MEM_ALLOC_ENABLE``, set by
