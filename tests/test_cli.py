@@ -280,13 +280,16 @@ def test_bench_prints_every_figure(mnist, monkeypatch):
                      "x the author-style loop of Table 1 around it", "x the author-style loop of Table 3",
                      "of the fp32 GEMM peak measured around it", "peak memory"):
         assert fragment in r.stdout, fragment
-    # fp32 on the CPU reads only the pixels that vary over the 300 training images: both fractions
+    # the step reads only the pixels that vary over the 300 training images: both fractions
     constant = int((mnist.x_train[:300].amax(0) == 0).sum())
-    line = next(l for l in r.stdout.splitlines() if "Table 1 variants x 1 runs, fp32" in l)
-    assert (f"counting the model's arithmetic, " in line
-            and f"counting what the step does (its first-layer products skip the {constant} input "
-                "features constant over the training images)" in line), line
-    assert "skip the" not in next(l for l in r.stdout.splitlines() if "runs, bf16" in l)
+    from distrep.engine import reads_varying_features
+    assert [p for p in ("hand-written", "autograd", "compiled", "fused") if reads_varying_features(p)] \
+        == ["hand-written", "fused"]
+    for precision in ("fp32", "bf16"):
+        line = next(l for l in r.stdout.splitlines() if f"Table 1 variants x 1 runs, {precision}" in l)
+        assert (f"counting the model's arithmetic, " in line
+                and f"counting what the step does (its first-layer products skip the {constant} "
+                    "input features constant over the training images)" in line), line
 
 
 def test_bench_repeats_each_case_and_reports_its_median_reading(mnist, monkeypatch):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from distrep.data import load_dataset
 from distrep.engine import (StackedRuns, Trainer, cross_entropy_backward, first_argmax,
-                            first_linear_onednn, onednn_cpu)
+                            first_linear, onednn_cpu)
 from distrep.errors import DistrepError
 from distrep.models import ALIASES, create_model
 from distrep.sweep import Sweep, SweepConfig, bytes_per_run, plan_chunks, verify_fp32_matmul
@@ -94,11 +94,13 @@ def test_the_cpu_first_layer_is_one_onednn_product_with_its_bias_inside(model, r
     is not."""
     import distrep.engine as engine
     calls = []
-    monkeypatch.setattr(engine, "first_linear_onednn",
-                        lambda *a, **k: calls.append(k.get("relu", False)) or first_linear_onednn(*a, **k))
+    monkeypatch.setattr(engine, "first_linear",
+                        lambda *a, **k: calls.append(k.get("relu", False)) or first_linear(*a, **k))
     nets = [create_model(model, seed=s) for s in (0, 1)]
     group = StackedRuns.from_models(nets)
-    inputs, _ = Trainer([group])._forward_group(0, group, raw.x_train.t().contiguous(), None)
+    trainer, x_t = Trainer([group]), raw.x_train.t().contiguous()
+    inputs, _ = trainer._forward_group(0, group, x_t, None)
+    assert trainer.first_input(x_t).rows is not None, "not oneDNN's operand"
     relu = nets[0].layer_specs[1].kind == "relu"
     assert calls == [relu], "the CPU step did not take oneDNN's path, or not with the ReLU in it"
     assert (inputs[2] is inputs[1]) == relu
@@ -125,6 +127,8 @@ def test_constant_features_ride_in_the_bias_and_get_their_gradient_from_it(model
     assert torch.equal(inputs.columns, inputs.rows.t())
     models = [create_model(model, 16, in_features=9, seed=s) for s in (0, 1)]
     assert not _mismatches_with_autograd(model, models, x, y, tol=1e-5)
+    # the bf16 products split their own (bf16) input the same way; bf16 rounding: 2 %
+    assert not _mismatches_with_autograd(model, models, x, y, tol=2e-2, bf16=True)
 
 
 def test_chunking_never_changes_a_result(raw):
@@ -498,15 +502,18 @@ def _chains():
 
 
 def _mismatches_with_autograd(label: str, models: list, x: torch.Tensor, y: torch.Tensor,
-                              lrs=(1.0,), tol: float = 1e-9) -> list[str]:
+                              lrs=(1.0,), tol: float = 1e-9, bf16: bool = False) -> list[str]:
     """Train ``models`` stacked, one engine step per learning rate in ``lrs`` (all but the
     last 0, so that the parameters move only in the last), and compare each run's movement with
-    its gradient from PyTorch's autograd at the initial parameters (relative ``tol``)."""
+    its gradient from PyTorch's autograd at the initial parameters (relative ``tol``); with
+    ``bf16`` the engine's first-layer products take bf16 operands."""
     group = StackedRuns.from_models(models)
     before = {k: v.clone() for k, v in group.state().items()}
-    trainer = Trainer([group])
+    trainer = Trainer([group], "bf16" if bf16 else "fp32")
+    x_t = x.t().contiguous()
     for lr in lrs:
-        trainer.step(x.t().contiguous(), y, lr, [torch.zeros(len(models), dtype=torch.bool)])
+        trainer.step(x_t, y, lr, [torch.zeros(len(models), dtype=torch.bool)],
+                     x_t.bfloat16() if bf16 else None)
     failures = []
     for r, model in enumerate(models):
         model.zero_grad()

@@ -401,7 +401,7 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
             for precision in precisions:
                 models = list(TABLE3 if label == "Table 3" else TABLE1)
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
-                skipped = constant if reads_varying_features(path, device, precision) else 0
+                skipped = constant if reads_varying_features(path) else 0
                 flops_done = flops - skipped_flops(n, skipped)
 
                 def reading(k: int) -> dict:

@@ -3,13 +3,13 @@
 Layout. Activations are kept feature-major, ``[runs, features, examples]``, so that each run's
 block is contiguous: the first layer of all runs is ONE matrix product
 ``W1_all [runs*width, 784] @ X^T [784, n]`` and its weight gradient one more,
-``dH_all [runs*width, n] @ X [n, 784]`` (on the CPU in fp32, over only the input features that
-vary over the examples, with the bias inside: :mod:`distrep.constant_features`,
-:class:`FirstLayerInput`); the later layers are batched products over runs. The
-gradients are written by hand into buffers allocated once, so a step allocates almost nothing:
-on the CPU only the first layer's output, which oneDNN's inner product (the fast fp32 path
-there) returns as a fresh tensor; huge pages (``THP_MEM_ALLOC_ENABLE``, set by
-``distrep/__init__``) keep that allocation's page faults few.
+``dH_all [runs*width, n] @ X [n, 784]`` (over only the input features that vary over the
+examples, with the bias inside: :mod:`distrep.constant_features`, :class:`FirstLayerInput`);
+the later layers are batched products over runs. The gradients are written by hand into
+buffers allocated once, so a step allocates almost nothing but the first layer's output, a
+fresh tensor (oneDNN's inner product, the fast fp32 path on the CPU, writes no given buffer);
+huge pages (``THP_MEM_ALLOC_ENABLE``, set by ``distrep/__init__``) keep that allocation's page
+faults few.
 
 Each run's update is exactly its own: the loss of run r is its mean cross-entropy, its gradient
 touches only its parameters, and nothing in the step mixes runs. A run whose loss becomes
@@ -603,14 +603,10 @@ def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto",
     return engine
 
 
-def reads_varying_features(path: str, device: torch.device | str, precision: str) -> bool:
+def reads_varying_features(path: str) -> bool:
     """Whether a path's first-layer products read only the input features that vary over the
-    training examples (:mod:`distrep.constant_features`): the fused step, and the hand-written
-    step where oneDNN computes its first layer (the CPU, fp32)."""
-    if path == "fused":
-        return True
-    return (path == "hand-written" and torch.device(device).type == "cpu" and precision == "fp32"
-            and _onednn_nt())
+    training examples (:mod:`distrep.constant_features`): the hand-written and fused steps."""
+    return path in ("hand-written", "fused")
 
 
 def stack_parameters(models: list[nn.Module], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -765,23 +761,20 @@ class Trainer:
             if relu_done:       # the product applied this ReLU: its output is its input
                 relu_done = False
                 continue
-            first_linear = k == 0 and isinstance(layer, StackedLinear)
-            if first_linear and x_bf16 is None and onednn_cpu(x_t):
+            if k == 0 and isinstance(layer, StackedLinear):
                 relu_done = _is_relu(group.layers[1]) if len(group.layers) > 1 else False
-                h = first_linear_onednn(layer, self.first_input(x_t), relu=relu_done)  # fresh
+                h = first_linear(layer, self.first_input(x_t, x_bf16), relu=relu_done)   # fresh
                 continue
             out = self._buffer((gi, k), _out_shape(layer, h, group.runs), x_t)
-            if first_linear and x_bf16 is not None:
-                h = first_linear_bf16(layer, x_bf16, out)
-            else:
-                h = layer.forward(h, shared=k == 0, out=out)
+            h = layer.forward(h, shared=k == 0, out=out)
         return inputs, h
 
-    def first_input(self, x_t: torch.Tensor) -> "FirstLayerInput":
-        """The training input as oneDNN's first-layer products read it (kept while ``x_t`` is the
-        same tensor)."""
-        if self._first_input is None or self._first_input.source is not x_t:
-            self._first_input = FirstLayerInput.of(x_t)
+    def first_input(self, x_t: torch.Tensor, x_bf16: torch.Tensor | None = None) -> "FirstLayerInput":
+        """The training input as the first layer's products read it: ``x_bf16`` where given (bf16
+        products), else ``x_t``; kept while that is the same tensor."""
+        x = x_t if x_bf16 is None else x_bf16
+        if self._first_input is None or self._first_input.source is not x:
+            self._first_input = FirstLayerInput.of(x)
         return self._first_input
 
     def step(self, x_t, y, lr: float, frozen: list[torch.Tensor],
@@ -835,10 +828,8 @@ class Trainer:
             if isinstance(layer, StackedActivation):
                 g = activation_backward(layer.kind, inputs[k], outputs[k], g,
                                         overwrite_input=not _needs_own_output(group.layers[k - 1]))
-            elif k == 0 and x_bf16 is not None and isinstance(layer, StackedLinear):
-                first_linear_bf16_backward(layer, g, x_bf16)
-            elif k == 0 and onednn_cpu(x_t) and isinstance(layer, StackedLinear):
-                first_linear_onednn_backward(layer, g, self.first_input(x_t))
+            elif k == 0 and isinstance(layer, StackedLinear):
+                first_linear_backward(layer, g, self.first_input(x_t, x_bf16))
             else:
                 g = layer.backward(g, inputs[k], shared=k == 0, need_dx=k > 0,
                                    dx_out=self._dx_buffer(gi, group, k, inputs))
@@ -903,61 +894,54 @@ def _out_shape(layer, h: torch.Tensor, runs: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class FirstLayerInput:
-    """The training input as the CPU step's two first-layer products read it: its varying
-    features and a column of ones for the bias (:mod:`distrep.constant_features`), ``rows
-    [n, k + 1]`` example-major for the forward product, ``columns [k + 1, n]`` feature-major for
-    the weight gradient. ``source`` is the ``x_t`` it was taken from."""
+    """The training input as the hand-written step's two first-layer products read it: its
+    varying features and a row of ones for the bias (:mod:`distrep.constant_features`),
+    ``columns [k + 1, n]`` feature-major, in the products' dtype (bf16 for bf16 products), and on
+    oneDNN's path the same example-major, ``rows [n, k + 1]`` (its forward's operand; else None).
+    ``source`` is the input it was taken from."""
 
     source: torch.Tensor
     split: FeatureSplit
-    rows: torch.Tensor
     columns: torch.Tensor
+    rows: torch.Tensor | None
 
     @classmethod
-    def of(cls, x_t: torch.Tensor) -> "FirstLayerInput":
-        split = FeatureSplit.of(x_t)
-        columns = split.operand(x_t)
-        return cls(x_t, split, columns.t().contiguous(), columns)
+    def of(cls, x: torch.Tensor) -> "FirstLayerInput":
+        """From the feature-major input ``x [in, n]``, in its dtype."""
+        split = FeatureSplit.of(x)
+        columns = split.operand(x)
+        return cls(x, split, columns, columns.t().contiguous() if onednn_cpu(x) else None)
 
 
-def first_linear_onednn(layer: StackedLinear, x: FirstLayerInput, relu: bool = False) -> torch.Tensor:
-    """h = W x + b for every run as ONE oneDNN product ``[W_v | b + W_c c] [X_v | 1]^T`` over the
-    varying features (:class:`FirstLayerInput`): ``W [R, o, in]`` -> a fresh ``[R, o, n]``
-    (oneDNN's product writes no given buffer). The bias rides in the product as the weight of the
-    column of ones, so no pass adds it; with ``relu`` the product returns max(h, 0), applied as it
-    writes (no pass either). A row of the result does not depend on how many runs are stacked
-    (tested). oneDNN's ReLU turns a NaN into 0 where ``clamp_min`` keeps it; finite parameters
-    and data give no NaN here, and a step that makes a parameter non-finite freezes its run at
-    once (:func:`finite_runs`)."""
+def first_linear(layer: StackedLinear, x: FirstLayerInput, relu: bool = False) -> torch.Tensor:
+    """h = W x + b for every run as ONE product ``[W_v | b + W_c c] [X_v; 1]`` over the varying
+    features (:class:`FirstLayerInput`) in their dtype: ``W [R, o, in]`` -> a fresh ``[R, o, n]``
+    in W's dtype. The bias rides in the product as the weight of the row of ones, so no pass adds
+    it; with ``relu``, max(h, 0). On the CPU in fp32 the product is oneDNN's, which applies the
+    ReLU as it writes (no pass) and writes no given buffer; a row of the result does not depend
+    on how many runs are stacked (tested). oneDNN's ReLU turns a NaN into 0 where ``clamp_min``
+    keeps it; finite parameters and data give no NaN here, and a step that makes a parameter
+    non-finite freezes its run at once (:func:`finite_runs`)."""
     R, o, i = layer.weight.shape
     bias = layer.bias.view(R * o) if layer.bias is not None else None
     weight = x.split.weight(layer.weight.view(R * o, i), bias, layer.weight.new_empty(R * o, x.split.columns))
-    return matmul_nt(weight, x.rows, "relu" if relu else "none").view(R, o, -1)
+    if x.rows is not None:
+        h = matmul_nt(weight, x.rows, "relu" if relu else "none")
+    else:           # the master weights to the operand's dtype (bf16), the result back to theirs
+        h = torch.mm(weight.to(x.columns.dtype), x.columns).to(weight.dtype)
+        if relu:
+            h.clamp_min_(0.0)
+    return h.view(R, o, -1)
 
 
-def first_linear_onednn_backward(layer: StackedLinear, g: torch.Tensor, x: FirstLayerInput) -> None:
-    """The first layer's gradients from ``g = dL/dh [R, o, n]`` as ONE oneDNN product
-    ``G [X_v | 1]`` (:class:`FirstLayerInput`), whose last column is db."""
+def first_linear_backward(layer: StackedLinear, g: torch.Tensor, x: FirstLayerInput) -> None:
+    """The first layer's gradients from ``g = dL/dh [R, o, n]`` as ONE product ``G [X_v; 1]^T``
+    (:class:`FirstLayerInput`; G in the operand's dtype), whose last column is db."""
     R, o, i = layer.weight.shape
     bias = layer.grads["bias"].view(R * o) if layer.bias is not None else None
-    x.split.gradients(matmul_nt(g.view(R * o, -1), x.columns), layer.grads["weight"].view(R * o, i), bias)
+    G = g.reshape(R * o, -1).to(x.columns.dtype)
+    x.split.gradients(matmul_nt(G, x.columns), layer.grads["weight"].view(R * o, i), bias)
 
 
 def _is_relu(layer) -> bool:
     return isinstance(layer, StackedActivation) and layer.kind == "relu"
-
-
-def first_linear_bf16(layer: StackedLinear, x_bf16: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The first layer's product on bf16 copies of W and x (fp32 master weights, fp32 output)."""
-    R, o, i = layer.weight.shape
-    out.view(R * o, -1).copy_(layer.weight.view(R * o, i).bfloat16() @ x_bf16)
-    if layer.bias is not None:
-        out.add_(layer.bias.unsqueeze(2))
-    return out
-
-
-def first_linear_bf16_backward(layer: StackedLinear, g: torch.Tensor, x_bf16: torch.Tensor) -> None:
-    R, o, i = layer.weight.shape
-    layer.grads["weight"].view(R * o, i).copy_(g.reshape(R * o, -1).bfloat16() @ x_bf16.t())
-    if layer.bias is not None:
-        torch.sum(g, 2, out=layer.grads["bias"])

@@ -362,9 +362,9 @@ class Sweep:
         n = max(len(d.y_train), len(d.y_test))
         cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine, self.device)
                 for s in self.specs]
-        # the data, and more copies: bf16, or oneDNN's two operands for the first layer on the CPU
-        # (its varying features, example-major and feature-major: engine.FirstLayerInput)
-        copies = 3 if self.device.type == "cpu" else 2 if c.precision == "bf16" else 1
+        # the data and the first layer's operands (its varying features: engine.FirstLayerInput):
+        # feature-major, on oneDNN's path also example-major; in bf16, half-size copies of both
+        copies = 3 if self.device.type == "cpu" else 2
         fixed = 4 * n * d.num_features * copies
         if any(engine_path(parse(s), c.engine, self.device) == "fused" for s in self.specs):
             # and the fused step's first-layer operand, with its row of ones (padded rows)
