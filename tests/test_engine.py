@@ -131,6 +131,25 @@ def test_constant_features_ride_in_the_bias_and_get_their_gradient_from_it(model
     assert not _mismatches_with_autograd(model, models, x, y, tol=2e-2, bf16=True)
 
 
+def test_a_feature_split_pads_its_operand_and_takes_every_feature_into_the_bias_when_all_are_constant():
+    from distrep.constant_features import FeatureSplit
+    x = torch.tensor([[1.0, 2.0], [3.0, 3.0], [0.0, 0.0]])             # [D = 3, n = 2]
+    split = FeatureSplit.of(x)
+    assert split.varying.tolist() == [0] and split.constant.tolist() == [1, 2]
+    assert split.values.tolist() == [3.0, 0.0]
+    operand = split.operand(x, torch.bfloat16, multiple=8)              # the fused step's rows
+    assert operand.shape == (8, 2) and operand.dtype == torch.bfloat16
+    assert operand[:2].tolist() == [[1.0, 2.0], [1.0, 1.0]] and not operand[2:].any()
+    one = FeatureSplit.of(x[:, :1])       # one example: every feature constant, all in the bias
+    assert one.varying.numel() == 0 and one.columns == 1
+    w, b = torch.randn(4, 3), torch.randn(4)
+    folded = one.weight(w, b, torch.full((4, 8), float("nan")))
+    assert torch.allclose(folded[:, 0], w @ x[:, 0] + b) and not folded[:, 1:].any()
+    product, grad_w, grad_b = torch.randn(4, 8), torch.empty(4, 3), torch.empty(4)
+    one.gradients(product, grad_w, grad_b)                              # dW = db x^T, db
+    assert torch.equal(grad_b, product[:, 0]) and torch.allclose(grad_w, product[:, :1] * x[:, 0])
+
+
 def test_chunking_never_changes_a_result(raw):
     models, kw = ["ReLU2-Neg", "Abs-L2", "Abs2"], dict(runs=3, epochs=15, eval_every=5)
     whole = sweep(raw, models, **kw)
