@@ -46,11 +46,11 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
                 n = P.shape[2]
                 parts = {"first-layer product": lambda: group._first_layer(x, "train"),
                          "kernel": lambda: group._launch(P, group._head_weights(), y, None),
-                         "weight-gradient product": lambda: torch.mm(P.view(R * H, n),
-                                                                     group._operand(x, "train")[1].t()),
+                         "weight-gradient product": lambda: torch.mm(
+                             P.view(R * H, n), group._first_input(x, "train").columns.t()),
                          "whole step": lambda: trainer.step(x_t, y, 0.0, [frozen], x_bf16)}
                 times = {name: timed(fn, device, 10) * 1e3 for name, fn in parts.items()}
-            columns = group._operand(x, "train")[1].shape[0]      # the varying features, padded
+            columns = group._first_input(x, "train").columns.shape[0]      # the varying features, padded
             gemm = 2 * R * H * columns * n / 1e12
             moved = 2 * P.numel() * P.element_size() / 1e9
             print(f"{model} x {runs} runs, {precision}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())

@@ -88,7 +88,7 @@ def test_raw_pixels_match_where_the_dynamics_are_not_chaotic(raw):
 
 @pytest.mark.parametrize("model", ["ReLU", "linear+nobias-abs-linear"])
 def test_the_cpu_first_layer_is_one_onednn_product_with_its_bias_inside(model, raw, monkeypatch):
-    """On the CPU the Trainer computes the first layer as ``[W | b] [X | 1]^T`` through oneDNN
+    """On the CPU the Trainer computes the first layer as ``[W_v | b + W_c c] [X_v | 1]^T`` through oneDNN
     (a bias or none): W x + b to fp32 rounding, for every stacked run; a ReLU after it is
     applied by the product (one tensor is the ReLU's input and output), any other activation
     is not."""

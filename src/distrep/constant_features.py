@@ -74,3 +74,25 @@ class FeatureSplit:
         grad_weight.index_copy_(1, self.constant, db.unsqueeze(1) * self.values.to(db.dtype))
         if grad_bias is not None:
             grad_bias.copy_(db)
+
+
+@dataclass(frozen=True)
+class FirstLayerInput:
+    """An input as the first layer's two products read it: ``columns [kp, n]``, its varying
+    features, a row of ones and rows of zeros (:meth:`FeatureSplit.operand`) in the products'
+    dtype, and where asked for the same example-major, ``rows [n, kp]`` (oneDNN's forward
+    operand; else None). ``source`` is the input it was taken from: a step keeps it while its
+    input is the same tensor."""
+
+    source: torch.Tensor
+    split: FeatureSplit
+    columns: torch.Tensor
+    rows: torch.Tensor | None
+
+    @classmethod
+    def of(cls, x: torch.Tensor, dtype: torch.dtype | None = None, multiple: int = 1,
+           example_major: bool = False) -> "FirstLayerInput":
+        """From the feature-major input ``x [D, n]``."""
+        split = FeatureSplit.of(x)
+        columns = split.operand(x, dtype, multiple)
+        return cls(x, split, columns, columns.t().contiguous() if example_major else None)

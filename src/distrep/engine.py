@@ -4,7 +4,7 @@ Layout. Activations are kept feature-major, ``[runs, features, examples]``, so t
 block is contiguous: the first layer of all runs is ONE matrix product
 ``W1_all [runs*width, 784] @ X^T [784, n]`` and its weight gradient one more,
 ``dH_all [runs*width, n] @ X [n, 784]`` (over only the input features that vary over the
-examples, with the bias inside: :mod:`distrep.constant_features`, :class:`FirstLayerInput`);
+examples, with the bias inside: :mod:`distrep.constant_features`);
 the later layers are batched products over runs. The gradients are written by hand into
 buffers allocated once, so a step allocates almost nothing but the first layer's output, a
 fresh tensor (oneDNN's inner product, the fast fp32 path on the CPU, writes no given buffer);
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distrep.constant_features import FeatureSplit
+from distrep.constant_features import FirstLayerInput
 from distrep.errors import DistrepError
 from distrep.fused import FusedRuns, fused_layout, unavailable
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
@@ -769,12 +769,13 @@ class Trainer:
             h = layer.forward(h, shared=k == 0, out=out)
         return inputs, h
 
-    def first_input(self, x_t: torch.Tensor, x_bf16: torch.Tensor | None = None) -> "FirstLayerInput":
+    def first_input(self, x_t: torch.Tensor, x_bf16: torch.Tensor | None = None) -> FirstLayerInput:
         """The training input as the first layer's products read it: ``x_bf16`` where given (bf16
-        products), else ``x_t``; kept while that is the same tensor."""
+        products), else ``x_t``, example-major too on oneDNN's path; kept while that is the same
+        tensor."""
         x = x_t if x_bf16 is None else x_bf16
         if self._first_input is None or self._first_input.source is not x:
-            self._first_input = FirstLayerInput.of(x)
+            self._first_input = FirstLayerInput.of(x, example_major=onednn_cpu(x))
         return self._first_input
 
     def step(self, x_t, y, lr: float, frozen: list[torch.Tensor],
@@ -890,27 +891,6 @@ def _out_shape(layer, h: torch.Tensor, runs: int) -> tuple[int, ...]:
     if isinstance(layer, StackedOffsetL2):
         return (runs, layer.mu.shape[1], n)
     return tuple(h.shape)
-
-
-@dataclass(frozen=True)
-class FirstLayerInput:
-    """The training input as the hand-written step's two first-layer products read it: its
-    varying features and a row of ones for the bias (:mod:`distrep.constant_features`),
-    ``columns [k + 1, n]`` feature-major, in the products' dtype (bf16 for bf16 products), and on
-    oneDNN's path the same example-major, ``rows [n, k + 1]`` (its forward's operand; else None).
-    ``source`` is the input it was taken from."""
-
-    source: torch.Tensor
-    split: FeatureSplit
-    columns: torch.Tensor
-    rows: torch.Tensor | None
-
-    @classmethod
-    def of(cls, x: torch.Tensor) -> "FirstLayerInput":
-        """From the feature-major input ``x [in, n]``, in its dtype."""
-        split = FeatureSplit.of(x)
-        columns = split.operand(x)
-        return cls(x, split, columns, columns.t().contiguous() if onednn_cpu(x) else None)
 
 
 def first_linear(layer: StackedLinear, x: FirstLayerInput, relu: bool = False) -> torch.Tensor:

@@ -41,7 +41,7 @@ import os
 
 import torch
 
-from distrep.constant_features import FeatureSplit
+from distrep.constant_features import FirstLayerInput
 from distrep.errors import DistrepError
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec
@@ -475,7 +475,7 @@ class FusedRuns:
         self.specs, self.params, self.layout, self.form = specs, params, layout, offsetl2_form
         self.grads = {name: torch.zeros_like(p) for name, p in params.items()}
         self._buffers: dict = {}
-        self._inputs: dict = {}            # the first layer's operands, by role (_operand)
+        self._inputs: dict = {}            # the first layer's operands, by role (_first_input)
         k = layout["head_index"]
         self.head = (f"{k}.mu", f"{k}.alpha") if layout["offsetl2"] else (f"{k}.weight", f"{k}.bias")
 
@@ -510,16 +510,15 @@ class FusedRuns:
             buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=self.params["0.weight"].device)
         return buf
 
-    def _operand(self, x: torch.Tensor, key: str) -> tuple[FeatureSplit, torch.Tensor]:
+    def _first_input(self, x: torch.Tensor, key: str) -> FirstLayerInput:
         """The first layer's operand for the input ``x [D, n]``: its varying features, a row of
         ones for the bias and rows of zeros, ``[X_v; 1; 0...]`` ``[kp, n]`` in the mode's dtype,
         kp = k + 1 rounded up to a multiple of 8 (products on tensor cores want 16-byte rows;
-        :mod:`distrep.constant_features`), with its split, kept while ``x`` is the same tensor."""
+        :mod:`distrep.constant_features`), kept while ``x`` is the same tensor."""
         cached = self._inputs.get(key)
-        if cached is None or cached[0] is not x:
-            split = FeatureSplit.of(x)
-            self._inputs[key] = cached = (x, split, split.operand(x, self.dtype, multiple=8))
-        return cached[1], cached[2]
+        if cached is None or cached.source is not x:
+            self._inputs[key] = cached = FirstLayerInput.of(x, self.dtype, multiple=8)
+        return cached
 
     def _first_layer(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """P = [W1_v  b1 + W1_c c] [x_v; 1] ``[R, H, n]`` for the shared input ``x [D, n]`` (in the
@@ -529,13 +528,14 @@ class FusedRuns:
         scripts/kernel-stats.py)."""
         w1, b1 = self.params["0.weight"], self.params.get("0.bias")
         R, H, D = w1.shape
-        split, rows = self._operand(x, key)
-        P = self._buffer(key, (R, H, rows.shape[1]), self.dtype)
-        weight = split.weight(w1.view(R * H, D), None if b1 is None else b1.view(R * H),
-                              # one per input: a test pass's split may differ from training's,
-                              # and a CUDA graph's step must find its buffers where it left them
-                              self._buffer(f"{key} weight", (R * H, rows.shape[0]), torch.float32))
-        torch.mm(weight.to(self.dtype), rows, out=P.view(R * H, -1))
+        inputs = self._first_input(x, key)
+        kp, n = inputs.columns.shape
+        P = self._buffer(key, (R, H, n), self.dtype)
+        # a folded weight per input: a test pass's split may differ from training's, and a CUDA
+        # graph's step must find its buffers where it left them
+        weight = inputs.split.weight(w1.view(R * H, D), None if b1 is None else b1.view(R * H),
+                                     self._buffer(f"{key} weight", (R * H, kp), torch.float32))
+        torch.mm(weight.to(self.dtype), inputs.columns, out=P.view(R * H, -1))
         return P
 
     def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -609,9 +609,10 @@ class FusedRuns:
         n = x.shape[1]
         C = head[0].shape[1]
         g = self.grads
-        split, rows = self._operand(x, "train")
-        split.gradients(torch.mm(P.view(R * H, n), rows.t()), g["0.weight"].view(R * H, D),   # dP [X_v; 1]^T
-                        g["0.bias"].view(R * H) if "0.bias" in g else None)
+        inputs = self._first_input(x, "train")
+        bias = g["0.bias"].view(R * H) if "0.bias" in g else None
+        inputs.split.gradients(torch.mm(P.view(R * H, n), inputs.columns.t()),   # dP [X_v; 1]^T
+                               g["0.weight"].view(R * H, D), bias)
         a = parts["a"][:, :, :C, :H].sum(1)
         if self.layout["offsetl2"]:
             mu_name, alpha_name = self.head

@@ -362,7 +362,7 @@ class Sweep:
         n = max(len(d.y_train), len(d.y_test))
         cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine, self.device)
                 for s in self.specs]
-        # the data and the first layer's operands (its varying features: engine.FirstLayerInput):
+        # the data and the first layer's operands (its varying features: constant_features.FirstLayerInput):
         # feature-major, on oneDNN's path also example-major; in bf16, half-size copies of both
         copies = 3 if self.device.type == "cpu" else 2
         fixed = 4 * n * d.num_features * copies
