@@ -3,15 +3,15 @@
 #   1. a CUDA stream per variant (the default for the fused step in TF32 and bf16 since an H200
 #      timed it: docs/engine-h200-fused/; DISTREP_CUDA_STREAMS=0/1 forces it off/on) and the
 #      two-stream pipeline (=pipeline, not yet timed): their test, the same bits as one stream;
-#   1b. fp32's output layer on three TF32 products of exact halves (DISTREP_FP32_HEAD=3xtf32,
-#      not yet run on a GPU): its test against the CPU (tests/test_cuda.py, three_tf32);
-#   2. `distrep bench` of the fused step in fp32, TF32 and bf16: one stream, a stream per
-#      variant, then the pipeline, back to back on the same GPU; then fp32 with 3xtf32, one
-#      stream and the pipeline;
+#   1b. --precision 3xtf32 (not yet run on a GPU: fp32 data, every product on tensor cores as
+#      three TF32 products of exact halves): its test against fp32 and the CPU, and its CUDA
+#      graphs and streams bit for bit (tests/test_cuda.py);
+#   2. `distrep bench` of the fused step in fp32, 3xTF32, TF32 and bf16: one stream, a stream
+#      per variant, then the pipeline (fp32 and 3xTF32), back to back on the same GPU;
 #   3. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
 #      graphs bit for bit, the expanded OffsetL2 kernel's gradients and distances in TF32/bf16,
 #      a register cap changing no bit);
-#   4. TF32 and bf16 against fp32, run by run from the same seeds (`bench --accuracy`, fused
+#   4. 3xTF32, TF32 and bf16 against fp32, run by run from the same seeds (`bench --accuracy`, fused
 #      step, each mode's OffsetL2 kernel: distrep.fused.OFFSETL2_KERNEL), every Table 1 and
 #      Table 3 model on full MNIST, into OUT_DIR/accuracy/;
 #   5. the fused step's shapes and OffsetL2 kernels timed (scripts/fused-tune.py), to choose
@@ -23,8 +23,8 @@
 #   7. the rest of tests/test_cuda.py and the CUDA case of the SIGKILL-and-resume test (`auto`
 #      takes the fused step on CUDA, with CUDA graphs, so these now check it).
 # On an H200 (2026-11-28) parts 1-3, 6 and 7 took 527 s of a 565 s call (SKIP="4 5"), before
-# part 1 had the pipeline's three cases and part 2 its third bench (~60 s more); all seven need
-# a second call (FROM=6).
+# part 1 had the pipeline's and 3xTF32's cases and part 2 its third bench and 3xTF32; all seven
+# need a second call (FROM=5).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs); SKIP="K L" skips the parts named. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
@@ -48,16 +48,17 @@ bench=("$python" -m distrep.cli bench --device "$device" --epochs "${BENCH_EPOCH
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 step 40 "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 60 "$python" -m distrep.cli data fetch mnist --from "$data"
-part step "$(upto 150)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "concurrent_streams or three_tf32"
-part step "$(upto 260)" bash -c "for s in 0 1 pipeline; do DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32,tf32,bf16; done
-    for s in 0 pipeline; do DISTREP_FP32_HEAD=3xtf32 DISTREP_CUDA_STREAMS=\$s ${bench[*]} --engine fused --precisions fp32; done"
+part step "$(upto 150)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "concurrent_streams or 3xtf32"
+part step "$(upto 260)" bash -c "DISTREP_CUDA_STREAMS=0 ${bench[*]} --engine fused --precisions fp32,3xtf32,tf32,bf16
+    DISTREP_CUDA_STREAMS=1 ${bench[*]} --engine fused --precisions 3xtf32,tf32,bf16
+    DISTREP_CUDA_STREAMS=pipeline ${bench[*]} --engine fused --precisions fp32,3xtf32"
 part step "$(upto 220)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 part step "$(upto 160)" "$python" -c "
 from distrep import bench
-bench.accuracy_check('$device', ('bf16', 'tf32'), ${ACCURACY_RUNS:-16}, ${ACCURACY_EPOCHS:-500}, None,
+bench.accuracy_check('$device', ('3xtf32', 'bf16', 'tf32'), ${ACCURACY_RUNS:-16}, ${ACCURACY_EPOCHS:-500}, None,
                      'fused', '$out/accuracy')"
 part step "$(upto 100)" "$python" scripts/fused-tune.py 20
 part step "$(upto 100)" "${bench[@]}" --engine fused,hand-written --precisions fp32,tf32,bf16
-part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs and not three_tf32" \
+part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs and not 3xtf32" \
     "tests/test_cli.py::test_sweep_killed_by_a_signal_resumes_bit_identically"
 echo "=== done after ${SECONDS}s" | tee -a "$log"

@@ -19,7 +19,7 @@ instruction). The kernel is neither issue- nor memory-bound at these sizes (well
 instruction per cycle per SM), but its time follows its instruction count: a change that cuts
 the count cuts the time about as much.
 
-Usage: python scripts/kernel-stats.py [MODEL ...] [--precisions bf16,tf32,fp32]
+Usage: python scripts/kernel-stats.py [MODEL ...] [--precisions bf16,tf32,fp32,3xtf32]
        [--forms direct,expanded,hybrid] [--shapes 32x4,32x8] [--maxnreg 168,128]
        (default ReLU2 ReLU-L2, bf16, 32x4, distrep.fused.MAX_REGISTERS)
 Needs Triton's JIT (not its interpreter): run it without TRITON_INTERPRET.

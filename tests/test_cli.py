@@ -269,6 +269,9 @@ def test_sweep_refuses_to_mix_configs(tmp_path, mnist):
                           "unknown model 'Nope'")
     assert_one_line_error(distrep("sweep", "--models", "ReLU", "--max-memory", "lots",
                                   "--out", tmp_path / "y"), "expected a size like 8G")
+    assert_one_line_error(distrep("sweep", "--models", "ReLU", "--precision", "3xtf32", "--out", tmp_path / "y"),
+                          "3xtf32 is a precision of the fused step")
+    assert not (tmp_path / "y").exists()
 
 
 def test_bench_prints_every_figure(mnist, monkeypatch):
@@ -285,6 +288,13 @@ def test_bench_prints_every_figure(mnist, monkeypatch):
     from distrep.engine import reads_varying_features
     assert [p for p in ("hand-written", "autograd", "compiled", "fused") if reads_varying_features(p)] \
         == ["hand-written", "fused"]
+    # 3xtf32 (CUDA, the fused step only) computes fp32's products: its fraction is of fp32's peak
+    assert bench.timed_here("fused", "3xtf32") and not bench.timed_here("hand-written", "3xtf32")
+    case = bench.summarize([{"s": 0.5, "gflops": 80.0, "peak_gflops": 50.0, "author_s": 1.0}])
+    assert "= 160% of the fp32 GEMM peak measured around it (50)" in bench.describe_case(
+        dict(case, replay="", setup_s=1.0), "Table 1", "3xtf32", "fused", 20, 1, 1)
+    assert_one_line_error(distrep("bench", "--device", "cpu", "--precisions", "fp32,3xtf32"),
+                          "--precisions: 3xtf32 cannot be timed here")
     for precision in ("fp32", "bf16"):
         line = next(l for l in r.stdout.splitlines() if f"Table 1 variants x 1 runs, {precision}" in l)
         assert (f"counting the model's arithmetic, " in line

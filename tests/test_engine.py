@@ -358,6 +358,7 @@ def test_a_stream_per_variant_is_the_default_only_where_it_was_measured_to_pay(m
 
     monkeypatch.delenv("DISTREP_CUDA_STREAMS", raising=False)
     assert schedule("bf16", fused, fused) == schedule("tf32", fused, fused) == "per-variant"
+    assert schedule("3xtf32", fused, fused) == "per-variant"
     assert schedule("fp32", fused, fused) == "one"
     assert schedule("bf16", hand, hand) == schedule("bf16", fused, hand) == "one"
     assert schedule("bf16", fused) == "one"
@@ -479,6 +480,8 @@ def test_memory_plan_and_errors(raw):
         SweepConfig(models=["ReLU"], precision="tf32").validate()
     with pytest.raises(DistrepError, match="affine first layer"):
         Trainer([StackedRuns.from_models([create_model("relu-linear")])])
+    with pytest.raises(DistrepError, match="3xtf32 is a precision of the fused step only"):
+        Trainer([StackedRuns.from_models([create_model("ReLU")])], precision="3xtf32")
 
 
 def test_fp32_check_catches_reduced_precision(monkeypatch):

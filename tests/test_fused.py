@@ -130,37 +130,88 @@ def test_a_test_pass_leaves_the_training_steps_buffers_where_they_were(data):
     assert {key: group._buffers[key].data_ptr() for key in before} == before
 
 
+def test_tf32_halves_are_exact_operands_whose_three_products_keep_fp32s_accuracy():
+    """3xtf32's products on the CPU, as cuBLAS and the kernel run them on tensor cores: hi and lo
+    carry no bit below TF32's 11 significant bits (so every product of two of them is exact in
+    fp32), hi + lo = x to 2^-22 |x|, and lo b_hi + hi b_lo + hi b_hi (fp32 sums) comes within
+    a few times IEEE fp32's error of the exact product, where the high halves alone (one TF32
+    product) are ~100x farther, as are the halves' products without either cross term."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 300, generator=g) * torch.logspace(-20, 20, 300)
+    hi, lo = fused.tf32_halves(x)
+    for half in (hi, lo):
+        assert (half.view(torch.int32) & 0x1FFF).eq(0).all()
+    assert ((hi.double() + lo.double() - x.double()).abs() <= 2.0 ** -22 * x.double().abs()).all()
+    assert torch.equal(fused.round_to_tf32(hi), hi) and fused.round_to_tf32(torch.tensor([1 + 2 ** -11])).item() == 1 + 2 ** -10
+
+    a, b = torch.randn(300, 400, generator=g), torch.rand(400, 500, generator=g)   # b >= 0: pixels
+    exact = a.double() @ b.double()
+    scale = (a.double().abs() @ b.double().abs()).max()
+    (a_hi, a_lo), (b_hi, b_lo) = fused.tf32_halves(a), fused.tf32_halves(b)
+    error = {name: float((product.double() - exact).abs().max() / scale) for name, product in {
+        "ieee": a @ b,
+        "3xtf32": torch.cat([a_lo, a_hi, a_hi], 1) @ torch.cat([b_hi, b_lo, b_hi]),  # as the first layer
+        "high": a_hi @ b_hi, "no a_lo": a_hi @ b_lo + a_hi @ b_hi, "no b_lo": a_lo @ b_hi + a_hi @ b_hi,
+    }.items()}
+    assert error["3xtf32"] < 4 * error["ieee"] + 1e-7, error
+    for name in ("high", "no a_lo", "no b_lo"):
+        assert error[name] > 30 * error["3xtf32"], (name, error)
+
+
 @interpreted
-def test_fp32_output_layers_on_three_tf32_products_match_the_hand_written_step(data, monkeypatch):
-    """DISTREP_FP32_HEAD=3xtf32: a linear output layer's products as three TF32 products of each
-    fp32 operand's exact halves, every product exact in the fp32 accumulator, so the interpreter
-    computes what the GPU does but for the order of the sums. Measured: within 1e-7 of the
-    hand-written step after 4 epochs, as the IEEE products are; with a cross term left out
-    2e-6 to 7e-6 in the loss, with the halves' high product alone 5e-6 to 1e-5."""
-    monkeypatch.setenv("DISTREP_FP32_HEAD", "3xtf32")
+def test_3xtf32_trains_as_the_hand_written_fp32_step(data):
+    """--precision 3xtf32: the first layer's two products through cuBLAS (here torch.mm) on the
+    TF32 halves of the folded weight, of the input, and of dP (which the kernel writes as its
+    halves), and a linear output layer's three in the kernel, every product exact in the fp32
+    accumulator, so the interpreter computes what the GPU does but for the order of the sums.
+    Within 2e-6 of the hand-written fp32 step after 4 epochs, as the IEEE kernel is (each
+    gradient's own check: the next test)."""
     names = ["ReLU", "Abs2-Neg", "ReLU2-Neg-Bias", "linear-abs-linear+bias-neg-relu",
              "linear+nobias-relu-linear+bias-neg", "linear-identity-linear-abs", "ReLU-L2"]
-    assert_trains_as_the_hand_written_step(data, names)
+    for f, h in zip(run(data, names, "fused", precision="3xtf32"), run(data, names, "auto")):
+        assert relative(f.arrays["train_loss"], h.arrays["train_loss"]) < 2e-6, f.name
+        np.testing.assert_array_equal(f.arrays["test_acc"], h.arrays["test_acc"])
+        for name, p in h.params.items():
+            assert relative(f.params[name], p) < 2e-6, (f.name, name)
 
 
-def test_the_fp32_head_products_apply_to_linear_output_layers_in_fp32_only(monkeypatch):
-    def dot(model, precision):
+@interpreted
+def test_3xtf32_gradients_are_fp32s(data):
+    """One step's gradients in 3xtf32 against the fused fp32 step's, from the same parameters:
+    within 5e-6 relative in every tensor (measured: at most 9e-7). Each of the first layer's
+    low halves left out (the weight's, the input's, dP's) moves some gradient by 2e-4 or more
+    (2e-4 to 4e-2, measured), as a product in TF32 alone would."""
+    names = ["ReLU", "Abs2-Neg", "ReLU2-Neg-Bias", "linear+nobias-relu-linear+bias-neg", "ReLU-L2"]
+    x_t, y = data.x_train.t().contiguous(), data.y_train
+    grads = {}
+    for precision in ("fp32", "3xtf32"):
+        cfg = SweepConfig(models=names, runs=2, epochs=1, width=20, engine="fused", precision=precision)
+        sweep = Sweep(cfg, data, progress=False)
+        _, groups = sweep.chunk_trainer(sweep.chunks()[0])
+        for group in groups:
+            group.gradients(x_t, y)
+        grads[precision] = [{k: v.clone() for k, v in group.grads.items()} for group in groups]
+    for name, ours, theirs in zip(names, grads["3xtf32"], grads["fp32"]):
+        for k in theirs:
+            assert relative(ours[k], theirs[k]) < 5e-6, (name, k)
+
+
+def test_3xtf32_is_the_fused_steps_and_splits_every_product(monkeypatch):
+    def meta(model, precision, train=True):
         layout = fused_layout(parse(model))
-        return fused.kernel_constants(layout, "paper", 128, 10, True, precision)["DOT"]
+        return fused.kernel_constants(layout, "paper", 128, 10, train, precision)
 
-    assert dot("ReLU", "fp32") == 0                              # unset: IEEE fp32
-    monkeypatch.setenv("DISTREP_FP32_HEAD", "3xtf32")
-    assert dot("ReLU", "fp32") == dot("Abs2-Neg-Bias", "fp32") == 3
-    assert dot("ReLU-L2", "fp32") == 0 and dot("ReLU", "bf16") != 3 and dot("ReLU", "tf32") != 3
-    cuda = torch.device("cuda")                                  # only its type is read
-    fp32 = SweepConfig(models=["ReLU", "ReLU-L2"], engine="auto", precision="fp32")
-    assert describe_model(fp32, "ReLU", cuda)["fp32_head_products"] == "3xtf32"
-    assert "fp32_head_products" not in describe_model(fp32, "ReLU-L2", cuda)
-    assert "fp32_head_products" not in describe_model(replace(fp32, precision="bf16"), "ReLU", cuda)
-    assert "fp32_head_products" not in describe_model(fp32, "ReLU", torch.device("cpu"))
-    monkeypatch.setenv("DISTREP_FP32_HEAD", "tf32x3")
-    with pytest.raises(DistrepError, match="DISTREP_FP32_HEAD='tf32x3': expected one of ieee, 3xtf32"):
-        dot("ReLU", "fp32")
+    assert meta("ReLU", "3xtf32")["DOT"] == meta("Abs2-Neg-Bias", "3xtf32")["DOT"] == 3
+    assert meta("ReLU", "fp32")["DOT"] == 0 and meta("ReLU-L2", "3xtf32")["DOT"] == 0   # direct
+    assert meta("ReLU-L2", "3xtf32")["HEAD"] == 1 and meta("ReLU", "3xtf32")["ROUND"] == 0
+    assert meta("ReLU", "3xtf32")["SPLIT_DP"] and meta("ReLU-L2", "3xtf32")["SPLIT_DP"]
+    assert not meta("ReLU", "3xtf32", train=False)["SPLIT_DP"] and not meta("ReLU", "tf32")["SPLIT_DP"]
+    with pytest.raises(DistrepError, match="3xtf32 is a precision of the fused step.*ReLU, ReLU-RBF-Neg train"):
+        SweepConfig(models=["ReLU", "ReLU-RBF-Neg"], precision="3xtf32").validate()   # on the CPU
+    # dP's low half is memory the plan counts: one more [H, n] fp32 per run
+    from distrep.sweep import bytes_per_run
+    assert (bytes_per_run("ReLU", 128, 1000, 784, 10, "fused", "cuda", "3xtf32")
+            - bytes_per_run("ReLU", 128, 1000, 784, 10, "fused", "cuda", "fp32")) == 4 * 128 * 1000
 
 
 def test_the_pipelined_order_of_the_fused_phases_trains_the_same_bits(data):
@@ -349,14 +400,16 @@ def test_bf16_keeps_the_first_layer_output_in_bf16_and_trains_close_to_fp32(data
 
 
 @interpreted
-def test_a_diverged_run_is_frozen_and_the_others_continue(data):
-    cfg = SweepConfig(models=["ReLU2"], runs=3, epochs=6, eval_every=3, width=20, engine="fused").validate()
+@pytest.mark.parametrize("precision", ["fp32", "3xtf32"])
+def test_a_diverged_run_is_frozen_and_the_others_continue(data, precision):
+    cfg = SweepConfig(models=["ReLU2"], runs=3, epochs=6, eval_every=3, width=20, engine="fused",
+                      precision=precision).validate()
     s = Sweep(cfg, data, progress=False)
     s.params[0] = s.initial_params(0)
     s.params[0]["2.weight"][1] *= 1e38                 # run 1's logits overflow at once
     broken = s.params[0]["2.weight"][1].clone()
     res = s.run()[0]
-    clean = run(data, ["ReLU2"], "fused", runs=3, epochs=6, eval_every=3)[0]
+    clean = run(data, ["ReLU2"], "fused", runs=3, epochs=6, eval_every=3, precision=precision)[0]
     assert res.diverged.tolist() == [False, True, False] and res.diverged_epoch[1] == 1
     assert torch.equal(res.params["2.weight"][1], broken), "a diverged run is frozen"
     for r in (0, 2):
@@ -407,11 +460,11 @@ for kernel, model, precision, train in kernels:
 print("compiled", len(cases) + len(kernels))
 products = r"mma[.]sync[.]aligned[.]\\w+[.]row[.]col[.]f32[.](\\w+)"
 print("expanded bf16 products:", sorted(set(re.findall(products, ptx))))
-for head in fused.FP32_HEAD_PRODUCTS:
-    os.environ["DISTREP_FP32_HEAD"] = head
-    compile_for_gpu(parse("ReLU"), "fp32", False)                  # the test pass
-    ptx = compile_for_gpu(parse("Abs2-Neg"), "fp32", True).asm["ptx"]
-    print(f"fp32 {head} products:", sorted(set(re.findall(products, ptx))), len(re.findall(products, ptx)))
+for precision in ("fp32", "3xtf32"):
+    compile_for_gpu(parse("ReLU"), precision, False)                  # the test pass
+    compile_for_gpu(parse("ReLU-L2"), precision, True)
+    ptx = compile_for_gpu(parse("Abs2-Neg"), precision, True).asm["ptx"]
+    print(f"{precision} products:", sorted(set(re.findall(products, ptx))), len(re.findall(products, ptx)))
 fused.MAX_REGISTERS["bf16"] = 128
 capped = compile_for_gpu(parse("ReLU2"), "bf16", True)
 print("capped:", re.findall(r"[.]maxnreg \\d+", capped.asm["ptx"]), capped.metadata.num_warps)
@@ -420,7 +473,7 @@ print("capped:", re.findall(r"[.]maxnreg \\d+", capped.asm["ptx"]), capped.metad
 
 def test_the_kernel_compiles_for_an_h100_without_one():
     """Triton's compiler and ptxas run on the CPU: every Table 1 and Table 3 model's kernel,
-    the three product modes, both OffsetL2 forms and the three OffsetL2 kernels, and the test pass
+    fp32 and 3xtf32, both OffsetL2 forms and the three OffsetL2 kernels, and the test pass
     compile for sm_90 (the interpreter accepts code the compiler rejects: it caught one such
     line). The expanded kernel in bf16 runs every product in bf16 (exact operands, one pass
     each): no TF32 product is in its PTX."""
@@ -431,8 +484,8 @@ def test_the_kernel_compiles_for_an_h100_without_one():
     assert result.returncode == 0 and "compiled 18" in result.stdout, result.stderr[-3000:]
     assert "expanded bf16 products: ['bf16']" in result.stdout, result.stdout
     # fp32's output layer: no tensor-core product in IEEE, only TF32 ones in three passes
-    assert "fp32 ieee products: [] 0" in result.stdout, result.stdout
-    assert "fp32 3xtf32 products: ['tf32']" in result.stdout, result.stdout
+    assert "fp32 products: [] 0" in result.stdout, result.stdout
+    assert "3xtf32 products: ['tf32']" in result.stdout, result.stdout
     assert "capped: ['.maxnreg 128'] 4" in result.stdout, result.stdout     # MAX_REGISTERS reaches ptxas
 
 

@@ -31,9 +31,10 @@ from torch import nn
 from distrep import stats
 from distrep.data import Dataset, load_dataset
 from distrep.constant_features import FeatureSplit
-from distrep.engine import PATHS, engine_path, matmul_nt, reads_varying_features
+from distrep.engine import (CUDA_PRECISIONS, FUSED_PRECISIONS, PATHS, PRECISIONS, engine_path, matmul_nt,
+                            reads_varying_features)
 from distrep.errors import DistrepError
-from distrep.fused import fp32_head_products, offsetl2_kernel
+from distrep.fused import offsetl2_kernel
 from distrep.graphs import GraphedStep, step_function
 from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
@@ -83,10 +84,21 @@ def gemm_peak(device: torch.device, dtype=torch.float32, tf32: bool = False) -> 
 
 
 def peak(device: torch.device, precision: str) -> float:
-    """:func:`gemm_peak` of a precision's products: fp32, bf16, or fp32 on TF32 tensor cores."""
+    """:func:`gemm_peak` of a precision's products: fp32, bf16, or fp32 on TF32 tensor cores;
+    for 3xtf32, which computes fp32's products on tensor cores, fp32's (so it can pass 100 %)."""
     if precision == "bf16":
         return gemm_peak(device, torch.bfloat16)
     return gemm_peak(device, tf32=precision == "tf32")
+
+
+def peak_name(precision: str) -> str:
+    """The precision whose GEMM peak :func:`peak` measures for ``precision``."""
+    return "fp32" if precision == "3xtf32" else precision
+
+
+def timed_here(path: str, precision: str) -> bool:
+    """Whether ``bench`` times ``precision`` on the engine path ``path`` (3xtf32: fused only)."""
+    return precision not in FUSED_PRECISIONS or path == "fused"
 
 
 def skipped_flops(n: int, features: int, width: int = 128) -> float:
@@ -314,11 +326,9 @@ def case_key(label: str, precision: str, path: str = "hand-written", per_core: b
 
 
 def describe_case(case: dict, label: str, precision: str, path: str, runs: int, processes: int,
-                  repeats: int, fp32_head: str = "ieee") -> str:
+                  repeats: int) -> str:
     """The line ``bench`` prints for one engine case (:func:`summarize`'s dict)."""
     how = f", {case['replay']}" if case["replay"] else ""
-    if path == "fused" and precision == "fp32" and fp32_head != "ieee":
-        how += f", linear output layers' products in {fp32_head}"
     if processes > 1:
         shares = split_runs(runs, processes)
         how += (f", {len(shares)} processes of one thread side by side, "
@@ -326,7 +336,7 @@ def describe_case(case: dict, label: str, precision: str, path: str, runs: int, 
     return (f"engine ({path}{how}), {label} variants x {runs} runs, {precision}: "
             f"{case['s'] * 1e3:.3g} ms per run-epoch = {1 / case['s']:,.0f} run-epochs/s, "
             f"{case['gflops']:.0f} GFLOP/s = {case['fraction']:.0%} of the "
-            f"{precision} GEMM peak measured around it ({case['peak_gflops']:.0f})"
+            f"{peak_name(precision)} GEMM peak measured around it ({case['peak_gflops']:.0f})"
             + (f" counting the model's arithmetic, {case['fraction_done']:.0%} counting what the step "
                f"does (its first-layer products skip the {case['skipped_features']} input features "
                f"constant over the training images)" if case.get("skipped_features") else "")
@@ -373,11 +383,10 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
     n, n_test = len(data.y_train), len(data.y_test)
     log(f"device: {describe_device(device)}; {n} training images, {runs} runs per variant, "
         f"{epochs} timed epochs after a warm-up")
-    out: dict = {"device": describe_device(device), "n_train": n, "runs": runs,
-                 "fp32_head_products": fp32_head_products()}
+    out: dict = {"device": describe_device(device), "n_train": n, "runs": runs}
     if precisions is None:
-        precisions = ("fp32",) + (("bf16",) if bf16 else ()) + (("tf32",) if cuda else ())
-    peaks = {precision: peak(device, precision) for precision in dict.fromkeys(("fp32", *precisions))}
+        precisions = ("fp32",) + (("bf16",) if bf16 else ()) + (CUDA_PRECISIONS if cuda else ())
+    peaks = {name: peak(device, name) for name in dict.fromkeys(("fp32", *map(peak_name, precisions)))}
     out["peaks"] = peaks
     log(f"GEMM peak ({PEAK_SIZE[device.type]}^3): "
         + ", ".join(f"{name} {value:.0f} GFLOP/s" for name, value in peaks.items()))
@@ -398,7 +407,7 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
     paths = dict.fromkeys(engine_path(parse(TABLE1[0]), e, device) for e in engines)
     for path in paths:
         for label in ("Table 1", "Table 3"):
-            for precision in precisions:
+            for precision in filter(lambda p: timed_here(path, p), precisions):
                 models = list(TABLE3 if label == "Table 3" else TABLE1)
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
                 skipped = constant if reads_varying_features(path) else 0
@@ -427,8 +436,7 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
                 for k in dict.fromkeys((1, processes)):
                     key = case_key(label, precision, path, per_core=k > 1)
                     out[key] = case = summarize([reading(k) for _ in range(repeats)])
-                    log(describe_case(case, label, precision, path, runs, k, repeats,
-                                      out["fp32_head_products"]))
+                    log(describe_case(case, label, precision, path, runs, k, repeats))
     if cuda:
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB
     else:
@@ -465,7 +473,7 @@ def projections(out: dict) -> list[str]:
     lines = []
     for table, (run_count, table_epochs) in PROTOCOL.items():
         label = "Table 3" if table == "Table 3" else "Table 1"
-        for precision in ("fp32", "bf16", "tf32"):
+        for precision in PRECISIONS:
             for name, seconds in measured_cases(out, label, precision):
                 hours = run_count * table_epochs * seconds / 3600
                 lines.append(f"projected {table} ({run_count} runs x {table_epochs} epochs, "
@@ -473,7 +481,7 @@ def projections(out: dict) -> list[str]:
                              + (" (Table 2's variants cost what Table 1's do)" if table == "Table 2" else ""))
     baseline = sum(r * e for t, (r, e) in PROTOCOL.items() if t in ("Table 1 (as produced)", "Table 2"))
     offsetl2 = PROTOCOL["Table 3"][0] * PROTOCOL["Table 3"][1]
-    for precision in ("fp32", "bf16", "tf32"):
+    for precision in PRECISIONS:
         best = {label: min(cases, key=lambda case: case[1])
                 for label in ("Table 1", "Table 3") if (cases := measured_cases(out, label, precision))}
         if len(best) == 2:

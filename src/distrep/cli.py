@@ -14,10 +14,10 @@ import numpy as np
 
 from distrep import data as data_mod
 from distrep.errors import DistrepError
-from distrep.engine import ENGINES
+from distrep.engine import CUDA_PRECISIONS, ENGINES, PRECISIONS, engine_path
 from distrep.executors import EXECUTORS
 from distrep.layers import OFFSETL2_FORMS
-from distrep.models import describe, display_name, parameter_count
+from distrep.models import describe, display_name, parameter_count, parse
 from distrep.stopping import Stopped
 
 
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train-subset", type=positive_int, default=None, metavar="N")
     bench.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurement")
     bench.add_argument("--precisions", default=None, metavar="P[,P]",
-                       help="time only these precisions (fp32, bf16, tf32; default: all the "
-                            "device has)")
+                       help="time only these precisions (fp32, bf16, tf32, 3xtf32; default: "
+                            "all the device has)")
     bench.add_argument("--no-speed", action="store_true",
                        help="skip the timings (with --accuracy: only the accuracy comparison)")
     bench.add_argument("--engine", default="auto", metavar="E[,E]",
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "autograd; comma-separated (default auto)")
     bench.add_argument("--accuracy", action="store_true",
                        help="also train Table 1's and Table 3's models in fp32 and in bf16 (and "
-                            "TF32 on CUDA) from the same seeds and test each precision's "
+                            "TF32 and 3xTF32 on CUDA) from the same seeds and test each precision's "
                             "equivalence with fp32, run by run")
     bench.add_argument("--accuracy-out", type=Path, default=None, metavar="DIR",
                        help="write the accuracy comparison to DIR/accuracy.md and accuracy.json")
@@ -197,8 +197,10 @@ def add_protocol_arguments(parser, defaults: bool, eval_every: int | None = None
 def add_engine_arguments(parser, defaults: bool) -> None:
     """The batched engine's options that sweep and reproduce share."""
     d = (lambda value: value) if defaults else (lambda value: None)
-    parser.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default=d("fp32"),
-                        help="fp32 (exact, default); bf16 first-layer products (CPU/GPU); tf32 (GPU)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=d("fp32"),
+                        help="fp32 (exact, default); bf16 first-layer products (CPU/GPU); tf32 (GPU); "
+                             "3xtf32 (GPU, fused step: fp32 data, each product as three TF32 "
+                             "products of exact halves)")
     parser.add_argument("--engine", choices=ENGINES, default=d("auto"),
                         help="auto (default): on CUDA the fused step where it covers the model, "
                              "else the hand-written step where it covers the model, else "
@@ -425,20 +427,23 @@ def cmd_bench(args) -> None:
     if bad or not engines:
         raise DistrepError(f"--engine: unknown engine {', '.join(bad) or '(none)'}; choose from "
                            f"{', '.join(ENGINES)}")
+    # 3xtf32 only where the fused step runs
+    fused = cuda and engine_path(parse(TABLE1[0]), engines[-1], "cuda") == "fused"
+    judged = (() if args.no_bf16 else ("bf16",)) + (("tf32",) if cuda else ()) + (("3xtf32",) if fused else ())
     if args.accuracy:
-        for precision in ("fp32", "bf16", "tf32"):
+        for precision in ("fp32", *judged):
             SweepConfig(models=list(TABLE1 + TABLE3), runs=args.accuracy_runs, epochs=args.accuracy_epochs,
-                        precision=precision if precision != "tf32" or cuda else "fp32",
-                        device=args.device, engine=engines[-1]).validate()
+                        precision=precision, device=args.device, engine=engines[-1]).validate()
         if args.accuracy_out is not None:
             check_writable(args.accuracy_out)
     chosen = None
     if args.precisions is not None:
         chosen = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
-        wrong = [p for p in chosen if p not in ("fp32", "bf16", "tf32") or (p == "tf32" and not cuda)]
+        here = ("fp32", "bf16") + (CUDA_PRECISIONS if cuda else ())
+        wrong = [p for p in chosen if p not in here]
         if wrong or not chosen:
             raise DistrepError(f"--precisions: {', '.join(wrong) or '(none)'} cannot be timed here; "
-                               f"choose from fp32, bf16" + (", tf32" if cuda else " (tf32 needs CUDA)"))
+                               f"choose from {', '.join(here)}" + ("" if cuda else " (tf32 and 3xtf32 need CUDA)"))
     if not args.no_speed:
         for engine in engines:
             SweepConfig(models=list(TABLE1 + TABLE3), device=args.device, engine=engine).validate()
@@ -446,8 +451,7 @@ def cmd_bench(args) -> None:
                   bf16=not args.no_bf16, engines=engines, precisions=chosen, repeats=args.repeats,
                   processes=args.processes)
     if args.accuracy:
-        precisions = (("bf16",) if not args.no_bf16 else ()) + (("tf32",) if cuda else ())
-        accuracy_check(args.device, precisions, args.accuracy_runs, args.accuracy_epochs,
+        accuracy_check(args.device, judged, args.accuracy_runs, args.accuracy_epochs,
                        args.accuracy_subset, engine_name=engines[-1], out_dir=args.accuracy_out)
 
 

@@ -22,9 +22,10 @@ On CUDA, cuBLAS chooses kernels by shape, so chunked results agree only to round
 
 Precision: ``fp32`` (default) keeps every operation in fp32; ``bf16`` runs the two first-layer
 products (nearly all the arithmetic) on bf16 copies of their operands; ``tf32`` lets CUDA
-matrix products use TF32. OffsetL2 layers compute their squared distances directly, class by
-class in fp32, on the CPU (compiled; no cancellation), and as products accumulated in float64
-elsewhere (see :class:`StackedOffsetL2`).
+matrix products use TF32; ``3xtf32`` (the fused step only) keeps fp32 data and runs each
+product as three TF32 products of exact halves (:mod:`distrep.fused`). OffsetL2 layers compute
+their squared distances directly, class by class in fp32, on the CPU (compiled; no
+cancellation), and as products accumulated in float64 elsewhere (see :class:`StackedOffsetL2`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ from distrep.fused import FusedRuns, fused_layout, unavailable
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec, Net
 
-PRECISIONS = ("fp32", "bf16", "tf32")
+PRECISIONS = ("fp32", "bf16", "tf32", "3xtf32")
+# precisions of CUDA's tensor cores, and of those the one only the fused step computes
+CUDA_PRECISIONS = ("tf32", "3xtf32")
+FUSED_PRECISIONS = ("3xtf32",)
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -736,6 +740,8 @@ class Trainer:
         for group in groups:
             if not group.specs[0].affine:
                 raise DistrepError("the engine needs an affine first layer (linear or offsetl2)")
+        if precision in FUSED_PRECISIONS and not all(isinstance(g, FusedRuns) for g in groups):
+            raise DistrepError(f"{precision} is a precision of the fused step only")
         self.groups, self.precision = groups, precision
         self._buffers: dict = {}
         self._first_input: FirstLayerInput | None = None

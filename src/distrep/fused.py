@@ -24,11 +24,13 @@ elementwise operations per hidden value forward and back, against ~3,100 in the 
 products); :data:`OFFSETL2_KERNEL` selects, per precision, the forms with products of exact
 operands instead.
 
-Precision: ``fp32`` keeps everything fp32 (the output layer's products in IEEE fp32, or with
-``DISTREP_FP32_HEAD=3xtf32`` a linear one's as three TF32 products of exact halves),
-``tf32`` runs the first layer's products and the output layer's in TF32, ``bf16`` stores P and
-dP in bf16 and runs the three products on bf16 operands, accumulating in fp32. Losses,
-softmax, OffsetL2 distances and all parameter gradients are accumulated in fp32.
+Precision: ``fp32`` keeps everything fp32 (IEEE fp32 products); ``3xtf32`` keeps fp32 data and
+runs every product on tensor cores as three TF32 products of exact halves (the first layer's two
+through cuBLAS, :func:`tf32_halves`, a linear output layer's three in the kernel; OffsetL2's
+distances direct, as in fp32), each product within 3 * 2^-22 of the exact one where IEEE fp32
+rounds it to 2^-24; ``tf32`` runs the first layer's products and the output layer's in TF32,
+``bf16`` stores P and dP in bf16 and runs the three products on bf16 operands, accumulating in
+fp32. Losses, softmax, OffsetL2 distances and all parameter gradients are accumulated in fp32.
 
 Triton runs the kernel on CUDA; on the CPU it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1``, slow: for the tests), where products are computed in fp32 whatever the
@@ -78,7 +80,7 @@ BLOCKS_PER_PROGRAM = 8
 # instructions, TF32 at 168 104 B for 6 %, expanded ReLU-L2 bf16 at 168 120 B for 2 %, fp32 at
 # 168 960 B for 9 %. Spilling moves no arithmetic, so a cap should change no bit
 # (tests/test_cuda.py checks it). Not yet timed (scripts/fused-tune.py times 168 and 128).
-MAX_REGISTERS: dict[str, int | None] = {"fp32": None, "tf32": None, "bf16": None}
+MAX_REGISTERS: dict[str, int | None] = {"fp32": None, "3xtf32": None, "tf32": None, "bf16": None}
 
 # How the kernel computes OffsetL2, by precision: "direct", sum_i w (h_i - mu_i)^2 class by class
 # in fp32, forward and back (exact; ~110 elementwise operations per hidden value, and a
@@ -104,31 +106,32 @@ MAX_REGISTERS: dict[str, int | None] = {"fp32": None, "tf32": None, "bf16": None
 # point for all four; bf16 expanded within 0.06 point on average, equivalent for the two -Neg
 # models, its intervals reaching 0.004 and 0.025 past the margin for ReLU-L2 and Abs-L2
 # (direct bf16, 4 runs: all four equivalent).
-# Hence expanded in TF32 and bf16, the modes chosen for speed; fp32 keeps the exact form.
+# Hence expanded in TF32 and bf16, the modes chosen for speed; fp32 and 3xtf32 keep the exact form.
 OFFSETL2_KERNEL_FORMS = ("direct", "expanded", "hybrid")
-OFFSETL2_KERNEL = {"fp32": "direct", "tf32": "expanded", "bf16": "expanded"}
-
-
-# How fp32 mode computes a linear output layer's three products in the kernel (forward, its
-# weight gradient, its input gradient): "ieee", fp32 FMAs; "3xtf32", each fp32 operand split into
-# two exact TF32 halves and three TF32 products on tensor cores (the halves' low product, ~2^-22
-# of the whole, dropped), every product exact in the fp32 accumulator. The first layer's
-# products, 97 % of the arithmetic, are IEEE fp32 either way. DISTREP_FP32_HEAD picks.
-FP32_HEAD_PRODUCTS = ("ieee", "3xtf32")
-
-
-def fp32_head_products() -> str:
-    """The fp32 output layer's products (:data:`FP32_HEAD_PRODUCTS`): ``DISTREP_FP32_HEAD``,
-    "ieee" when unset."""
-    value = os.environ.get("DISTREP_FP32_HEAD", "ieee")
-    if value not in FP32_HEAD_PRODUCTS:
-        raise DistrepError(f"DISTREP_FP32_HEAD={value!r}: expected one of {', '.join(FP32_HEAD_PRODUCTS)}")
-    return value
+OFFSETL2_KERNEL = {"fp32": "direct", "3xtf32": "direct", "tf32": "expanded", "bf16": "expanded"}
 
 
 def offsetl2_kernel(precision: str) -> str:
     """The OffsetL2 form the kernel computes in ``precision`` (:data:`OFFSETL2_KERNEL`)."""
     return OFFSETL2_KERNEL[precision]
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to TF32's 11 significant bits (to nearest, ties away from zero, on the
+    bits: the 13 low bits dropped), still fp32: an operand a TF32 product reads exactly. The
+    kernel's ``_operand(x, 1)``."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def tf32_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) of fp32 ``x``, both exact TF32 operands: hi = round_to_tf32(x), lo =
+    round_to_tf32(x - hi) (x - hi is exact in fp32), so x = hi + lo to 2^-22 |x|. A product
+    a @ b is then three TF32 products, a_lo b_hi + a_hi b_lo + a_hi b_hi, each exact in the
+    fp32 accumulator (11 x 11 bits), with a_lo b_lo (~2^-22 |a b|) dropped: each term within
+    3 * 2^-22 of the exact product. The kernel's ``_tf32_pair``."""
+    hi = round_to_tf32(x)
+    return hi, round_to_tf32(x - hi)
 
 
 def interpreting() -> bool:
@@ -241,14 +244,14 @@ if triton is not None:
         return hi, x - hi
 
     @triton.jit
-    def _head_kernel(P, dP, W, B2, MU, LABELS, LOGITS,
+    def _head_kernel(P, dP, DP_LO, W, B2, MU, LABELS, LOGITS,
                      PART_A, PART_B, PART_DB2, PART_LOSS, PART_CORRECT,
                      n, inv_n, clamp, ROUNDS: tl.constexpr,
                      H: tl.constexpr, C: tl.constexpr, HP: tl.constexpr, CP: tl.constexpr,
                      BN: tl.constexpr, HIDDEN: tl.constexpr, HEAD: tl.constexpr,
                      PAPER: tl.constexpr, HAS_B2: tl.constexpr,
                      POST1: tl.constexpr, POST2: tl.constexpr, TRAIN: tl.constexpr,
-                     DOT: tl.constexpr, ROUND: tl.constexpr):
+                     DOT: tl.constexpr, ROUND: tl.constexpr, SPLIT_DP: tl.constexpr):
         """One program: run ``r`` = program_id(0), every ``S``-th block of BN examples from
         block program_id(1). P, dP ``[R, H, n]`` (dP may be P); W ``[R, C, H]`` (the linear
         weight, or OffsetL2's metric weight w with MU its prototypes). HEAD: 0 linear, 1
@@ -262,7 +265,9 @@ if triton is not None:
         (products), both ``[CP, HP]`` with only their C x H entries written; PART_DB2 ``[CP]``
         db2 (linear) or sum g_s (products); loss and correct counts. P holds the first
         layer's bias (it rides in the product), so its gradient comes from the next product.
-        Without TRAIN the logits go to LOGITS ``[R, C, n]`` and nothing is differentiated."""
+        With SPLIT_DP (3xtf32) dP is written as its TF32 halves, hi to dP and lo to DP_LO, the
+        operands of the next product's three TF32 passes. Without TRAIN the logits go to LOGITS
+        ``[R, C, n]`` and nothing is differentiated."""
         r = tl.program_id(0)
         s = tl.program_id(1)
         S = tl.num_programs(1)
@@ -378,6 +383,10 @@ if triton is not None:
                     acc_db2 += tl.sum(g, axis=1)
                     dh = _dot(tl.trans(w), g, DOT)                         # [HP, BN]
                 dpre = _act_backward(dh, a, HIDDEN)
+                if SPLIT_DP:
+                    d_hi, d_lo = _tf32_pair(dpre)
+                    tl.store(DP_LO + base + rh[:, None] * n + cols[None, :], d_lo, mask=m2)
+                    dpre = d_hi
                 tl.store(dP + base + rh[:, None] * n + cols[None, :], dpre.to(dP.dtype.element_ty), mask=m2)
             else:
                 tl.store(LOGITS + r * C * n + rc[:, None] * n + cols[None, :], logits, mask=valid)
@@ -415,20 +424,22 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, preci
     """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
     C classes (BLOCKS_PER_PROGRAM blocks of BLOCK_N examples per program). Products (DOT): bf16
     operands in bf16 mode, TF32 in tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16
-    products are wrong), or for fp32's linear output layer three TF32 products of exact halves
-    (3, :func:`fp32_head_products`). Those halves, and the operands of the OffsetL2 forms with
-    products, rounded to the mode's (ROUND), are made by the kernel itself, under the
-    interpreter too, whose fp32 products of such exact operands are exact as the GPU's are."""
-    exact = precision == "fp32" or interpreting()
+    products are wrong), three TF32 products of exact halves for 3xtf32's linear output layer
+    (3; its OffsetL2 distances are direct, in fp32). Those halves, and the operands of the
+    OffsetL2 forms with products, rounded to the mode's (ROUND), are made by the kernel itself,
+    under the interpreter too, whose fp32 products of such exact operands are exact as the GPU's
+    are. SPLIT_DP: a 3xtf32 training step writes dP as its TF32 halves."""
+    exact = precision in ("fp32", "3xtf32") or interpreting()
     dot = 0 if exact else (2 if precision == "bf16" else 1)
-    if precision == "fp32" and not layout["offsetl2"] and fp32_head_products() == "3xtf32":
+    if precision == "3xtf32" and not layout["offsetl2"]:
         dot = 3
-    round_to = {"fp32": 0, "tf32": 1, "bf16": 2}[precision]
+    round_to = {"fp32": 0, "3xtf32": 0, "tf32": 1, "bf16": 2}[precision]
     head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(offsetl2_kernel(precision)) + 1
     return dict(ROUNDS=BLOCKS_PER_PROGRAM, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,
                 HIDDEN=layout["hidden"], HEAD=head, PAPER=form == "paper",
                 HAS_B2=layout["head_bias"], POST1=layout["post"][0],
-                POST2=layout["post"][1], TRAIN=train, DOT=dot, ROUND=round_to)
+                POST2=layout["post"][1], TRAIN=train, DOT=dot, ROUND=round_to,
+                SPLIT_DP=train and precision == "3xtf32")
 
 
 def compile_options(precision: str) -> dict:
@@ -450,8 +461,8 @@ def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train
     H, C = specs[0].out_features, specs[layout["head_index"]].out_features
     meta = kernel_constants(layout, form, H, C, train, precision)
     p = "*bf16" if precision == "bf16" else "*fp32"
-    types = {"P": p, "dP": p, "LABELS": "*i64", "PART_CORRECT": "*i32", "n": "i32", "inv_n": "fp32",
-             "clamp": "fp32"}
+    types = {"P": p, "dP": p, "DP_LO": "*fp32", "LABELS": "*i64", "PART_CORRECT": "*i32", "n": "i32",
+             "inv_n": "fp32", "clamp": "fp32"}
     names = _head_kernel.arg_names
     signature = {name: "constexpr" if name in meta else types.get(name, "*fp32") for name in names}
     # what Triton's JIT assumes at a launch on MNIST: every pointer 16-byte aligned (PyTorch's
@@ -476,6 +487,7 @@ class FusedRuns:
         self.grads = {name: torch.zeros_like(p) for name, p in params.items()}
         self._buffers: dict = {}
         self._inputs: dict = {}            # the first layer's operands, by role (_first_input)
+        self._halves: dict = {}            # 3xtf32: their TF32 halves, by role (_column_halves)
         k = layout["head_index"]
         self.head = (f"{k}.mu", f"{k}.alpha") if layout["offsetl2"] else (f"{k}.weight", f"{k}.bias")
 
@@ -518,7 +530,17 @@ class FusedRuns:
         cached = self._inputs.get(key)
         if cached is None or cached.source is not x:
             self._inputs[key] = cached = FirstLayerInput.of(x, self.dtype, multiple=8)
+            self._halves.pop(key, None)
         return cached
+
+    def _column_halves(self, inputs: FirstLayerInput, key: str) -> torch.Tensor:
+        """3xtf32: ``[X_hi; X_lo; X_hi]`` ``[3 kp, n]``, the TF32 halves (:func:`tf32_halves`) of
+        the operand's columns ``X [kp, n]``, made once per input."""
+        halves = self._halves.get(key)
+        if halves is None:
+            hi, lo = tf32_halves(inputs.columns)
+            self._halves[key] = halves = torch.cat([hi, lo, hi])
+        return halves
 
     def _first_layer(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """P = [W1_v  b1 + W1_c c] [x_v; 1] ``[R, H, n]`` for the shared input ``x [D, n]`` (in the
@@ -535,7 +557,14 @@ class FusedRuns:
         # graph's step must find its buffers where it left them
         weight = inputs.split.weight(w1.view(R * H, D), None if b1 is None else b1.view(R * H),
                                      self._buffer(f"{key} weight", (R * H, kp), torch.float32))
-        torch.mm(weight.to(self.dtype), inputs.columns, out=P.view(R * H, -1))
+        if self.precision == "3xtf32":
+            # W_lo X_hi + W_hi X_lo + W_hi X_hi as one TF32 product over 3 kp columns, small terms first
+            hi, lo = tf32_halves(weight)
+            halves = torch.cat([lo, hi, hi], dim=1, out=self._buffer(f"{key} weight halves", (R * H, 3 * kp),
+                                                                     torch.float32))
+            torch.mm(halves, self._column_halves(inputs, key), out=P.view(R * H, -1))
+        else:
+            torch.mm(weight.to(self.dtype), inputs.columns, out=P.view(R * H, -1))
         return P
 
     def _head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -564,8 +593,10 @@ class FusedRuns:
             parts["b"] = torch.empty(R, splits, CP, HP, **f32)
         dummy = W
         meta = kernel_constants(self.layout, self.form, H, C, train, self.precision)
+        if meta["SPLIT_DP"]:                         # dP's low TF32 half (its high half over P)
+            parts["dP lo"] = self._buffer("train dP lo", (R, H, n), torch.float32)
         _head_kernel[(R, splits)](
-            P, P, W, B2 if B2 is not None else dummy,
+            P, P, parts.get("dP lo", dummy), W, B2 if B2 is not None else dummy,
             MU if MU is not None else dummy, y if train else dummy, logits if logits is not None else dummy,
             *(parts.get(k, dummy) for k in ("a", "b", "db2", "loss", "correct")),
             n, 1.0 / n, CODED_CLAMP, **meta, **compile_options(self.precision))
@@ -611,8 +642,15 @@ class FusedRuns:
         g = self.grads
         inputs = self._first_input(x, "train")
         bias = g["0.bias"].view(R * H) if "0.bias" in g else None
-        inputs.split.gradients(torch.mm(P.view(R * H, n), inputs.columns.t()),   # dP [X_v; 1]^T
-                               g["0.weight"].view(R * H, D), bias)
+        if self.precision == "3xtf32":      # P holds dP_hi: dP_lo X_hi + dP_hi X_lo, then + dP_hi X_hi
+            kp = inputs.columns.shape[0]
+            halves = self._column_halves(inputs, "train")
+            high = torch.mm(P.view(R * H, n), halves[:2 * kp].t())          # [dP_hi X_hi | dP_hi X_lo]
+            product = torch.addmm(high[:, kp:], parts["dP lo"].view(R * H, n), halves[:kp].t())
+            product += high[:, :kp]
+        else:
+            product = torch.mm(P.view(R * H, n), inputs.columns.t())
+        inputs.split.gradients(product, g["0.weight"].view(R * H, D), bias)     # dP [X_v; 1]^T
         a = parts["a"][:, :, :C, :H].sum(1)
         if self.layout["offsetl2"]:
             mu_name, alpha_name = self.head

@@ -37,8 +37,9 @@ STREAM_SCHEDULES = {"0": "one", "1": "per-variant", "pipeline": "pipeline"}
 def stream_schedule(trainer: Trainer) -> str:
     """How a graphed step of ``trainer`` uses CUDA streams: ``"one"``, ``"per-variant"`` or
     ``"pipeline"`` (:data:`CUDA_STREAMS_VARIABLE`; ``auto``, the default, gives each variant a
-    stream of its own for the fused step in TF32 and bf16 and one stream otherwise). A single
-    group always takes one stream."""
+    stream of its own for the fused step on tensor cores, TF32, 3xTF32 and bf16, and one stream
+    otherwise: IEEE fp32's SIMT products fill the GPU and slow each other side by side; 3xTF32's
+    follows TF32's, not yet timed). A single group always takes one stream."""
     setting = os.environ.get(CUDA_STREAMS_VARIABLE, "auto")
     if setting != "auto" and setting not in STREAM_SCHEDULES:
         raise DistrepError(f"{CUDA_STREAMS_VARIABLE}={setting!r}: use 1 (a stream per variant), "

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from distrep.data import Dataset, load_dataset
-from distrep.engine import (PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
+from distrep.engine import (FUSED_PRECISIONS, PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
                             engine_path, stack_parameters)
 from distrep.errors import DistrepError
-from distrep.fused import fp32_head_products, offsetl2_kernel, partial_sums_bytes, unavailable
+from distrep.fused import offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.graphs import step_function
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
@@ -111,6 +111,11 @@ class SweepConfig:
                                "models on its autograd path (" + ", ".join(
                                    m for m, p in paths.items() if p == "autograd") + ") train in fp32 "
                                "(or tf32 on CUDA), or in bf16 with --engine compiled")
+        if self.precision in FUSED_PRECISIONS and set(paths.values()) != {"fused"}:
+            others = ", ".join(m for m, p in paths.items() if p != "fused")
+            raise DistrepError(f"{self.precision} is a precision of the fused step (on CUDA, the "
+                               f"paper's two-layer family); {others} train on another path: use "
+                               f"fp32 or tf32 for them")
         if "fused" in paths.values() and unavailable(device):
             raise DistrepError(unavailable(device))
         if self.precision == "tf32" and device.type != "cuda":
@@ -148,18 +153,18 @@ class VariantResult:
 # --------------------------------------------------------------------------- memory and chunks
 
 def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes: int,
-                  engine: str = "auto", device: torch.device | str = "cpu") -> int:
+                  engine: str = "auto", device: torch.device | str = "cpu", precision: str = "fp32") -> int:
     """Working memory of one run in the engine: fp32 buffers for every layer's output and the
     gradient flowing back (n values per feature; twice that on the autograd path), float64
     copies inside OffsetL2, a head's intermediates (Mahalanobis: ``[n, out, rank]``), parameters
     with their gradients. The fused step keeps only the first layer's output (and its
-    programs' partial sums)."""
+    programs' partial sums; in 3xtf32 also dP's low half)."""
     total, fan_in = 0, in_features
     layers = parse(model, width, in_features, num_classes)
     path = engine_path(layers, engine, device)
     if path == "fused":        # P [width, n] (written over by dP), parameters, their gradients
         hidden = layers[0].out_features
-        return (4 * n * hidden + partial_sums_bytes(n, hidden, num_classes)
+        return ((8 if precision == "3xtf32" else 4) * n * hidden + partial_sums_bytes(n, hidden, num_classes)
                 + sum(3 * 4 * parameter_count_of(layer) for layer in layers if layer.affine))
     autograd = path != "hand-written"
     for layer in layers:
@@ -218,12 +223,13 @@ def verify_fp32_matmul(device: torch.device) -> None:
 
 @contextmanager
 def matmul_precision(name: str, device: torch.device):
-    """Within the block, CUDA fp32 matrix products use TF32 exactly when ``name`` is tf32; the
-    global setting is restored afterwards. For fp32 the products are checked to be fp32."""
+    """Within the block, CUDA fp32 matrix products use TF32 exactly when ``name`` is tf32 or
+    3xtf32 (whose products read exact TF32 halves); the global setting is restored afterwards.
+    For fp32 the products are checked to be fp32."""
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = name in ("tf32", "3xtf32")
         if name == "fp32":
             verify_fp32_matmul(device)
         yield
@@ -360,15 +366,16 @@ class Sweep:
         (and ``max_runs_per_chunk``) and share a starting epoch."""
         c, d = self.config, self.data
         n = max(len(d.y_train), len(d.y_test))
-        cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine, self.device)
-                for s in self.specs]
+        cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine, self.device,
+                              c.precision) for s in self.specs]
         # the data and the first layer's operands (its varying features: constant_features.FirstLayerInput):
         # feature-major, on oneDNN's path also example-major; in bf16, half-size copies of both
         copies = 3 if self.device.type == "cpu" else 2
         fixed = 4 * n * d.num_features * copies
         if any(engine_path(parse(s), c.engine, self.device) == "fused" for s in self.specs):
-            # and the fused step's first-layer operand, with its row of ones (padded rows)
-            fixed += (2 if c.precision == "bf16" else 4) * n * (d.num_features + 8)
+            # and the fused step's first-layer operand, with its row of ones (padded rows); in
+            # 3xtf32 its TF32 halves too, three times its size
+            fixed += {"bf16": 2, "3xtf32": 16}.get(c.precision, 4) * n * (d.num_features + 8)
         budget = c.max_memory - fixed
         if budget < max(cost):
             need = (fixed + max(cost)) / GiB
@@ -664,16 +671,12 @@ def _store_params(groups, work: ChunkWork) -> None:
 def describe_model(config: SweepConfig, model: str, device: torch.device) -> dict:
     """A model's entry in ``config.json``: its name, spec, seeds, the engine path that trains it
     on ``device`` and, on the fused path with an OffsetL2 layer, the form the kernel computes in
-    this precision (:data:`distrep.fused.OFFSETL2_KERNEL`), or in fp32 with a linear one, how
-    its products ran (:func:`distrep.fused.fp32_head_products`)."""
+    this precision (:data:`distrep.fused.OFFSETL2_KERNEL`)."""
     specs = parse(model)
     entry = {"name": display_name(model), "spec": canonical_spec(model), "seeds": config.seeds(model),
              "engine_path": engine_path(specs, config.engine, device)}
-    if entry["engine_path"] == "fused":
-        if any(s.kind == "offsetl2" for s in specs):
-            entry["offsetl2_kernel"] = offsetl2_kernel(config.precision)
-        elif config.precision == "fp32":
-            entry["fp32_head_products"] = fp32_head_products()
+    if entry["engine_path"] == "fused" and any(s.kind == "offsetl2" for s in specs):
+        entry["offsetl2_kernel"] = offsetl2_kernel(config.precision)
     return entry
 
 
