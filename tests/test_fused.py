@@ -100,15 +100,16 @@ def assert_trains_as_the_hand_written_step(data, names) -> None:
 @interpreted
 def test_the_fused_step_splits_each_input_once(data, monkeypatch):
     """The features that vary over an input (its first-layer operand) are found once per input
-    tensor, not once per step or per test pass: the training images, the test images, and the
-    training images again for the final pass, however many epochs."""
+    tensor, not once per step, per test pass or per variant (a chunk's fused variants share the
+    operand): the training images, the test images, and the training images again for the
+    final pass, however many epochs."""
     from distrep.constant_features import FeatureSplit
     splits = []
     of = FeatureSplit.of
     monkeypatch.setattr(FeatureSplit, "of", classmethod(lambda cls, x: splits.append(x.shape) or of(x)))
     for epochs in (2, 4):
         splits.clear()
-        run(data, ["ReLU"], "fused", epochs=epochs, eval_every=1)
+        run(data, ["ReLU", "Abs2-Neg", "ReLU-L2"], "fused", epochs=epochs, eval_every=1)
         assert splits == [data.x_train.t().shape, data.x_test.t().shape, data.x_train.t().shape,
                           data.x_test.t().shape], epochs
 

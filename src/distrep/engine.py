@@ -745,11 +745,12 @@ class Trainer:
         self.groups, self.precision = groups, precision
         self._buffers: dict = {}
         self._first_input: FirstLayerInput | None = None
+        shared_inputs: dict = {}         # the fused groups' first-layer operands: one copy
         for group in groups:
             if isinstance(group, CompiledRuns):
                 group.autocast = precision == "bf16"
             if isinstance(group, FusedRuns):
-                group.precision = precision
+                group.precision, group.inputs = precision, shared_inputs
 
     def _buffer(self, key, shape, like: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)

@@ -486,8 +486,9 @@ class FusedRuns:
         self.specs, self.params, self.layout, self.form = specs, params, layout, offsetl2_form
         self.grads = {name: torch.zeros_like(p) for name, p in params.items()}
         self._buffers: dict = {}
-        self._inputs: dict = {}            # the first layer's operands, by role (_first_input)
-        self._halves: dict = {}            # 3xtf32: their TF32 halves, by role (_column_halves)
+        # the first layer's operands by role (_first_input) and in 3xtf32 their TF32 halves
+        # (_column_halves); a Trainer gives its fused groups one dict, so a chunk holds one copy
+        self.inputs: dict = {}
         k = layout["head_index"]
         self.head = (f"{k}.mu", f"{k}.alpha") if layout["offsetl2"] else (f"{k}.weight", f"{k}.bias")
 
@@ -526,20 +527,21 @@ class FusedRuns:
         """The first layer's operand for the input ``x [D, n]``: its varying features, a row of
         ones for the bias and rows of zeros, ``[X_v; 1; 0...]`` ``[kp, n]`` in the mode's dtype,
         kp = k + 1 rounded up to a multiple of 8 (products on tensor cores want 16-byte rows;
-        :mod:`distrep.constant_features`), kept while ``x`` is the same tensor."""
-        cached = self._inputs.get(key)
+        :mod:`distrep.constant_features`), kept while ``x`` is the same tensor (in ``inputs``,
+        which a Trainer's fused groups share)."""
+        cached = self.inputs.get(key)
         if cached is None or cached.source is not x:
-            self._inputs[key] = cached = FirstLayerInput.of(x, self.dtype, multiple=8)
-            self._halves.pop(key, None)
+            self.inputs[key] = cached = FirstLayerInput.of(x, self.dtype, multiple=8)
+            self.inputs.pop(f"{key} halves", None)
         return cached
 
     def _column_halves(self, inputs: FirstLayerInput, key: str) -> torch.Tensor:
         """3xtf32: ``[X_hi; X_lo; X_hi]`` ``[3 kp, n]``, the TF32 halves (:func:`tf32_halves`) of
         the operand's columns ``X [kp, n]``, made once per input."""
-        halves = self._halves.get(key)
+        halves = self.inputs.get(f"{key} halves")
         if halves is None:
             hi, lo = tf32_halves(inputs.columns)
-            self._halves[key] = halves = torch.cat([hi, lo, hi])
+            self.inputs[f"{key} halves"] = halves = torch.cat([hi, lo, hi])
         return halves
 
     def _first_layer(self, x: torch.Tensor, key: str) -> torch.Tensor:
