@@ -207,8 +207,9 @@ def test_3xtf32_is_the_fused_steps_and_splits_every_product(monkeypatch):
     assert meta("ReLU-L2", "3xtf32")["HEAD"] == 1 and meta("ReLU", "3xtf32")["ROUND"] == 0
     assert meta("ReLU", "3xtf32")["SPLIT_DP"] and meta("ReLU-L2", "3xtf32")["SPLIT_DP"]
     assert not meta("ReLU", "3xtf32", train=False)["SPLIT_DP"] and not meta("ReLU", "tf32")["SPLIT_DP"]
-    with pytest.raises(DistrepError, match="3xtf32 is a precision of the fused step.*ReLU, ReLU-RBF-Neg train"):
-        SweepConfig(models=["ReLU", "ReLU-RBF-Neg"], precision="3xtf32").validate()   # on the CPU
+    on_the_cpu = r"3xtf32 is a precision of the fused step.*ReLU \(hand-written\), ReLU-RBF-Neg \(autograd\); use fp32"
+    with pytest.raises(DistrepError, match=on_the_cpu):
+        SweepConfig(models=["ReLU", "ReLU-RBF-Neg"], precision="3xtf32").validate()
     # dP's low half is memory the plan counts: one more [H, n] fp32 per run
     from distrep.sweep import bytes_per_run
     assert (bytes_per_run("ReLU", 128, 1000, 784, 10, "fused", "cuda", "3xtf32")

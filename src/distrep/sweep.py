@@ -112,10 +112,10 @@ class SweepConfig:
                                    m for m, p in paths.items() if p == "autograd") + ") train in fp32 "
                                "(or tf32 on CUDA), or in bf16 with --engine compiled")
         if self.precision in FUSED_PRECISIONS and set(paths.values()) != {"fused"}:
-            others = ", ".join(m for m, p in paths.items() if p != "fused")
-            raise DistrepError(f"{self.precision} is a precision of the fused step (on CUDA, the "
-                               f"paper's two-layer family); {others} train on another path: use "
-                               f"fp32 or tf32 for them")
+            others = ", ".join(f"{m} ({p})" for m, p in paths.items() if p != "fused")
+            raise DistrepError(f"{self.precision} is a precision of the fused step (the paper's "
+                               f"two-layer family, on CUDA); here these train on other paths: "
+                               f"{others}; use fp32")
         if "fused" in paths.values() and unavailable(device):
             raise DistrepError(unavailable(device))
         if self.precision == "tf32" and device.type != "cuda":
