@@ -297,7 +297,7 @@ def test_bench_prints_every_figure(mnist, monkeypatch):
                           "--precisions: 3xtf32 cannot be timed here")
     for precision in ("fp32", "bf16"):
         line = next(l for l in r.stdout.splitlines() if f"Table 1 variants x 1 runs, {precision}" in l)
-        assert (f"counting the model's arithmetic, " in line
+        assert ("counting the model's arithmetic, " in line
                 and f"counting what the step does (its first-layer products skip the {constant} "
                     "input features constant over the training images)" in line), line
 

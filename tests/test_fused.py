@@ -86,10 +86,10 @@ def test_every_covered_model_matches_the_hand_written_step(names, data):
     assert_trains_as_the_hand_written_step(data, names)
 
 
-def assert_trains_as_the_hand_written_step(data, names) -> None:
-    """The fused step (4 epochs of 2 runs) against the hand-written one: losses and parameters
-    to 2e-6 relative, train and test accuracy exactly."""
-    for f, h in zip(run(data, names, "fused"), run(data, names, "auto")):
+def assert_trains_as_the_hand_written_step(data, names, precision: str = "fp32") -> None:
+    """The fused step (4 epochs of 2 runs, in ``precision``) against the hand-written one in
+    fp32: losses and parameters to 2e-6 relative, train and test accuracy exactly."""
+    for f, h in zip(run(data, names, "fused", precision=precision), run(data, names, "auto")):
         assert relative(f.arrays["train_loss"], h.arrays["train_loss"]) < 2e-6, f.name
         np.testing.assert_array_equal(f.arrays["train_acc"], h.arrays["train_acc"])
         np.testing.assert_array_equal(f.arrays["test_acc"], h.arrays["test_acc"])
@@ -134,9 +134,10 @@ def test_a_test_pass_leaves_the_training_steps_buffers_where_they_were(data):
 def test_tf32_halves_are_exact_operands_whose_three_products_keep_fp32s_accuracy():
     """3xtf32's products on the CPU, as cuBLAS and the kernel run them on tensor cores: hi and lo
     carry no bit below TF32's 11 significant bits (so every product of two of them is exact in
-    fp32), hi + lo = x to 2^-22 |x|, and lo b_hi + hi b_lo + hi b_hi (fp32 sums) comes within
-    a few times IEEE fp32's error of the exact product, where the high halves alone (one TF32
-    product) are ~100x farther, as are the halves' products without either cross term."""
+    fp32), hi + lo = x to 2^-22 |x|, and lo b_hi + hi b_lo + hi b_hi (fp32 sums) comes as close
+    to the exact product as IEEE fp32 (measured: 1.0e-7 against 1.2e-7 of sum |a||b|), where
+    the high halves alone (one TF32 product) and the products without either cross term are
+    hundreds of times farther (5e-5 to 8e-5)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 300, generator=g) * torch.logspace(-20, 20, 300)
     hi, lo = fused.tf32_halves(x)
@@ -154,9 +155,9 @@ def test_tf32_halves_are_exact_operands_whose_three_products_keep_fp32s_accuracy
         "3xtf32": torch.cat([a_lo, a_hi, a_hi], 1) @ torch.cat([b_hi, b_lo, b_hi]),  # as the first layer
         "high": a_hi @ b_hi, "no a_lo": a_hi @ b_lo + a_hi @ b_hi, "no b_lo": a_lo @ b_hi + a_hi @ b_hi,
     }.items()}
-    assert error["3xtf32"] < 4 * error["ieee"] + 1e-7, error
+    assert error["3xtf32"] < 2 * error["ieee"], error
     for name in ("high", "no a_lo", "no b_lo"):
-        assert error[name] > 30 * error["3xtf32"], (name, error)
+        assert error[name] > 100 * error["3xtf32"], (name, error)
 
 
 @interpreted
@@ -169,11 +170,7 @@ def test_3xtf32_trains_as_the_hand_written_fp32_step(data):
     gradient's own check: the next test)."""
     names = ["ReLU", "Abs2-Neg", "ReLU2-Neg-Bias", "linear-abs-linear+bias-neg-relu",
              "linear+nobias-relu-linear+bias-neg", "linear-identity-linear-abs", "ReLU-L2"]
-    for f, h in zip(run(data, names, "fused", precision="3xtf32"), run(data, names, "auto")):
-        assert relative(f.arrays["train_loss"], h.arrays["train_loss"]) < 2e-6, f.name
-        np.testing.assert_array_equal(f.arrays["test_acc"], h.arrays["test_acc"])
-        for name, p in h.params.items():
-            assert relative(f.params[name], p) < 2e-6, (f.name, name)
+    assert_trains_as_the_hand_written_step(data, names, "3xtf32")
 
 
 @interpreted
@@ -197,7 +194,7 @@ def test_3xtf32_gradients_are_fp32s(data):
             assert relative(ours[k], theirs[k]) < 5e-6, (name, k)
 
 
-def test_3xtf32_is_the_fused_steps_and_splits_every_product(monkeypatch):
+def test_3xtf32_is_the_fused_steps_and_splits_every_product():
     def meta(model, precision, train=True):
         layout = fused_layout(parse(model))
         return fused.kernel_constants(layout, "paper", 128, 10, train, precision)
