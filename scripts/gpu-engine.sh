@@ -8,12 +8,12 @@
 #      graphs and streams bit for bit (tests/test_cuda.py);
 #   2. `distrep bench` of the fused step in fp32, 3xTF32, TF32 and bf16: one stream, a stream
 #      per variant, then the pipeline (fp32 and 3xTF32), back to back on the same GPU;
-#   3. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
+#   3. 3xTF32 against fp32, run by run from the same seeds (`bench --accuracy`, fused step),
+#      every Table 1 and Table 3 model on full MNIST, into OUT_DIR/accuracy/ (ACCURACY_PRECISIONS
+#      adds others: TF32 and bf16 were judged on an H100, docs/engine-h100-fused/pass3/);
+#   4. the fused and graph tests of tests/test_cuda.py (the fused step against the CPU, CUDA
 #      graphs bit for bit, the expanded OffsetL2 kernel's gradients and distances in TF32/bf16,
 #      a register cap changing no bit);
-#   4. 3xTF32, TF32 and bf16 against fp32, run by run from the same seeds (`bench --accuracy`, fused
-#      step, each mode's OffsetL2 kernel: distrep.fused.OFFSETL2_KERNEL), every Table 1 and
-#      Table 3 model on full MNIST, into OUT_DIR/accuracy/;
 #   5. the fused step's shapes and OffsetL2 kernels timed (scripts/fused-tune.py), to choose
 #      BLOCK_N, NUM_WARPS, BLOCKS_PER_PROGRAM (and to hold scripts/kernel-stats.py's
 #      predictions against);
@@ -22,13 +22,14 @@
 #      projected time of the whole paper;
 #   7. the rest of tests/test_cuda.py and the CUDA case of the SIGKILL-and-resume test (`auto`
 #      takes the fused step on CUDA, with CUDA graphs, so these now check it).
-# On an H200 (2026-11-28) parts 1-3, 6 and 7 took 527 s of a 565 s call (SKIP="4 5"), before
-# part 1 had the pipeline's and 3xTF32's cases and part 2 its third bench and 3xTF32; all seven
-# need a second call (FROM=5).
+# On an H200 (2026-11-28) the fused and graph tests, two benches, part 6 and part 7 took 527 s
+# of a 565 s call, before 3xTF32 and the pipeline joined parts 1 and 2; parts 1-3 should fit one
+# call with room for part 4 (SKIP="5 6"), part 7 in a second (FROM=7).
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs); SKIP="K L" skips the parts named. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)
-# Environment: FROM (1), SKIP (none), ACCURACY_RUNS (16), ACCURACY_EPOCHS (500), BENCH_EPOCHS (5), DEVICE (cuda).
+# Environment: FROM (1), SKIP (none), ACCURACY_PRECISIONS (3xtf32), ACCURACY_RUNS (16), ACCURACY_EPOCHS (500),
+# BENCH_EPOCHS (5), DEVICE (cuda).
 set -u
 default_budget=560
 source "$(dirname "$0")/gpu-lib.sh" "$@"
@@ -52,11 +53,11 @@ part step "$(upto 150)" "$python" -m pytest -q -s -p no:cacheprovider tests/test
 part step "$(upto 260)" bash -c "DISTREP_CUDA_STREAMS=0 ${bench[*]} --engine fused --precisions fp32,3xtf32,tf32,bf16
     DISTREP_CUDA_STREAMS=1 ${bench[*]} --engine fused --precisions 3xtf32,tf32,bf16
     DISTREP_CUDA_STREAMS=pipeline ${bench[*]} --engine fused --precisions fp32,3xtf32"
-part step "$(upto 220)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 part step "$(upto 160)" "$python" -c "
 from distrep import bench
-bench.accuracy_check('$device', ('3xtf32', 'bf16', 'tf32'), ${ACCURACY_RUNS:-16}, ${ACCURACY_EPOCHS:-500}, None,
-                     'fused', '$out/accuracy')"
+bench.accuracy_check('$device', tuple('${ACCURACY_PRECISIONS:-3xtf32}'.split(',')), ${ACCURACY_RUNS:-16},
+                     ${ACCURACY_EPOCHS:-500}, None, 'fused', '$out/accuracy')"
+part step "$(upto 220)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "fused or graphs"
 part step "$(upto 100)" "$python" scripts/fused-tune.py 20
 part step "$(upto 100)" "${bench[@]}" --engine fused,hand-written --precisions fp32,tf32,bf16
 part step "$(left 10)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k "not fused and not graphs and not 3xtf32" \
