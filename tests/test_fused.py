@@ -144,7 +144,8 @@ def test_tf32_halves_are_exact_operands_whose_three_products_keep_fp32s_accuracy
     for half in (hi, lo):
         assert (half.view(torch.int32) & 0x1FFF).eq(0).all()
     assert ((hi.double() + lo.double() - x.double()).abs() <= 2.0 ** -22 * x.double().abs()).all()
-    assert torch.equal(fused.round_to_tf32(hi), hi) and fused.round_to_tf32(torch.tensor([1 + 2 ** -11])).item() == 1 + 2 ** -10
+    assert torch.equal(fused.round_to_tf32(hi), hi)
+    assert fused.round_to_tf32(torch.tensor([1 + 2 ** -11])).item() == 1 + 2 ** -10      # a tie: away from 0
 
     a, b = torch.randn(300, 400, generator=g), torch.rand(400, 500, generator=g)   # b >= 0: pixels
     exact = a.double() @ b.double()
@@ -204,7 +205,8 @@ def test_3xtf32_is_the_fused_steps_and_splits_every_product():
     assert meta("ReLU-L2", "3xtf32")["HEAD"] == 1 and meta("ReLU", "3xtf32")["ROUND"] == 0
     assert meta("ReLU", "3xtf32")["SPLIT_DP"] and meta("ReLU-L2", "3xtf32")["SPLIT_DP"]
     assert not meta("ReLU", "3xtf32", train=False)["SPLIT_DP"] and not meta("ReLU", "tf32")["SPLIT_DP"]
-    on_the_cpu = r"3xtf32 is a precision of the fused step.*ReLU \(hand-written\), ReLU-RBF-Neg \(autograd\); use fp32"
+    on_the_cpu = (r"3xtf32 is a precision of the fused step.*ReLU \(hand-written\), "
+                  r"ReLU-RBF-Neg \(autograd\); use fp32")
     with pytest.raises(DistrepError, match=on_the_cpu):
         SweepConfig(models=["ReLU", "ReLU-RBF-Neg"], precision="3xtf32").validate()
     # dP's low half is memory the plan counts: one more [H, n] fp32 per run

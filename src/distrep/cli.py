@@ -429,7 +429,8 @@ def cmd_bench(args) -> None:
                            f"{', '.join(ENGINES)}")
     # 3xtf32 only where the fused step runs
     fused = cuda and engine_path(parse(TABLE1[0]), engines[-1], "cuda") == "fused"
-    judged = (() if args.no_bf16 else ("bf16",)) + (("tf32",) if cuda else ()) + (("3xtf32",) if fused else ())
+    judged = ((() if args.no_bf16 else ("bf16",)) + (("tf32",) if cuda else ())
+              + (("3xtf32",) if fused else ()))
     if args.accuracy:
         for precision in ("fp32", *judged):
             SweepConfig(models=list(TABLE1 + TABLE3), runs=args.accuracy_runs, epochs=args.accuracy_epochs,
@@ -443,7 +444,8 @@ def cmd_bench(args) -> None:
         wrong = [p for p in chosen if p not in here]
         if wrong or not chosen:
             raise DistrepError(f"--precisions: {', '.join(wrong) or '(none)'} cannot be timed here; "
-                               f"choose from {', '.join(here)}" + ("" if cuda else " (tf32 and 3xtf32 need CUDA)"))
+                               f"choose from {', '.join(here)}"
+                               + ("" if cuda else " (tf32 and 3xtf32 need CUDA)"))
     if not args.no_speed:
         for engine in engines:
             SweepConfig(models=list(TABLE1 + TABLE3), device=args.device, engine=engine).validate()

@@ -562,8 +562,8 @@ class FusedRuns:
         if self.precision == "3xtf32":
             # W_lo X_hi + W_hi X_lo + W_hi X_hi as one TF32 product over 3 kp columns, small terms first
             hi, lo = tf32_halves(weight)
-            halves = torch.cat([lo, hi, hi], dim=1, out=self._buffer(f"{key} weight halves", (R * H, 3 * kp),
-                                                                     torch.float32))
+            halves = self._buffer(f"{key} weight halves", (R * H, 3 * kp), torch.float32)
+            torch.cat([lo, hi, hi], dim=1, out=halves)
             torch.mm(halves, self._column_halves(inputs, key), out=P.view(R * H, -1))
         else:
             torch.mm(weight.to(self.dtype), inputs.columns, out=P.view(R * H, -1))

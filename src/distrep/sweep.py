@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from distrep.data import Dataset, load_dataset
-from distrep.engine import (FUSED_PRECISIONS, PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns, Trainer,
-                            engine_path, stack_parameters)
+from distrep.engine import (FUSED_PRECISIONS, PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns,
+                            Trainer, engine_path, stack_parameters)
 from distrep.errors import DistrepError
 from distrep.fused import offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.graphs import step_function
