@@ -210,12 +210,14 @@ def test_cuda_graphs_replay_the_fused_and_hand_written_steps_exactly(raw, engine
 
 @pytest.mark.parametrize("engine,precision,streams", [
     ("fused", "bf16", "1"), ("fused", "tf32", "1"), ("fused", "fp32", "1"), ("hand-written", "fp32", "1"),
-    ("fused", "3xtf32", "1"), ("fused", "fp32", "pipeline"), ("fused", "bf16", "pipeline")])
+    ("fused", "3xtf32", "1"), ("fused", "fp32", "pipeline"), ("fused", "bf16", "pipeline"),
+    ("fused", "3xtf32", "pipeline")])
 def test_groups_on_concurrent_streams_train_the_same_bits(raw, engine, precision, streams, monkeypatch):
     """DISTREP_CUDA_STREAMS=1 records each variant's step on a stream of its own (the default
-    for the fused step in TF32 and bf16), =pipeline the fused step's products on one stream and
-    its kernels on another; the variants share no buffer and each variant's calls keep their
-    order, so what they train is what the one-stream graph (=0) trains, bit for bit."""
+    for the fused step in TF32, 3xTF32 and bf16), =pipeline the fused step's products on one
+    stream and its kernels on another; the variants share no buffer they write (the input's
+    operand they only read) and each variant's calls keep their order, so what they train is
+    what the one-stream graph (=0) trains, bit for bit."""
     models = ["ReLU", "Abs2-Neg", "ReLU-L2"]
     kw = dict(runs=3, epochs=12, eval_every=4, device="cuda", engine=engine, precision=precision)
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "0")

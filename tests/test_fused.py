@@ -215,13 +215,16 @@ def test_3xtf32_is_the_fused_steps_and_splits_every_product():
             - bytes_per_run("ReLU", 128, 1000, 784, 10, "fused", "cuda", "fp32")) == 4 * 128 * 1000
 
 
-def test_the_pipelined_order_of_the_fused_phases_trains_the_same_bits(data):
+@pytest.mark.parametrize("precision", ["fp32", "3xtf32"])
+def test_the_pipelined_order_of_the_fused_phases_trains_the_same_bits(data, precision):
     """The pipelined schedule (DISTREP_CUDA_STREAMS=pipeline) calls each variant's three phases
     (Trainer.fused_phases: product, kernel, rest with the update) with variant i + 1's product
-    and kernel before variant i's rest. Variants share no buffer, so in that order the step
-    trains what Trainer.step trains, bit for bit; a diverging run is frozen the same way."""
+    and kernel before variant i's rest. Variants share no buffer they write (only the input's
+    operand, which they read), so in that order the step trains what Trainer.step trains, bit
+    for bit (in 3xtf32 too, whose dP low half is a buffer per variant); a diverging run is
+    frozen the same way."""
     models = ["ReLU", "Abs2-Neg", "ReLU-L2"]
-    cfg = SweepConfig(models=models, runs=2, epochs=3, width=20, engine="fused").validate()
+    cfg = SweepConfig(models=models, runs=2, epochs=3, width=20, engine="fused", precision=precision).validate()
     x_t, y = data.x_train.t().contiguous(), data.y_train
     trained = []
     for pipelined in (False, True):
