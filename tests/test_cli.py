@@ -374,6 +374,12 @@ def test_bench_projects_the_paper_as_produced():
     assert lines[-1] == (f"projected: the whole paper as produced (Tables 1-3, every run once: 10.6 "
                          f"million run-epochs, bf16, Table 1 compiled, Table 3 hand-written): "
                          f"{whole / 3600:.1f} h")
+    # 3xtf32 (CUDA, fused) is projected as a precision of its own, after the others
+    lines = projections({"Table 1 fp32 fused": {"s": 0.002}, "Table 3 fp32 fused": {"s": 0.002},
+                         "Table 1 3xtf32 fused": {"s": 0.001}, "Table 3 3xtf32 fused": {"s": 0.001}})
+    assert "projected Table 1 (stated) (120 runs x 5000 epochs, 3xtf32 fused): 10.0 min" in lines
+    assert lines[-1] == ("projected: the whole paper as produced (Tables 1-3, every run once: 10.6 "
+                         "million run-epochs, 3xtf32, Table 1 fused, Table 3 fused): 2.9 h")
     # and a process per core (bench --processes) is one more engine case to project from
     lines = projections({"Table 1 fp32": {"s": 0.001}, "Table 3 fp32": {"s": 0.002},
                          "Table 1 fp32 per-core": {"s": 0.0005}, "Table 3 fp32 per-core": {"s": 0.003}})
