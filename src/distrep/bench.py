@@ -31,7 +31,7 @@ from torch import nn
 from distrep import stats
 from distrep.data import Dataset, load_dataset
 from distrep.constant_features import FeatureSplit
-from distrep.engine import (CUDA_PRECISIONS, FUSED_PRECISIONS, PATHS, PRECISIONS, engine_path, matmul_nt,
+from distrep.engine import (CUDA_PRECISIONS, PATHS, PRECISIONS, computes, engine_path, matmul_nt,
                             reads_varying_features)
 from distrep.errors import DistrepError
 from distrep.fused import offsetl2_kernel
@@ -94,11 +94,6 @@ def peak(device: torch.device, precision: str) -> float:
 def peak_name(precision: str) -> str:
     """The precision whose GEMM peak :func:`peak` measures for ``precision``."""
     return "fp32" if precision == "3xtf32" else precision
-
-
-def timed_here(path: str, precision: str) -> bool:
-    """Whether ``bench`` times ``precision`` on the engine path ``path`` (3xtf32: fused only)."""
-    return precision not in FUSED_PRECISIONS or path == "fused"
 
 
 def skipped_flops(n: int, features: int, width: int = 128) -> float:
@@ -407,7 +402,7 @@ def run_bench(device_name: str = "auto", runs: int = 20, epochs: int = 2,
     paths = dict.fromkeys(engine_path(parse(TABLE1[0]), e, device) for e in engines)
     for path in paths:
         for label in ("Table 1", "Table 3"):
-            for precision in filter(lambda p: timed_here(path, p), precisions):
+            for precision in filter(lambda p: computes(path, p), precisions):
                 models = list(TABLE3 if label == "Table 3" else TABLE1)
                 flops = np.mean([flops_per_run_epoch(m, n, n_test, 10) for m in models])
                 skipped = constant if reads_varying_features(path) else 0

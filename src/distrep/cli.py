@@ -14,7 +14,7 @@ import numpy as np
 
 from distrep import data as data_mod
 from distrep.errors import DistrepError
-from distrep.engine import CUDA_PRECISIONS, ENGINES, PRECISIONS, engine_path
+from distrep.engine import CUDA_PRECISIONS, ENGINES, PRECISIONS, computes, engine_path
 from distrep.executors import EXECUTORS
 from distrep.layers import OFFSETL2_FORMS
 from distrep.models import describe, display_name, parameter_count, parse
@@ -427,8 +427,7 @@ def cmd_bench(args) -> None:
     if bad or not engines:
         raise DistrepError(f"--engine: unknown engine {', '.join(bad) or '(none)'}; choose from "
                            f"{', '.join(ENGINES)}")
-    # 3xtf32 only where the fused step runs
-    fused = cuda and engine_path(parse(TABLE1[0]), engines[-1], "cuda") == "fused"
+    fused = cuda and computes(engine_path(parse(TABLE1[0]), engines[-1], "cuda"), "3xtf32")
     judged = ((() if args.no_bf16 else ("bf16",)) + (("tf32",) if cuda else ())
               + (("3xtf32",) if fused else ()))
     if args.accuracy:

@@ -607,6 +607,13 @@ def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto",
     return engine
 
 
+def computes(path: str, precision: str) -> bool:
+    """Whether the engine path ``path`` computes ``precision``: every path every precision but
+    those of :data:`FUSED_PRECISIONS`, which only the fused step computes (for path names; the
+    Trainer checks its groups' types)."""
+    return precision not in FUSED_PRECISIONS or path == "fused"
+
+
 def reads_varying_features(path: str) -> bool:
     """Whether a path's first-layer products read only the input features that vary over the
     training examples (:mod:`distrep.constant_features`): the hand-written and fused steps."""

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from distrep.data import Dataset, load_dataset
-from distrep.engine import (FUSED_PRECISIONS, PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns,
-                            Trainer, engine_path, stack_parameters)
+from distrep.engine import (CUDA_PRECISIONS, PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns,
+                            Trainer, computes, engine_path, stack_parameters)
 from distrep.errors import DistrepError
 from distrep.fused import offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.graphs import step_function
@@ -111,8 +111,8 @@ class SweepConfig:
                                "models on its autograd path (" + ", ".join(
                                    m for m, p in paths.items() if p == "autograd") + ") train in fp32 "
                                "(or tf32 on CUDA), or in bf16 with --engine compiled")
-        if self.precision in FUSED_PRECISIONS and set(paths.values()) != {"fused"}:
-            others = ", ".join(f"{m} ({p})" for m, p in paths.items() if p != "fused")
+        others = ", ".join(f"{m} ({p})" for m, p in paths.items() if not computes(p, self.precision))
+        if others:
             raise DistrepError(f"{self.precision} is a precision of the fused step (the paper's "
                                f"two-layer family, on CUDA); here these train on other paths: "
                                f"{others}; use fp32")
@@ -229,7 +229,7 @@ def matmul_precision(name: str, device: torch.device):
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = name in ("tf32", "3xtf32")
+            torch.backends.cuda.matmul.allow_tf32 = name in CUDA_PRECISIONS
         if name == "fp32":
             verify_fp32_matmul(device)
         yield
