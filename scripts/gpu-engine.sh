@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The engine's speed and reduced precision on one GPU (issue 11), most important first:
-#   1. a CUDA stream per variant (the default for the fused step in TF32 and bf16 since an H200
-#      timed it: docs/engine-h200-fused/; DISTREP_CUDA_STREAMS=0/1 forces it off/on) and the
-#      two-stream pipeline (=pipeline, not yet timed): their test, the same bits as one stream;
-#   1b. --precision 3xtf32 (not yet run on a GPU: fp32 data, every product on tensor cores as
-#      three TF32 products of exact halves): its test against fp32 and the CPU, and its CUDA
-#      graphs and streams bit for bit (tests/test_cuda.py);
+#   1. a CUDA stream per variant (the default for the fused step in TF32, 3xTF32 and bf16 since
+#      an H200 timed it: docs/engine-h200-fused/; DISTREP_CUDA_STREAMS=0/1 forces it off/on) and
+#      the two-stream pipeline (=pipeline, opt-in: slower in fp32): their test, the same bits as
+#      one stream; --precision 3xtf32 (fp32 data, every product on tensor cores as three TF32
+#      products of exact halves): its test against fp32 and the CPU, and its CUDA graphs and
+#      streams bit for bit (tests/test_cuda.py);
 #   2. `distrep bench` of the fused step in fp32, 3xTF32, TF32 and bf16: one stream, a stream
 #      per variant, then the pipeline (fp32 and 3xTF32), back to back on the same GPU;
 #   3. 3xTF32 against fp32, run by run from the same seeds (`bench --accuracy`, fused step),
@@ -16,15 +16,15 @@
 #      a register cap changing no bit);
 #   5. the fused step's shapes and OffsetL2 kernels timed (scripts/fused-tune.py), to choose
 #      BLOCK_N, NUM_WARPS, BLOCKS_PER_PROGRAM (and to hold scripts/kernel-stats.py's
-#      predictions against);
-#   6. `distrep bench`, fused and hand-written side by side: Table 1's and Table 3's variants x
-#      20 runs, full MNIST, fp32 / TF32 / bf16: run-epochs/s, fraction of the GEMM peak,
-#      projected time of the whole paper;
+#      predictions against), and where a step's time goes;
+#   6. `distrep bench`, fused and hand-written side by side, as by default: Table 1's and Table
+#      3's variants x 20 runs, full MNIST, fp32 / TF32 / bf16: run-epochs/s, fraction of the GEMM
+#      peak, projected time of the whole paper;
 #   7. the rest of tests/test_cuda.py and the CUDA case of the SIGKILL-and-resume test (`auto`
 #      takes the fused step on CUDA, with CUDA graphs, so these now check it).
-# On an H200 (2026-11-28) the fused and graph tests, two benches, part 6 and part 7 took 527 s
-# of a 565 s call, before 3xTF32 and the pipeline joined parts 1 and 2; parts 1-3 should fit one
-# call with room for part 4 (SKIP="5 6"), part 7 in a second (FROM=7).
+# On an H200 (2026-11-28, commit 2ea34b8; docs/engine-h200-3xtf32/) SKIP="5 6 7" took 445 s
+# (part 1 127 s, part 2 100 s, part 3 101 s, part 4 117 s), then FROM=6 216 s and FROM=5 SKIP="6 7"
+# 105 s, each on the machine the call before left warm: the whole script fits two calls.
 # Each part is time-limited (never past the budget) and logged as it goes, so a pass cut short
 # still brings back what finished; FROM=K skips parts 1..K-1 (for a second call: the set-up
 # always runs); SKIP="K L" skips the parts named. Usage: scripts/gpu-engine.sh MNIST_DIR OUT_DIR [SECONDS]  (default 560)

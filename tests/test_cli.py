@@ -391,6 +391,45 @@ def test_bench_projects_the_paper_as_produced():
                                 "core, Table 3 hand-written):")
 
 
+def test_two_accuracy_records_are_compared_run_by_run(tmp_path):
+    """`bench --compare-accuracy A B[:P]`: the runs of two accuracy.json files paired by seed,
+    OTHER - REFERENCE with the --accuracy verdicts (a diverged run left out of its pair, the
+    chaotic models by their distributions); files that cannot pair are one-line errors."""
+    import json
+    nan = float("nan")
+    reference = {"fp32": {"ReLU": [91.0, 92.0, 93.0, 94.0], "Abs2": [93.0, 95.7, 94.0, 94.1],
+                          "ReLU2": [30.0, 20.0, 40.0, 35.0]},
+                 "3xtf32": {"ReLU": [91.0, 92.0, 93.0, 94.0]}}
+    other = {"fp32": {"ReLU": [91.01, 92.0, 92.99, 94.02], "Abs2": [93.0, 94.5, 94.02, nan],
+                      "ReLU2": [20.0, 30.0, 35.0, 40.0], "Abs-L2": [88.0] * 4}}
+    for name, runs in (("a", reference), ("b", other)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "accuracy.json").write_text(json.dumps({"runs": runs}))
+    a, b = tmp_path / "a" / "accuracy.json", tmp_path / "b" / "accuracy.json"
+    r = distrep("bench", "--compare-accuracy", a, f"{b}:fp32")
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()}
+    assert set(lines) == {"ReLU", "Abs2", "ReLU2"}          # the models both files have
+    assert f"fp32 of {b} - fp32 of {a}: +0.005 points" in lines["ReLU"]
+    assert "equivalent within ±0.1" in lines["ReLU"]
+    # Abs2's last run diverged in b: three pairs, one of them 1.2 points apart
+    assert "-0.393 points" in lines["Abs2"] and "over 3 paired runs" in lines["Abs2"]
+    assert "largest |difference| 1.20: inconclusive" in lines["Abs2"]
+    assert "chaotic: runs do not pair; distributions show no difference (Welch p = 1.00)" in lines["ReLU2"]
+    r = distrep("bench", "--compare-accuracy", f"{a}:3xtf32", b)
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "+0.005 points" in r.stdout
+    assert_one_line_error(distrep("bench", "--compare-accuracy", a, f"{b}:bf16"),
+                          "no runs in bf16 (it has fp32)")
+    assert_one_line_error(distrep("bench", "--compare-accuracy", a, tmp_path / "missing.json"),
+                          "missing.json: not an accuracy.json")
+    other["fp32"]["ReLU"] = [91.0, 92.0]
+    b.write_text(json.dumps({"runs": other}))
+    assert_one_line_error(distrep("bench", "--compare-accuracy", a, b),
+                          "ReLU: 4 runs against 2; paired runs need the same seeds")
+    b.write_text(json.dumps({"runs": {"fp32": {"Abs-L2": [88.0] * 4}}}))
+    assert_one_line_error(distrep("bench", "--compare-accuracy", a, b), "share no model")
+
+
 def test_reduced_precision_is_judged_run_by_run_against_fp32(tmp_path, mnist):
     """`bench --accuracy`: every Table 1 and Table 3 model in fp32 and bf16 from the same seeds,
     a paired interval and a verdict per model, every run's accuracy on file."""

@@ -513,6 +513,42 @@ def equivalence(diffs: np.ndarray, margin: float = MARGIN) -> tuple[np.ndarray, 
     return ci, "inconclusive (interval reaches past the margin)"
 
 
+def paired_rows(reference: dict[str, np.ndarray], other: dict[str, np.ndarray],
+                label: str) -> list[dict]:
+    """Per model of ``reference`` (model -> final test accuracy per run, points, NaN for a
+    diverged run) that ``other`` has too: ``other - reference`` run by run, paired by index
+    (the same seed), as a row of the accuracy report: both means, the mean difference, its
+    paired 95 % interval, the largest per-run difference and the :func:`equivalence` verdict;
+    for the :data:`CHAOTIC` models a Welch test of the two distributions instead."""
+    rows = []
+    for model, a in reference.items():
+        if model not in other:
+            continue
+        a, b = np.asarray(a, dtype=float), np.asarray(other[model], dtype=float)
+        if len(a) != len(b):
+            raise DistrepError(f"{model}: {len(a)} runs against {len(b)}; paired runs need the same seeds")
+        both = ~np.isnan(a) & ~np.isnan(b)
+        d = b[both] - a[both]
+        ci, verdict = equivalence(d)
+        if model in CHAOTIC:
+            welch = stats.welch_t(b[~np.isnan(b)], a[~np.isnan(a)])
+            verdict = (f"chaotic: runs do not pair; distributions "
+                       f"{'differ' if welch.p < 0.05 else 'show no difference'} (Welch p = {welch.p:.2f})")
+        rows.append({"precision": label, "model": model, "fp32": stats.mean(a[both]),
+                     "other": stats.mean(b[both]), "diff": stats.mean(d), "ci": ci.tolist(),
+                     "max_abs": float(np.abs(d).max()) if len(d) else float("nan"),
+                     "pairs": int(both.sum()), "verdict": verdict})
+    return rows
+
+
+def describe_row(row: dict, other: str, reference: str) -> str:
+    """One line for a row of :func:`paired_rows`: the difference ``other - reference``, its
+    interval, the verdict."""
+    return (f"{row['model']:<12} {other} - {reference}: {row['diff']:+.3f} points "
+            f"[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}] over {row['pairs']} paired runs, largest "
+            f"|difference| {row['max_abs']:.2f}: {row['verdict']}")
+
+
 def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf16",), runs: int = 5,
                    epochs: int = 300, train_subset: int | None = 10000, engine_name: str = "auto",
                    out_dir=None, log=print) -> dict:
@@ -541,22 +577,9 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
             f"{seconds[precision]:.0f} s")          # progress, for a pass that may be cut short
     rows = []
     for precision in precisions:
-        for model in models:
-            a, b = finals["fp32"][model], finals[precision][model]
-            both = ~np.isnan(a) & ~np.isnan(b)
-            d = b[both] - a[both]
-            ci, verdict = equivalence(d)
-            if model in CHAOTIC:
-                welch = stats.welch_t(b[~np.isnan(b)], a[~np.isnan(a)])
-                verdict = (f"chaotic: runs do not pair; distributions "
-                           f"{'differ' if welch.p < 0.05 else 'show no difference'} (Welch p = {welch.p:.2f})")
-            rows.append({"precision": precision, "model": model, "fp32": stats.mean(a[both]),
-                         "other": stats.mean(b[both]), "diff": stats.mean(d), "ci": ci.tolist(),
-                         "max_abs": float(np.abs(d).max()) if len(d) else float("nan"),
-                         "pairs": int(both.sum()), "verdict": verdict})
-            log(f"{model:<12} {precision} - fp32: {rows[-1]['diff']:+.3f} points "
-                f"[{ci[0]:+.3f}, {ci[1]:+.3f}] over {both.sum()} paired runs, largest |difference| "
-                f"{rows[-1]['max_abs']:.2f}: {verdict}")
+        rows += paired_rows(finals["fp32"], finals[precision], precision)
+        for row in rows[-len(models):]:
+            log(describe_row(row, precision, "fp32"))
     n = train_subset or len(data.y_train)
     protocol = (f"{runs} paired runs x {len(models)} models x {epochs} epochs on {n} MNIST images "
                 f"(raw pixels, lr 0.001, OffsetL2 coded), engine {path}, {describe_device(resolved)}")
@@ -569,6 +592,32 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
     if out_dir is not None:
         write_accuracy(Path(out_dir), out)
     return out
+
+
+def read_accuracy_runs(path: Path, precision: str) -> dict[str, np.ndarray]:
+    """The final test accuracy of every run in ``precision`` (model -> per-run points) from an
+    ``accuracy.json`` that :func:`accuracy_check` wrote."""
+    try:
+        runs = json.loads(Path(path).read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DistrepError(f"{path}: not an accuracy.json of distrep bench --accuracy ({e})") from None
+    if precision not in runs:
+        raise DistrepError(f"{path}: no runs in {precision} (it has {', '.join(runs)})")
+    return {m: np.array(v, dtype=float) for m, v in runs[precision].items()}
+
+
+def compare_records(reference: Path, reference_precision: str, other: Path,
+                    other_precision: str) -> list[dict]:
+    """Rows of :func:`paired_rows` for ``other``'s runs in ``other_precision`` against
+    ``reference``'s in ``reference_precision``, two ``accuracy.json`` files from the same seeds:
+    how far apart two implementations (two devices, two versions of the code, two precisions)
+    train the same runs. fp32 against fp32 gives the floor that any change of rounding sets."""
+    a = read_accuracy_runs(reference, reference_precision)
+    b = read_accuracy_runs(other, other_precision)
+    rows = paired_rows(a, b, other_precision)
+    if not rows:
+        raise DistrepError(f"{reference} and {other} share no model")
+    return rows
 
 
 def write_accuracy(directory: Path, out: dict) -> None:

@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--accuracy-epochs", type=positive_int, default=300, metavar="E")
     bench.add_argument("--accuracy-subset", type=positive_int, default=10000, metavar="N",
                        help="training images for the accuracy comparison (60000: all)")
+    bench.add_argument("--compare-accuracy", nargs=2, default=None,
+                       metavar=("REFERENCE[:P]", "OTHER[:P]"),
+                       help="instead of training: compare the runs of two accuracy.json files "
+                            "from the same seeds (P: the precision to read from each, fp32 by "
+                            "default), OTHER - REFERENCE run by run, with the --accuracy verdicts; "
+                            "fp32 against fp32 from two devices or versions is the floor any "
+                            "change of rounding sets")
     return parser
 
 
@@ -414,6 +421,8 @@ def cmd_bench(args) -> None:
     from distrep.models import TABLE1, TABLE3
     from distrep.provenance import resolve_device
     from distrep.sweep import SweepConfig
+    if args.compare_accuracy is not None:
+        return compare_accuracy(*args.compare_accuracy)
     # every option is checked before the first timing, not after minutes of them
     cuda = resolve_device(args.device).type == "cuda"
     n_train = data_mod.MNIST.train_images.shape[0]
@@ -454,6 +463,19 @@ def cmd_bench(args) -> None:
     if args.accuracy:
         accuracy_check(args.device, judged, args.accuracy_runs, args.accuracy_epochs,
                        args.accuracy_subset, engine_name=engines[-1], out_dir=args.accuracy_out)
+
+
+def compare_accuracy(reference: str, other: str) -> None:
+    """``bench --compare-accuracy REFERENCE[:P] OTHER[:P]``: one line per model shared."""
+    from distrep.bench import compare_records, describe_row
+
+    def record(spec: str) -> tuple[Path, str]:
+        path, _, precision = spec.rpartition(":")
+        return (Path(path), precision) if path and precision in PRECISIONS else (Path(spec), "fp32")
+
+    (a, pa), (b, pb) = record(reference), record(other)
+    for row in compare_records(a, pa, b, pb):
+        print(describe_row(row, f"{pb} of {b}", f"{pa} of {a}"))
 
 
 def _usable_streams() -> None:

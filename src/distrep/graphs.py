@@ -24,11 +24,13 @@ CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
 # How a graphed step spreads its groups (variants) over CUDA streams. "per-variant": each group on
 # a stream of its own, so that one variant's latency-bound head kernel runs beside another's
 # products; measured to pay for the fused step in TF32 and bf16 (H200: Table 1 6-13 % and Table 3
-# 9-16 % faster, the same bits; docs/engine-h200-fused/), not in fp32, where two products side by
-# side slow each other (Table 1 7 % slower); the hand-written step was not timed with it.
-# "pipeline" (fused groups only, not yet timed): the products in order on one stream, variant
-# i + 1's forward product before variant i's weight gradient, and the head kernels on a second,
-# so that one product at a time runs beside one kernel: the schedule left to try for fp32.
+# 9-16 % faster, the same bits; docs/engine-h200-fused/; 3xTF32 1-3 %, docs/engine-h200-3xtf32/),
+# not in fp32, where two products side by side slow each other (Table 1 7 % slower); the
+# hand-written step was not timed with it. "pipeline" (fused groups only, opt-in): the products
+# in order on one stream, variant i + 1's forward product before variant i's weight gradient,
+# and the head kernels on a second, so that one product at a time runs beside one kernel; on the
+# H200 it made fp32's Table 1 slower still (76 % of the GEMM peak against 88 % on one stream:
+# the kernel's FMAs and the SIMT product share the same pipes) and 3xTF32 no faster.
 # DISTREP_CUDA_STREAMS=0 (one stream), 1 (per-variant), pipeline, or auto (unset: as measured).
 CUDA_STREAMS_VARIABLE = "DISTREP_CUDA_STREAMS"
 STREAM_SCHEDULES = {"0": "one", "1": "per-variant", "pipeline": "pipeline"}
@@ -38,8 +40,9 @@ def stream_schedule(trainer: Trainer) -> str:
     """How a graphed step of ``trainer`` uses CUDA streams: ``"one"``, ``"per-variant"`` or
     ``"pipeline"`` (:data:`CUDA_STREAMS_VARIABLE`; ``auto``, the default, gives each variant a
     stream of its own for the fused step on tensor cores, TF32, 3xTF32 and bf16, and one stream
-    otherwise: IEEE fp32's SIMT products fill the GPU and slow each other side by side; 3xTF32's
-    follows TF32's, not yet timed). A single group always takes one stream."""
+    otherwise: IEEE fp32's SIMT products fill the GPU and slow each other side by side; measured
+    on an H200, docs/engine-h200-fused/ and docs/engine-h200-3xtf32/). A single group always
+    takes one stream."""
     setting = os.environ.get(CUDA_STREAMS_VARIABLE, "auto")
     if setting != "auto" and setting not in STREAM_SCHEDULES:
         raise DistrepError(f"{CUDA_STREAMS_VARIABLE}={setting!r}: use 1 (a stream per variant), "
