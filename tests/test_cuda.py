@@ -12,7 +12,7 @@ import torch
 
 from distrep.errors import DistrepError
 from distrep.models import ALIASES
-from distrep.sweep import Sweep, SweepConfig, bytes_per_run, matmul_precision, verify_fp32_matmul
+from distrep.sweep import Sweep, SweepConfig, matmul_precision, verify_fp32_matmul
 from distrep.train import TrainConfig, train
 from tests.test_engine import EXTRA, raw, relative, standardized, sweep  # noqa: F401 (fixtures)
 
@@ -52,8 +52,9 @@ def test_chunking_on_cuda(raw):
     whether they are bit-identical too."""
     models, kw = ["ReLU2-Neg", "Abs-L2", "ReLU-L2"], dict(runs=3, epochs=15, eval_every=5, device="cuda")
     whole = sweep(raw, models, **kw)
-    two_runs = 4 * 500 * 784 + 2 * max(bytes_per_run(m, 128, 500, 784, 10) for m in models)
-    config = replace(SweepConfig(models=models, **kw), max_memory=two_runs)
+    config = SweepConfig(models=models, **kw)
+    fixed, cost = Sweep(config, raw, progress=False).memory_plan()
+    config = replace(config, max_memory=fixed + 2 * max(cost))
     chunked = Sweep(config, raw, progress=False).run()
     identical = True
     for a, b in zip(whole, chunked):

@@ -154,9 +154,10 @@ def test_chunking_never_changes_a_result(raw):
     models, kw = ["ReLU2-Neg", "Abs-L2", "Abs2"], dict(runs=3, epochs=15, eval_every=5)
     whole = sweep(raw, models, **kw)
     per_run = SweepConfig(models=models, **kw).validate()
-    # the data three times (as given, and oneDNN's two operands) and two runs
-    two_runs = 3 * 4 * 500 * 784 + 2 * max(bytes_per_run(m, 128, 500, 784, 10) for m in models)
-    chunked_sweep = Sweep(replace(per_run, max_memory=two_runs), raw, progress=False)
+    fixed, cost = Sweep(per_run, raw, progress=False).memory_plan()     # the data, and per run
+    assert fixed == 3 * 4 * (300 + 500) * 784        # the data three times (oneDNN's operands)
+    assert cost == [bytes_per_run(m, 128, 500, 784, 10) for m in models]   # max(train, test)
+    chunked_sweep = Sweep(replace(per_run, max_memory=fixed + 2 * max(cost)), raw, progress=False)
     assert len(chunked_sweep.chunks()) >= 4, "the budget should force small chunks"
     chunked = chunked_sweep.run()
     alone = sweep(raw, ["Abs-L2"], **kw)          # a variant trained without the others

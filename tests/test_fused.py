@@ -209,10 +209,56 @@ def test_3xtf32_is_the_fused_steps_and_splits_every_product():
                   r"ReLU-RBF-Neg \(autograd\); use fp32")
     with pytest.raises(DistrepError, match=on_the_cpu):
         SweepConfig(models=["ReLU", "ReLU-RBF-Neg"], precision="3xtf32").validate()
-    # dP's low half is memory the plan counts: one more [H, n] fp32 per run
+    # dP's low half is memory the plan counts: one more [H, n] fp32 per run, beside the
+    # folded weight's halves and the temporaries of its [H, kp] products (kp <= 784 + 8)
     from distrep.sweep import bytes_per_run
     assert (bytes_per_run("ReLU", 128, 1000, 784, 10, "fused", "cuda", "3xtf32")
-            - bytes_per_run("ReLU", 128, 1000, 784, 10, "fused", "cuda", "fp32")) == 4 * 128 * 1000
+            - bytes_per_run("ReLU", 128, 1000, 784, 10, "fused", "cuda", "fp32")
+            == 4 * 128 * 1000 + 4 * 128 * 792 * 9)
+
+
+@interpreted
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "3xtf32"])
+def test_the_memory_plan_counts_every_buffer_the_fused_step_keeps(data, precision):
+    """The fused step keeps a test pass's buffers beside training's (its first layer's output
+    for each input, the folded weight for each, in 3xtf32 their halves and dP's low half), so
+    the plan counts both sets, not the larger one: after a step and a test pass, what each
+    variant holds stays within its runs' share of the plan, and the shared operands (each
+    input's, with its halves in 3xtf32) within the plan's fixed part beyond the data. A
+    plan sized at max(train, test) examples, or without the [H, kp] buffers, falls short."""
+    full = load_dataset("mnist", "standardized")      # a test pass larger than the [H, kp] buffers
+    data = replace(data, x_test=full.x_test, y_test=full.y_test)
+    models = ["ReLU-Bias", "ReLU-L2"]
+    cfg = SweepConfig(models=models, runs=1, epochs=1, width=20, engine="fused", precision=precision)
+    sweep = Sweep(cfg, data, progress=False)
+    trainer, groups = sweep.chunk_trainer(sweep.chunks()[0])
+    x_t = data.x_train.t().contiguous()
+    trainer.step(x_t, data.y_train, 1e-3, [torch.zeros(1, dtype=torch.bool) for _ in groups])
+    trainer.evaluate(data.x_test.t().contiguous(), data.y_test)
+
+    def size(tensors) -> int:
+        unique = {t.data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(unique.values())
+
+    fixed, per_run = sweep.memory_plan()
+    for group, cost in zip(groups, per_run):
+        held = size([*group._buffers.values(), *group.params.values(), *group.grads.values()])
+        assert held <= group.runs * cost, (group.specs, held, group.runs * cost)
+    operands = [t for v in groups[0].inputs.values()
+                for t in ([v.columns] if hasattr(v, "columns") else [v])]
+    assert all(g.inputs is groups[0].inputs for g in groups)        # one copy per chunk
+    n, D = len(data.y_train) + len(data.y_test), data.num_features
+    data_copies = 3 * 4 * n * D                                     # the CPU's three copies
+    assert size(operands) <= fixed - data_copies
+    assert {"train", "eval"} <= set(groups[0].inputs)
+    # the plan's first-layer outputs: one [H, n] per input, bf16 in bf16
+    H, n_train, n_test = 20, len(data.y_train), len(data.y_test)
+    P = groups[0]._buffers["eval"]
+    assert P.shape == (1, H, n_test) and P.element_size() == (2 if precision == "bf16" else 4)
+    from distrep.sweep import bytes_per_run
+    assert (bytes_per_run("ReLU", H, n_train, D, 10, "fused", "cpu", precision, n_test=n_test)
+            - bytes_per_run("ReLU", H, n_train, D, 10, "fused", "cpu", precision)
+            == P.element_size() * H * n_test + 4 * 10 * n_test)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "3xtf32"])

@@ -153,18 +153,31 @@ class VariantResult:
 # --------------------------------------------------------------------------- memory and chunks
 
 def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes: int,
-                  engine: str = "auto", device: torch.device | str = "cpu", precision: str = "fp32") -> int:
+                  engine: str = "auto", device: torch.device | str = "cpu", precision: str = "fp32",
+                  n_test: int = 0) -> int:
     """Working memory of one run in the engine: fp32 buffers for every layer's output and the
     gradient flowing back (n values per feature; twice that on the autograd path), float64
     copies inside OffsetL2, a head's intermediates (Mahalanobis: ``[n, out, rank]``), parameters
-    with their gradients. The fused step keeps only the first layer's output (and its
-    programs' partial sums; in 3xtf32 also dP's low half)."""
+    with their gradients. A step reallocates its buffers for a test pass of ``n_test`` examples
+    (pass ``n`` = the larger of the two), except the fused step, which keeps a test pass's
+    beside training's: its first layer's output for each (``[H, n]`` and ``[H, n_test]``, in
+    bf16 in bf16 mode; training's written over by dP), in 3xtf32 dP's low half, the test pass's
+    logits, its programs' partial sums, and ``[H, kp]`` buffers (kp <= in_features + 8): the
+    folded first-layer weight for each input (in 3xtf32 with its TF32 halves beside it) and the
+    weight gradient's temporaries."""
     total, fan_in = 0, in_features
     layers = parse(model, width, in_features, num_classes)
     path = engine_path(layers, engine, device)
-    if path == "fused":        # P [width, n] (written over by dP), parameters, their gradients
+    if path == "fused":
         hidden = layers[0].out_features
-        return ((8 if precision == "3xtf32" else 4) * n * hidden + partial_sums_bytes(n, hidden, num_classes)
+        three = precision == "3xtf32"
+        first_layer_outputs = (2 if precision == "bf16" else 4) * hidden * (n + n_test)
+        dp_low_half = 4 * hidden * n if three else 0
+        # [H, kp] buffers: the folded weight per input (2; in 3xtf32 with their halves, 8) and
+        # the step's temporaries (2; in 3xtf32 5: the fold's halves, dP's products with X's)
+        weight_sized = 4 * hidden * (in_features + 8) * (8 + 5 if three else 2 + 2)
+        return (first_layer_outputs + dp_low_half + weight_sized + 4 * num_classes * n_test
+                + partial_sums_bytes(n, hidden, num_classes)
                 + sum(3 * 4 * parameter_count_of(layer) for layer in layers if layer.affine))
     autograd = path != "hand-written"
     for layer in layers:
@@ -361,21 +374,32 @@ class Sweep:
         return create_model(self.specs[v], c.width, in_features=self.data.num_features,
                             num_classes=self.data.num_classes, offsetl2_form=c.offsetl2_form, seed=seed)
 
+    def memory_plan(self) -> tuple[int, list[int]]:
+        """``(fixed, per_run)``: the bytes a chunk holds whatever its runs (the data and the first
+        layer's operands) and the bytes of one run of each variant (:func:`bytes_per_run`)."""
+        c, d = self.config, self.data
+        n_train, n_test = len(d.y_train), len(d.y_test)
+        fused = [engine_path(parse(s), c.engine, self.device) == "fused" for s in self.specs]
+        per_run = [bytes_per_run(s, c.width, n_train if f else max(n_train, n_test), d.num_features,
+                                 d.num_classes, c.engine, self.device, c.precision,
+                                 n_test=n_test if f else 0) for s, f in zip(self.specs, fused)]
+        # the data and the first layer's operands (its varying features: constant_features.FirstLayerInput),
+        # training's and the test set's: feature-major, on oneDNN's path also example-major; in
+        # bf16, half-size copies of both
+        copies = 3 if self.device.type == "cpu" else 2
+        fixed = 4 * (n_train + n_test) * d.num_features * copies
+        if any(fused):
+            # and the fused step's first-layer operand of each, with its row of ones (padded
+            # rows); in 3xtf32 its TF32 halves too, three times its size
+            fixed += ({"bf16": 2, "3xtf32": 16}.get(c.precision, 4)
+                      * (n_train + n_test) * (d.num_features + 8))
+        return fixed, per_run
+
     def chunks(self) -> list[list[tuple[int, int]]]:
         """The unfinished ``(variant, run)`` units, grouped into chunks that fit the memory budget
         (and ``max_runs_per_chunk``) and share a starting epoch."""
-        c, d = self.config, self.data
-        n = max(len(d.y_train), len(d.y_test))
-        cost = [bytes_per_run(s, c.width, n, d.num_features, d.num_classes, c.engine, self.device,
-                              c.precision) for s in self.specs]
-        # the data and the first layer's operands (its varying features: constant_features.FirstLayerInput):
-        # feature-major, on oneDNN's path also example-major; in bf16, half-size copies of both
-        copies = 3 if self.device.type == "cpu" else 2
-        fixed = 4 * n * d.num_features * copies
-        if any(engine_path(parse(s), c.engine, self.device) == "fused" for s in self.specs):
-            # and the fused step's first-layer operand, with its row of ones (padded rows); in
-            # 3xtf32 its TF32 halves too, three times its size
-            fixed += {"bf16": 2, "3xtf32": 16}.get(c.precision, 4) * n * (d.num_features + 8)
+        c = self.config
+        fixed, cost = self.memory_plan()
         budget = c.max_memory - fixed
         if budget < max(cost):
             need = (fixed + max(cost)) / GiB
