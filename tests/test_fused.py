@@ -233,8 +233,13 @@ def test_the_memory_plan_counts_every_buffer_the_fused_step_keeps(data, precisio
     sweep = Sweep(cfg, data, progress=False)
     trainer, groups = sweep.chunk_trainer(sweep.chunks()[0])
     x_t = data.x_train.t().contiguous()
-    trainer.step(x_t, data.y_train, 1e-3, [torch.zeros(1, dtype=torch.bool) for _ in groups])
+    frozen = [torch.zeros(1, dtype=torch.bool) for _ in groups]
+    trainer.step(x_t, data.y_train, 1e-3, frozen)
     trainer.evaluate(data.x_test.t().contiguous(), data.y_test)
+    if precision == "3xtf32":           # the input's halves are made once, kept with the input
+        halves = groups[0].inputs["train"].column_halves
+        trainer.step(x_t, data.y_train, 1e-3, frozen)
+        assert groups[0].inputs["train"].column_halves is halves
 
     def size(tensors) -> int:
         unique = {t.data_ptr(): t.untyped_storage().nbytes() for t in tensors}
@@ -245,7 +250,7 @@ def test_the_memory_plan_counts_every_buffer_the_fused_step_keeps(data, precisio
         held = size([*group._buffers.values(), *group.params.values(), *group.grads.values()])
         assert held <= group.runs * cost, (group.specs, held, group.runs * cost)
     operands = [t for v in groups[0].inputs.values()
-                for t in ([v.columns] if hasattr(v, "columns") else [v])]
+                for t in [v.columns, *([v.column_halves] if precision == "3xtf32" else [])]]
     assert all(g.inputs is groups[0].inputs for g in groups)        # one copy per chunk
     n, D = len(data.y_train) + len(data.y_test), data.num_features
     data_copies = 3 * 4 * n * D                                     # the CPU's three copies

@@ -17,6 +17,7 @@ for the product (W_c c, zero where the constant features are 0) while its gradie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -96,3 +97,12 @@ class FirstLayerInput:
         split = FeatureSplit.of(x)
         columns = split.operand(x, dtype, multiple)
         return cls(x, split, columns, columns.t().contiguous() if example_major else None)
+
+    @cached_property
+    def column_halves(self) -> torch.Tensor:
+        """``[X_hi; X_lo; X_hi]`` ``[3 kp, n]``: the TF32 halves of the fp32 ``columns``
+        (:func:`distrep.fused.tf32_halves`) as the 3xtf32 products read them, made on first use
+        and kept with the input."""
+        from distrep.fused import tf32_halves          # distrep.fused imports this module
+        hi, lo = tf32_halves(self.columns)
+        return torch.cat([hi, lo, hi])

@@ -486,8 +486,8 @@ class FusedRuns:
         self.specs, self.params, self.layout, self.form = specs, params, layout, offsetl2_form
         self.grads = {name: torch.zeros_like(p) for name, p in params.items()}
         self._buffers: dict = {}
-        # the first layer's operands by role (_first_input) and in 3xtf32 their TF32 halves
-        # (_column_halves); a Trainer gives its fused groups one dict, so a chunk holds one copy
+        # the first layer's operand of each input by role (_first_input; in 3xtf32 with its TF32
+        # halves); a Trainer gives its fused groups one dict, so a chunk holds one copy
         self.inputs: dict = {}
         k = layout["head_index"]
         self.head = (f"{k}.mu", f"{k}.alpha") if layout["offsetl2"] else (f"{k}.weight", f"{k}.bias")
@@ -532,17 +532,7 @@ class FusedRuns:
         cached = self.inputs.get(key)
         if cached is None or cached.source is not x:
             self.inputs[key] = cached = FirstLayerInput.of(x, self.dtype, multiple=8)
-            self.inputs.pop(f"{key} halves", None)
         return cached
-
-    def _column_halves(self, inputs: FirstLayerInput, key: str) -> torch.Tensor:
-        """3xtf32: ``[X_hi; X_lo; X_hi]`` ``[3 kp, n]``, the TF32 halves (:func:`tf32_halves`) of
-        the operand's columns ``X [kp, n]``, made once per input."""
-        halves = self.inputs.get(f"{key} halves")
-        if halves is None:
-            hi, lo = tf32_halves(inputs.columns)
-            self.inputs[f"{key} halves"] = halves = torch.cat([hi, lo, hi])
-        return halves
 
     def _first_layer(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """P = [W1_v  b1 + W1_c c] [x_v; 1] ``[R, H, n]`` for the shared input ``x [D, n]`` (in the
@@ -564,7 +554,7 @@ class FusedRuns:
             hi, lo = tf32_halves(weight)
             halves = self._buffer(f"{key} weight halves", (R * H, 3 * kp), torch.float32)
             torch.cat([lo, hi, hi], dim=1, out=halves)
-            torch.mm(halves, self._column_halves(inputs, key), out=P.view(R * H, -1))
+            torch.mm(halves, inputs.column_halves, out=P.view(R * H, -1))
         else:
             torch.mm(weight.to(self.dtype), inputs.columns, out=P.view(R * H, -1))
         return P
@@ -646,7 +636,7 @@ class FusedRuns:
         bias = g["0.bias"].view(R * H) if "0.bias" in g else None
         if self.precision == "3xtf32":      # P holds dP_hi: dP_lo X_hi + dP_hi X_lo, then + dP_hi X_hi
             kp = inputs.columns.shape[0]
-            halves = self._column_halves(inputs, "train")
+            halves = inputs.column_halves
             high = torch.mm(P.view(R * H, n), halves[:2 * kp].t())          # [dP_hi X_hi | dP_hi X_lo]
             product = torch.addmm(high[:, kp:], parts["dP lo"].view(R * H, n), halves[:kp].t())
             product += high[:, :kp]
