@@ -291,3 +291,28 @@ def test_fused_expanded_distances_near_a_prototype_on_cuda(standardized, precisi
     error, naive = distances_near_a_prototype(standardized, precision, "cuda")
     print(f"\nexpanded, CUDA, {precision}: error / bound {error:.2f}; with h^2 rounded once {naive:.1f}")
     assert error <= 1 and naive > 3, (error, naive)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "3xtf32"])
+def test_the_memory_plan_bounds_a_fused_sweeps_peak_on_cuda(mnist, precision):
+    """A sweep's chunk must fit the budget it was planned for: on full MNIST (the test pass's
+    buffers beside training's, as the fused step keeps them), a fused chunk of two variants x 4
+    runs, 3 epochs with a test pass each, CUDA graphs as by default, peaks within the plan
+    (:meth:`Sweep.memory_plan`), give or take 128 MiB of CUDA's own workspaces outside any
+    chunk; and the plan is no gross overestimate (more than half of it used)."""
+    cfg = SweepConfig(models=["ReLU2-Neg", "Abs-L2"], runs=4, epochs=3, eval_every=1,
+                      device="cuda", engine="fused", precision=precision, max_memory=40 << 30)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sweep = Sweep(cfg, mnist, progress=False)
+    fixed, per_run = sweep.memory_plan()
+    assert len(sweep.chunks()) == 1
+    sweep.run()
+    peak = torch.cuda.max_memory_allocated() - before
+    plan = fixed + cfg.runs * sum(per_run)
+    print(f"\n{precision}: peak {peak / 2**20:.0f} MiB against a plan of {plan / 2**20:.0f} MiB "
+          f"({peak / plan:.0%})")
+    assert peak <= plan + (128 << 20)
+    assert peak > plan / 2
