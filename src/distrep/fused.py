@@ -79,7 +79,9 @@ BLOCKS_PER_PROGRAM = 8
 # Static cost at 32 x 4 (kernel-stats.py --maxnreg): ReLU2 bf16 at 128 spills 8 B for 2 % more
 # instructions, TF32 at 168 104 B for 6 %, expanded ReLU-L2 bf16 at 168 120 B for 2 %, fp32 at
 # 168 960 B for 9 %. Spilling moves no arithmetic, so a cap should change no bit
-# (tests/test_cuda.py checks it). Not yet timed (scripts/fused-tune.py times 168 and 128).
+# (tests/test_cuda.py checks it: it changed none on an H200). Timed there (scripts/fused-tune.py,
+# docs/engine-h200-3xtf32/log-tune.txt), no cap pays: bf16 ReLU2 1 % faster at 168, 1 % slower at
+# 128, the expanded ReLU-L2 5 and 17 % slower, TF32 2-75 % slower, fp32 5 and 7 % slower.
 MAX_REGISTERS: dict[str, int | None] = {"fp32": None, "3xtf32": None, "tf32": None, "bf16": None}
 
 # How the kernel computes OffsetL2, by precision: "direct", sum_i w (h_i - mu_i)^2 class by class
