@@ -734,6 +734,10 @@ class CompiledRuns(AutogradRuns):
         return [self._logits_all(self.params, x_t).clone()]
 
 
+# Examples a test pass computes at once: its buffers hold at most this many (the memory plan's).
+EVAL_BATCH = 10000
+
+
 class Trainer:
     """Trains a chunk of runs (several variants' :class:`StackedRuns`) on one full batch.
 
@@ -881,7 +885,7 @@ class Trainer:
             p.add_(grad, alpha=-lr)
 
     @torch.no_grad()
-    def evaluate(self, x_t: torch.Tensor, y: torch.Tensor, batch: int = 10000
+    def evaluate(self, x_t: torch.Tensor, y: torch.Tensor, batch: int = EVAL_BATCH
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per group ``(mean loss [R], correct [R])`` on ``x_t [in, n]``, in fp32, ``batch``
         examples at a time."""

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from distrep.data import Dataset, load_dataset
-from distrep.engine import (CUDA_PRECISIONS, PRECISIONS, AutogradRuns, CompiledRuns, FusedRuns, StackedRuns,
-                            Trainer, computes, engine_path, stack_parameters)
+from distrep.engine import (CUDA_PRECISIONS, EVAL_BATCH, PRECISIONS, AutogradRuns, CompiledRuns,
+                            FusedRuns, StackedRuns, Trainer, computes, engine_path, stack_parameters)
 from distrep.errors import DistrepError
 from distrep.fused import offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.graphs import step_function
@@ -154,13 +154,13 @@ class VariantResult:
 
 def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes: int,
                   engine: str = "auto", device: torch.device | str = "cpu", precision: str = "fp32",
-                  n_test: int = 0) -> int:
+                  n_eval: int = 0) -> int:
     """Working memory of one run in the engine: fp32 buffers for every layer's output and the
     gradient flowing back (n values per feature; twice that on the autograd path), float64
     copies inside OffsetL2, a head's intermediates (Mahalanobis: ``[n, out, rank]``), parameters
-    with their gradients. A step reallocates its buffers for a test pass of ``n_test`` examples
-    (pass ``n`` = the larger of the two), except the fused step, which keeps a test pass's
-    beside training's: its first layer's output for each (``[H, n]`` and ``[H, n_test]``, in
+    with their gradients. A step reallocates its buffers for a test pass of ``n_eval`` examples
+    at a time (pass ``n`` = the larger of the two), except the fused step, which keeps a test
+    pass's beside training's: its first layer's output for each (``[H, n]`` and ``[H, n_eval]``, in
     bf16 in bf16 mode; training's written over by dP), in 3xtf32 dP's low half, the test pass's
     logits, its programs' partial sums, and ``[H, kp]`` buffers (kp <= in_features + 8): the
     folded first-layer weight for each input (in 3xtf32 with its TF32 halves beside it) and the
@@ -171,12 +171,12 @@ def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes:
     if path == "fused":
         hidden = layers[0].out_features
         three = precision == "3xtf32"
-        first_layer_outputs = (2 if precision == "bf16" else 4) * hidden * (n + n_test)
+        first_layer_outputs = (2 if precision == "bf16" else 4) * hidden * (n + n_eval)
         dp_low_half = 4 * hidden * n if three else 0
         # [H, kp] buffers: the folded weight per input (2; in 3xtf32 with their halves, 8) and
         # the step's temporaries (2; in 3xtf32 5: the fold's halves, dP's products with X's)
         weight_sized = 4 * hidden * (in_features + 8) * (8 + 5 if three else 2 + 2)
-        return (first_layer_outputs + dp_low_half + weight_sized + 4 * num_classes * n_test
+        return (first_layer_outputs + dp_low_half + weight_sized + 4 * num_classes * n_eval
                 + partial_sums_bytes(n, hidden, num_classes)
                 + sum(3 * 4 * parameter_count_of(layer) for layer in layers if layer.affine))
     autograd = path != "hand-written"
@@ -379,10 +379,13 @@ class Sweep:
         layer's operands) and the bytes of one run of each variant (:func:`bytes_per_run`)."""
         c, d = self.config, self.data
         n_train, n_test = len(d.y_train), len(d.y_test)
+        # a test pass holds at most EVAL_BATCH examples at once, of the test images or, for the
+        # final pass, of the training images
+        n_eval = min(EVAL_BATCH, max(n_train, n_test))
         fused = [engine_path(parse(s), c.engine, self.device) == "fused" for s in self.specs]
         per_run = [bytes_per_run(s, c.width, n_train if f else max(n_train, n_test), d.num_features,
                                  d.num_classes, c.engine, self.device, c.precision,
-                                 n_test=n_test if f else 0) for s, f in zip(self.specs, fused)]
+                                 n_eval=n_eval if f else 0) for s, f in zip(self.specs, fused)]
         # the data and the first layer's operands (its varying features: constant_features.FirstLayerInput),
         # training's and the test set's: feature-major, on oneDNN's path also example-major; in
         # bf16, half-size copies of both
@@ -392,7 +395,7 @@ class Sweep:
             # and the fused step's first-layer operand of each, with its row of ones (padded
             # rows); in 3xtf32 its TF32 halves too, three times its size
             fixed += ({"bf16": 2, "3xtf32": 16}.get(c.precision, 4)
-                      * (n_train + n_test) * (d.num_features + 8))
+                      * (n_train + n_eval) * (d.num_features + 8))
         return fixed, per_run
 
     def chunks(self) -> list[list[tuple[int, int]]]:
