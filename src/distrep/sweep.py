@@ -158,13 +158,14 @@ def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes:
     """Working memory of one run in the engine: fp32 buffers for every layer's output and the
     gradient flowing back (n values per feature; twice that on the autograd path), float64
     copies inside OffsetL2, a head's intermediates (Mahalanobis: ``[n, out, rank]``), parameters
-    with their gradients. A step reallocates its buffers for a test pass of ``n_eval`` examples
-    at a time (pass ``n`` = the larger of the two), except the fused step, which keeps a test
-    pass's beside training's: its first layer's output for each (``[H, n]`` and ``[H, n_eval]``, in
-    bf16 in bf16 mode; training's written over by dP), in 3xtf32 dP's low half, the test pass's
-    logits, its programs' partial sums, and ``[H, kp]`` buffers (kp <= in_features + 8): the
-    folded first-layer weight for each input (in 3xtf32 with its TF32 halves beside it) and the
-    weight gradient's temporaries."""
+    with their gradients. The hand-written, autograd and compiled steps reallocate their buffers
+    for a test pass: for them ``n`` is the larger of training's and a test pass's examples. The
+    fused step keeps a test pass's beside training's, so ``n`` is training's and ``n_eval`` the
+    examples a test pass holds at once: its first layer's output for each (``[H, n]`` and
+    ``[H, n_eval]``, in bf16 in bf16 mode; training's written over by dP), in 3xtf32 dP's low
+    half, the test pass's logits, its programs' partial sums, and ``[H, kp]`` buffers (kp <=
+    in_features + 8): the folded first-layer weight for each input (in 3xtf32 with its TF32
+    halves beside it) and the weight gradient's temporaries."""
     total, fan_in = 0, in_features
     layers = parse(model, width, in_features, num_classes)
     path = engine_path(layers, engine, device)
