@@ -577,9 +577,10 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
             f"{seconds[precision]:.0f} s")          # progress, for a pass that may be cut short
     rows = []
     for precision in precisions:
-        rows += paired_rows(finals["fp32"], finals[precision], precision)
-        for row in rows[-len(models):]:
+        judged = paired_rows(finals["fp32"], finals[precision], precision)
+        for row in judged:
             log(describe_row(row, precision, "fp32"))
+        rows += judged
     n = train_subset or len(data.y_train)
     protocol = (f"{runs} paired runs x {len(models)} models x {epochs} epochs on {n} MNIST images "
                 f"(raw pixels, lr 0.001, OffsetL2 coded), engine {path}, {describe_device(resolved)}")
