@@ -120,15 +120,23 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, preset, mnist):
 
 def test_estimate_times_the_first_chunk_and_scales_to_what_is_left(monkeypatch, mnist):
     """A step that takes 20 ms and a test pass that takes 50 ms, for a chunk of 4 runs testing
-    every 5 epochs: (0.02 + 0.05 / 5) / 4 s per run-epoch, times 4 runs x 100 epochs."""
+    every 5 epochs: (0.02 + 0.05 / 5) / 4 s per run-epoch, times 4 runs x 100 epochs. The first
+    step and the first test pass take a second (a GPU compiling its kernels): not counted (a cold
+    test pass in every fifth epoch would read 22 s)."""
     from distrep import sweep as S
 
     class Slow(S.Trainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.stepped = self.tested = False
+
         def step(self, *args, **kw):
-            time.sleep(0.02)
+            time.sleep(0.02 if self.stepped else 1.0)
+            self.stepped = True
 
         def evaluate(self, *args, **kw):
-            time.sleep(0.05)
+            time.sleep(0.05 if self.tested else 1.0)
+            self.tested = True
     monkeypatch.setattr(S, "Trainer", Slow)
     config = S.SweepConfig(models=["ReLU", "Abs"], runs=2, epochs=100, eval_every=5, train_subset=100)
     sweep = S.Sweep(config, mnist, progress=False)

@@ -483,9 +483,9 @@ class Sweep:
         return build_trainer(self.chunk_work(chunk), self.data, self.device)
 
     def estimate_seconds(self) -> float:
-        """Wall time of the training left: one step of the first chunk (after a warm-up step,
-        buffers allocated, as in training) and one test pass, per run-epoch, times the
-        run-epochs left. Trains nothing that is kept."""
+        """Wall time of the training left: one step and one test pass of the first chunk, each
+        timed after warm-ups (buffers allocated, kernels compiled, as in training), per
+        run-epoch, times the run-epochs left. Trains nothing that is kept."""
         c, dev, d = self.config, self.device, self.data
         chunks = self.chunks()
         if not chunks:
@@ -502,11 +502,13 @@ class Sweep:
                 step()                             # CUDA graph's replays from the fourth)
                 _sync(dev)
                 timings.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            trainer.evaluate(x_test_t, y_test)
-            _sync(dev)
-            test = time.perf_counter() - start
-        per_run_epoch = (min(timings[2:]) + test / c.eval_every) / len(chunks[0])
+            tests = []
+            for _ in range(2):          # a warm-up: the first test pass compiles (or loads) the
+                start = time.perf_counter()        # fused kernel's test form, seconds on a GPU,
+                trainer.evaluate(x_test_t, y_test)  # which, counted in every tenth epoch, made a
+                _sync(dev)                         # 5-min run read 2.9 h (docs/paper-h200-bf16)
+                tests.append(time.perf_counter() - start)
+        per_run_epoch = (min(timings[2:]) + tests[-1] / c.eval_every) / len(chunks[0])
         left = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
         return per_run_epoch * left
 
