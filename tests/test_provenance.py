@@ -53,6 +53,21 @@ def test_every_published_number_carries_its_provenance():
     assert all("+bias" not in paper.canonical_spec(p.produced.model) for p in t3)
 
 
+def test_the_t_values_table_1_implies_are_stated_as_its_numbers_give_them():
+    """Where the paper's printed t contradicts its own Table 1, distrep states the t that the
+    table's means and stds give (20 runs each; the stds as printed): the figures in the
+    discrepancy and the claim must be that arithmetic's."""
+    t1 = {p.label: p for p in paper.PUBLISHED if p.table == "Table 1"}
+
+    def implied(a, b):
+        return (t1[a].mean - t1[b].mean) / np.sqrt((t1[a].std ** 2 + t1[b].std ** 2) / paper.RUNS)
+    row = next(d for d in paper.DISCREPANCIES if d.topic == "printed test statistics")
+    claim = next(c for c in claims.CLAIMS if c.pairs == (("ReLU", "Abs"),))
+    assert f"t ≈ {implied('ReLU2-Neg', 'ReLU'):.2f} for ReLU2-Neg vs ReLU" in row.record
+    assert f"t ≈ {implied('ReLU', 'Abs'):.1f} for ReLU vs Abs" in row.record
+    assert f"imply t ≈ {implied('ReLU', 'Abs'):.1f}" in claim.printed and "t(38) = 1.14" in claim.printed
+
+
 # --------------------------------------------------------------------------- reading at an epoch
 
 @pytest.fixture(scope="module")
