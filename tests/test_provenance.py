@@ -187,6 +187,40 @@ def test_claim_verdicts():
     assert found["ReLU2 fails far below ReLU"].verdict == "not comparable"
 
 
+def test_claims_are_tested_across_experiments_made_under_one_protocol(tmp_path, mnist):
+    """`distrep claims A B`: Table 1's models trained in one experiment and the OffsetL2 models
+    in another (paired, one protocol) are tested together, as one experiment holding all of
+    them would be; experiments that differ in a field that changes results, a model in two of
+    them, and a damaged summary are refused in one line."""
+    from distrep.report import comparison_values, load_experiment
+
+    def sweep(out, models, epochs=20):
+        r = distrep("sweep", "--models", models, "--runs", 3, "--epochs", epochs,
+                    "--train-subset", 100, "--out", out, "--quiet")
+        assert r.returncode == 0, r.stderr
+        return out
+    a = sweep(tmp_path / "A", "ReLU,Abs,ReLU2")
+    b = sweep(tmp_path / "B", "ReLU-L2,ReLU-L2-Neg")
+    values, paired = claims.pooled_values([a, b])
+    separately = {**comparison_values(load_experiment(a)), **comparison_values(load_experiment(b))}
+    assert paired and values.keys() == separately.keys()
+    for name in values:
+        np.testing.assert_allclose(values[name], separately[name], rtol=1e-6)
+    r = distrep("claims", a, b)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    for v in claims.verdicts(separately, True):
+        row = rows[v.claim.text]
+        assert v.verdict in row and v.ours in row
+    assert "not comparable" not in rows["OffsetL2 models beat every baseline, with less spread"]
+    assert_one_line_error(distrep("claims", a, sweep(tmp_path / "C", "Abs2", epochs=21)),
+                          "differ in epochs (21 against 20)")
+    assert_one_line_error(distrep("claims", a, a), "ReLU is in more than one")
+    (b / "summary.csv").write_text("model,run\nReLU-L2,0\n")
+    assert_one_line_error(distrep("claims", a, b), "summary.csv is not the file distrep wrote")
+    assert_one_line_error(distrep("claims", tmp_path / "none"), "no finished experiment")
+
+
 def test_an_interrupted_experiment_is_read_at_an_epoch_it_reached(tmp_path, monkeypatch, table1_60):
     """A 60-epoch table1 run stopped after epoch 30 (checkpoint written every epoch) reads at
     epoch 30 exactly as the finished run does, and refuses a reading past where it stopped."""

@@ -169,3 +169,63 @@ def verdicts(values: dict[str, np.ndarray], paired: bool,
             why = (why + "; " if why else "") + f"{len(present)} of {len(claim.pairs)} pairs in this experiment"
         out.append(Verdict(claim, "does not hold" if failed else "holds", ours, why))
     return out
+
+
+# --------------------------------------------------------------------------- across experiments
+
+# What must agree for runs of two experiments to be compared (each changes results or the
+# pairing); they may differ in their models, in how often they tested, and in the OffsetL2 form
+# where one of them has no OffsetL2 model.
+POOLED_FIELDS = ("dataset", "preprocess", "train_subset", "epochs", "lr", "width", "precision",
+                 "runs", "paired", "base_seed")
+
+
+def pooled_values(directories) -> tuple[dict[str, np.ndarray], bool]:
+    """Final test accuracies (%) per run of finished experiments made under one protocol, read
+    from their ``summary.csv``: ``({model: [runs]}, paired)``, NaN for a diverged run. For an
+    experiment split in parts (Table 1's models in one, Table 3's OffsetL2 models in another),
+    whose paired runs start from the same first-layer weights. A directory that is not a
+    finished experiment, a field of :data:`POOLED_FIELDS` (or the OffsetL2 form, between two
+    experiments with OffsetL2 models) that differs, or a model in two of them is refused in one
+    line (:class:`~distrep.errors.DistrepError`)."""
+    import csv
+    from pathlib import Path
+
+    from distrep.errors import DistrepError
+    from distrep.experiment import require_finished
+    from distrep.storage import read_json
+
+    values, first, form = {}, None, None
+    for directory in map(Path, directories):
+        require_finished(directory)
+        config = read_json(directory / "config.json")
+        fields, models = config["config"], config["models"]
+        if first is None:
+            first = (directory, fields)
+        for key in POOLED_FIELDS:
+            if fields.get(key) != first[1].get(key):
+                raise DistrepError(f"{directory} and {first[0]} differ in {key} ({fields.get(key)} "
+                                   f"against {first[1].get(key)}): their runs are not comparable")
+        if any("offsetl2" in m["spec"] for m in models):
+            if form is not None and fields["offsetl2_form"] != form[1]:
+                raise DistrepError(f"{directory} and {form[0]} differ in offsetl2_form "
+                                   f"({fields['offsetl2_form']} against {form[1]})")
+            form = form or (directory, fields["offsetl2_form"])
+        with open(directory / "summary.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        try:
+            mine = {m["name"]: np.array([100 * float(r["test_acc"]) if r["diverged"] == "False"
+                                         else np.nan for r in rows if r["model"] == m["name"]])
+                    for m in models}
+        except (KeyError, ValueError) as e:
+            raise DistrepError(f"{directory / 'summary.csv'} is not the file distrep wrote "
+                               f"(bad or missing {e})") from None
+        for name, accuracies in mine.items():
+            if name in values:
+                raise DistrepError(f"{name} is in more than one of these experiments: name each "
+                                   f"model's runs once")
+            if len(accuracies) != fields["runs"]:
+                raise DistrepError(f"{directory / 'summary.csv'} holds {len(accuracies)} runs of "
+                                   f"{name}, not {fields['runs']}")
+            values[name] = accuracies
+    return values, bool(first[1]["paired"])

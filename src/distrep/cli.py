@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every table and test from the state at epoch N (a test pass must "
                              "exist there): report-epoch-N.md/.html")
 
+    claims = commands.add_parser(
+        "claims", help="the paper's claims tested on the runs of several finished experiments")
+    claims.add_argument("directories", type=Path, nargs="+", metavar="directory",
+                        help="experiments under one protocol, each with its own models (e.g. "
+                             "Table 1's and Table 3's OffsetL2 models, trained apart)")
+
     analyze = commands.add_parser("analyze", help="geometric analyses of an experiment's runs")
     analyze.add_argument("directory", type=Path)
 
@@ -404,6 +410,18 @@ def cmd_report(args) -> None:
     print(f"report in {paths['html']} and {paths['md']}")
 
 
+def cmd_claims(args) -> None:
+    from distrep.claims import pooled_values, verdicts
+    from distrep.report import CLAIMS_NOTE, _md_table
+    values, paired = pooled_values(args.directories)
+    body = [[v.claim.text, v.claim.printed, v.ours, v.verdict + (f" ({v.why})" if v.why else "")]
+            for v in verdicts(values, paired)]
+    print(f"# The paper's claims on the final test accuracy of {', '.join(values)} "
+          f"({'paired' if paired else 'unpaired'} runs of {', '.join(map(str, args.directories))})"
+          f"\n\n{CLAIMS_NOTE}\n")
+    print(_md_table(["the paper's claim", "the paper printed", "these runs", "verdict"], body))
+
+
 def cmd_analyze(args) -> None:
     from distrep.analysis import analyze
     from distrep.experiment import experiment_lock, require_finished
@@ -497,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sweep": cmd_sweep,
-         "reproduce": cmd_reproduce, "report": cmd_report, "analyze": cmd_analyze,
+         "reproduce": cmd_reproduce, "report": cmd_report, "claims": cmd_claims, "analyze": cmd_analyze,
          "bench": cmd_bench}[args.command](args)
     except DistrepError as e:
         print(f"distrep: error: {e}", file=sys.stderr)
