@@ -16,12 +16,16 @@
 #   table1           Table 1's six models, 50,000 epochs (its report reads them at 5,000 too)
 #   table2           Table 2's six bias models, 5,000 epochs
 #   table1-abs       Table 1's Abs and Abs2 only
-# At pass 3's bf16 rates on an H100 (docs/engine-h100-fused/pass3/): table3-offsetl2 ~5.1 min,
-# table1 ~6.0 min, table2 ~0.6 min (on an H200 with a stream per variant, docs/engine-h200-fused/:
-# 4.4, 5.4 and 0.5), plus start-up and test passes; so two calls, the second at once (warm):
-# PARTS="table3-offsetl2 table2", then PARTS=table1.
+# Measured on an H200 in bf16 (docs/paper-h200-bf16/, 2026-11-28): table3-offsetl2 258 s,
+# table1 309 s, table2 34 s of training, each after ~15-30 s of data check and dry run, and
+# before its report and packing (~10 s). A call of at most 10 minutes takes table3-offsetl2 and
+# most of table1; so WORK in an ignored folder of the checkout, which a warm device machine
+# keeps between calls (WORK=$PWD/.gpu-data/paper), and repeat the same call at once until the
+# log says "done" with nothing cut: an experiment finished by an earlier call is skipped, one
+# cut off resumes from its checkpoint. The pass keeps 60 s of its
+# SECONDS for packing, so give a call at least 120.
 # Usage: scripts/gpu-paper.sh MNIST_DIR OUT_DIR [SECONDS]   (SECONDS: the whole pass, default 560)
-# Environment: PARTS ("table3-offsetl2 table2"), RUNS (20), PRECISION (bf16), DEVICE (cuda),
+# Environment: PARTS ("table3-offsetl2 table1 table2"), RUNS (20), PRECISION (bf16), DEVICE (cuda),
 # WORK (/tmp/distrep-paper), and EXTRA_ARGS, added to every reproduce (e.g. "--epochs 40
 # --train-subset 500" for a dry test; DEVICE=cpu for one without a GPU).
 set -u
@@ -68,6 +72,12 @@ pack() {   # pack NAME: the report (of an unfinished experiment, at its last tes
 
 reproduce() {   # reproduce NAME PRESET ARGS...: trains within what is left of the budget, packs
     local name=$1 preset=$2; shift 2
+    if [[ -f $work/$name/summary.csv ]]; then     # finished and packed by an earlier call
+        echo "=== $name: finished in an earlier call, skipped" | tee -a "$log"; return
+    fi
+    if (( $(left 90) <= 0 )); then                # no time to train: the dry run would overrun
+        echo "=== $name: no time left in this call" | tee -a "$log"; return
+    fi
     step 60 "$python" -m distrep.cli reproduce "$preset" --dry-run --device "$device" \
         --precision "$precision" --runs "${RUNS:-20}" "$@" ${EXTRA_ARGS:-}
     step "$(left 60)" "$python" -m distrep.cli reproduce "$preset" --device "$device" \
@@ -78,7 +88,7 @@ reproduce() {   # reproduce NAME PRESET ARGS...: trains within what is left of t
 
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step 40 "$python" -m distrep.cli data fetch mnist --from "$data"
-for part in ${PARTS:-table3-offsetl2 table2}; do
+for part in ${PARTS:-table3-offsetl2 table1 table2}; do
     case $part in
         table3-offsetl2) reproduce "$part" table3 --models ReLU-L2,ReLU-L2-Neg,Abs-L2,Abs-L2-Neg ;;
         table1) reproduce "$part" table1 ;;
