@@ -9,7 +9,9 @@
 #   NAME-data.tar.gz.NN  the parameters (and the per-epoch arrays, where they fit too), for
 #                      `distrep analyze` on this side: only what fits in what a call brings back
 #                      (8 files of 16 MiB, 64 MiB in all), in pieces of 15 MiB
-#                      (`cat NAME-data.tar.gz.* | tar -xz`).
+#                      (`cat NAME-data.tar.gz.* | tar -xz`);
+#   claims.md          once table1 and table3-offsetl2 are both finished: `distrep claims` over
+#                      their runs (the claims that need both, OffsetL2 against the baselines).
 # The experiments (full MNIST, raw pixels, lr 0.001, the epochs that produced the published
 # numbers; PRECISION labelled in every report):
 #   table3-offsetl2  Table 3's four OffsetL2 models, the author's coded form, 50,000 epochs
@@ -97,4 +99,11 @@ for part in ${PARTS:-table3-offsetl2 table1 table2}; do
         *) echo "=== unknown part $part (table3-offsetl2, table1, table2, table1-abs)" | tee -a "$log" ;;
     esac
 done
+if [[ -f $work/table1/summary.csv && -f $work/table3-offsetl2/summary.csv && ! -f $out/claims.md ]]; then
+    # the paper's claims over Table 1's and Table 3's runs, trained as two experiments
+    echo "=== [$(date +%T), ${SECONDS}s] distrep claims table1 table3-offsetl2 > claims.md" | tee -a "$log"
+    timeout 60 "$python" -m distrep.cli claims "$work/table1" "$work/table3-offsetl2" \
+        > "$out/claims.md.tmp" 2>>"$log" && mv "$out/claims.md.tmp" "$out/claims.md"
+    rm -f "$out/claims.md.tmp"
+fi
 echo "=== done after ${SECONDS}s" | tee -a "$log"
