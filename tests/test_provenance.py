@@ -217,7 +217,7 @@ def test_claims_are_tested_across_experiments_made_under_one_protocol(tmp_path, 
                           "differ in epochs (21 against 20)")
     assert_one_line_error(distrep("claims", a, a), "ReLU is in more than one")
     (b / "summary.csv").write_text("model,run\nReLU-L2,0\n")
-    assert_one_line_error(distrep("claims", a, b), "summary.csv is not the file distrep wrote")
+    assert_one_line_error(distrep("claims", a, b), "does not hold the files distrep wrote", "diverged")
     assert_one_line_error(distrep("claims", tmp_path / "none"), "no finished experiment")
 
 

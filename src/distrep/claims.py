@@ -13,11 +13,14 @@ or cannot be judged here (and why).
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from distrep import stats
+from distrep.errors import DistrepError
 
 ALPHA = 0.05
 
@@ -188,38 +191,34 @@ def pooled_values(directories) -> tuple[dict[str, np.ndarray], bool]:
     finished experiment, a field of :data:`POOLED_FIELDS` (or the OffsetL2 form, between two
     experiments with OffsetL2 models) that differs, or a model in two of them is refused in one
     line (:class:`~distrep.errors.DistrepError`)."""
-    import csv
-    from pathlib import Path
-
-    from distrep.errors import DistrepError
     from distrep.experiment import require_finished
     from distrep.storage import read_json
 
     values, first, form = {}, None, None
     for directory in map(Path, directories):
         require_finished(directory)
-        config = read_json(directory / "config.json")
-        fields, models = config["config"], config["models"]
-        if first is None:
-            first = (directory, fields)
+        try:
+            config = read_json(directory / "config.json")
+            fields, models = config["config"], [(m["name"], m["spec"]) for m in config["models"]]
+            [fields[key] for key in POOLED_FIELDS + ("offsetl2_form",)]
+            with open(directory / "summary.csv", newline="") as f:
+                rows = list(csv.DictReader(f))
+            mine = {name: np.array([100 * float(r["test_acc"]) if r["diverged"] == "False"
+                                    else np.nan for r in rows if r["model"] == name])
+                    for name, _ in models}
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise DistrepError(f"{directory} does not hold the files distrep wrote (config.json "
+                               f"or summary.csv: bad or missing {e})") from None
+        first = first or (directory, fields)
         for key in POOLED_FIELDS:
-            if fields.get(key) != first[1].get(key):
-                raise DistrepError(f"{directory} and {first[0]} differ in {key} ({fields.get(key)} "
-                                   f"against {first[1].get(key)}): their runs are not comparable")
-        if any("offsetl2" in m["spec"] for m in models):
+            if fields[key] != first[1][key]:
+                raise DistrepError(f"{directory} and {first[0]} differ in {key} ({fields[key]} "
+                                   f"against {first[1][key]}): their runs are not comparable")
+        if any("offsetl2" in spec for _, spec in models):
             if form is not None and fields["offsetl2_form"] != form[1]:
                 raise DistrepError(f"{directory} and {form[0]} differ in offsetl2_form "
                                    f"({fields['offsetl2_form']} against {form[1]})")
             form = form or (directory, fields["offsetl2_form"])
-        with open(directory / "summary.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        try:
-            mine = {m["name"]: np.array([100 * float(r["test_acc"]) if r["diverged"] == "False"
-                                         else np.nan for r in rows if r["model"] == m["name"]])
-                    for m in models}
-        except (KeyError, ValueError) as e:
-            raise DistrepError(f"{directory / 'summary.csv'} is not the file distrep wrote "
-                               f"(bad or missing {e})") from None
         for name, accuracies in mine.items():
             if name in values:
                 raise DistrepError(f"{name} is in more than one of these experiments: name each "
