@@ -182,7 +182,8 @@ class UnitClamp:
     Clamping unit u changes only u's term of the output layer, so its effect is added to the
     unclamped pre-activation instead of recomputing the whole layer (H times less work):
         linear:   z' = z + W[:, u] (a'_u - a_u)
-        OffsetL2: s' = s + w_u ((a'_u - mu_u)^2 - (a_u - mu_u)^2),  y' = sqrt(s')
+        OffsetL2: s' = s + w_u ((a'_u - mu_u)^2 - (a_u - mu_u)^2)
+                     = s + w_u (a'_u - a_u) (a'_u + a_u - 2 mu_u),  y' = sqrt(s')
     then the layers after it (OffsetL2's s and its updates in float64: the update is a
     difference of squares, which fp32 would round). Chunks of units
     hold ~``memory`` bytes of work at a time."""
@@ -217,9 +218,12 @@ class UnitClamp:
             new = clamp(old, levels[:, units].unsqueeze(2).to(work), kind)
             if isinstance(self.layer, StackedOffsetL2):
                 mu_u = self.mu[:, :, units].transpose(1, 2).unsqueeze(3)
-                h = self.layer.root(base.unsqueeze(1) + w_u * ((new - mu_u) ** 2 - (old - mu_u) ** 2))[0]
+                # (new - mu)^2 - (old - mu)^2 as (new - old)(new + old - 2 mu): three passes
+                # over [R, T, C, n] instead of seven (an exact identity; the rounding differs)
+                h = self.layer.root(torch.addcmul(base.unsqueeze(1), w_u * (new - old),
+                                                  (new + old) - 2 * mu_u))[0]
             else:
-                h = base.unsqueeze(1) + w_u * (new - old)                           # [R, T, C, n]
+                h = torch.addcmul(base.unsqueeze(1), w_u, new - old)                # [R, T, C, n]
             h = h.to(a.dtype).reshape(R * T, C, n)
             for later in self.after:
                 h = later.forward(h, shared=False, keep=False)
