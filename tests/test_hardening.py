@@ -267,6 +267,15 @@ def test_20_missing_results_are_rebuilt_from_the_checkpoint(finished):
     assert_one_line_error(r, "summary.csv is missing", "no checkpoint")
 
 
+def test_20_analyze_refuses_before_analysing_what_its_report_could_not_read(finished):
+    """A finished experiment whose per-epoch arrays did not come back (e.g. only the parameters
+    fitted what a GPU call returns): the one-line error comes before minutes of analyses, which
+    would be thrown away as the report cannot be written."""
+    (finished / "models" / "Abs" / "metrics.npz").unlink()
+    assert_one_line_error(distrep("analyze", finished), "metrics.npz is missing")
+    assert not (finished / "analysis").exists()
+
+
 def test_20_damaged_analysis_file_gives_a_one_line_error(finished):
     assert distrep("analyze", finished).returncode == 0
     (finished / "analysis" / "ReLU" / "clamping.npz").write_bytes(b"PK\x03\x04broken")

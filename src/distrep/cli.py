@@ -425,10 +425,11 @@ def cmd_claims(args) -> None:
 def cmd_analyze(args) -> None:
     from distrep.analysis import analyze
     from distrep.experiment import experiment_lock, require_finished
-    from distrep.report import write_report
+    from distrep.report import load_experiment, write_report
     require_finished(args.directory)
     with experiment_lock(args.directory):
-        analyze(args.directory, log=lambda m: print(m, file=sys.stderr))
+        load_experiment(args.directory)   # the report it ends with must be readable: say so
+        analyze(args.directory, log=lambda m: print(m, file=sys.stderr))   # before the analyses
         paths = write_report(args.directory)
     print(f"analyses in {args.directory / 'analysis'}; report in {paths['html']}")
 
