@@ -137,3 +137,16 @@ def test_the_benchmarks_author_arithmetic_is_the_coded_form():
     expected = offset_l2(x, layer.mu.detach(), layer.alpha.detach(), form="coded", method="direct")
     assert torch.allclose(layer(x), expected, rtol=1e-10, atol=1e-12)
     assert (expected == L.CODED_CLAMP ** 0.5).any()    # some distances were clamped
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_the_in_place_root_gives_the_roots_values_bit_for_bit(paper):
+    """engine.offsetl2_root_ (the analyses' clamp loop, no gradient) against offsetl2_root's y:
+    negative, zero, tiny (below and above the coded clamp), ordinary and NaN squared distances."""
+    from distrep.engine import offsetl2_root, offsetl2_root_
+    for dtype in (torch.float32, torch.float64):
+        s = torch.tensor([-3.0, -1e-20, 0.0, 1e-14, 1e-12, 2e-12, 0.25, 7.0, 1e6, float("nan")], dtype=dtype)
+        expected, _ = offsetl2_root(s, paper)
+        got = offsetl2_root_(s.clone(), paper)
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(-1.0), expected.nan_to_num(-1.0)), (got, expected)

@@ -220,8 +220,8 @@ class UnitClamp:
                 mu_u = self.mu[:, :, units].transpose(1, 2).unsqueeze(3)
                 # (new - mu)^2 - (old - mu)^2 as (new - old)(new + old - 2 mu): three passes
                 # over [R, T, C, n] instead of seven (an exact identity; the rounding differs)
-                h = self.layer.root(torch.addcmul(base.unsqueeze(1), w_u * (new - old),
-                                                  (new + old) - 2 * mu_u))[0]
+                h = self.layer.root_(torch.addcmul(base.unsqueeze(1), w_u * (new - old),
+                                                   (new + old) - 2 * mu_u))
             else:
                 h = torch.addcmul(base.unsqueeze(1), w_u, new - old)                # [R, T, C, n]
             h = h.to(a.dtype).reshape(R * T, C, n)

@@ -313,6 +313,10 @@ class StackedOffsetL2:
         """(y, where the root is differentiable) from squared distances s: :func:`offsetl2_root`."""
         return offsetl2_root(s, self.form == "paper")
 
+    def root_(self, s: torch.Tensor) -> torch.Tensor:
+        """y from squared distances s, in place (:func:`offsetl2_root_`)."""
+        return offsetl2_root_(s, self.form == "paper")
+
     def squared_distance(self, work: torch.Tensor) -> torch.Tensor:
         """s ``[R, out, n]`` in float64 from the stacked inputs ``work`` (:meth:`stacked_inputs`)."""
         w, mu = self.metric_weight(), self.mu.double()
@@ -396,6 +400,12 @@ def offsetl2_root(s: torch.Tensor, paper: bool) -> tuple[torch.Tensor, torch.Ten
         active = s > 0
         return torch.where(s == 0, 1.0, s).sqrt_().mul_(active), active
     return s.clamp_min(CODED_CLAMP).sqrt_(), s > CODED_CLAMP
+
+
+def offsetl2_root_(s: torch.Tensor, paper: bool) -> torch.Tensor:
+    """:func:`offsetl2_root`'s y alone, computed in ``s`` (overwritten): sqrt(max(s, 0)) or
+    sqrt(max(s, 1e-12)), NaN staying NaN; two passes, for where no gradient follows."""
+    return s.clamp_min_(0.0 if paper else CODED_CLAMP).sqrt_()
 
 
 def root_backward(g: torch.Tensor, y: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
