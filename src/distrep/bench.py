@@ -40,30 +40,13 @@ from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
 from distrep.provenance import describe_device, resolve_device
 from distrep.storage import atomic_write_bytes
-from distrep.sweep import GiB, Sweep, SweepConfig, matmul_precision
+from distrep.sweep import GiB, Sweep, SweepConfig, matmul_precision, sync, timed
 
 # run-epochs of each table: runs x variants x epochs. Table 1 as the text states it (5,000 epochs)
 # and as its numbers were produced (50,000; see distrep.paper); Table 3's baselines are Table 1's
 # runs, so only its four OffsetL2 variants are extra.
 PROTOCOL = {"Table 1 (stated)": (20 * 6, 5000), "Table 1 (as produced)": (20 * 6, 50000),
             "Table 2": (20 * 6, 5000), "Table 3": (20 * 4, 50000)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats: int, warmup: int = 1) -> float:
-    """Seconds per call of ``fn`` (after ``warmup`` untimed calls)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 # the side of the square product that measures a device's GEMM peak

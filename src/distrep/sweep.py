@@ -291,9 +291,21 @@ def read_checkpoint(path: Path, config: str | None = None) -> dict[str, torch.Te
     return tensors
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, warmup: int = 1) -> float:
+    """Seconds per call of ``fn`` (after ``warmup`` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -496,19 +508,14 @@ class Sweep:
         frozen = [torch.zeros(g.runs, dtype=torch.bool, device=dev) for g in groups]
         with matmul_precision(c.precision, dev):
             step = step_function(trainer, x_t, y, c.lr, frozen, x_t.bfloat16() if c.precision == "bf16" else None)
-            timings = []
-            for _ in range(5):          # two warm-ups (measured: one left a 13-min estimate of an
-                start = time.perf_counter()        # 8-min run), then the best of three (a
-                step()                             # CUDA graph's replays from the fourth)
-                _sync(dev)
-                timings.append(time.perf_counter() - start)
-            tests = []
-            for _ in range(2):          # a warm-up: the first test pass compiles (or loads) the
-                start = time.perf_counter()        # fused kernel's test form, seconds on a GPU,
-                trainer.evaluate(x_test_t, y_test)  # which, counted in every tenth epoch, made a
-                _sync(dev)                         # 5-min run read 2.9 h (docs/paper-h200-bf16)
-                tests.append(time.perf_counter() - start)
-        per_run_epoch = (min(timings[2:]) + tests[-1] / c.eval_every) / len(chunks[0])
+            # two warm-ups (measured: one left a 13-min estimate of an 8-min run), then the
+            # best of three (a CUDA graph's replays from the fourth)
+            timings = [timed(step, dev, 1, warmup=0) for _ in range(5)]
+            # after a warm-up: the first test pass compiles (or loads) the fused kernel's test
+            # form, seconds on a GPU, which, counted in every tenth epoch, made a 5-min run read
+            # 2.9 h (docs/paper-h200-bf16)
+            test = timed(lambda: trainer.evaluate(x_test_t, y_test), dev, 1, warmup=1)
+        per_run_epoch = (min(timings[2:]) + test / c.eval_every) / len(chunks[0])
         left = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
         return per_run_epoch * left
 
