@@ -107,10 +107,11 @@ def subcommand_options() -> dict[str, set[str]]:
 
 
 def test_every_inline_option_exists():
-    """An inline `distrep COMMAND ... --option ...` in the README names options COMMAND has (an
+    """An inline `distrep COMMAND ... --option ...` in the README or docs/engine.md (the living
+    docs; the dated result folders keep the commands they ran) names options COMMAND has (an
     inline span may be a fragment, so only its options are checked)."""
     options = subcommand_options()
-    spans = re.findall(r"`(distrep [^`]+)`", README)
+    spans = re.findall(r"`(distrep [^`]+)`", README + (ROOT / "docs" / "engine.md").read_text())
     assert len(spans) > 20
     for span in spans:
         words = span.split()
