@@ -18,6 +18,14 @@
 #   table1           Table 1's six models, 50,000 epochs (its report reads them at 5,000 too)
 #   table2           Table 2's six bias models, 5,000 epochs
 #   table1-abs       Table 1's Abs and Abs2 only
+#   beyond-mnist, beyond-fashion-mnist   the study beyond the paper (`distrep reproduce beyond`:
+#                    Table 1's and Table 3's models and the prior-art heads, standardized inputs,
+#                    5,000 epochs), one dataset each, trained into WORK/beyond/<dataset>; once
+#                    both are finished, its report over both (beyond-report.tar.gz). Its heads
+#                    train on the autograd path, which has no bf16: give PRECISION=tf32 (or fp32).
+#                    Fashion-MNIST's idx files come from FASHION_DIR (default: the folder
+#                    fashion-mnist beside MNIST_DIR, e.g. .gpu-data/fashion-mnist holding copies
+#                    of /usr/share/datasets/fashion-mnist/*.gz). Not run on a GPU yet.
 # Measured on an H200 in bf16 (docs/paper-h200-bf16/, 2026-11-28): table3-offsetl2 258 s,
 # table1 309 s, table2 34 s of training, each after ~15-30 s of data check and dry run, and
 # before its report and packing (~10 s). A call of at most 10 minutes takes table3-offsetl2 and
@@ -28,7 +36,7 @@
 # SECONDS for packing, so give a call at least 120.
 # Usage: scripts/gpu-paper.sh MNIST_DIR OUT_DIR [SECONDS]   (SECONDS: the whole pass, default 560)
 # Environment: PARTS ("table3-offsetl2 table1 table2"), RUNS (20), PRECISION (bf16), DEVICE (cuda),
-# WORK (/tmp/distrep-paper), and EXTRA_ARGS, added to every reproduce (e.g. "--epochs 40
+# WORK (/tmp/distrep-paper), FASHION_DIR, and EXTRA_ARGS, added to every reproduce (e.g. "--epochs 40
 # --train-subset 500" for a dry test; DEVICE=cpu for one without a GPU).
 set -u
 default_budget=560
@@ -46,15 +54,16 @@ room() {   # room BYTES PIECES: whether OUT_DIR can take that many more bytes in
 }
 
 pack() {   # pack NAME: the report (of an unfinished experiment, at its last test pass), then the data
-    local name=$1 dir=$work/$1 epoch tmp bytes pieces
+    # (NAME may be a path under WORK, beyond/mnist: its files are named beyond-mnist...)
+    local name=$1 dir=$work/$1 file=${1//\//-} epoch tmp bytes pieces
     [[ -d $dir ]] || return
     if [[ ! -f $dir/summary.csv ]]; then          # cut off: read it where it is
         epoch=$("$python" -m distrep.cli report "$dir" 2>&1 | grep -o 'at-epoch [0-9]*' | head -1 | cut -d' ' -f2)
         [[ -n $epoch ]] && step 120 "$python" -m distrep.cli report "$dir" --at-epoch "$epoch"
     fi
-    tar -czf "$out/$name.tar.gz" -C "$work" --exclude=checkpoint.safetensors --exclude=.distrep.lock \
+    tar -czf "$out/$file.tar.gz" -C "$work" --exclude=checkpoint.safetensors --exclude=.distrep.lock \
         --exclude=params.safetensors --exclude=metrics.npz "$name" 2>>"$log"
-    ls -la "$out/$name.tar.gz" | tee -a "$log"
+    ls -la "$out/$file.tar.gz" | tee -a "$log"
     [[ -f $dir/summary.csv ]] || return          # an unfinished one's data is its checkpoint: too big
     tmp=$(mktemp -d)
     for what in "params.safetensors metrics.npz" "params.safetensors"; do
@@ -63,7 +72,7 @@ pack() {   # pack NAME: the report (of an unfinished experiment, at its last tes
         bytes=$(stat -c %s "$tmp/data.tar.gz")
         pieces=$(( (bytes + piece_bytes - 1) / piece_bytes ))
         if room "$bytes" "$pieces"; then
-            split -b "$piece_bytes" -d "$tmp/data.tar.gz" "$out/$name-data.tar.gz."
+            split -b "$piece_bytes" -d "$tmp/data.tar.gz" "$out/$file-data.tar.gz."
             echo "=== $name: data ($what) in $pieces piece(s), $bytes bytes" | tee -a "$log"
             rm -rf "$tmp"; return
         fi
@@ -90,15 +99,28 @@ reproduce() {   # reproduce NAME PRESET ARGS...: trains within what is left of t
 
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step 40 "$python" -m distrep.cli data fetch mnist --from "$data"
+if [[ " ${PARTS:-} " == *" beyond-fashion-mnist "* ]]; then
+    step 40 "$python" -m distrep.cli data fetch fashion-mnist --from "${FASHION_DIR:-$(dirname "$data")/fashion-mnist}"
+fi
 for part in ${PARTS:-table3-offsetl2 table1 table2}; do
     case $part in
         table3-offsetl2) reproduce "$part" table3 --models ReLU-L2,ReLU-L2-Neg,Abs-L2,Abs-L2-Neg ;;
         table1) reproduce "$part" table1 ;;
         table2) reproduce "$part" table2 ;;
         table1-abs) reproduce "$part" table1 --models Abs,Abs2 ;;
-        *) echo "=== unknown part $part (table3-offsetl2, table1, table2, table1-abs)" | tee -a "$log" ;;
+        beyond-mnist | beyond-fashion-mnist) reproduce "beyond/${part#beyond-}" "$part" ;;
+        *) echo "=== unknown part $part (table3-offsetl2, table1, table2, table1-abs, beyond-mnist," \
+                "beyond-fashion-mnist)" | tee -a "$log" ;;
     esac
 done
+if [[ -f $work/beyond/mnist/summary.csv && -f $work/beyond/fashion-mnist/summary.csv \
+      && ! -f $out/beyond-report.tar.gz ]]; then
+    # both members finished: the study's report over them (nothing is trained again)
+    step 120 "$python" -m distrep.cli reproduce beyond --device "$device" --precision "$precision" \
+        --runs "${RUNS:-20}" --quiet --out "$work/beyond" ${EXTRA_ARGS:-}
+    [[ -f $work/beyond/report.md ]] && tar -czf "$out/beyond-report.tar.gz" -C "$work" \
+        beyond/report.md beyond/report.html beyond/figures 2>>"$log"
+fi
 if [[ -f $work/table1/summary.csv && -f $work/table3-offsetl2/summary.csv && ! -f $out/claims.md ]]; then
     # the paper's claims over Table 1's and Table 3's runs, trained as two experiments
     echo "=== [$(date +%T), ${SECONDS}s] distrep claims table1 table3-offsetl2 > claims.md" | tee -a "$log"
