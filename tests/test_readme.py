@@ -154,3 +154,38 @@ def test_readme_python_snippets_run(mnist, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "snippets ran" in result.stdout
     assert (tmp_path / "cauchy" / "summary.csv").exists()
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(markdown: str) -> set[str]:
+    return {slug(m) for m in re.findall(r"^#+ (.+)$", markdown, flags=re.M)}
+
+
+def links(markdown: str) -> list[str]:
+    """The targets of the Markdown links and images that stay in the repository."""
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", markdown) if not re.match(r"[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/engine.md"])
+def test_every_link_resolves(document):
+    """Every relative link of the living docs names a file or folder of the repository, and every
+    #anchor a heading of the page it points to."""
+    text = (ROOT / document).read_text()
+    assert len(links(text)) > 5
+    for target in links(text):
+        path, _, anchor = target.partition("#")
+        page = (ROOT / document).parent / path if path else ROOT / document
+        assert page.exists(), f"{document}: link to {target}, which does not exist"
+        if anchor:
+            assert anchor in anchors(page.read_text()), f"{document}: no heading for {target}"
+
+
+def test_slugs_are_githubs():
+    assert slug("Reproducing the paper: `distrep reproduce`") == "reproducing-the-paper-distrep-reproduce"
+    assert slug("Where a GPU step's time goes") == "where-a-gpu-steps-time-goes"
+    assert slug("The CPU step, its speed from run to run, and what limits it") == \
+        "the-cpu-step-its-speed-from-run-to-run-and-what-limits-it"
