@@ -1,5 +1,5 @@
-"""Time the fused step on one GPU, to choose distrep.fused's BLOCK_N, NUM_WARPS,
-BLOCKS_PER_PROGRAM, OFFSETL2_KERNEL and MAX_REGISTERS: one Table 1 model (ReLU2) and one
+"""Time the fused step on one GPU, to choose distrep.fused's SHAPES (examples per block, warps
+and blocks per program, by precision), OFFSETL2_KERNEL and MAX_REGISTERS: one Table 1 model (ReLU2) and one
 Table 3 model (ReLU-L2, the precision's OffsetL2 kernel), RUNS runs each (a chunk's group),
 full MNIST, bf16, TF32 and fp32, ms per run-epoch (step plus a tenth of a test pass, as
 `distrep bench` measures it) at several shapes (examples per block x warps x blocks per
@@ -10,6 +10,13 @@ product, the kernel, the weight-gradient product, the whole step), with the prod
 TFLOP/s and the kernel's effective bandwidth over P and dP. One model per table keeps the
 kernel compilations (a second or two per model, mode and shape) to a few dozen.
 Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS ...]   (default 20 32x4x8 ...)
+Environment: TUNE_PRECISIONS (default bf16,tf32,fp32), TUNE_MODELS (the cases, each timed as one
+sweep: comma-separated models, cases separated by spaces; default "ReLU2 ReLU-L2"), TUNE_EXTRAS=0
+(the shapes alone: no other OffsetL2 kernels, register caps or breakdown). Each case's rate is
+also given as a fraction of its precision's GEMM peak, measured once, counting the model's
+arithmetic as `distrep bench` does. E.g. IEEE fp32 on Table 1's and Table 3's variants:
+TUNE_PRECISIONS=fp32 TUNE_EXTRAS=0 TUNE_MODELS="Abs,ReLU,Abs2,Abs2-Neg,ReLU2,ReLU2-Neg
+ReLU-L2,ReLU-L2-Neg,Abs-L2,Abs-L2-Neg" ... 20 32x4x8 32x1x8 ...
 A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=64 (bf16 only).
 """
 
@@ -20,8 +27,9 @@ from dataclasses import replace
 import torch
 
 from distrep import fused
-from distrep.bench import engine, timed
+from distrep.bench import engine, flops_per_run_epoch, peak, timed
 from distrep.data import load_dataset
+from distrep.models import parse
 from distrep.sweep import GiB
 
 
@@ -59,6 +67,16 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
                   f"{moved / times['kernel'] * 1e3:.0f} GB/s over P and dP", flush=True)
 
 
+def label(shape: tuple[int, int, int]) -> str:
+    return "BN {:>3} warps {:>2} blocks {:>2}".format(*shape)
+
+
+def rate_line(name: str, seconds: float, setup: float, share: str = "") -> str:
+    """A timed case as logged (scripts/shape-check.py reads it back)."""
+    return (f"{name}: {seconds * 1e3:.4f} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s "
+            f"(warm-up {setup:.1f} s){share}")
+
+
 def main(argv: list[str]) -> None:
     runs = int(argv[0]) if argv else 20
     shapes = [tuple(int(v) for v in s.split("x")) for s in argv[1:]] or [
@@ -70,45 +88,56 @@ def main(argv: list[str]) -> None:
     if subset:                      # the smoke test: few training and test images
         n = int(subset)
         data = replace(data.subset(n), x_test=data.x_test[:n], y_test=data.y_test[:n])
-    precisions = ("bf16", "tf32", "fp32") if device.type == "cuda" else ("bf16",)
-    default = fused.BLOCK_N, fused.NUM_WARPS, fused.BLOCKS_PER_PROGRAM
+    precisions = tuple(os.environ.get("TUNE_PRECISIONS", "bf16,tf32,fp32").split(",")) \
+        if device.type == "cuda" else ("bf16",)
+    cases = [tuple(case.split(",")) for case in os.environ.get("TUNE_MODELS", "ReLU2 ReLU-L2").split()]
+    extras = os.environ.get("TUNE_EXTRAS", "1") != "0"
+    defaults = dict(fused.SHAPES)
     kernels = dict(fused.OFFSETL2_KERNEL)
+    peaks = {p: peak(device, p) for p in precisions}
 
     def time_case(name, models, precision):
         try:
             seconds, setup, _ = engine(list(models), runs, data, device, precision, 5, 40 * GiB,
                                        engine_name="fused")
-            print(f"{name}: {seconds * 1e3:.4f} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s "
-                  f"(warm-up {setup:.1f} s)", flush=True)
+            flops = sum(flops_per_run_epoch(m, len(data.y_train), len(data.y_test), 10)
+                        for m in models) / len(models)
+            share = (f", {flops / seconds / 1e9 / peaks[precision]:.1%} of the {precision} GEMM "
+                     f"peak ({peaks[precision]:,.0f} GFLOP/s)") if precision in peaks else ""
+            print(rate_line(name, seconds, setup, share), flush=True)
         except Exception as e:          # noqa: BLE001 - a shape that fails is a result here
             print(f"{name}: failed: {e!r}"[:300], flush=True)
 
-    def label(shape):
-        return "BN {:>3} warps {:>2} blocks {:>2}".format(*shape)
+    def case_name(models, precision):
+        name = ",".join(models) if len(models) < 3 else f"{models[0]} ... {models[-1]} ({len(models)} variants)"
+        if any(fused.fused_layout(parse(m))["offsetl2"] for m in models):
+            name += f" {kernels[precision]}"
+        return name
 
     for shape in shapes:                          # OffsetL2 with each precision's kernel
-        fused.BLOCK_N, fused.NUM_WARPS, fused.BLOCKS_PER_PROGRAM = shape
         for precision in precisions:
-            for model in ("ReLU2", "ReLU-L2"):
-                time_case(f"{label(shape)} {precision} {model}"
-                          + (f" {kernels[precision]}" if model == "ReLU-L2" else ""), [model], precision)
-    fused.BLOCK_N, fused.NUM_WARPS, fused.BLOCKS_PER_PROGRAM = default
+            fused.SHAPES[precision] = shape
+            for models in cases:
+                time_case(f"{label(shape)} {precision} {case_name(models, precision)}", models, precision)
+            fused.SHAPES[precision] = defaults[precision]
+    if not extras:
+        return
     for precision in precisions:                  # the other OffsetL2 kernels, default shape
         for form in fused.OFFSETL2_KERNEL_FORMS:
             if form != kernels[precision]:
                 fused.OFFSETL2_KERNEL[precision] = form
-                time_case(f"{label(default)} {precision} ReLU-L2 {form}", ["ReLU-L2"], precision)
+                time_case(f"{label(defaults[precision])} {precision} ReLU-L2 {form}", ["ReLU-L2"], precision)
         fused.OFFSETL2_KERNEL[precision] = kernels[precision]
     for precision in precisions:                  # fewer registers, more programs per SM
         uncapped = fused.MAX_REGISTERS[precision]
         for cap in caps:
             fused.MAX_REGISTERS[precision] = cap
             for model in ("ReLU2", "ReLU-L2"):
-                time_case(f"{label(default)} {precision} {model}"
+                time_case(f"{label(defaults[precision])} {precision} {model}"
                           + (f" {kernels[precision]}" if model == "ReLU-L2" else "")
                           + f", at most {cap} registers", [model], precision)
         fused.MAX_REGISTERS[precision] = uncapped
-    print(f"breakdown at {label(default)}, each precision's OffsetL2 kernel:", flush=True)
+    print("breakdown at each precision's shape and OffsetL2 kernel:", flush=True)
     breakdown(data, runs, device, precisions, ("ReLU2", "ReLU-L2"))
 
 

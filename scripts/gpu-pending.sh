@@ -3,9 +3,16 @@
 #   1. scripts/fp32-products.py: fp32's two first-layer products as the step runs them against
 #      other layouts, all variants in one product and cuBLASLt (IEEE fp32 is at 88 % of the GEMM
 #      peak on an H200, the target 90 %: docs/engine.md, "Where a GPU step's time goes"); ~1 min;
-#   2. `distrep reproduce table1 --dry-run` in bf16: the time estimate, since it warms up the
+#   2. IEEE fp32's kernel at other shapes (scripts/fused-tune.py, TUNE_SHAPES: examples per
+#      block x warps x blocks per program, distrep.fused.SHAPES; one warp per program counts
+#      ~12 % fewer instructions per SM but leaves fewer warps per SM: docs/engine.md, "Fewer warps
+#      per program"), Table 1's and Table 3's variants x 20 runs, each with its fraction of the
+#      GEMM peak; ~3-4 min;
+#   3. the fastest of them for Table 1 (scripts/shape-check.py): its CUDA tests, then `bench` in
+#      fp32 at the present shape and at that one, side by side; ~3 min;
+#   4. `distrep reproduce table1 --dry-run` in bf16: the time estimate, since it warms up the
 #      test pass (it said 2.9 h for a run that took 5.2 min; it should now say about 5 min);
-#   3. the study beyond the paper at full scale (scripts/gpu-paper.sh with PARTS="beyond-mnist
+#   5. the study beyond the paper at full scale (scripts/gpu-paper.sh with PARTS="beyond-mnist
 #      beyond-fashion-mnist", PRECISION tf32 unless BEYOND_PRECISION says otherwise) with what is
 #      left of the budget: resumable, so repeat the call at once (same WORK) until its log says
 #      both members and the report over both are done.
@@ -14,9 +21,11 @@
 # (default: fashion-mnist beside MNIST_DIR: `mkdir -p .gpu-data/fashion-mnist && cp
 # /usr/share/datasets/fashion-mnist/*.gz .gpu-data/fashion-mnist/`). WORK as for gpu-paper.sh
 # (use an ignored folder of the checkout, e.g. WORK=$PWD/.gpu-data/beyond, so a warm machine keeps
-# it between calls). SKIP="1 2" skips parts 1 and 2 (a second call). DEVICE=cpu with
-# PRODUCTS_ARGS="--device cpu --runs 2 --variants 2 --n 2000 --square 512", BEYOND_PRECISION=fp32,
-# RUNS=2 and EXTRA_ARGS="--epochs 20 --train-subset 200" is a smoke test without a GPU (30 s).
+# it between calls). SKIP="1 2 3 4" skips parts 1 to 4 (a second call). DEVICE=cpu with
+# PRODUCTS_ARGS="--device cpu --runs 2 --variants 2 --n 2000 --square 512", TUNE_RUNS=2 TUNE_DEVICE=cpu
+# TUNE_SUBSET=64 TRITON_INTERPRET=1 (part 2 then times bf16 only), SHAPE_ARGS="--train-subset 64
+# --epochs 1 --runs 2", BEYOND_PRECISION=fp32, RUNS=2 and EXTRA_ARGS="--epochs 20 --train-subset
+# 200" is a smoke test without a GPU (a few minutes).
 set -u
 default_budget=560
 source "$(dirname "$0")/gpu-lib.sh" "$@"
@@ -26,8 +35,16 @@ step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --
 if ! skip 1; then
     step 120 "$python" scripts/fp32-products.py ${PRODUCTS_ARGS:-}
 fi
+step 40 "$python" -m distrep.cli data fetch mnist --from "$data"
 if ! skip 2; then
-    step 40 "$python" -m distrep.cli data fetch mnist --from "$data"
+    step 270 env TUNE_PRECISIONS=fp32 TUNE_EXTRAS=0 \
+        TUNE_MODELS="Abs,ReLU,Abs2,Abs2-Neg,ReLU2,ReLU2-Neg ReLU-L2,ReLU-L2-Neg,Abs-L2,Abs-L2-Neg" \
+        "$python" scripts/fused-tune.py "${TUNE_RUNS:-20}" ${TUNE_SHAPES:-32x4x8 32x1x8 32x1x4 32x1x16 64x1x8 32x2x8}
+fi
+if ! skip 3; then
+    step 240 "$python" scripts/shape-check.py fp32 32x4x8 --pick "$log" --device "$device" ${SHAPE_ARGS:-}
+fi
+if ! skip 4; then
     step 90 "$python" -m distrep.cli reproduce table1 --dry-run --device "$device" --precision bf16 \
         --max-memory 40G ${EXTRA_ARGS:-}
 fi

@@ -2,9 +2,9 @@
 
 Compiles the kernel for sm_90 on the CPU (distrep.fused.compile_for_gpu: Triton's compiler and
 ptxas, specialized as the JIT specializes a launch on MNIST), disassembles it (nvdisasm and
-cuobjdump ship with Triton) and counts warp instructions per block of BLOCK_N examples: the
-block loop's body once, each class loop inside it C times, the code around the loops spread
-over the BLOCKS_PER_PROGRAM blocks of a program. Printed per case: registers, spilled bytes,
+cuobjdump ship with Triton) and counts warp instructions per block of examples: the block
+loop's body once, each class loop inside it C times, the code around the loops spread over the
+blocks of a program (distrep.fused.SHAPES: examples per block, warps, blocks per program). Printed per case: registers, spilled bytes,
 shared memory, warp instructions per block per warp and times the warps of a program (the work
 an SM does per block), the commonest instructions, and the kernel time this predicts.
 
@@ -96,7 +96,8 @@ def per_block(sass: str, blocks: int, classes: int) -> collections.Counter:
 
 
 def stats(model: str, precision: str, form: str, shape: tuple[int, int]) -> str:
-    fused.BLOCK_N, fused.NUM_WARPS = shape
+    block_n, warps = shape
+    fused.SHAPES[precision] = (block_n, warps, fused.SHAPES[precision][2])
     specs = parse(model)
     fused.OFFSETL2_KERNEL[precision] = form
     layout = fused.fused_layout(specs)
@@ -105,16 +106,16 @@ def stats(model: str, precision: str, form: str, shape: tuple[int, int]) -> str:
     sass, usage = disassemble(kernel)
     registers = re.search(r"REG:(\d+)", usage).group(1)
     stack = re.search(r"STACK:(\d+)", usage).group(1)
-    counts = per_block(sass, fused.BLOCKS_PER_PROGRAM, classes)
+    counts = per_block(sass, fused.SHAPES[precision][2], classes)
     warp = sum(counts.values())
-    sm = warp * fused.NUM_WARPS
-    blocks = CALIBRATION_BLOCKS * 32 / fused.BLOCK_N
+    sm = warp * warps
+    blocks = CALIBRATION_BLOCKS * 32 / block_n
     low, high = (sm / 1000 * ms * blocks / CALIBRATION_BLOCKS for ms in MS_PER_1000)
     top = ", ".join(f"{op} {n:.0f}" for op, n in counts.most_common(8))
     name = model + (f" {form}" if layout["offsetl2"] else "")
     return (f"{name:<21} {precision} {shape[0]}x{shape[1]}: {registers} registers, {stack} B spilled, "
             f"{kernel.metadata.shared / 1024:.0f} KB shared; {warp:,.0f} warp instructions per block "
-            f"per warp, x{fused.NUM_WARPS} = {sm:,.0f} (predicted {low:.2f}-{high:.2f} ms per step of 20 "
+            f"per warp, x{warps} = {sm:,.0f} (predicted {low:.2f}-{high:.2f} ms per step of 20 "
             f"runs on full MNIST on an H100)\n    {top}")
 
 
@@ -123,12 +124,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("models", nargs="*", default=["ReLU2", "ReLU-L2"])
     parser.add_argument("--precisions", default="bf16")
     parser.add_argument("--forms", default=None, help="OffsetL2 kernel forms (default: each precision's)")
-    parser.add_argument("--shapes", default=f"{fused.BLOCK_N}x{fused.NUM_WARPS}")
+    parser.add_argument("--shapes", default=None, metavar="BNxWARPS[,...]",
+                        help="default: each precision's (distrep.fused.SHAPES)")
     parser.add_argument("--maxnreg", default=None, metavar="N[,N]",
                         help="registers per thread to cap at (default: the precision's MAX_REGISTERS)")
     args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for precision in args.precisions.split(","):
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] \
+            if args.shapes else [fused.SHAPES[precision][:2]]
         forms = args.forms.split(",") if args.forms else [fused.offsetl2_kernel(precision)]
         caps = [int(v) for v in args.maxnreg.split(",")] if args.maxnreg else [fused.MAX_REGISTERS[precision]]
         for model in args.models:

@@ -15,7 +15,7 @@ from distrep import fused
 from distrep.data import load_dataset
 from distrep.engine import FusedRuns, engine_path
 from distrep.errors import DistrepError
-from distrep.fused import BLOCK_N, fused_layout, interpreting, triton
+from distrep.fused import fused_layout, interpreting, triton
 from distrep.models import ALIASES, parse
 from distrep.sweep import Sweep, SweepConfig, describe_model
 
@@ -31,9 +31,13 @@ EXTRA = ["linear-abs-linear+bias-neg-relu", "linear-identity-linear-abs", "linea
          "linear+nobias-relu-linear+bias-neg"]
 
 
+BLOCK_N = 32          # examples per block in the tests, every precision
+
+
 @pytest.fixture(autouse=True)
 def two_blocks_per_program(monkeypatch):
-    monkeypatch.setattr("distrep.fused.BLOCKS_PER_PROGRAM", 2)
+    for precision in fused.SHAPES:
+        monkeypatch.setitem(fused.SHAPES, precision, (BLOCK_N, 4, 2))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +99,24 @@ def assert_trains_as_the_hand_written_step(data, names, precision: str = "fp32")
         np.testing.assert_array_equal(f.arrays["test_acc"], h.arrays["test_acc"])
         for name, p in h.params.items():
             assert relative(f.params[name], p) < 2e-6, (f.name, name)
+
+
+@interpreted
+def test_each_precision_runs_its_own_shape(data, monkeypatch):
+    """fused.SHAPES is per precision: fp32 at 16 examples per block, 1 warp and 2 blocks per
+    program cuts each run's 70 examples into 3 programs (bf16, at 32 x 4 x 2, into 2), and trains
+    as the hand-written step all the same."""
+    monkeypatch.setitem(fused.SHAPES, "fp32", (16, 1, 2))
+    assert fused.compile_options("fp32")["num_warps"] == 1 and fused.compile_options("bf16")["num_warps"] == 4
+    n = len(data.y_train)
+    assert (fused.programs_per_run(n, "fp32"), fused.programs_per_run(n, "bf16")) == (3, 2)
+    cfg = SweepConfig(models=["ReLU2"], runs=2, epochs=1, width=20, engine="fused")
+    sweep = Sweep(cfg, data, progress=False)
+    trainer, (group,) = sweep.chunk_trainer(sweep.chunks()[0])
+    P = group._first_layer(data.x_train.t().contiguous(), "train")
+    parts = group._launch(P, group._head_weights(), data.y_train, None)
+    assert parts["loss"].shape == (2, 3)
+    assert_trains_as_the_hand_written_step(data, ["ReLU2", "Abs-L2-Neg"])
 
 
 @interpreted
@@ -578,3 +600,23 @@ def test_kernel_stats_counts_the_class_loops_once_per_class():
                 for line in result.stdout.splitlines() if "warp instructions per block" in line}
     assert set(per_warp) == {"ReLU2", "ReLU-L2 direct", "ReLU-L2 expanded"}, result.stdout
     assert per_warp["ReLU-L2 direct"] > 2 * per_warp["ReLU-L2 expanded"] > 2 * per_warp["ReLU2"], per_warp
+
+
+def test_shape_check_picks_the_fastest_shape_fused_tune_logged():
+    """scripts/shape-check.py --pick reads scripts/fused-tune.py's log: the fastest Table 1 case
+    of the precision asked, whatever the other precisions and Table 3's cases say."""
+    import importlib.util
+    scripts = Path(__file__).parent.parent / "scripts"
+    tune, check = (importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, scripts / f"{name}.py"))
+                   for name in ("fused-tune", "shape-check"))
+    for module in (tune, check):
+        module.__spec__.loader.exec_module(module)
+    table1 = "Abs ... ReLU2-Neg (6 variants)"
+    log = "\n".join([tune.rate_line(f"{tune.label((32, 4, 8))} fp32 {table1}", 0.55e-3, 3.0, ", 88.0% of ..."),
+                     tune.rate_line(f"{tune.label((32, 1, 8))} fp32 {table1}", 0.53e-3, 3.0),
+                     tune.rate_line(f"{tune.label((64, 1, 8))} fp32 ReLU-L2 ... Abs-L2-Neg (4 variants) direct", 0.4e-3, 3.0),
+                     tune.rate_line(f"{tune.label((16, 1, 4))} bf16 {table1}", 0.05e-3, 3.0),
+                     f"{tune.label((16, 2, 8))} fp32 {table1}: failed: RuntimeError()"])
+    assert check.fastest(log, "fp32") == (32, 1, 8)
+    assert check.fastest(log, "bf16") == (16, 1, 4)
+    assert check.fastest(log, "tf32") is None

@@ -58,9 +58,10 @@ HIDDEN = {"identity": 0, "relu": 1, "abs": 2}          # activation codes inside
 POST = {"identity": 0, "relu": 1, "abs": 2, "neg": 3}
 MAX_POST = 2
 # Examples per block (a [H, BLOCK_N] tile of P per step of a program), warps per program, and
-# blocks per program (a run's n examples are cut into ceil(n / (BLOCK_N * BLOCKS_PER_PROGRAM))
-# programs whatever the GPU: many short programs keep a launch's last wave short, and the
-# partial sums, hence the results, do not depend on the GPU's number of SMs). Measured on an
+# blocks per program, BLOCK_N x WARPS x BLOCKS (a run's n examples are cut into
+# ceil(n / (BLOCK_N * BLOCKS)) programs whatever the GPU: many short programs keep a launch's
+# last wave short, and the partial sums, hence the results, do not depend on the GPU's number
+# of SMs). Measured on an
 # H100 (docs/engine-h100-fused/): with 27 programs per run, 32 x 4 beat 32 x 8, 64 x 8, 64 x 16,
 # 16 x 4 and 128 x 16 for ReLU2 and ReLU-L2 in bf16 and TF32 (ReLU2 bf16: 13,662 run-epochs/s
 # against 32 x 8's 11,628): it needs the fewest warp instructions per example (ReLU2 bf16 at 32 x 4:
@@ -68,10 +69,22 @@ MAX_POST = 2
 # whose counts track the measured kernel times within ~25 %). Pass 3 (235 programs per run,
 # scripts/fused-tune.py): 32 x 4 x 8 the fastest of 32 x 4 x {4, 8, 16}, 32 x 8 x 8, 64 x 4 x 8,
 # 16 x {4, 8} x 8 in TF32 and fp32, within 7 % of the fastest in bf16 (64 x 4 x 8, which runs
-# 2.6x slower in fp32); so it stays.
-BLOCK_N = 32
-NUM_WARPS = 4
-BLOCKS_PER_PROGRAM = 8
+# 2.6x slower in fp32); so it stays. Set per precision, since the best shape need not be the same:
+# fp32's kernel runs its small products as IEEE FMAs, whose count per SM falls 12 % at one warp
+# per program (32 x 1: ~9,300-10,800 warp instructions per block against 11,070-11,600 at 32 x 4
+# over Table 1's six models, with more spilled; scripts/kernel-stats.py) though it leaves fewer
+# warps per SM to hide latency (docs/engine.md, "Fewer warps per program"); not yet timed on a
+# GPU (scripts/gpu-pending.sh times it).
+SHAPES: dict[str, tuple[int, int, int]] = {precision: (32, 4, 8)
+                                           for precision in ("fp32", "3xtf32", "tf32", "bf16")}
+
+
+def shape(precision: str) -> tuple[int, int, int]:
+    """(examples per block, warps per program, blocks per program) of the kernel in
+    ``precision`` (:data:`SHAPES`)."""
+    return SHAPES[precision]
+
+
 # At most this many registers per thread, by precision (None: ptxas decides; it spills the
 # rest). An H100 SM holds 65,536 registers: a program of 4 warps at 174 registers fits twice,
 # at 168 three times, at 128 four, and more programs per SM hide more of the latency the kernel
@@ -411,20 +424,23 @@ def _padded(x: int) -> int:
     return max(16, 1 << (x - 1).bit_length())
 
 
-def programs_per_run(n: int) -> int:
-    """How many programs share a run's n examples: ceil(n / (BLOCK_N * BLOCKS_PER_PROGRAM))."""
-    return -(-n // (BLOCK_N * BLOCKS_PER_PROGRAM))
+def programs_per_run(n: int, precision: str) -> int:
+    """How many programs share a run's n examples in ``precision``: ceil(n / (examples per
+    block x blocks per program))."""
+    block_n, _, blocks = shape(precision)
+    return -(-n // (block_n * blocks))
 
 
-def partial_sums_bytes(n: int, width: int, classes: int) -> int:
+def partial_sums_bytes(n: int, width: int, classes: int, precision: str) -> int:
     """Bytes of one run's per-program partial sums in a step (at most two ``[CP, HP]`` fp32
     tiles per program, and small ones), for the memory budget."""
-    return 4 * programs_per_run(n) * (2 * _padded(classes) * _padded(width) + _padded(classes) + 2)
+    return 4 * programs_per_run(n, precision) * (2 * _padded(classes) * _padded(width)
+                                                 + _padded(classes) + 2)
 
 
 def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, precision: str) -> dict:
     """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
-    C classes (BLOCKS_PER_PROGRAM blocks of BLOCK_N examples per program). Products (DOT): bf16
+    C classes (the precision's :func:`shape`: blocks of examples per program). Products (DOT): bf16
     operands in bf16 mode, TF32 in tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16
     products are wrong), three TF32 products of exact halves for 3xtf32's linear output layer
     (3; its OffsetL2 distances are direct, in fp32). Those halves, and the operands of the
@@ -437,7 +453,8 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, preci
         dot = 3
     round_to = {"fp32": 0, "3xtf32": 0, "tf32": 1, "bf16": 2}[precision]
     head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(offsetl2_kernel(precision)) + 1
-    return dict(ROUNDS=BLOCKS_PER_PROGRAM, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=BLOCK_N,
+    block_n, _, blocks = shape(precision)
+    return dict(ROUNDS=blocks, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=block_n,
                 HIDDEN=layout["hidden"], HEAD=head, PAPER=form == "paper",
                 HAS_B2=layout["head_bias"], POST1=layout["post"][0],
                 POST2=layout["post"][1], TRAIN=train, DOT=dot, ROUND=round_to,
@@ -448,7 +465,7 @@ def compile_options(precision: str) -> dict:
     """Triton's compile options for the kernel in ``precision``: warps, and registers where
     :data:`MAX_REGISTERS` caps them."""
     cap = MAX_REGISTERS[precision]
-    return {"num_warps": NUM_WARPS, **({"maxnreg": cap} if cap else {})}
+    return {"num_warps": shape(precision)[1], **({"maxnreg": cap} if cap else {})}
 
 
 def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train: bool = True,
@@ -577,7 +594,7 @@ class FusedRuns:
         W, B2, MU = head
         C = W.shape[1]
         HP, CP = _padded(H), _padded(C)
-        splits = programs_per_run(n)
+        splits = programs_per_run(n, self.precision)
         train = y is not None
         f32 = dict(dtype=torch.float32, device=P.device)
         parts = {"a": torch.empty(R, splits, CP, HP, **f32),

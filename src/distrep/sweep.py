@@ -178,7 +178,7 @@ def bytes_per_run(model: str, width: int, n: int, in_features: int, num_classes:
         # the step's temporaries (2; in 3xtf32 5: the fold's halves, dP's products with X's)
         weight_sized = 4 * hidden * (in_features + 8) * (8 + 5 if three else 2 + 2)
         return (first_layer_outputs + dp_low_half + weight_sized + 4 * num_classes * n_eval
-                + partial_sums_bytes(n, hidden, num_classes)
+                + partial_sums_bytes(n, hidden, num_classes, precision)
                 + sum(3 * 4 * parameter_count_of(layer) for layer in layers if layer.affine))
     autograd = path != "hand-written"
     for layer in layers:
