@@ -3,13 +3,13 @@ and blocks per program, by precision), OFFSETL2_KERNEL and MAX_REGISTERS: one Ta
 Table 3 model (ReLU-L2, the precision's OffsetL2 kernel), RUNS runs each (a chunk's group),
 full MNIST, bf16, TF32 and fp32, ms per run-epoch (step plus a tenth of a test pass, as
 `distrep bench` measures it) at several shapes (examples per block x warps x blocks per
-program); the other OffsetL2 kernels at the default shape; at most TUNE_MAXNREG registers per
+program [x pipeline stages, default 3]); the other OffsetL2 kernels at the default shape; at most TUNE_MAXNREG registers per
 thread (default 168,128: more programs per SM, some spilling: scripts/kernel-stats.py
 --maxnreg); then, at the default shape, where a step spends its time (the first layer's
 product, the kernel, the weight-gradient product, the whole step), with the products'
 TFLOP/s and the kernel's effective bandwidth over P and dP. One model per table keeps the
 kernel compilations (a second or two per model, mode and shape) to a few dozen.
-Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS ...]   (default 20 32x4x8 ...)
+Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS[xSTAGES] ...]   (default 20 32x4x8 ...)
 Environment: TUNE_PRECISIONS (default bf16,tf32,fp32), TUNE_MODELS (the cases, each timed as one
 sweep: comma-separated models, cases separated by spaces; default "ReLU2 ReLU-L2"), TUNE_EXTRAS=0
 (the shapes alone: no other OffsetL2 kernels, register caps or breakdown). Each case's rate is
@@ -67,8 +67,14 @@ def breakdown(data, runs: int, device: torch.device, precisions: tuple[str, ...]
                   f"{moved / times['kernel'] * 1e3:.0f} GB/s over P and dP", flush=True)
 
 
-def label(shape: tuple[int, int, int]) -> str:
-    return "BN {:>3} warps {:>2} blocks {:>2}".format(*shape)
+def label(shape: tuple[int, int, int, int]) -> str:
+    return "BN {:>3} warps {:>2} blocks {:>2} stages {}".format(*shape)
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``BNxWARPSxBLOCKS[xSTAGES]`` (stages 3, Triton's default on sm_90, if not given)."""
+    values = tuple(int(v) for v in text.split("x"))
+    return values + (3,) if len(values) == 3 else values
 
 
 def rate_line(name: str, seconds: float, setup: float, share: str = "") -> str:
@@ -79,8 +85,8 @@ def rate_line(name: str, seconds: float, setup: float, share: str = "") -> str:
 
 def main(argv: list[str]) -> None:
     runs = int(argv[0]) if argv else 20
-    shapes = [tuple(int(v) for v in s.split("x")) for s in argv[1:]] or [
-        (32, 4, 8), (32, 4, 4), (32, 4, 16), (64, 4, 8), (16, 4, 8)]
+    shapes = [parse_shape(s) for s in argv[1:]] or [
+        (32, 4, 8, 3), (32, 4, 4, 3), (32, 4, 16, 3), (64, 4, 8, 3), (16, 4, 8, 3)]
     caps = [int(v) for v in os.environ.get("TUNE_MAXNREG", "168,128").split(",") if v]
     device = torch.device(os.environ.get("TUNE_DEVICE", "cuda"))
     subset = os.environ.get("TUNE_SUBSET")

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # What is still owed a GPU, in one pass, most important first (issue 11 and the README):
-#   1. scripts/fp32-products.py: fp32's two first-layer products as the step runs them against
-#      other layouts, all variants in one product and cuBLASLt (IEEE fp32 is at 88 % of the GEMM
-#      peak on an H200, the target 90 %: docs/engine.md, "Where a GPU step's time goes"); ~1 min;
-#   2. IEEE fp32's kernel at other shapes (scripts/fused-tune.py, TUNE_SHAPES: examples per
-#      block x warps x blocks per program, distrep.fused.SHAPES; one warp per program counts
-#      ~12 % fewer instructions per SM but leaves fewer warps per SM: docs/engine.md, "Fewer warps
-#      per program"), Table 1's and Table 3's variants x 20 runs, each with its fraction of the
-#      GEMM peak; ~3-4 min;
-#   3. the fastest of them for Table 1 (scripts/shape-check.py): its CUDA tests, then `bench` in
-#      fp32 at the present shape and at that one, side by side; ~3 min;
+#   1. IEEE fp32's kernel at other shapes (scripts/fused-tune.py, TUNE_SHAPES: examples per
+#      block x warps x blocks per program x pipeline stages, distrep.fused.SHAPES; one warp per
+#      program counts up to 12 % fewer instructions per SM but leaves fewer warps per SM unless
+#      one stage frees shared memory: docs/engine.md, "Fewer warps per program"), Table 1's six
+#      variants x 20 runs, each with its fraction of the GEMM peak (the target: 90 %); ~2-3 min;
+#   2. the fastest of them (scripts/shape-check.py): its CUDA tests, then `bench` in fp32 at the
+#      present shape and at that one, side by side, Table 1 and Table 3; ~3-4 min;
+#   3. scripts/fp32-products.py: fp32's two first-layer products as the step runs them against
+#      other layouts, all variants in one product and cuBLASLt; ~1 min;
 #   4. `distrep reproduce table1 --dry-run` in bf16: the time estimate, since it warms up the
 #      test pass (it said 2.9 h for a run that took 5.2 min; it should now say about 5 min);
 #   5. the study beyond the paper at full scale (scripts/gpu-paper.sh with PARTS="beyond-mnist
 #      beyond-fashion-mnist", PRECISION tf32 unless BEYOND_PRECISION says otherwise) with what is
 #      left of the budget: resumable, so repeat the call at once (same WORK) until its log says
 #      both members and the report over both are done.
+# Each part stops at its limit or at the pass's budget, whichever comes first; parts 1-4 take
+# about 8 minutes, so give the first call 590 s and a second SKIP="1 2 3 4" for the study.
 # Usage: scripts/gpu-pending.sh MNIST_DIR OUT_DIR [SECONDS]   (default 560)
 # MNIST_DIR as for the other GPU scripts (gpu-lib.sh); Fashion-MNIST's idx files in FASHION_DIR
 # (default: fashion-mnist beside MNIST_DIR: `mkdir -p .gpu-data/fashion-mnist && cp
@@ -23,7 +24,7 @@
 # (use an ignored folder of the checkout, e.g. WORK=$PWD/.gpu-data/beyond, so a warm machine keeps
 # it between calls). SKIP="1 2 3 4" skips parts 1 to 4 (a second call). DEVICE=cpu with
 # PRODUCTS_ARGS="--device cpu --runs 2 --variants 2 --n 2000 --square 512", TUNE_RUNS=2 TUNE_DEVICE=cpu
-# TUNE_SUBSET=64 TRITON_INTERPRET=1 (part 2 then times bf16 only), SHAPE_ARGS="--train-subset 64
+# TUNE_SUBSET=64 TRITON_INTERPRET=1 (part 1 then times bf16 only), SHAPE_ARGS="--train-subset 64
 # --epochs 1 --runs 2", BEYOND_PRECISION=fp32, RUNS=2 and EXTRA_ARGS="--epochs 20 --train-subset
 # 200" is a smoke test without a GPU (a few minutes).
 set -u
@@ -31,26 +32,31 @@ default_budget=560
 source "$(dirname "$0")/gpu-lib.sh" "$@"
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
 
+upto() { local l; l=$(left 10); echo $(( $1 < l ? $1 : l )); }   # at most $1 s, within the budget
+
 step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-if ! skip 1; then
-    step 120 "$python" scripts/fp32-products.py ${PRODUCTS_ARGS:-}
-fi
 step 40 "$python" -m distrep.cli data fetch mnist --from "$data"
+if ! skip 1; then
+    step "$(upto 200)" env TUNE_PRECISIONS=fp32 TUNE_EXTRAS=0 \
+        TUNE_MODELS="Abs,ReLU,Abs2,Abs2-Neg,ReLU2,ReLU2-Neg" "$python" scripts/fused-tune.py \
+        "${TUNE_RUNS:-20}" ${TUNE_SHAPES:-32x4x8x3 32x4x8x1 32x1x8x3 32x1x8x1 32x1x4x1 32x1x16x1 32x1x8x2}
+fi
 if ! skip 2; then
-    step 270 env TUNE_PRECISIONS=fp32 TUNE_EXTRAS=0 \
-        TUNE_MODELS="Abs,ReLU,Abs2,Abs2-Neg,ReLU2,ReLU2-Neg ReLU-L2,ReLU-L2-Neg,Abs-L2,Abs-L2-Neg" \
-        "$python" scripts/fused-tune.py "${TUNE_RUNS:-20}" ${TUNE_SHAPES:-32x4x8 32x1x8 32x1x4 32x1x16 64x1x8 32x2x8}
+    step "$(upto 240)" "$python" scripts/shape-check.py fp32 32x4x8x3 --pick "$log" --device "$device" \
+        ${SHAPE_ARGS:-}
 fi
 if ! skip 3; then
-    step 240 "$python" scripts/shape-check.py fp32 32x4x8 --pick "$log" --device "$device" ${SHAPE_ARGS:-}
+    step "$(upto 90)" "$python" scripts/fp32-products.py ${PRODUCTS_ARGS:-}
 fi
 if ! skip 4; then
-    step 90 "$python" -m distrep.cli reproduce table1 --dry-run --device "$device" --precision bf16 \
-        --max-memory 40G ${EXTRA_ARGS:-}
+    step "$(upto 60)" "$python" -m distrep.cli reproduce table1 --dry-run --device "$device" \
+        --precision bf16 --max-memory 40G ${EXTRA_ARGS:-}
 fi
 # the beyond study with the rest of the budget (gpu-paper.sh keeps 60 s of it for packing)
 rest=$(left 0)
 echo "=== [$(date +%T), ${SECONDS}s] the beyond study, ${rest}s left" | tee -a "$log"
-PARTS="beyond-mnist beyond-fashion-mnist" PRECISION=${BEYOND_PRECISION:-tf32} \
-    bash "$(dirname "$0")/gpu-paper.sh" "$data" "$out" "$rest"      # the same log, the same 8 files
+if (( rest > 150 )); then
+    PARTS="beyond-mnist beyond-fashion-mnist" PRECISION=${BEYOND_PRECISION:-tf32} \
+        bash "$(dirname "$0")/gpu-paper.sh" "$data" "$out" "$rest"      # the same log, the same 8 files
+fi
 echo "=== done after ${SECONDS}s" | tee -a "$log"

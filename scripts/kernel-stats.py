@@ -39,6 +39,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 from distrep import fused  # noqa: E402 (after the environment is set)
 from distrep.models import parse  # noqa: E402
 
+DEFAULT_SHAPES = dict(fused.SHAPES)     # stats() sets a case's shape in fused.SHAPES
 MS_PER_1000 = (0.10, 0.17)        # calibration above: H100, 20 runs, 60,000 examples
 CALIBRATION_BLOCKS = 20 * 60000 / 32
 
@@ -96,8 +97,9 @@ def per_block(sass: str, blocks: int, classes: int) -> collections.Counter:
 
 
 def stats(model: str, precision: str, form: str, shape: tuple[int, int]) -> str:
-    block_n, warps = shape
-    fused.SHAPES[precision] = (block_n, warps, fused.SHAPES[precision][2])
+    block_n, warps, *stages = shape
+    _, _, blocks, default_stages = DEFAULT_SHAPES[precision]
+    fused.SHAPES[precision] = (block_n, warps, blocks, *(stages or [default_stages]))
     specs = parse(model)
     fused.OFFSETL2_KERNEL[precision] = form
     layout = fused.fused_layout(specs)
@@ -113,7 +115,7 @@ def stats(model: str, precision: str, form: str, shape: tuple[int, int]) -> str:
     low, high = (sm / 1000 * ms * blocks / CALIBRATION_BLOCKS for ms in MS_PER_1000)
     top = ", ".join(f"{op} {n:.0f}" for op, n in counts.most_common(8))
     name = model + (f" {form}" if layout["offsetl2"] else "")
-    return (f"{name:<21} {precision} {shape[0]}x{shape[1]}: {registers} registers, {stack} B spilled, "
+    return (f"{name:<21} {precision} {'x'.join(map(str, shape))}: {registers} registers, {stack} B spilled, "
             f"{kernel.metadata.shared / 1024:.0f} KB shared; {warp:,.0f} warp instructions per block "
             f"per warp, x{warps} = {sm:,.0f} (predicted {low:.2f}-{high:.2f} ms per step of 20 "
             f"runs on full MNIST on an H100)\n    {top}")
@@ -124,14 +126,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("models", nargs="*", default=["ReLU2", "ReLU-L2"])
     parser.add_argument("--precisions", default="bf16")
     parser.add_argument("--forms", default=None, help="OffsetL2 kernel forms (default: each precision's)")
-    parser.add_argument("--shapes", default=None, metavar="BNxWARPS[,...]",
+    parser.add_argument("--shapes", default=None, metavar="BNxWARPS[xSTAGES][,...]",
                         help="default: each precision's (distrep.fused.SHAPES)")
     parser.add_argument("--maxnreg", default=None, metavar="N[,N]",
                         help="registers per thread to cap at (default: the precision's MAX_REGISTERS)")
     args = parser.parse_args(argv)
     for precision in args.precisions.split(","):
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] \
-            if args.shapes else [fused.SHAPES[precision][:2]]
+            if args.shapes else [DEFAULT_SHAPES[precision][:2] + DEFAULT_SHAPES[precision][3:]]
         forms = args.forms.split(",") if args.forms else [fused.offsetl2_kernel(precision)]
         caps = [int(v) for v in args.maxnreg.split(",")] if args.maxnreg else [fused.MAX_REGISTERS[precision]]
         for model in args.models:

@@ -3,11 +3,11 @@ tests (the fused step against the CPU, its CUDA graphs bit for bit, the memory p
 peak), then `distrep bench` of that precision on Table 1's and Table 3's variants (run-epochs/s
 and the fraction of the GEMM peak, against the present shape measured in the same call).
 
-    python scripts/shape-check.py PRECISION BNxWARPSxBLOCKS [--pick TUNE_LOG] [--epochs 5]
+    python scripts/shape-check.py PRECISION BNxWARPSxBLOCKSxSTAGES [--pick TUNE_LOG] [--epochs 5]
         [--device cuda] [--runs 20] [--train-subset N]   (a smoke test: --device cpu under
         TRITON_INTERPRET=1 with --train-subset 64 --epochs 1 --runs 2; the CUDA tests skip)
 
-With --pick, BNxWARPSxBLOCKS is the fallback and the shape taken is the one scripts/fused-tune.py
+With --pick, BNxWARPSxBLOCKSxSTAGES is the fallback and the shape taken is the one scripts/fused-tune.py
 logged as fastest for PRECISION on the case whose name starts with "Abs ..." (Table 1's six
 variants), present shape included; if that is the present shape, only the bench runs.
 """
@@ -24,20 +24,21 @@ from distrep import fused
 from distrep.bench import run_bench
 from distrep.sweep import GiB
 
-LINE = re.compile(r"BN\s+(\d+) warps\s+(\d+) blocks\s+(\d+) (\S+) Abs \.\.\..*?= ([\d,]+) run-epochs/s")
+LINE = re.compile(r"BN\s+(\d+) warps\s+(\d+) blocks\s+(\d+) stages (\d+) (\S+) Abs \.\.\..*?"
+                  r"= ([\d,]+) run-epochs/s")
 
 
-def fastest(log: str, precision: str) -> tuple[int, int, int] | None:
+def fastest(log: str, precision: str) -> tuple[int, int, int, int] | None:
     """The shape of the highest Table 1 rate that fused-tune.py logged for ``precision``."""
-    rates = [(int(m.group(5).replace(",", "")), tuple(int(m.group(i)) for i in (1, 2, 3)))
-             for m in LINE.finditer(log) if m.group(4) == precision]
+    rates = [(int(m.group(6).replace(",", "")), tuple(int(m.group(i)) for i in (1, 2, 3, 4)))
+             for m in LINE.finditer(log) if m.group(5) == precision]
     return max(rates)[1] if rates else None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("precision", choices=list(fused.SHAPES))
-    parser.add_argument("shape", help="BNxWARPSxBLOCKS, e.g. 32x1x8")
+    parser.add_argument("shape", help="BNxWARPSxBLOCKSxSTAGES, e.g. 32x1x8x1")
     parser.add_argument("--pick", metavar="TUNE_LOG", help="take the fastest shape this log shows")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--device", default="cuda")

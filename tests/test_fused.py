@@ -37,7 +37,7 @@ BLOCK_N = 32          # examples per block in the tests, every precision
 @pytest.fixture(autouse=True)
 def two_blocks_per_program(monkeypatch):
     for precision in fused.SHAPES:
-        monkeypatch.setitem(fused.SHAPES, precision, (BLOCK_N, 4, 2))
+        monkeypatch.setitem(fused.SHAPES, precision, (BLOCK_N, 4, 2, 3))
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +103,12 @@ def assert_trains_as_the_hand_written_step(data, names, precision: str = "fp32")
 
 @interpreted
 def test_each_precision_runs_its_own_shape(data, monkeypatch):
-    """fused.SHAPES is per precision: fp32 at 16 examples per block, 1 warp and 2 blocks per
-    program cuts each run's 70 examples into 3 programs (bf16, at 32 x 4 x 2, into 2), and trains
-    as the hand-written step all the same."""
-    monkeypatch.setitem(fused.SHAPES, "fp32", (16, 1, 2))
-    assert fused.compile_options("fp32")["num_warps"] == 1 and fused.compile_options("bf16")["num_warps"] == 4
+    """fused.SHAPES is per precision: fp32 at 16 examples per block, 1 warp, 2 blocks per
+    program and one pipeline stage cuts each run's 70 examples into 3 programs (bf16, at 32 x 4
+    x 2 x 3, into 2), and trains as the hand-written step all the same."""
+    monkeypatch.setitem(fused.SHAPES, "fp32", (16, 1, 2, 1))
+    assert fused.compile_options("fp32") == {"num_warps": 1, "num_stages": 1}
+    assert fused.compile_options("bf16") == {"num_warps": 4, "num_stages": 3}
     n = len(data.y_train)
     assert (fused.programs_per_run(n, "fp32"), fused.programs_per_run(n, "bf16")) == (3, 2)
     cfg = SweepConfig(models=["ReLU2"], runs=2, epochs=1, width=20, engine="fused")
@@ -612,11 +613,12 @@ def test_shape_check_picks_the_fastest_shape_fused_tune_logged():
     for module in (tune, check):
         module.__spec__.loader.exec_module(module)
     table1 = "Abs ... ReLU2-Neg (6 variants)"
-    log = "\n".join([tune.rate_line(f"{tune.label((32, 4, 8))} fp32 {table1}", 0.55e-3, 3.0, ", 88.0% of ..."),
-                     tune.rate_line(f"{tune.label((32, 1, 8))} fp32 {table1}", 0.53e-3, 3.0),
-                     tune.rate_line(f"{tune.label((64, 1, 8))} fp32 ReLU-L2 ... Abs-L2-Neg (4 variants) direct", 0.4e-3, 3.0),
-                     tune.rate_line(f"{tune.label((16, 1, 4))} bf16 {table1}", 0.05e-3, 3.0),
-                     f"{tune.label((16, 2, 8))} fp32 {table1}: failed: RuntimeError()"])
-    assert check.fastest(log, "fp32") == (32, 1, 8)
-    assert check.fastest(log, "bf16") == (16, 1, 4)
+    shape = tune.parse_shape
+    log = "\n".join([tune.rate_line(f"{tune.label(shape('32x4x8'))} fp32 {table1}", 0.55e-3, 3.0, ", 88.0% of ..."),
+                     tune.rate_line(f"{tune.label(shape('32x1x8x1'))} fp32 {table1}", 0.53e-3, 3.0),
+                     tune.rate_line(f"{tune.label(shape('64x1x8'))} fp32 ReLU-L2 ... Abs-L2-Neg (4 variants) direct", 0.4e-3, 3.0),
+                     tune.rate_line(f"{tune.label(shape('16x1x4x2'))} bf16 {table1}", 0.05e-3, 3.0),
+                     f"{tune.label(shape('16x2x8'))} fp32 {table1}: failed: RuntimeError()"])
+    assert check.fastest(log, "fp32") == (32, 1, 8, 1)
+    assert check.fastest(log, "bf16") == (16, 1, 4, 2)
     assert check.fastest(log, "tf32") is None

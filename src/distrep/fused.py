@@ -57,8 +57,10 @@ except ImportError:            # the fused step is optional: everything else run
 HIDDEN = {"identity": 0, "relu": 1, "abs": 2}          # activation codes inside the kernel
 POST = {"identity": 0, "relu": 1, "abs": 2, "neg": 3}
 MAX_POST = 2
-# Examples per block (a [H, BLOCK_N] tile of P per step of a program), warps per program, and
-# blocks per program, BLOCK_N x WARPS x BLOCKS (a run's n examples are cut into
+# Examples per block (a [H, BLOCK_N] tile of P per step of a program), warps per program,
+# blocks per program and the stages of Triton's software pipeline (how many tiles of P its
+# prefetch holds in shared memory: 3 is Triton's default on sm_90), BLOCK_N x WARPS x BLOCKS x
+# STAGES (a run's n examples are cut into
 # ceil(n / (BLOCK_N * BLOCKS)) programs whatever the GPU: many short programs keep a launch's
 # last wave short, and the partial sums, hence the results, do not depend on the GPU's number
 # of SMs). Measured on an
@@ -73,15 +75,16 @@ MAX_POST = 2
 # fp32's kernel runs its small products as IEEE FMAs, whose count per SM falls 12 % at one warp
 # per program (32 x 1: ~9,300-10,800 warp instructions per block against 11,070-11,600 at 32 x 4
 # over Table 1's six models, with more spilled; scripts/kernel-stats.py) though it leaves fewer
-# warps per SM to hide latency (docs/engine.md, "Fewer warps per program"); not yet timed on a
-# GPU (scripts/gpu-pending.sh times it).
-SHAPES: dict[str, tuple[int, int, int]] = {precision: (32, 4, 8)
-                                           for precision in ("fp32", "3xtf32", "tf32", "bf16")}
+# warps per SM to hide latency, which fewer stages give back (one stage: 26 KB of shared memory
+# instead of 58; docs/engine.md, "Fewer warps per program"); not yet timed on a GPU
+# (scripts/gpu-pending.sh times it).
+SHAPES: dict[str, tuple[int, int, int, int]] = {precision: (32, 4, 8, 3)
+                                                for precision in ("fp32", "3xtf32", "tf32", "bf16")}
 
 
-def shape(precision: str) -> tuple[int, int, int]:
-    """(examples per block, warps per program, blocks per program) of the kernel in
-    ``precision`` (:data:`SHAPES`)."""
+def shape(precision: str) -> tuple[int, int, int, int]:
+    """(examples per block, warps per program, blocks per program, pipeline stages) of the
+    kernel in ``precision`` (:data:`SHAPES`)."""
     return SHAPES[precision]
 
 
@@ -427,7 +430,7 @@ def _padded(x: int) -> int:
 def programs_per_run(n: int, precision: str) -> int:
     """How many programs share a run's n examples in ``precision``: ceil(n / (examples per
     block x blocks per program))."""
-    block_n, _, blocks = shape(precision)
+    block_n, _, blocks, _ = shape(precision)
     return -(-n // (block_n * blocks))
 
 
@@ -453,7 +456,7 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, preci
         dot = 3
     round_to = {"fp32": 0, "3xtf32": 0, "tf32": 1, "bf16": 2}[precision]
     head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(offsetl2_kernel(precision)) + 1
-    block_n, _, blocks = shape(precision)
+    block_n, _, blocks, _ = shape(precision)
     return dict(ROUNDS=blocks, H=H, C=C, HP=_padded(H), CP=_padded(C), BN=block_n,
                 HIDDEN=layout["hidden"], HEAD=head, PAPER=form == "paper",
                 HAS_B2=layout["head_bias"], POST1=layout["post"][0],
@@ -462,10 +465,11 @@ def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, preci
 
 
 def compile_options(precision: str) -> dict:
-    """Triton's compile options for the kernel in ``precision``: warps, and registers where
-    :data:`MAX_REGISTERS` caps them."""
+    """Triton's compile options for the kernel in ``precision``: warps and pipeline stages
+    (:data:`SHAPES`), and registers where :data:`MAX_REGISTERS` caps them."""
+    _, warps, _, stages = shape(precision)
     cap = MAX_REGISTERS[precision]
-    return {"num_warps": shape(precision)[1], **({"maxnreg": cap} if cap else {})}
+    return {"num_warps": warps, "num_stages": stages, **({"maxnreg": cap} if cap else {})}
 
 
 def compile_for_gpu(specs: tuple[LayerSpec, ...], precision: str = "bf16", train: bool = True,
