@@ -416,6 +416,20 @@ def test_a_pipelined_graphed_step_runs_each_kernel_beside_the_next_product(monke
     assert stats == [("loss 0", 0), ("loss 1", 1), ("loss 2", 2)]
 
 
+def test_finite_rows_finds_every_non_finite_value():
+    """A run is finite when every value of every one of its tensors is: NaN, +inf or -inf
+    anywhere (first, last or middle of a row, in any tensor) marks it; the largest finite fp32
+    values do not (a sum would overflow on them; a max without |.| would miss -inf)."""
+    from distrep.engine import finite_rows
+    big = torch.finfo(torch.float32).max
+    a, b = torch.randn(7, 3, 5), torch.randn(7, 4)
+    a[1, 0, 0], a[2, 2, 4], a[3, 1, 2] = float("nan"), float("inf"), -float("inf")
+    b[4, 3], a[5] = -float("inf"), big
+    b[5], a[6, :, 0] = -big, big
+    assert finite_rows([a, b]).tolist() == [True, False, False, False, False, True, True]
+    assert finite_rows([b]).tolist() == [True, True, True, True, False, True, True]
+
+
 def test_diverged_run_is_frozen_and_others_continue(raw):
     cfg = SweepConfig(models=["ReLU"], runs=3, epochs=10, eval_every=5).validate()
     s = Sweep(cfg, raw, progress=False)
