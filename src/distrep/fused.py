@@ -57,13 +57,12 @@ except ImportError:            # the fused step is optional: everything else run
 HIDDEN = {"identity": 0, "relu": 1, "abs": 2}          # activation codes inside the kernel
 POST = {"identity": 0, "relu": 1, "abs": 2, "neg": 3}
 MAX_POST = 2
-# Examples per block (a [H, BLOCK_N] tile of P per step of a program), warps per program,
-# blocks per program and the stages of Triton's software pipeline (how many tiles of P its
-# prefetch holds in shared memory: 3 is Triton's default on sm_90), BLOCK_N x WARPS x BLOCKS x
-# STAGES (a run's n examples are cut into
-# ceil(n / (BLOCK_N * BLOCKS)) programs whatever the GPU: many short programs keep a launch's
-# last wave short, and the partial sums, hence the results, do not depend on the GPU's number
-# of SMs). Measured on an
+# The kernel's shape, BLOCK_N x WARPS x BLOCKS x STAGES: examples per block (a [H, BLOCK_N]
+# tile of P per step of a program), warps per program, blocks per program and the stages of
+# Triton's software pipeline (how many tiles of P its prefetch holds in shared memory; 3 is
+# Triton's default on sm_90). A run's n examples are cut into ceil(n / (BLOCK_N * BLOCKS))
+# programs whatever the GPU: many short programs keep a launch's last wave short, and the
+# partial sums, hence the results, do not depend on the GPU's number of SMs. Measured on an
 # H100 (docs/engine-h100-fused/): with 27 programs per run, 32 x 4 beat 32 x 8, 64 x 8, 64 x 16,
 # 16 x 4 and 128 x 16 for ReLU2 and ReLU-L2 in bf16 and TF32 (ReLU2 bf16: 13,662 run-epochs/s
 # against 32 x 8's 11,628): it needs the fewest warp instructions per example (ReLU2 bf16 at 32 x 4:
