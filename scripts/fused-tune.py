@@ -1,15 +1,16 @@
-"""Time the fused step on one GPU, to choose distrep.fused's SHAPES (examples per block, warps
-and blocks per program, by precision), OFFSETL2_KERNEL and MAX_REGISTERS: one Table 1 model (ReLU2) and one
-Table 3 model (ReLU-L2, the precision's OffsetL2 kernel), RUNS runs each (a chunk's group),
-full MNIST, bf16, TF32 and fp32, ms per run-epoch (step plus a tenth of a test pass, as
-`distrep bench` measures it) at several shapes (examples per block x warps x blocks per
-program [x pipeline stages, default 3]); the other OffsetL2 kernels at the default shape; at most TUNE_MAXNREG registers per
-thread (default 168,128: more programs per SM, some spilling: scripts/kernel-stats.py
---maxnreg); then, at the default shape, where a step spends its time (the first layer's
+"""Time the fused step on one GPU, to choose distrep.fused's SHAPES (by precision),
+OFFSETL2_KERNEL and MAX_REGISTERS: one Table 1 model (ReLU2) and one Table 3 model (ReLU-L2,
+the precision's OffsetL2 kernel), RUNS runs each (a chunk's group), full MNIST, bf16, TF32 and
+fp32, ms per run-epoch (step plus a tenth of a test pass, as `distrep bench` measures it) at
+several shapes (examples per block x warps x blocks per program [x pipeline stages, default
+3]); the other OffsetL2 kernels at each precision's present shape; at most TUNE_MAXNREG
+registers per thread (default 168,128: more programs per SM, some spilling:
+scripts/kernel-stats.py --maxnreg); then, at the present shape, where a step spends its time (the first layer's
 product, the kernel, the weight-gradient product, the whole step), with the products'
 TFLOP/s and the kernel's effective bandwidth over P and dP. One model per table keeps the
 kernel compilations (a second or two per model, mode and shape) to a few dozen.
-Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS[xSTAGES] ...]   (default 20 32x4x8 ...)
+Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS[xSTAGES] ...]
+       (default 20 32x4x8 ...)
 Environment: TUNE_PRECISIONS (default bf16,tf32,fp32), TUNE_MODELS (the cases, each timed as one
 sweep: comma-separated models, cases separated by spaces; default "ReLU2 ReLU-L2"), TUNE_EXTRAS=0
 (the shapes alone: no other OffsetL2 kernels, register caps or breakdown). Each case's rate is
@@ -109,7 +110,7 @@ def main(argv: list[str]) -> None:
             flops = sum(flops_per_run_epoch(m, len(data.y_train), len(data.y_test), 10)
                         for m in models) / len(models)
             share = (f", {flops / seconds / 1e9 / peaks[precision]:.1%} of the {precision} GEMM "
-                     f"peak ({peaks[precision]:,.0f} GFLOP/s)") if precision in peaks else ""
+                     f"peak ({peaks[precision]:,.0f} GFLOP/s)")
             print(rate_line(name, seconds, setup, share), flush=True)
         except Exception as e:          # noqa: BLE001 - a shape that fails is a result here
             print(f"{name}: failed: {e!r}"[:300], flush=True)

@@ -7,9 +7,10 @@ and the fraction of the GEMM peak, against the present shape measured in the sam
         [--device cuda] [--runs 20] [--train-subset N]   (a smoke test: --device cpu under
         TRITON_INTERPRET=1 with --train-subset 64 --epochs 1 --runs 2; the CUDA tests skip)
 
-With --pick, BNxWARPSxBLOCKSxSTAGES is the fallback and the shape taken is the one scripts/fused-tune.py
-logged as fastest for PRECISION on the case whose name starts with "Abs ..." (Table 1's six
-variants), present shape included; if that is the present shape, only the bench runs.
+With --pick, BNxWARPSxBLOCKSxSTAGES is the fallback and the shape taken is the one that
+scripts/fused-tune.py logged as fastest for PRECISION on the case whose name starts with
+"Abs ..." (Table 1's six variants), present shape included; if that is the present shape, only
+the bench runs.
 """
 
 from __future__ import annotations
