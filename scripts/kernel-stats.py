@@ -4,8 +4,8 @@ Compiles the kernel for sm_90 on the CPU (distrep.fused.compile_for_gpu: Triton'
 ptxas, specialized as the JIT specializes a launch on MNIST), disassembles it (nvdisasm and
 cuobjdump ship with Triton) and counts warp instructions per block of examples: the block
 loop's body once, each class loop inside it C times, the code around the loops spread over the
-blocks of a program (distrep.fused.SHAPES: examples per block, warps, blocks per program). Printed per case: registers, spilled bytes,
-shared memory, warp instructions per block per warp and times the warps of a program (the work
+blocks of a program (distrep.fused.SHAPES: examples per block, warps, blocks per program,
+pipeline stages). Printed per case: registers, spilled bytes, shared memory, warp instructions per block per warp and times the warps of a program (the work
 an SM does per block), the commonest instructions, and the kernel time this predicts.
 
 Calibration (H100, docs/engine-h100-fused pass 1: the kernel's time in a step of 20 runs on full
@@ -96,7 +96,9 @@ def per_block(sass: str, blocks: int, classes: int) -> collections.Counter:
     return counts
 
 
-def stats(model: str, precision: str, form: str, shape: tuple[int, int]) -> str:
+def stats(model: str, precision: str, form: str, shape: tuple[int, ...]) -> str:
+    """One case's counts; ``shape`` (examples per block, warps[, stages]) with the precision's
+    blocks per program (and stages, if not given)."""
     block_n, warps, *stages = shape
     _, _, blocks, default_stages = DEFAULT_SHAPES[precision]
     fused.SHAPES[precision] = (block_n, warps, blocks, *(stages or [default_stages]))
