@@ -5,8 +5,9 @@ ptxas, specialized as the JIT specializes a launch on MNIST), disassembles it (n
 cuobjdump ship with Triton) and counts warp instructions per block of examples: the block
 loop's body once, each class loop inside it C times, the code around the loops spread over the
 blocks of a program (distrep.fused.SHAPES: examples per block, warps, blocks per program,
-pipeline stages). Printed per case: registers, spilled bytes, shared memory, warp instructions per block per warp and times the warps of a program (the work
-an SM does per block), the commonest instructions, and the kernel time this predicts.
+pipeline stages). Printed per case: registers, spilled bytes, shared memory, warp instructions
+per block per warp and times the warps of a program (the work an SM does per block), the
+commonest instructions, and the kernel time this predicts.
 
 Calibration (H100, docs/engine-h100-fused pass 1: the kernel's time in a step of 20 runs on full
 MNIST, bf16, measured in its breakdown at 32x8 and inferred from the shape sweep's step
