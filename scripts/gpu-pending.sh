@@ -22,7 +22,8 @@
 # (default: fashion-mnist beside MNIST_DIR: `mkdir -p .gpu-data/fashion-mnist && cp
 # /usr/share/datasets/fashion-mnist/*.gz .gpu-data/fashion-mnist/`). WORK as for gpu-paper.sh
 # (use an ignored folder of the checkout, e.g. WORK=$PWD/.gpu-data/beyond, so a warm machine keeps
-# it between calls). SKIP="1 2 3 4" skips parts 1 to 4 (a second call). DEVICE=cpu with
+# it between calls; carry .gpu-data/mnist and .gpu-data/fashion-mnist, not .gpu-data, whose copy
+# would replace WORK there). SKIP="1 2 3 4" skips parts 1 to 4 (a second call). DEVICE=cpu with
 # PRODUCTS_ARGS="--device cpu --runs 2 --variants 2 --n 2000 --square 512", TUNE_RUNS=2 TUNE_DEVICE=cpu
 # TUNE_SUBSET=64 TRITON_INTERPRET=1 (part 1 then times bf16 only), SHAPE_ARGS="--train-subset 64
 # --epochs 1 --runs 2", BEYOND_PRECISION=fp32, RUNS=2 and EXTRA_ARGS="--epochs 20 --train-subset
