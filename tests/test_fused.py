@@ -548,6 +548,10 @@ for precision in ("fp32", "3xtf32"):
 fused.MAX_REGISTERS["bf16"] = 128
 capped = compile_for_gpu(parse("ReLU2"), "bf16", True)
 print("capped:", re.findall(r"[.]maxnreg \\d+", capped.asm["ptx"]), capped.metadata.num_warps)
+three = compile_for_gpu(parse("ReLU2"), "fp32", True).metadata
+fused.SHAPES["fp32"] = (32, 1, 8, 1)                  # a precision's shape reaches the compiler
+one = compile_for_gpu(parse("ReLU2"), "fp32", True).metadata
+print("fp32 at 32x1x8x1:", one.num_warps, one.num_stages, one.shared < three.shared, three.num_stages)
 """
 
 
@@ -584,6 +588,7 @@ def test_the_kernel_compiles_for_an_h100_without_one(triton_install):
     assert "fp32 products: [] 0" in result.stdout, result.stdout
     assert "3xtf32 products: ['tf32']" in result.stdout, result.stdout
     assert "capped: ['.maxnreg 128'] 4" in result.stdout, result.stdout     # MAX_REGISTERS reaches ptxas
+    assert "fp32 at 32x1x8x1: 1 1 True 3" in result.stdout, result.stdout   # and SHAPES, stages too
 
 
 def test_kernel_stats_counts_the_class_loops_once_per_class():
