@@ -5,8 +5,10 @@
 #      program counts up to 12 % fewer instructions per SM but leaves fewer warps per SM unless
 #      one stage frees shared memory: docs/engine.md, "Fewer warps per program"), Table 1's six
 #      variants x 20 runs, each with its fraction of the GEMM peak (the target: 90 %); ~2-3 min;
-#   2. the fastest of them (scripts/shape-check.py): its CUDA tests, then `bench` in fp32 at the
-#      present shape and at that one, side by side, Table 1 and Table 3; ~3-4 min;
+#   2. the fastest of them (scripts/shape-check.py): its CUDA tests (with the weight gradient
+#      reading the input example-major too, distrep.fused.GRADIENT_OPERAND), then `bench` in
+#      fp32 at the present shape, at that one, and at that one reading rows, side by side,
+#      Table 1 and Table 3; ~4-5 min;
 #   3. scripts/fp32-products.py: fp32's two first-layer products as the step runs them against
 #      other layouts, all variants in one product and cuBLASLt; ~1 min;
 #   4. `distrep reproduce table1 --dry-run` in bf16: the time estimate, since it warms up the
@@ -43,8 +45,8 @@ if ! skip 1; then
         "${TUNE_RUNS:-20}" ${TUNE_SHAPES:-32x4x8x3 32x4x8x1 32x1x8x3 32x1x8x1 32x1x4x1 32x1x16x1 32x1x8x2}
 fi
 if ! skip 2; then
-    step "$(upto 240)" "$python" scripts/shape-check.py fp32 32x4x8x3 --pick "$log" --device "$device" \
-        ${SHAPE_ARGS:-}
+    step "$(upto 300)" "$python" scripts/shape-check.py fp32 32x4x8x3 --pick "$log" --operand rows \
+        --device "$device" ${SHAPE_ARGS:-}
 fi
 if ! skip 3; then
     step "$(upto 90)" "$python" scripts/fp32-products.py ${PRODUCTS_ARGS:-}

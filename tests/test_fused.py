@@ -121,6 +121,35 @@ def test_each_precision_runs_its_own_shape(data, monkeypatch):
 
 
 @interpreted
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_weight_gradient_may_read_the_input_held_example_major(data, precision, monkeypatch):
+    """GRADIENT_OPERAND "rows": training's input is held example-major too, the weight gradient
+    reads it (a wrong layout there would not train as the hand-written step), the memory plan
+    counts the copy, and the test pass's operand has none."""
+    cfg = SweepConfig(models=["ReLU2", "Abs-L2-Neg"], runs=2, epochs=1, width=20, engine="fused",
+                      precision=precision)
+    columns = Sweep(cfg, data, progress=False).memory_plan()[0]
+    monkeypatch.setitem(fused.GRADIENT_OPERAND, precision, "rows")
+    sweep = Sweep(cfg, data, progress=False)
+    size = 2 if precision == "bf16" else 4
+    assert sweep.memory_plan()[0] - columns == size * len(data.y_train) * (data.num_features + 8)
+    trainer, groups = sweep.chunk_trainer(sweep.chunks()[0])
+    x_t = data.x_train.t().contiguous()
+    x_bf16 = x_t.bfloat16() if precision == "bf16" else None
+    trainer.step(x_t, data.y_train, 1e-3, [torch.zeros(2, dtype=torch.bool) for _ in groups], x_bf16)
+    trainer.evaluate(data.x_test.t().contiguous(), data.y_test)
+    inputs = groups[0].inputs
+    assert inputs["train"].rows.shape == inputs["train"].columns.t().shape
+    assert inputs["train"].rows.element_size() == size and inputs["eval"].rows is None
+    assert groups[0].grads["0.weight"].abs().max() > 0
+    inputs["train"].rows.zero_()            # the weight gradient reads the rows: now it is 0
+    trainer.step(x_t, data.y_train, 1e-3, [torch.zeros(2, dtype=torch.bool) for _ in groups], x_bf16)
+    assert all(g.grads["0.weight"].abs().max() == 0 for g in groups)
+    if precision == "fp32":
+        assert_trains_as_the_hand_written_step(data, ["ReLU2", "Abs-L2-Neg"])
+
+
+@interpreted
 def test_the_fused_step_splits_each_input_once(data, monkeypatch):
     """The features that vary over an input (its first-layer operand) are found once per input
     tensor, not once per step, per test pass or per variant (a chunk's fused variants share the

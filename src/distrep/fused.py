@@ -98,6 +98,20 @@ def shape(precision: str) -> tuple[int, int, int, int]:
 # docs/engine-h200-3xtf32/log-tune.txt), no cap pays: bf16 ReLU2 1 % faster at 168, 1 % slower at
 # 128, the expanded ReLU-L2 5 and 17 % slower, TF32 2-75 % slower, fp32 5 and 7 % slower.
 MAX_REGISTERS: dict[str, int | None] = {"fp32": None, "3xtf32": None, "tf32": None, "bf16": None}
+# How the weight gradient dP [X; 1]^T reads the input, by precision: "columns", the operand the
+# forward product reads, [kp, n], transposed (cuBLAS's NT product), or "rows", a second copy
+# held example-major, [n, kp] (NN; one more [n, kp] per chunk, which the memory plan counts).
+# In IEEE fp32 the two products run at 49 and 50 TFLOP/s against a square product's ~51, and
+# 90 % of the GEMM peak needs 0.18 ms off a 10.9 ms step (docs/engine.md); which layout cuBLAS
+# runs faster is a GPU's to say (scripts/fp32-products.py times both, scripts/shape-check.py
+# --operand rows benches it). 3xtf32 reads its TF32 halves as columns whatever this says.
+GRADIENT_OPERAND: dict[str, str] = {"fp32": "columns", "3xtf32": "columns", "tf32": "columns", "bf16": "columns"}
+
+
+def example_major_input(precision: str) -> bool:
+    """Whether the fused step in ``precision`` keeps its training input example-major too
+    (:data:`GRADIENT_OPERAND`)."""
+    return GRADIENT_OPERAND[precision] == "rows" and precision != "3xtf32"
 
 # How the kernel computes OffsetL2, by precision: "direct", sum_i w (h_i - mu_i)^2 class by class
 # in fp32, forward and back (exact; ~110 elementwise operations per hidden value, and a
@@ -553,7 +567,8 @@ class FusedRuns:
         which a Trainer's fused groups share)."""
         cached = self.inputs.get(key)
         if cached is None or cached.source is not x:
-            self.inputs[key] = cached = FirstLayerInput.of(x, self.dtype, multiple=8)
+            rows = key == "train" and example_major_input(self.precision)   # for the weight gradient
+            self.inputs[key] = cached = FirstLayerInput.of(x, self.dtype, multiple=8, example_major=rows)
         return cached
 
     def _first_layer(self, x: torch.Tensor, key: str) -> torch.Tensor:
@@ -662,8 +677,8 @@ class FusedRuns:
             high = torch.mm(P.view(R * H, n), halves[:2 * kp].t())          # [dP_hi X_hi | dP_hi X_lo]
             product = torch.addmm(high[:, kp:], parts["dP lo"].view(R * H, n), halves[:kp].t())
             product += high[:, :kp]
-        else:
-            product = torch.mm(P.view(R * H, n), inputs.columns.t())
+        else:                               # X read as columns transposed, or held as rows
+            product = torch.mm(P.view(R * H, n), inputs.columns.t() if inputs.rows is None else inputs.rows)
         inputs.split.gradients(product, g["0.weight"].view(R * H, D), bias)     # dP [X_v; 1]^T
         a = parts["a"][:, :, :C, :H].sum(1)
         if self.layout["offsetl2"]:

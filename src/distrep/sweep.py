@@ -32,7 +32,7 @@ from distrep.data import Dataset, load_dataset
 from distrep.engine import (CUDA_PRECISIONS, EVAL_BATCH, PRECISIONS, AutogradRuns, CompiledRuns,
                             FusedRuns, StackedRuns, Trainer, computes, engine_path, stack_parameters)
 from distrep.errors import DistrepError
-from distrep.fused import offsetl2_kernel, partial_sums_bytes, unavailable
+from distrep.fused import example_major_input, offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.graphs import step_function
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
@@ -406,9 +406,12 @@ class Sweep:
         fixed = 4 * (n_train + n_test) * d.num_features * copies
         if any(fused):
             # and the fused step's first-layer operand of each, with its row of ones (padded
-            # rows); in 3xtf32 its TF32 halves too, three times its size
-            fixed += ({"bf16": 2, "3xtf32": 16}.get(c.precision, 4)
-                      * (n_train + n_eval) * (d.num_features + 8))
+            # rows); in 3xtf32 its TF32 halves too, three times its size; training's held
+            # example-major too where the weight gradient reads it so (GRADIENT_OPERAND)
+            size = {"bf16": 2, "3xtf32": 16}.get(c.precision, 4)
+            fixed += size * (n_train + n_eval) * (d.num_features + 8)
+            if example_major_input(c.precision):
+                fixed += size * n_train * (d.num_features + 8)
         return fixed, per_run
 
     def chunks(self) -> list[list[tuple[int, int]]]:
