@@ -27,7 +27,7 @@ quick: $(STAMP)
 	$(BIN)/distrep analyze runs/quick
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs
