@@ -72,12 +72,6 @@ def label(shape: tuple[int, int, int, int]) -> str:
     return "BN {:>3} warps {:>2} blocks {:>2} stages {}".format(*shape)
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """``BNxWARPSxBLOCKS[xSTAGES]`` (stages 3, Triton's default on sm_90, if not given)."""
-    values = tuple(int(v) for v in text.split("x"))
-    return values + (3,) if len(values) == 3 else values
-
-
 def rate_line(name: str, seconds: float, setup: float, share: str = "") -> str:
     """A timed case as logged (scripts/shape-check.py reads it back)."""
     return (f"{name}: {seconds * 1e3:.4f} ms per run-epoch = {1 / seconds:,.0f} run-epochs/s "
@@ -86,7 +80,7 @@ def rate_line(name: str, seconds: float, setup: float, share: str = "") -> str:
 
 def main(argv: list[str]) -> None:
     runs = int(argv[0]) if argv else 20
-    shapes = [parse_shape(s) for s in argv[1:]] or [
+    shapes = [fused.parse_shape(s) for s in argv[1:]] or [
         (32, 4, 8, 3), (32, 4, 4, 3), (32, 4, 16, 3), (64, 4, 8, 3), (16, 4, 8, 3)]
     caps = [int(v) for v in os.environ.get("TUNE_MAXNREG", "168,128").split(",") if v]
     device = torch.device(os.environ.get("TUNE_DEVICE", "cuda"))

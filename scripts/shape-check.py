@@ -6,11 +6,11 @@ and the fraction of the GEMM peak, against the present shape measured in the sam
 (distrep.fused.GRADIENT_OPERAND): the CUDA tests run with both changes, and a third bench times
 the shape with it.
 
-    python scripts/shape-check.py PRECISION BNxWARPSxBLOCKSxSTAGES [--pick TUNE_LOG] [--epochs 5]
+    python scripts/shape-check.py PRECISION BNxWARPSxBLOCKS[xSTAGES] [--pick TUNE_LOG] [--epochs 5]
         [--operand rows] [--device cuda] [--runs 20] [--train-subset N]   (a smoke test: --device
         cpu under TRITON_INTERPRET=1 with --train-subset 64 --epochs 1 --runs 2; no CUDA test runs)
 
-With --pick, BNxWARPSxBLOCKSxSTAGES is the fallback and the shape taken is the one that
+With --pick, that shape is the fallback and the shape taken is the one that
 scripts/fused-tune.py logged as fastest for PRECISION on the case whose name starts with
 "Abs ..." (Table 1's six variants), present shape included; if that is the present shape, only
 the bench runs.
@@ -42,7 +42,7 @@ def fastest(log: str, precision: str) -> tuple[int, int, int, int] | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("precision", choices=list(fused.SHAPES))
-    parser.add_argument("shape", help="BNxWARPSxBLOCKSxSTAGES, e.g. 32x1x8x1")
+    parser.add_argument("shape", help="BNxWARPSxBLOCKS[xSTAGES], e.g. 32x1x8x1")
     parser.add_argument("--pick", metavar="TUNE_LOG", help="take the fastest shape this log shows")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--operand", choices=["columns", "rows"], default=None,
@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--train-subset", type=int, default=None)
     args = parser.parse_args()
     present = fused.SHAPES[args.precision]
-    shape = tuple(int(v) for v in args.shape.split("x"))
+    shape = fused.parse_shape(args.shape)
     if args.pick:
         shape = fastest(open(args.pick).read(), args.precision) or shape
     operand = fused.GRADIENT_OPERAND[args.precision]

@@ -647,7 +647,7 @@ def test_shape_check_picks_the_fastest_shape_fused_tune_logged():
     for module in (tune, check):
         module.__spec__.loader.exec_module(module)
     table1 = "Abs ... ReLU2-Neg (6 variants)"
-    shape = tune.parse_shape
+    shape = fused.parse_shape
     log = "\n".join([tune.rate_line(f"{tune.label(shape('32x4x8'))} fp32 {table1}", 0.55e-3, 3.0, ", 88.0% of ..."),
                      tune.rate_line(f"{tune.label(shape('32x1x8x1'))} fp32 {table1}", 0.53e-3, 3.0),
                      tune.rate_line(f"{tune.label(shape('64x1x8'))} fp32 ReLU-L2 ... Abs-L2-Neg (4 variants) direct", 0.4e-3, 3.0),
@@ -656,3 +656,6 @@ def test_shape_check_picks_the_fastest_shape_fused_tune_logged():
     assert check.fastest(log, "fp32") == (32, 1, 8, 1)
     assert check.fastest(log, "bf16") == (16, 1, 4, 2)
     assert check.fastest(log, "tf32") is None
+    assert shape("32x1x8") == (32, 1, 8, 3)          # the stages Triton takes by default
+    with pytest.raises(ValueError):
+        shape("32x4")

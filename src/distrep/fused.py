@@ -87,6 +87,15 @@ def shape(precision: str) -> tuple[int, int, int, int]:
     return SHAPES[precision]
 
 
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """A :data:`SHAPES` entry from ``BNxWARPSxBLOCKS[xSTAGES]`` (stages 3, Triton's default on
+    sm_90, if not given), as the tuning scripts take it."""
+    values = tuple(int(v) for v in text.split("x"))
+    if len(values) not in (3, 4):
+        raise ValueError(f"a shape is BNxWARPSxBLOCKS[xSTAGES], got {text!r}")
+    return values + (3,) if len(values) == 3 else values
+
+
 # At most this many registers per thread, by precision (None: ptxas decides; it spills the
 # rest). An H100 SM holds 65,536 registers: a program of 4 warps at 174 registers fits twice,
 # at 168 three times, at 128 four, and more programs per SM hide more of the latency the kernel
