@@ -13,12 +13,15 @@ Usage: PYTHONPATH=src python scripts/fused-tune.py [RUNS] [BNxWARPSxBLOCKS[xSTAG
        (default 20 32x4x8 ...)
 Environment: TUNE_PRECISIONS (default bf16,tf32,fp32), TUNE_MODELS (the cases, each timed as one
 sweep: comma-separated models, cases separated by spaces; default "ReLU2 ReLU-L2"), TUNE_EXTRAS=0
-(the shapes alone: no other OffsetL2 kernels, register caps or breakdown). Each case's rate is
+(the shapes alone: no other OffsetL2 kernels, register caps or breakdown), TUNE_HEAD_PRODUCTS
+(fp32's output-layer products to time at each shape, e.g. ieee,3xtf32: distrep.fused.HEAD_PRODUCTS;
+logged as fp32:ieee, fp32:3xtf32). Each case's rate is
 also given as a fraction of its precision's GEMM peak, measured once, counting the model's
 arithmetic as `distrep bench` does. E.g. IEEE fp32 on Table 1's and Table 3's variants:
 TUNE_PRECISIONS=fp32 TUNE_EXTRAS=0 TUNE_MODELS="Abs,ReLU,Abs2,Abs2-Neg,ReLU2,ReLU2-Neg
 ReLU-L2,ReLU-L2-Neg,Abs-L2,Abs-L2-Neg" ... 20 32x4x8 32x1x8 ...
-A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=64 (bf16 only).
+A smoke test without a GPU: TRITON_INTERPRET=1 TUNE_DEVICE=cpu TUNE_SUBSET=64 (bf16 unless
+TUNE_PRECISIONS says otherwise; not tf32, a CUDA precision).
 """
 
 import os
@@ -89,8 +92,8 @@ def main(argv: list[str]) -> None:
     if subset:                      # the smoke test: few training and test images
         n = int(subset)
         data = replace(data.subset(n), x_test=data.x_test[:n], y_test=data.y_test[:n])
-    precisions = tuple(os.environ.get("TUNE_PRECISIONS", "bf16,tf32,fp32").split(",")) \
-        if device.type == "cuda" else ("bf16",)
+    precisions = tuple(os.environ.get("TUNE_PRECISIONS", "bf16,tf32,fp32" if device.type == "cuda" else "bf16")
+                       .split(","))
     cases = [tuple(case.split(",")) for case in os.environ.get("TUNE_MODELS", "ReLU2 ReLU-L2").split()]
     extras = os.environ.get("TUNE_EXTRAS", "1") != "0"
     defaults = dict(fused.SHAPES)
@@ -115,12 +118,17 @@ def main(argv: list[str]) -> None:
             name += f" {kernels[precision]}"
         return name
 
+    head_products = os.environ.get("TUNE_HEAD_PRODUCTS")
+    products = dict(fused.HEAD_PRODUCTS)
     for shape in shapes:                          # OffsetL2 with each precision's kernel
         for precision in precisions:
             fused.SHAPES[precision] = shape
-            for models in cases:
-                time_case(f"{label(shape)} {precision} {case_name(models, precision)}", models, precision)
-            fused.SHAPES[precision] = defaults[precision]
+            kinds = head_products.split(",") if head_products and precision == "fp32" else [None]
+            for kind, models in ((kind, models) for kind in kinds for models in cases):
+                fused.HEAD_PRODUCTS[precision] = kind or products[precision]
+                mode = precision + (f":{kind}" if kind else "")
+                time_case(f"{label(shape)} {mode} {case_name(models, precision)}", models, precision)
+            fused.SHAPES[precision], fused.HEAD_PRODUCTS[precision] = defaults[precision], products[precision]
     if not extras:
         return
     for precision in precisions:                  # the other OffsetL2 kernels, default shape

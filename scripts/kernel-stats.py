@@ -22,12 +22,14 @@ the count cuts the time about as much.
 
 Usage: python scripts/kernel-stats.py [MODEL ...] [--precisions bf16,tf32,fp32,3xtf32]
        [--forms direct,expanded,hybrid] [--shapes 32x4,32x8] [--maxnreg 168,128]
-       (default ReLU2 ReLU-L2, bf16, 32x4, distrep.fused.MAX_REGISTERS)
+       [--head-products ieee,3xtf32]
+       (default ReLU2 ReLU-L2, bf16, 32x4, distrep.fused.MAX_REGISTERS and HEAD_PRODUCTS)
 Needs Triton's JIT (not its interpreter): run it without TRITON_INTERPRET.
 """
 
 import argparse
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -133,20 +135,25 @@ def main(argv: list[str]) -> None:
                         help="default: each precision's (distrep.fused.SHAPES)")
     parser.add_argument("--maxnreg", default=None, metavar="N[,N]",
                         help="registers per thread to cap at (default: the precision's MAX_REGISTERS)")
+    parser.add_argument("--head-products", default=None, metavar="KIND[,KIND]",
+                        help="fp32's output-layer products, ieee and/or 3xtf32 "
+                             "(default: distrep.fused.HEAD_PRODUCTS)")
     args = parser.parse_args(argv)
     for precision in args.precisions.split(","):
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] \
             if args.shapes else [DEFAULT_SHAPES[precision][:2] + DEFAULT_SHAPES[precision][3:]]
         forms = args.forms.split(",") if args.forms else [fused.offsetl2_kernel(precision)]
         caps = [int(v) for v in args.maxnreg.split(",")] if args.maxnreg else [fused.MAX_REGISTERS[precision]]
+        products = args.head_products.split(",") if args.head_products else [fused.HEAD_PRODUCTS[precision]]
         for model in args.models:
             offsetl2 = fused.fused_layout(parse(model))["offsetl2"]
-            for form in forms if offsetl2 else forms[:1]:
-                for shape in shapes:
-                    for cap in caps:
-                        fused.MAX_REGISTERS[precision] = cap
-                        first, top = stats(model, precision, form, shape).split("\n", 1)
-                        print(first + (f", at most {cap} registers" if cap else "") + "\n" + top, flush=True)
+            for form, shape, cap, kind in itertools.product(forms if offsetl2 else forms[:1], shapes, caps,
+                                                            products[:1] if offsetl2 else products):
+                fused.MAX_REGISTERS[precision], fused.HEAD_PRODUCTS[precision] = cap, kind
+                first, top = stats(model, precision, form, shape).split("\n", 1)
+                extra = "".join([f", at most {cap} registers" if cap else "",
+                                 f", {kind} output-layer products" if args.head_products else ""])
+                print(first + extra + "\n" + top, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
-"""Try the fused kernel at another shape for one precision on a GPU, in one process: its CUDA
-tests (the fused step against the CPU, its CUDA graphs bit for bit, the memory plan against the
-peak), then `distrep bench` of that precision on Table 1's and Table 3's variants (run-epochs/s
-and the fraction of the GEMM peak, against the present shape measured in the same call). With
---operand rows, the weight gradient also reads the input held example-major
-(distrep.fused.GRADIENT_OPERAND): the CUDA tests run with both changes, and a third bench times
-the shape with it.
+"""Try the fused kernel at another shape, or with its output layer's products in three TF32
+passes, for one precision on a GPU, in one process: its CUDA tests (the fused step against the
+CPU, its CUDA graphs bit for bit, the memory plan against the peak, and with --head-products the
+three-pass products against IEEE fp32's), then `distrep bench` of that precision on Table 1's and
+Table 3's variants (run-epochs/s and the fraction of the GEMM peak, against the present kernel
+measured in the same call). With --operand rows, the weight gradient also reads the input held
+example-major (distrep.fused.GRADIENT_OPERAND): the CUDA tests run with every change, and a
+third bench times the tried kernel with it.
 
     python scripts/shape-check.py PRECISION BNxWARPSxBLOCKS[xSTAGES] [--pick TUNE_LOG] [--epochs 5]
-        [--operand rows] [--device cuda] [--runs 20] [--train-subset N]   (a smoke test: --device
-        cpu under TRITON_INTERPRET=1 with --train-subset 64 --epochs 1 --runs 2; no CUDA test runs)
+        [--head-products 3xtf32] [--operand rows] [--device cuda] [--runs 20] [--train-subset N]
+        (a smoke test: --device cpu under TRITON_INTERPRET=1 with --train-subset 64 --epochs 1
+        --runs 2; no CUDA test runs)
 
-With --pick, that shape is the fallback and the shape taken is the one that
+With --pick, that shape (and --head-products) is the fallback and the one taken is what
 scripts/fused-tune.py logged as fastest for PRECISION on the case whose name starts with
-"Abs ..." (Table 1's six variants), present shape included; if that is the present shape, only
+"Abs ..." (Table 1's six variants), present kernel included; if that is the present one, only
 the bench runs.
 """
 
@@ -28,15 +30,16 @@ from distrep import fused
 from distrep.bench import run_bench
 from distrep.sweep import GiB
 
-LINE = re.compile(r"BN\s+(\d+) warps\s+(\d+) blocks\s+(\d+) stages (\d+) (\S+) Abs \.\.\..*?"
+LINE = re.compile(r"BN\s+(\d+) warps\s+(\d+) blocks\s+(\d+) stages (\d+) (\w+)(?::(\w+))? Abs \.\.\..*?"
                   r"= ([\d,]+) run-epochs/s")
 
 
-def fastest(log: str, precision: str) -> tuple[int, int, int, int] | None:
-    """The shape of the highest Table 1 rate that fused-tune.py logged for ``precision``."""
-    rates = [(int(m.group(6).replace(",", "")), tuple(int(m.group(i)) for i in (1, 2, 3, 4)))
+def fastest(log: str, precision: str) -> tuple[tuple[int, int, int, int], str | None] | None:
+    """The shape and output-layer products (None where the log does not say: the present ones)
+    of the highest Table 1 rate that fused-tune.py logged for ``precision``."""
+    rates = [(int(m.group(7).replace(",", "")), tuple(int(m.group(i)) for i in (1, 2, 3, 4)), m.group(6))
              for m in LINE.finditer(log) if m.group(5) == precision]
-    return max(rates)[1] if rates else None
+    return max(rates, key=lambda rate: rate[0])[1:] if rates else None
 
 
 def main() -> int:
@@ -46,36 +49,51 @@ def main() -> int:
     parser.add_argument("--pick", metavar="TUNE_LOG", help="take the fastest shape this log shows")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--operand", choices=["columns", "rows"], default=None,
-                        help="also bench the shape with this GRADIENT_OPERAND")
+                        help="also bench the kernel tried with this GRADIENT_OPERAND")
+    parser.add_argument("--head-products", choices=["ieee", "3xtf32"], default=None,
+                        help="the output layer's products to try (distrep.fused.HEAD_PRODUCTS)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--train-subset", type=int, default=None)
     args = parser.parse_args()
-    present = fused.SHAPES[args.precision]
-    shape = fused.parse_shape(args.shape)
+    settings = (fused.SHAPES, fused.GRADIENT_OPERAND, fused.HEAD_PRODUCTS)
+    present = tuple(setting[args.precision] for setting in settings)      # shape, operand, products
+    shape, products = fused.parse_shape(args.shape), args.head_products or present[2]
     if args.pick:
-        shape = fastest(open(args.pick).read(), args.precision) or shape
-    operand = fused.GRADIENT_OPERAND[args.precision]
-    print(f"{args.precision}: present shape {present}, trying {shape}"
-          + (f"; weight gradient's operand {operand}, trying {args.operand}" if args.operand else ""), flush=True)
+        shape, products = fastest(open(args.pick).read(), args.precision) or (shape, products)
+        products = products or args.head_products or present[2]
+    tried = (shape, present[1], products)
+    print(f"{args.precision}: present {describe(present)}, trying {describe(tried)}"
+          + (f"; then reading {args.operand}" if args.operand not in (None, present[1]) else ""), flush=True)
+
+    def use(setting):
+        for table, value in zip(settings, setting):
+            table[args.precision] = value
+
     status = 0
-    if shape != present or args.operand not in (None, operand):
-        fused.SHAPES[args.precision] = shape
-        fused.GRADIENT_OPERAND[args.precision] = args.operand or operand
+    changed = (shape, args.operand or present[1], products)
+    if changed != present:
+        use(changed)
+        three_pass = " or 3xtf32_on_cuda" if products != present[2] else ""
         status = pytest.main(["-q", "-s", "-p", "no:cacheprovider", "tests/test_cuda.py", "-k",
                               f"fused_step_on_cuda or (graphs and fused and {args.precision}) "
-                              f"or (memory_plan and {args.precision})"])
+                              f"or (memory_plan and {args.precision}){three_pass}"])
         status = 0 if status == pytest.ExitCode.NO_TESTS_COLLECTED else status
-        print(f"CUDA tests at {shape}: {'passed' if status == 0 else f'FAILED ({status})'}", flush=True)
-    cases = [("present", present, operand)] + ([("tried", shape, operand)] if shape != present else []) \
-        + ([("tried", shape, args.operand)] if args.operand not in (None, operand) else [])
-    for label, value, reads in cases:
-        fused.SHAPES[args.precision], fused.GRADIENT_OPERAND[args.precision] = value, reads
-        print(f"=== bench, {args.precision} at {value}, the weight gradient reading {reads} ({label})",
+        print(f"CUDA tests with {describe(changed)}: {'passed' if status == 0 else f'FAILED ({status})'}",
               flush=True)
+    cases = [("present", present)] + ([("tried", tried)] if tried != present else []) \
+        + ([("tried", changed)] if changed != tried else [])
+    for label, setting in cases:
+        use(setting)
+        print(f"=== bench, {args.precision} with {describe(setting)} ({label})", flush=True)
         run_bench(args.device, args.runs, args.epochs, 40 * GiB, args.train_subset, engines=("fused",),
                   precisions=(args.precision,))
     return int(status)
+
+
+def describe(setting) -> str:
+    shape, operand, products = setting
+    return f"the kernel at {'x'.join(map(str, shape))}, {products} output-layer products, the weight gradient reading {operand}"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from unittest import mock
 import pytest
 import torch
 
-from distrep import bench
+from distrep import bench, fused
 from distrep.cli import main
 from distrep.models import ALIASES, TABLE1, TABLE3
 from distrep.storage import read_arrays, read_json
@@ -292,8 +292,13 @@ def test_bench_prints_every_figure(mnist, monkeypatch):
     from distrep.engine import computes
     assert computes("fused", "3xtf32") and not computes("hand-written", "3xtf32")
     case = bench.summarize([{"s": 0.5, "gflops": 80.0, "peak_gflops": 50.0, "author_s": 1.0}])
-    assert "= 160% of the fp32 GEMM peak measured around it (50)" in bench.describe_case(
-        dict(case, replay="", setup_s=1.0), "Table 1", "3xtf32", "fused", 20, 1, 1)
+    line = bench.describe_case(dict(case, replay="", setup_s=1.0), "Table 1", "3xtf32", "fused", 20, 1, 1)
+    assert "= 160% of the fp32 GEMM peak measured around it (50)" in line and "output layer's" not in line
+    # fp32 with its output layer's products in three TF32 passes (fused.HEAD_PRODUCTS) says so
+    fp32 = bench.describe_case(dict(case, replay="", setup_s=1.0), "Table 1", "fp32", "fused", 20, 1, 1)
+    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "3xtf32")
+    three = bench.describe_case(dict(case, replay="", setup_s=1.0), "Table 1", "fp32", "fused", 20, 1, 1)
+    assert three == fp32.replace("engine (fused)", "engine (fused, a linear output layer's products 3xtf32)")
     assert_one_line_error(distrep("bench", "--device", "cpu", "--precisions", "fp32,3xtf32"),
                           "--precisions: 3xtf32 cannot be timed here")
     for precision in ("fp32", "bf16"):

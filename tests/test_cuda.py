@@ -148,40 +148,50 @@ def test_fused_step_on_cuda_matches_the_cpu(standardized):
             assert 0 < value < 3e-2, (a.name, p)
 
 
-def test_3xtf32_on_cuda_is_as_close_to_the_cpu_as_fp32(standardized):
+# (precision, fp32's output-layer products: distrep.fused.HEAD_PRODUCTS["fp32"]) by case
+THREE_PASS_CASES = {"fp32": ("fp32", "ieee"), "3xtf32": ("3xtf32", "ieee"),
+                    "fp32 3xTF32 head": ("fp32", "3xtf32"), "tf32": ("tf32", "ieee")}
+
+
+def test_3xtf32_on_cuda_is_as_close_to_the_cpu_as_fp32(standardized, monkeypatch):
     """--precision 3xtf32 compiled for the GPU (cuBLAS's TF32 products of the first layer's
-    exact halves, the kernel's three TF32 products for the output layer): one step's gradients
-    within 5e-6 of the fused fp32 step's (as under the interpreter; a TF32 product anywhere
-    moves them by 2e-4 or more), and after 40 epochs as close to the CPU as the IEEE products
-    (within 10x of their difference, or 1e-6), where TF32 mode is farther. The four stable
-    Table 1 models and ReLU-L2 (the chaotic ones amplify any rounding)."""
+    exact halves, the kernel's three TF32 products for the output layer), and fp32 with only
+    the output layer's products in three TF32 passes (HEAD_PRODUCTS["fp32"] = "3xtf32"): one
+    step's gradients within 5e-6 of the fused fp32 step's (as under the interpreter; a TF32
+    product anywhere moves them by 2e-4 or more), and after 40 epochs as close to the CPU as the
+    IEEE products (within 10x of their difference, or 1e-6), where TF32 mode is farther. The
+    four stable Table 1 models and ReLU-L2 (the chaotic ones amplify any rounding)."""
+    from distrep import fused
     names = ["ReLU", "ReLU2-Neg", "Abs", "Abs2", "ReLU-L2"]
     x_t, y = standardized.x_train.t().contiguous().cuda(), standardized.y_train.cuda()
-    grads = {}
-    for precision in ("fp32", "3xtf32"):
-        cfg = SweepConfig(models=names, runs=2, epochs=1, engine="fused", device="cuda", precision=precision)
-        s = Sweep(cfg, standardized, progress=False)
-        _, groups = s.chunk_trainer(s.chunks()[0])
-        with matmul_precision(precision, torch.device("cuda")):
-            for group in groups:
-                group.gradients(x_t, y)
-        grads[precision] = [{k: v.cpu() for k, v in group.grads.items()} for group in groups]
-    print("\n3xtf32 against fp32 on CUDA, one step's gradients, largest relative difference:")
-    for name, ours, theirs in zip(names, grads["3xtf32"], grads["fp32"]):
-        diffs = {k: relative(ours[k], theirs[k]) for k in theirs}
-        print(f"  {name:<12} " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-        assert max(diffs.values()) < 5e-6, (name, diffs)
-
     kw = dict(preprocess="standardized", runs=2, epochs=40)
+    grads, cuda = {}, {}
+    for case, (precision, products) in THREE_PASS_CASES.items():
+        monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", products)
+        if case != "tf32":
+            cfg = SweepConfig(models=names, runs=2, epochs=1, engine="fused", device="cuda", precision=precision)
+            s = Sweep(cfg, standardized, progress=False)
+            _, groups = s.chunk_trainer(s.chunks()[0])
+            with matmul_precision(precision, torch.device("cuda")):
+                for group in groups:
+                    group.gradients(x_t, y)
+            grads[case] = [{k: v.cpu() for k, v in group.grads.items()} for group in groups]
+        cuda[case] = sweep(standardized, names, device="cuda", engine="fused", precision=precision, **kw)
+    for case in ("3xtf32", "fp32 3xTF32 head"):
+        print(f"\n{case} against fp32 on CUDA, one step's gradients, largest relative difference:")
+        for name, ours, theirs in zip(names, grads[case], grads["fp32"]):
+            diffs = {k: relative(ours[k], theirs[k]) for k in theirs}
+            print(f"  {name:<12} " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+            assert max(diffs.values()) < 5e-6, (case, name, diffs)
+
     cpu = sweep(standardized, names, **kw)
-    cuda = {p: sweep(standardized, names, device="cuda", engine="fused", precision=p, **kw)
-            for p in ("fp32", "3xtf32", "tf32")}
-    print("fused CUDA vs hand-written CPU after 40 epochs, train loss (fp32 / 3xtf32 / tf32):")
+    print(f"fused CUDA vs hand-written CPU after 40 epochs, train loss ({' / '.join(cuda)}):")
     for i, a in enumerate(cpu):
-        d = {p: relative(r[i].arrays["train_loss"], a.arrays["train_loss"]) for p, r in cuda.items()}
-        print(f"  {a.name:<12} {d['fp32']:.1e} / {d['3xtf32']:.1e} / {d['tf32']:.1e}")
-        assert d["3xtf32"] < max(10 * d["fp32"], 1e-6) and d["3xtf32"] < d["tf32"], a.name
-        np.testing.assert_allclose(cuda["3xtf32"][i].arrays["test_acc"], a.arrays["test_acc"], atol=0.004)
+        d = {case: relative(r[i].arrays["train_loss"], a.arrays["train_loss"]) for case, r in cuda.items()}
+        print(f"  {a.name:<12} " + " / ".join(f"{v:.1e}" for v in d.values()))
+        for case in ("3xtf32", "fp32 3xTF32 head"):
+            assert d[case] < max(10 * d["fp32"], 1e-6) and d[case] < d["tf32"], (case, a.name)
+            np.testing.assert_allclose(cuda[case][i].arrays["test_acc"], a.arrays["test_acc"], atol=0.004)
 
 
 def assert_same_bits(expected, results) -> None:

@@ -1,6 +1,7 @@
 """The fused step (Triton; under Triton's interpreter on the CPU) against the hand-written one."""
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -226,6 +227,18 @@ def test_3xtf32_trains_as_the_hand_written_fp32_step(data):
     assert_trains_as_the_hand_written_step(data, names, "3xtf32")
 
 
+def one_step_gradients(data, names, precision):
+    """Each model's gradients (2 runs) of one fused step in ``precision`` from its first
+    parameters."""
+    x_t, y = data.x_train.t().contiguous(), data.y_train
+    cfg = SweepConfig(models=names, runs=2, epochs=1, width=20, engine="fused", precision=precision)
+    sweep = Sweep(cfg, data, progress=False)
+    _, groups = sweep.chunk_trainer(sweep.chunks()[0])
+    for group in groups:
+        group.gradients(x_t, y)
+    return [{k: v.clone() for k, v in group.grads.items()} for group in groups]
+
+
 @interpreted
 def test_3xtf32_gradients_are_fp32s(data):
     """One step's gradients in 3xtf32 against the fused fp32 step's, from the same parameters:
@@ -233,18 +246,32 @@ def test_3xtf32_gradients_are_fp32s(data):
     low halves left out (the weight's, the input's, dP's) moves some gradient by 2e-4 or more
     (2e-4 to 4e-2, measured), as a product in TF32 alone would."""
     names = ["ReLU", "Abs2-Neg", "ReLU2-Neg-Bias", "linear+nobias-relu-linear+bias-neg", "ReLU-L2"]
-    x_t, y = data.x_train.t().contiguous(), data.y_train
-    grads = {}
-    for precision in ("fp32", "3xtf32"):
-        cfg = SweepConfig(models=names, runs=2, epochs=1, width=20, engine="fused", precision=precision)
-        sweep = Sweep(cfg, data, progress=False)
-        _, groups = sweep.chunk_trainer(sweep.chunks()[0])
-        for group in groups:
-            group.gradients(x_t, y)
-        grads[precision] = [{k: v.clone() for k, v in group.grads.items()} for group in groups]
-    for name, ours, theirs in zip(names, grads["3xtf32"], grads["fp32"]):
+    fp32, ours = one_step_gradients(data, names, "fp32"), one_step_gradients(data, names, "3xtf32")
+    for name, ours, theirs in zip(names, ours, fp32):
         for k in theirs:
             assert relative(ours[k], theirs[k]) < 5e-6, (name, k)
+
+
+@interpreted
+def test_fp32_may_run_its_output_layer_in_three_tf32_passes(data, monkeypatch):
+    """HEAD_PRODUCTS["fp32"] = "3xtf32": a linear output layer's three small products run as
+    three TF32 products of exact halves (DOT 3) while the first layer's stay IEEE fp32 (dP
+    written whole: no split) and OffsetL2's distances direct (its step the same bits). One
+    step's gradients within 5e-6 relative of IEEE fp32's in every tensor (measured: at most
+    3.4e-7), and 4 epochs as the hand-written fp32 step. fp32 takes no other value."""
+    names = ["ReLU", "Abs2-Neg", "ReLU2-Neg-Bias", "linear+nobias-relu-linear+bias-neg", "ReLU-L2"]
+    ieee = one_step_gradients(data, names, "fp32")
+    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "3xtf32")
+    meta = {m: fused.kernel_constants(fused_layout(parse(m)), "paper", 128, 10, True, "fp32")
+            for m in ("ReLU", "ReLU-L2")}
+    assert (meta["ReLU"]["DOT"], meta["ReLU"]["SPLIT_DP"], meta["ReLU-L2"]["DOT"]) == (3, False, 0)
+    for name, ours, theirs in zip(names, one_step_gradients(data, names, "fp32"), ieee):
+        distance = max(relative(ours[k], theirs[k]) for k in theirs)
+        assert (distance == 0) if name == "ReLU-L2" else (0 < distance < 5e-6), (name, distance)
+    assert_trains_as_the_hand_written_step(data, names[:4], "fp32")
+    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "tf32")
+    with pytest.raises(DistrepError, match="fused step in fp32 runs its output layer's products as ieee or 3xtf32"):
+        fused.head_products("fp32")
 
 
 def test_3xtf32_is_the_fused_steps_and_splits_every_product():
@@ -475,19 +502,24 @@ def test_distances_near_a_prototype_do_not_cancel_away(kernel, data, monkeypatch
         assert error < 0.01
 
 
-def test_config_json_records_the_offsetl2_kernel_of_a_fused_model(monkeypatch):
-    """describe_model writes each model's entry of config.json (describe_sweep's models)."""
+def test_config_json_records_how_the_kernel_computes_a_fused_models_output_layer(monkeypatch):
+    """describe_model writes each model's entry of config.json (describe_sweep's models): the
+    OffsetL2 kernel's form, or a linear layer's products."""
     cuda = torch.device("cuda")                 # only its type is read
     config = SweepConfig(models=["ReLU-L2", "ReLU"], engine="auto", precision="bf16")
     l2, relu = (describe_model(config, m, cuda) for m in config.models)
-    assert l2["engine_path"] == "fused" and l2["offsetl2_kernel"] == "expanded"
-    assert relu["engine_path"] == "fused" and "offsetl2_kernel" not in relu
+    assert l2["engine_path"] == "fused" and l2["offsetl2_kernel"] == "expanded" and "head_products" not in l2
+    assert relu["engine_path"] == "fused" and "offsetl2_kernel" not in relu and relu["head_products"] == "bf16"
     monkeypatch.setitem(fused.OFFSETL2_KERNEL, "bf16", "direct")
     assert describe_model(config, "ReLU-L2", cuda)["offsetl2_kernel"] == "direct"
     fp32 = replace(config, precision="fp32")
     assert describe_model(fp32, "ReLU-L2", cuda)["offsetl2_kernel"] == "direct"
+    assert describe_model(fp32, "ReLU", cuda)["head_products"] == "ieee"
+    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "3xtf32")
+    assert describe_model(fp32, "ReLU", cuda)["head_products"] == "3xtf32"
     on_cpu = describe_model(config, "ReLU-L2", torch.device("cpu"))
     assert on_cpu["engine_path"] == "hand-written" and "offsetl2_kernel" not in on_cpu
+    assert "head_products" not in describe_model(config, "ReLU", torch.device("cpu"))
 
 
 @interpreted
@@ -574,6 +606,10 @@ for precision in ("fp32", "3xtf32"):
     compile_for_gpu(parse("ReLU-L2"), precision, True)
     ptx = compile_for_gpu(parse("Abs2-Neg"), precision, True).asm["ptx"]
     print(f"{precision} products:", sorted(set(re.findall(products, ptx))), len(re.findall(products, ptx)))
+fused.HEAD_PRODUCTS["fp32"] = "3xtf32"                # fp32's output layer in three TF32 passes
+ptx = compile_for_gpu(parse("Abs2-Neg"), "fp32", True).asm["ptx"]
+print("fp32 3xtf32-head products:", sorted(set(re.findall(products, ptx))), len(re.findall(products, ptx)))
+fused.HEAD_PRODUCTS["fp32"] = "ieee"
 fused.MAX_REGISTERS["bf16"] = 128
 capped = compile_for_gpu(parse("ReLU2"), "bf16", True)
 print("capped:", re.findall(r"[.]maxnreg \\d+", capped.asm["ptx"]), capped.metadata.num_warps)
@@ -590,34 +626,58 @@ print("fp32 at 32x1x8x1:", one.num_warps, one.num_stages, one.shared < three.sha
 GPU_TRITON_VARIABLE = "DISTREP_GPU_TRITON"
 
 
-@pytest.mark.parametrize("triton_install", ["this environment's", "the GPU image's"])
-def test_the_kernel_compiles_for_an_h100_without_one(triton_install):
+TRITON_INSTALLS = ["this environment's", "the GPU image's"]
+
+
+@pytest.fixture(scope="module")
+def compiling_for_sm90():
+    """The compile script started under each Triton install at once (each is one process,
+    mostly single-threaded: Triton's passes, then ptxas), so that the two overlap; None for an
+    install that is not there."""
+    started = {}
+    for install in TRITON_INSTALLS:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(Path(tempfile.mkdtemp()) / "triton")     # compile, not reuse
+        folder = os.environ.get(GPU_TRITON_VARIABLE) if install == "the GPU image's" else None
+        if install == "the GPU image's":
+            if not folder:
+                started[install] = None
+                continue
+            env["PYTHONPATH"] = os.pathsep.join([folder, *filter(None, [env.get("PYTHONPATH")])])
+        started[install] = (folder, subprocess.Popen([sys.executable, "-c", COMPILE], stdout=subprocess.PIPE,
+                                                     stderr=subprocess.PIPE, text=True, env=env))
+    yield started
+    for entry in started.values():
+        if entry and entry[1].poll() is None:
+            entry[1].kill()
+            entry[1].communicate()
+
+
+@pytest.mark.parametrize("triton_install", TRITON_INSTALLS)
+def test_the_kernel_compiles_for_an_h100_without_one(triton_install, compiling_for_sm90):
     """Triton's compiler and ptxas run on the CPU: every Table 1 and Table 3 model's kernel,
     fp32 and 3xtf32, both OffsetL2 forms and the three OffsetL2 kernels, and the test pass
     compile for sm_90 (the interpreter accepts code the compiler rejects: it caught one such
     line), with this environment's Triton and, where DISTREP_GPU_TRITON names a folder holding
     another (`pip install --no-deps --target DIR triton==3.6.0`), with that one. The expanded
     kernel in bf16 runs every product in bf16 (exact operands, one pass each): no TF32 product
-    is in its PTX."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(Path(tempfile.mkdtemp()) / "triton")     # compile, not reuse
-    if triton_install == "the GPU image's":
-        folder = os.environ.get(GPU_TRITON_VARIABLE)
-        if not folder:
-            pytest.skip(f"{GPU_TRITON_VARIABLE} names no Triton install (.ci/run sets it)")
-        env["PYTHONPATH"] = os.pathsep.join([folder, *filter(None, [env.get("PYTHONPATH")])])
+    is in its PTX; fp32's output layer runs IEEE FMAs, or, with HEAD_PRODUCTS["fp32"] =
+    "3xtf32", as many TF32 products as 3xtf32's."""
+    if compiling_for_sm90[triton_install] is None:
+        pytest.skip(f"{GPU_TRITON_VARIABLE} names no Triton install (.ci/run sets it)")
+    folder, process = compiling_for_sm90[triton_install]
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0 and "compiled 18" in stdout, stderr[-3000:]
+    if folder:
         expected = next(Path(folder).glob("triton-*.dist-info")).name.removesuffix(".dist-info").split("-")[1]
-    result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env,
-                            timeout=600)
-    assert result.returncode == 0 and "compiled 18" in result.stdout, result.stderr[-3000:]
-    if triton_install == "the GPU image's":
-        assert f"triton {expected}" in result.stdout, result.stdout[:200]
-    assert "expanded bf16 products: ['bf16']" in result.stdout, result.stdout
+        assert f"triton {expected}" in stdout, stdout[:200]
+    assert "expanded bf16 products: ['bf16']" in stdout, stdout
     # fp32's output layer: no tensor-core product in IEEE, only TF32 ones in three passes
-    assert "fp32 products: [] 0" in result.stdout, result.stdout
-    assert "3xtf32 products: ['tf32']" in result.stdout, result.stdout
-    assert "capped: ['.maxnreg 128'] 4" in result.stdout, result.stdout     # MAX_REGISTERS reaches ptxas
-    assert "fp32 at 32x1x8x1: 1 1 True 3" in result.stdout, result.stdout   # and SHAPES, stages too
+    assert "fp32 products: [] 0" in stdout, stdout
+    three = re.search(r"3xtf32 products: \['tf32'\] (\d+)", stdout)
+    assert three and f"fp32 3xtf32-head products: ['tf32'] {three.group(1)}" in stdout, stdout
+    assert "capped: ['.maxnreg 128'] 4" in stdout, stdout     # MAX_REGISTERS reaches ptxas
+    assert "fp32 at 32x1x8x1: 1 1 True 3" in stdout, stdout   # and SHAPES, stages too
 
 
 def test_kernel_stats_counts_the_class_loops_once_per_class():
@@ -653,9 +713,13 @@ def test_shape_check_picks_the_fastest_shape_fused_tune_logged():
                      tune.rate_line(f"{tune.label(shape('64x1x8'))} fp32 ReLU-L2 ... Abs-L2-Neg (4 variants) direct", 0.4e-3, 3.0),
                      tune.rate_line(f"{tune.label(shape('16x1x4x2'))} bf16 {table1}", 0.05e-3, 3.0),
                      f"{tune.label(shape('16x2x8'))} fp32 {table1}: failed: RuntimeError()"])
-    assert check.fastest(log, "fp32") == (32, 1, 8, 1)
-    assert check.fastest(log, "bf16") == (16, 1, 4, 2)
+    assert check.fastest(log, "fp32") == ((32, 1, 8, 1), None)
+    assert check.fastest(log, "bf16") == ((16, 1, 4, 2), None)
     assert check.fastest(log, "tf32") is None
+    # TUNE_HEAD_PRODUCTS: the output layer's products are logged after the precision
+    log += "\n" + "\n".join([tune.rate_line(f"{tune.label(shape('32x4x8'))} fp32:ieee {table1}", 0.54e-3, 3.0),
+                             tune.rate_line(f"{tune.label(shape('32x4x8'))} fp32:3xtf32 {table1}", 0.50e-3, 3.0)])
+    assert check.fastest(log, "fp32") == ((32, 4, 8, 3), "3xtf32")
     assert shape("32x1x8") == (32, 1, 8, 3)          # the stages Triton takes by default
     with pytest.raises(ValueError):
         shape("32x4")

@@ -34,7 +34,7 @@ from distrep.constant_features import FeatureSplit
 from distrep.engine import (CUDA_PRECISIONS, PATHS, PRECISIONS, computes, engine_path, matmul_nt,
                             reads_varying_features)
 from distrep.errors import DistrepError
-from distrep.fused import offsetl2_kernel
+from distrep.fused import head_products, offsetl2_kernel
 from distrep.graphs import GraphedStep, step_function
 from distrep.layers import CODED_CLAMP
 from distrep.models import TABLE1, TABLE3, create_model, parse
@@ -307,6 +307,8 @@ def describe_case(case: dict, label: str, precision: str, path: str, runs: int, 
                   repeats: int) -> str:
     """The line ``bench`` prints for one engine case (:func:`summarize`'s dict)."""
     how = f", {case['replay']}" if case["replay"] else ""
+    if path == "fused" and head_products(precision) not in ("ieee", precision):
+        how += f", a linear output layer's products {head_products(precision)}"     # fp32's choice
     if processes > 1:
         shares = split_runs(runs, processes)
         how += (f", {len(shares)} processes of one thread side by side, "
@@ -569,7 +571,8 @@ def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf1
                 f"(raw pixels, lr 0.001, OffsetL2 coded), engine {path}, {describe_device(resolved)}")
     if path == "fused":
         protocol += "; the kernel's OffsetL2 form: " + ", ".join(
-            f"{p} {offsetl2_kernel(p)}" for p in ("fp32", *precisions))
+            f"{p} {offsetl2_kernel(p)}" for p in ("fp32", *precisions)) + "; its linear output layer's products: " + ", ".join(
+            f"{p} {head_products(p)}" for p in ("fp32", *precisions))
     log("wall time " + ", ".join(f"{p} {seconds[p]:.0f} s" for p in seconds) + f" ({protocol})")
     out = {"protocol": protocol, "margin": MARGIN, "seconds": seconds, "rows": rows,
            "runs": {p: {m: v.tolist() for m, v in per.items()} for p, per in finals.items()}}

@@ -24,7 +24,8 @@ elementwise operations per hidden value forward and back, against ~3,100 in the 
 products); :data:`OFFSETL2_KERNEL` selects, per precision, the forms with products of exact
 operands instead.
 
-Precision: ``fp32`` keeps everything fp32 (IEEE fp32 products); ``3xtf32`` keeps fp32 data and
+Precision: ``fp32`` keeps everything fp32 (IEEE fp32 products; a linear output layer's may run
+as 3xtf32's, :data:`HEAD_PRODUCTS`); ``3xtf32`` keeps fp32 data and
 runs every product on tensor cores as three TF32 products of exact halves (the first layer's two
 through cuBLAS, :func:`tf32_halves`, a linear output layer's three in the kernel; OffsetL2's
 distances direct, as in fp32), each product within 3 * 2^-22 of the exact one where IEEE fp32
@@ -121,6 +122,32 @@ def example_major_input(precision: str) -> bool:
     """Whether the fused step in ``precision`` keeps its training input example-major too
     (:data:`GRADIENT_OPERAND`)."""
     return GRADIENT_OPERAND[precision] == "rows" and precision != "3xtf32"
+
+
+# How the kernel runs a linear output layer's three small products (z = W2 h, dW2 += g h^T,
+# dL/dh = W2^T g), by precision: "ieee" (IEEE fp32 FMAs), "3xtf32" (three TF32 products of
+# exact halves on tensor cores, each within 3 * 2^-22 of the exact product where IEEE rounds it
+# to 2^-24: fp32's accuracy, tests/test_fused.py), "tf32" or "bf16" (one product of such operands).
+# Only fp32 has a choice: "ieee" or "3xtf32". Its first layer's two products, ~98 % of Table 1's
+# arithmetic, stay IEEE fp32 in cuBLAS either way, and run at 95 % of the fp32 GEMM peak; the
+# kernel's IEEE FMAs (1.75 ms of a 10.9 ms step on an H200) are what keeps the step at 88 %.
+# The kernel with three TF32 passes instead counts 45 % fewer warp instructions over Table 1's
+# six models (scripts/kernel-stats.py --head-products, docs/engine.md): not yet timed on a GPU
+# (scripts/gpu-pending.sh times it), so fp32 stays "ieee". OffsetL2's distances are direct in
+# fp32 whatever this says.
+HEAD_PRODUCTS: dict[str, str] = {"fp32": "ieee", "3xtf32": "3xtf32", "tf32": "tf32", "bf16": "bf16"}
+HEAD_PRODUCT_CHOICES = {"fp32": ("ieee", "3xtf32"), "3xtf32": ("3xtf32",), "tf32": ("tf32",), "bf16": ("bf16",)}
+
+
+def head_products(precision: str) -> str:
+    """How the kernel runs a linear output layer's products in ``precision``
+    (:data:`HEAD_PRODUCTS`); a value the precision cannot take is an error."""
+    products = HEAD_PRODUCTS[precision]
+    if products not in HEAD_PRODUCT_CHOICES[precision]:
+        raise DistrepError(f"the fused step in {precision} runs its output layer's products as "
+                           f"{' or '.join(HEAD_PRODUCT_CHOICES[precision])}, not {products!r}")
+    return products
+
 
 # How the kernel computes OffsetL2, by precision: "direct", sum_i w (h_i - mu_i)^2 class by class
 # in fp32, forward and back (exact; ~110 elementwise operations per hidden value, and a
@@ -465,17 +492,19 @@ def partial_sums_bytes(n: int, width: int, classes: int, precision: str) -> int:
 
 def kernel_constants(layout: dict, form: str, H: int, C: int, train: bool, precision: str) -> dict:
     """The kernel's compile-time arguments for a model (:func:`fused_layout`), hidden width H,
-    C classes (the precision's :func:`shape`: blocks of examples per program). Products (DOT): bf16
-    operands in bf16 mode, TF32 in tf32, IEEE fp32 in fp32 and under the interpreter (whose bf16
-    products are wrong), three TF32 products of exact halves for 3xtf32's linear output layer
-    (3; its OffsetL2 distances are direct, in fp32). Those halves, and the operands of the
+    C classes (the precision's :func:`shape`: blocks of examples per program). Products (DOT,
+    :func:`head_products`): bf16 operands in bf16 mode, TF32 in tf32, IEEE fp32 in fp32 and
+    under the interpreter (whose bf16 products are wrong), three TF32 products of exact halves
+    for a linear output layer in 3xtf32 (3; and in fp32 where HEAD_PRODUCTS says so; OffsetL2's
+    distances stay direct, in fp32). Those halves, and the operands of the
     OffsetL2 forms with products, rounded to the mode's (ROUND), are made by the kernel itself,
     under the interpreter too, whose fp32 products of such exact operands are exact as the GPU's
     are. SPLIT_DP: a 3xtf32 training step writes dP as its TF32 halves."""
-    exact = precision in ("fp32", "3xtf32") or interpreting()
-    dot = 0 if exact else (2 if precision == "bf16" else 1)
-    if precision == "3xtf32" and not layout["offsetl2"]:
-        dot = 3
+    dot = {"ieee": 0, "tf32": 1, "bf16": 2, "3xtf32": 3}[head_products(precision)]
+    if dot == 3 and layout["offsetl2"]:          # OffsetL2's distances: direct, in fp32
+        dot = 0
+    elif dot in (1, 2) and interpreting():       # exact operands, products in fp32
+        dot = 0
     round_to = {"fp32": 0, "3xtf32": 0, "tf32": 1, "bf16": 2}[precision]
     head = 0 if not layout["offsetl2"] else OFFSETL2_KERNEL_FORMS.index(offsetl2_kernel(precision)) + 1
     block_n, _, blocks, _ = shape(precision)

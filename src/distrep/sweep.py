@@ -32,7 +32,7 @@ from distrep.data import Dataset, load_dataset
 from distrep.engine import (CUDA_PRECISIONS, EVAL_BATCH, PRECISIONS, AutogradRuns, CompiledRuns,
                             FusedRuns, StackedRuns, Trainer, computes, engine_path, stack_parameters)
 from distrep.errors import DistrepError
-from distrep.fused import example_major_input, offsetl2_kernel, partial_sums_bytes, unavailable
+from distrep.fused import example_major_input, head_products, offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.graphs import step_function
 from distrep.models import canonical_spec, create_model, display_name, parse
 from distrep.progress import progress
@@ -710,13 +710,17 @@ def _store_params(groups, work: ChunkWork) -> None:
 
 def describe_model(config: SweepConfig, model: str, device: torch.device) -> dict:
     """A model's entry in ``config.json``: its name, spec, seeds, the engine path that trains it
-    on ``device`` and, on the fused path with an OffsetL2 layer, the form the kernel computes in
-    this precision (:data:`distrep.fused.OFFSETL2_KERNEL`)."""
+    on ``device`` and, on the fused path, how the kernel computes the output layer in this
+    precision: an OffsetL2 layer's form (:data:`distrep.fused.OFFSETL2_KERNEL`), a linear
+    layer's products (:data:`distrep.fused.HEAD_PRODUCTS`)."""
     specs = parse(model)
     entry = {"name": display_name(model), "spec": canonical_spec(model), "seeds": config.seeds(model),
              "engine_path": engine_path(specs, config.engine, device)}
-    if entry["engine_path"] == "fused" and any(s.kind == "offsetl2" for s in specs):
-        entry["offsetl2_kernel"] = offsetl2_kernel(config.precision)
+    if entry["engine_path"] == "fused":
+        if any(s.kind == "offsetl2" for s in specs):
+            entry["offsetl2_kernel"] = offsetl2_kernel(config.precision)
+        else:
+            entry["head_products"] = head_products(config.precision)
     return entry
 
 
