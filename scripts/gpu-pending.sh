@@ -13,7 +13,8 @@
 #      program counts up to 12 % fewer instructions per SM but leaves fewer warps per SM unless
 #      one stage frees shared memory: docs/engine.md, "Fewer warps per program"), Table 1's six
 #      variants x 20 runs; then the fastest (scripts/shape-check.py --pick): its CUDA tests and
-#      `bench` at the present shape and at it; ~3-4 min;
+#      `bench` at the present shape and at it (nothing, if the present shape is the fastest);
+#      ~2-4 min;
 #   3. `distrep reproduce table1 --dry-run` in bf16: the time estimate, since it warms up the
 #      test pass (it said 2.9 h for a run that took 5.2 min; it should now say about 5 min);
 #   4. scripts/fp32-products.py: fp32's two first-layer products as the step runs them against

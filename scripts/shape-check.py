@@ -14,8 +14,8 @@ third bench times the tried kernel with it.
 
 With --pick, that shape (and --head-products) is the fallback and the one taken is what
 scripts/fused-tune.py logged as fastest for PRECISION on the case whose name starts with
-"Abs ..." (Table 1's six variants), present kernel included; if that is the present one, only
-the bench runs.
+"Abs ..." (Table 1's six variants), present kernel included; if that is the present one (and
+nothing else is asked), there is nothing to try: it says so and stops (`distrep bench` times it).
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def main() -> int:
     if args.pick:
         shape, products = fastest(open(args.pick).read(), args.precision) or (shape, products)
         products = products or args.head_products or present[2]
+    if products not in fused.HEAD_PRODUCT_CHOICES[args.precision]:
+        parser.error(f"--head-products: {args.precision} runs its output layer's products as "
+                     + " or ".join(fused.HEAD_PRODUCT_CHOICES[args.precision]))
     tried = (shape, present[1], products)
     print(f"{args.precision}: present {describe(present)}, trying {describe(tried)}"
           + (f"; then reading {args.operand}" if args.operand not in (None, present[1]) else ""), flush=True)
@@ -70,17 +73,18 @@ def main() -> int:
         for table, value in zip(settings, setting):
             table[args.precision] = value
 
-    status = 0
     changed = (shape, args.operand or present[1], products)
-    if changed != present:
-        use(changed)
-        three_pass = " or 3xtf32_on_cuda" if products != present[2] else ""
-        status = pytest.main(["-q", "-s", "-p", "no:cacheprovider", "tests/test_cuda.py", "-k",
-                              f"fused_step_on_cuda or (graphs and fused and {args.precision}) "
-                              f"or (memory_plan and {args.precision}){three_pass}"])
-        status = 0 if status == pytest.ExitCode.NO_TESTS_COLLECTED else status
-        print(f"CUDA tests with {describe(changed)}: {'passed' if status == 0 else f'FAILED ({status})'}",
-              flush=True)
+    if changed == present:             # `distrep bench` times the present kernel alone
+        print("nothing to try: the present kernel is the one asked for", flush=True)
+        return 0
+    use(changed)
+    three_pass = " or 3xtf32_on_cuda" if products != present[2] else ""
+    status = pytest.main(["-q", "-s", "-p", "no:cacheprovider", "tests/test_cuda.py", "-k",
+                          f"fused_step_on_cuda or (graphs and fused and {args.precision}) "
+                          f"or (memory_plan and {args.precision}){three_pass}"])
+    status = 0 if status == pytest.ExitCode.NO_TESTS_COLLECTED else status
+    print(f"CUDA tests with {describe(changed)}: {'passed' if status == 0 else f'FAILED ({status})'}",
+          flush=True)
     cases = [("present", present)] + ([("tried", tried)] if tried != present else []) \
         + ([("tried", changed)] if changed != tried else [])
     for label, setting in cases:

@@ -697,9 +697,11 @@ def test_kernel_stats_counts_the_class_loops_once_per_class():
     assert per_warp["ReLU-L2 direct"] > 2 * per_warp["ReLU-L2 expanded"] > 2 * per_warp["ReLU2"], per_warp
 
 
-def test_shape_check_picks_the_fastest_shape_fused_tune_logged():
+def test_shape_check_picks_the_fastest_shape_fused_tune_logged(monkeypatch, capsys):
     """scripts/shape-check.py --pick reads scripts/fused-tune.py's log: the fastest Table 1 case
-    of the precision asked, whatever the other precisions and Table 3's cases say."""
+    of the precision asked, whatever the other precisions and Table 3's cases say. Asked for the
+    present kernel, it has nothing to try and times nothing; output-layer products a precision
+    cannot take are a usage error before anything runs."""
     import importlib.util
     scripts = Path(__file__).parent.parent / "scripts"
     tune, check = (importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, scripts / f"{name}.py"))
@@ -720,6 +722,14 @@ def test_shape_check_picks_the_fastest_shape_fused_tune_logged():
     log += "\n" + "\n".join([tune.rate_line(f"{tune.label(shape('32x4x8'))} fp32:ieee {table1}", 0.54e-3, 3.0),
                              tune.rate_line(f"{tune.label(shape('32x4x8'))} fp32:3xtf32 {table1}", 0.50e-3, 3.0)])
     assert check.fastest(log, "fp32") == ((32, 4, 8, 3), "3xtf32")
+
+    monkeypatch.setattr(check, "run_bench", lambda *a, **k: pytest.fail("nothing to time"))
+    monkeypatch.setattr(sys, "argv", ["shape-check.py", "fp32", "x".join(map(str, fused.SHAPES["fp32"]))])
+    assert check.main() == 0 and "nothing to try" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["shape-check.py", "bf16", "32x4x8", "--head-products", "3xtf32"])
+    with pytest.raises(SystemExit) as stopped:
+        check.main()
+    assert stopped.value.code == 2 and "bf16 runs its output layer's products as bf16" in capsys.readouterr().err
     assert shape("32x1x8") == (32, 1, 8, 3)          # the stages Triton takes by default
     with pytest.raises(ValueError):
         shape("32x4")
