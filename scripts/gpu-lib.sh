@@ -3,9 +3,8 @@
 # Sourced with the script's arguments, MNIST_DIR OUT_DIR [SECONDS]: sets $data, $out (the folder
 # to log into), $budget (seconds the whole pass may take; default $default_budget) and $device.
 # MNIST_DIR holds the idx files, plain or .gz (`distrep data fetch mnist --from` reads either); for
-# a machine without a network, copy them into an ignored folder of the checkout that travels
-# with it, e.g. `mkdir -p .gpu-data/mnist && gzip -c ~/.cache/distrep/mnist/train-images-idx3-ubyte
-# > .gpu-data/mnist/train-images-idx3-ubyte.gz` and the same for the other three (11 MB in all).
+# a machine without a network, `scripts/gpu-data.sh` puts them (and Fashion-MNIST's) gzipped in
+# .gpu-data/mnist (and .gpu-data/fashion-mnist), an ignored folder that the device tool carries.
 usage="usage: $0 MNIST_DIR OUT_DIR [SECONDS]"
 data=${1:?$usage}
 out=${2:?$usage}

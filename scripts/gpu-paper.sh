@@ -24,8 +24,8 @@
 #                    both are finished, its report over both (beyond-report.tar.gz). Its heads
 #                    train on the autograd path, which has no bf16: give PRECISION=tf32 (or fp32).
 #                    Fashion-MNIST's idx files come from FASHION_DIR (default: the folder
-#                    fashion-mnist beside MNIST_DIR, e.g. .gpu-data/fashion-mnist holding copies
-#                    of /usr/share/datasets/fashion-mnist/*.gz). Not run on a GPU yet.
+#                    fashion-mnist beside MNIST_DIR, e.g. .gpu-data/fashion-mnist, which
+#                    scripts/gpu-data.sh fills). Not run on a GPU yet.
 # Measured on an H200 in bf16 (docs/paper-h200-bf16/, 2026-11-28): table3-offsetl2 258 s,
 # table1 309 s, table2 34 s of training, each after ~15-30 s of data check and dry run, and
 # before its report and packing (~10 s). A call of at most 10 minutes takes table3-offsetl2 and

@@ -27,8 +27,8 @@
 # take about 9 minutes, so give the first call 590 s and a second SKIP="1 2 3 4" for the study.
 # Usage: scripts/gpu-pending.sh MNIST_DIR OUT_DIR [SECONDS]   (default 560)
 # MNIST_DIR as for the other GPU scripts (gpu-lib.sh); Fashion-MNIST's idx files in FASHION_DIR
-# (default: fashion-mnist beside MNIST_DIR: `mkdir -p .gpu-data/fashion-mnist && cp
-# /usr/share/datasets/fashion-mnist/*.gz .gpu-data/fashion-mnist/`). WORK as for gpu-paper.sh
+# (default: fashion-mnist beside MNIST_DIR; `scripts/gpu-data.sh` fills .gpu-data/mnist and
+# .gpu-data/fashion-mnist). WORK as for gpu-paper.sh
 # (use an ignored folder of the checkout, e.g. WORK=$PWD/.gpu-data/beyond, so a warm machine keeps
 # it between calls; carry .gpu-data/mnist and .gpu-data/fashion-mnist, not .gpu-data, whose copy
 # would replace WORK there). SKIP="1 2 3 4" skips parts 1 to 4 (a second call). DEVICE=cpu with

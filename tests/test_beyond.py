@@ -1,5 +1,6 @@
 """The study beyond the paper: its claims, its presets and the report over both datasets."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,24 @@ def test_beyond_quick_reports_both_datasets(tmp_path, mnist):
             assert row.rstrip(" |").split("| ")[-1].split(" (")[0] in ("holds", "does not hold",
                                                                        "not comparable"), row
     assert (out / "report.html").exists() and (out / "figures/final_accuracy.png").exists()
+
+
+@needs_fashion
+def test_gpu_data_packs_both_datasets_for_a_machine_without_a_network(tmp_path, mnist):
+    """scripts/gpu-data.sh DIR: each dataset's four idx files gzipped under DIR/<name>, what the
+    GPU scripts read with `distrep data fetch --from` (verified there: the same bytes as the
+    cache)."""
+    import gzip
+    import subprocess
+    import sys
+    from distrep.data import FASHION_MNIST, MNIST, cache_dir
+    script = Path(__file__).parent.parent / "scripts" / "gpu-data.sh"
+    env = {**os.environ, "DISTREP": str(Path(sys.executable).with_name("distrep"))}
+    r = subprocess.run(["bash", str(script), str(tmp_path / "d")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0 and "ready:" in r.stdout, r.stderr
+    for spec in (MNIST, FASHION_MNIST):
+        packed = sorted((tmp_path / "d" / spec.name).iterdir())
+        assert [p.name for p in packed] == sorted(f.name + ".gz" for f in cache_dir(spec).iterdir())
+        for p in packed:
+            assert gzip.decompress(p.read_bytes()) == (cache_dir(spec) / p.name.removesuffix(".gz")).read_bytes()
