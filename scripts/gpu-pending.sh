@@ -4,16 +4,16 @@
 #      (distrep.fused.HEAD_PRODUCTS["fp32"] = "3xtf32"; the first layer's products stay IEEE in
 #      cuBLAS), 45 % fewer kernel instructions (docs/kernel-stats/sm90-32x4-fp32-heads.txt),
 #      and with the weight gradient reading the input example-major too (GRADIENT_OPERAND):
-#      scripts/shape-check.py runs the CUDA tests with both (the fused step against the CPU, the
-#      three passes against IEEE fp32, graphs bit for bit, the memory plan), then `bench` in fp32
-#      with the present kernel, with the three-pass output layer, and with both, side by side,
-#      Table 1 and Table 3, each with its fraction of the GEMM peak (the target: 90 %); ~5 min;
+#      scripts/shape-check.py runs `bench` in fp32 with the present kernel, with the three-pass
+#      output layer, and with both, side by side, Table 1 and Table 3, each with its fraction of
+#      the GEMM peak (the target: 90 %), then the CUDA tests with both (the fused step against
+#      the CPU, the three passes against IEEE fp32, graphs bit for bit, the memory plan); ~5 min;
 #   2. IEEE fp32's kernel at other shapes (scripts/fused-tune.py, TUNE_SHAPES: examples per
 #      block x warps x blocks per program x pipeline stages, distrep.fused.SHAPES; one warp per
 #      program counts up to 12 % fewer instructions per SM but leaves fewer warps per SM unless
 #      one stage frees shared memory: docs/engine.md, "Fewer warps per program"), Table 1's six
-#      variants x 20 runs; then the fastest (scripts/shape-check.py --pick): its CUDA tests and
-#      `bench` at the present shape and at it (nothing, if the present shape is the fastest);
+#      variants x 20 runs; then the fastest (scripts/shape-check.py --pick): `bench` at the
+#      present shape and at it, and its CUDA tests (nothing, if the present shape is the fastest);
 #      ~2-4 min;
 #   3. `distrep reproduce table1 --dry-run` in bf16: the time estimate, since it warms up the
 #      test pass (it said 2.9 h for a run that took 5.2 min; it should now say about 5 min);

@@ -700,8 +700,9 @@ def test_kernel_stats_counts_the_class_loops_once_per_class():
 def test_shape_check_picks_the_fastest_shape_fused_tune_logged(monkeypatch, capsys):
     """scripts/shape-check.py --pick reads scripts/fused-tune.py's log: the fastest Table 1 case
     of the precision asked, whatever the other precisions and Table 3's cases say. Asked for the
-    present kernel, it has nothing to try and times nothing; output-layer products a precision
-    cannot take are a usage error before anything runs."""
+    present kernel, it has nothing to try and times nothing; otherwise it benches the present
+    kernel and each change before the CUDA tests; output-layer products a precision cannot take
+    are a usage error before anything runs."""
     import importlib.util
     scripts = Path(__file__).parent.parent / "scripts"
     tune, check = (importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, scripts / f"{name}.py"))
@@ -724,8 +725,24 @@ def test_shape_check_picks_the_fastest_shape_fused_tune_logged(monkeypatch, caps
     assert check.fastest(log, "fp32") == ((32, 4, 8, 3), "3xtf32")
 
     monkeypatch.setattr(check, "run_bench", lambda *a, **k: pytest.fail("nothing to time"))
-    monkeypatch.setattr(sys, "argv", ["shape-check.py", "fp32", "x".join(map(str, fused.SHAPES["fp32"]))])
+    present = "x".join(map(str, fused.SHAPES["fp32"]))
+    monkeypatch.setattr(sys, "argv", ["shape-check.py", "fp32", present])
     assert check.main() == 0 and "nothing to try" in capsys.readouterr().out
+    # the benches first (the present kernel, the tried one, the tried one reading rows), then
+    # the CUDA tests with every change, the three-pass test among them; the tables restored
+    calls = []
+    monkeypatch.setattr(check, "run_bench", lambda *a, **k: calls.append(
+        ("bench", fused.HEAD_PRODUCTS["fp32"], fused.GRADIENT_OPERAND["fp32"])))
+    monkeypatch.setattr(check.pytest, "main", lambda args: calls.append(
+        ("tests", fused.HEAD_PRODUCTS["fp32"], fused.GRADIENT_OPERAND["fp32"], "3xtf32_on_cuda" in args[-1])) or 0)
+    monkeypatch.setattr(sys, "argv", ["shape-check.py", "fp32", present, "--head-products", "3xtf32",
+                                      "--operand", "rows"])
+    with monkeypatch.context() as m:
+        for table in (fused.HEAD_PRODUCTS, fused.GRADIENT_OPERAND):
+            m.setitem(table, "fp32", table["fp32"])      # undone after the script sets them
+        assert check.main() == 0
+    assert calls == [("bench", "ieee", "columns"), ("bench", "3xtf32", "columns"), ("bench", "3xtf32", "rows"),
+                     ("tests", "3xtf32", "rows", True)]
     monkeypatch.setattr(sys, "argv", ["shape-check.py", "bf16", "32x4x8", "--head-products", "3xtf32"])
     with pytest.raises(SystemExit) as stopped:
         check.main()
