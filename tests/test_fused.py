@@ -246,8 +246,8 @@ def test_3xtf32_gradients_are_fp32s(data):
     low halves left out (the weight's, the input's, dP's) moves some gradient by 2e-4 or more
     (2e-4 to 4e-2, measured), as a product in TF32 alone would."""
     names = ["ReLU", "Abs2-Neg", "ReLU2-Neg-Bias", "linear+nobias-relu-linear+bias-neg", "ReLU-L2"]
-    fp32, ours = one_step_gradients(data, names, "fp32"), one_step_gradients(data, names, "3xtf32")
-    for name, ours, theirs in zip(names, ours, fp32):
+    fp32, three = one_step_gradients(data, names, "fp32"), one_step_gradients(data, names, "3xtf32")
+    for name, ours, theirs in zip(names, three, fp32):
         for k in theirs:
             assert relative(ours[k], theirs[k]) < 5e-6, (name, k)
 
