@@ -6,8 +6,10 @@
 #      and with the weight gradient reading the input example-major too (GRADIENT_OPERAND):
 #      scripts/shape-check.py runs `bench` in fp32 with the present kernel, with the three-pass
 #      output layer, and with both, side by side, Table 1 and Table 3, each with its fraction of
-#      the GEMM peak (the target: 90 %), then the CUDA tests with both (the fused step against
-#      the CPU, the three passes against IEEE fp32, graphs bit for bit, the memory plan); ~5 min;
+#      the GEMM peak (the target: 90 %), then both with a stream per variant and with the
+#      pipeline (its kernel now on tensor cores, beside the SIMT products instead of contending
+#      for their FMA pipes), then the CUDA tests with both (the fused step against the CPU, the
+#      three passes against IEEE fp32, graphs and streams bit for bit, the memory plan); ~5 min;
 #   2. IEEE fp32's kernel at other shapes (scripts/fused-tune.py, TUNE_SHAPES: examples per
 #      block x warps x blocks per program x pipeline stages, distrep.fused.SHAPES; one warp per
 #      program counts up to 12 % fewer instructions per SM but leaves fewer warps per SM unless
@@ -47,7 +49,7 @@ step 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --
 step 40 "$python" -m distrep.cli data fetch mnist --from "$data"
 if ! skip 1; then
     step "$(upto 330)" "$python" scripts/shape-check.py fp32 32x4x8x3 --head-products 3xtf32 --operand rows \
-        --device "$device" ${SHAPE_ARGS:-}
+        --streams 1,pipeline --device "$device" ${SHAPE_ARGS:-}
 fi
 if ! skip 2; then
     step "$(upto 120)" env TUNE_PRECISIONS=fp32 TUNE_EXTRAS=0 \

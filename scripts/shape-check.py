@@ -5,11 +5,16 @@ kernel measured in the same call), then its CUDA tests (the fused step against t
 graphs bit for bit, the memory plan against the peak, and with --head-products the three-pass
 products against IEEE fp32's). With --operand rows, the weight gradient also reads the input
 held example-major (distrep.fused.GRADIENT_OPERAND): a third bench times the tried kernel with
-it, and the CUDA tests run with every change. The benches come first: a pass cut short by its
-time limit still says how fast; a kernel is adopted only when its tests passed too.
+it, and the CUDA tests run with every change. With --streams 1,pipeline, the last kernel is
+benched again with each of these CUDA stream schedules (DISTREP_CUDA_STREAMS: a stream per
+variant, or the products on one stream and the kernels on another), and the tests that hold
+them to one stream's bits run too: with its output layer on tensor cores, fp32's kernel may now
+run beside the SIMT products instead of contending for their FMA pipes. The benches come first:
+a pass cut short by its time limit still says how fast; a kernel is adopted only when its tests
+passed too.
 
     python scripts/shape-check.py PRECISION BNxWARPSxBLOCKS[xSTAGES] [--pick TUNE_LOG] [--epochs 5]
-        [--head-products 3xtf32] [--operand rows] [--device cuda] [--runs 20] [--train-subset N]
+        [--head-products 3xtf32] [--operand rows] [--streams 1,pipeline] [--device cuda] [--runs 20] [--train-subset N]
         (a smoke test: --device cpu under TRITON_INTERPRET=1 with --train-subset 64 --epochs 1
         --runs 2; no CUDA test runs)
 
@@ -22,6 +27,7 @@ nothing else is asked), there is nothing to try: it says so and stops (`distrep 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -29,6 +35,7 @@ import pytest
 
 from distrep import fused
 from distrep.bench import run_bench
+from distrep.graphs import CUDA_STREAMS_VARIABLE, STREAM_SCHEDULES
 from distrep.sweep import GiB
 
 LINE = re.compile(r"BN\s+(\d+) warps\s+(\d+) blocks\s+(\d+) stages (\d+) (\w+)(?::(\w+))? Abs \.\.\..*?"
@@ -53,6 +60,8 @@ def main() -> int:
                         help="also bench the kernel tried with this GRADIENT_OPERAND")
     parser.add_argument("--head-products", choices=["ieee", "3xtf32"], default=None,
                         help="the output layer's products to try (distrep.fused.HEAD_PRODUCTS)")
+    parser.add_argument("--streams", type=schedules, default=[],
+                        help="also bench the last kernel with these DISTREP_CUDA_STREAMS, e.g. 1,pipeline")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--train-subset", type=int, default=None)
@@ -75,7 +84,7 @@ def main() -> int:
             table[args.precision] = value
 
     changed = (shape, args.operand or present[1], products)
-    if changed == present:             # `distrep bench` times the present kernel alone
+    if changed == present and not args.streams:      # `distrep bench` times the present kernel alone
         print("nothing to try: the present kernel is the one asked for", flush=True)
         return 0
     cases = [("present", present)] + ([("tried", tried)] if tried != present else []) \
@@ -83,17 +92,46 @@ def main() -> int:
     for label, setting in cases:        # the speed first: it is what no CPU can say
         use(setting)
         print(f"=== bench, {args.precision} with {describe(setting)} ({label})", flush=True)
-        run_bench(args.device, args.runs, args.epochs, 40 * GiB, args.train_subset, engines=("fused",),
-                  precisions=(args.precision,))
+        bench(args)
     use(changed)
+    for schedule in args.streams:
+        print(f"=== bench, {args.precision} with {describe(changed)}, {CUDA_STREAMS_VARIABLE}={schedule}",
+              flush=True)
+        bench(args, streams=schedule)
     three_pass = " or 3xtf32_on_cuda" if products != present[2] else ""
+    streams = f" or (concurrent_streams and fused and {args.precision})" if args.streams else ""
     status = pytest.main(["-q", "-s", "-p", "no:cacheprovider", "tests/test_cuda.py", "-k",
                           f"fused_step_on_cuda or (graphs and fused and {args.precision}) "
-                          f"or (memory_plan and {args.precision}){three_pass}"])
+                          f"or (memory_plan and {args.precision}){three_pass}{streams}"])
     status = 0 if status == pytest.ExitCode.NO_TESTS_COLLECTED else status
     print(f"CUDA tests with {describe(changed)}: {'passed' if status == 0 else f'FAILED ({status})'}",
           flush=True)
     return int(status)
+
+
+def bench(args, streams: str | None = None) -> None:
+    """`distrep bench` of the fused step in ``args.precision`` on Table 1's and Table 3's
+    variants, with the CUDA stream schedule ``streams`` (None: the one it takes by default)."""
+    saved = os.environ.get(CUDA_STREAMS_VARIABLE)
+    if streams is not None:
+        os.environ[CUDA_STREAMS_VARIABLE] = streams
+    try:
+        run_bench(args.device, args.runs, args.epochs, 40 * GiB, args.train_subset, engines=("fused",),
+                  precisions=(args.precision,))
+    finally:
+        if saved is None:
+            os.environ.pop(CUDA_STREAMS_VARIABLE, None)
+        else:
+            os.environ[CUDA_STREAMS_VARIABLE] = saved
+
+
+def schedules(text: str) -> list[str]:
+    """``--streams``: comma-separated DISTREP_CUDA_STREAMS settings."""
+    values = [value.strip() for value in text.split(",") if value.strip()]
+    wrong = [value for value in values if value not in STREAM_SCHEDULES]
+    if wrong or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: give some of {', '.join(STREAM_SCHEDULES)}, comma-separated")
+    return values
 
 
 def describe(setting) -> str:

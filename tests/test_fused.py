@@ -743,10 +743,24 @@ def test_shape_check_picks_the_fastest_shape_fused_tune_logged(monkeypatch, caps
         assert check.main() == 0
     assert calls == [("bench", "ieee", "columns"), ("bench", "3xtf32", "columns"), ("bench", "3xtf32", "rows"),
                      ("tests", "3xtf32", "rows", True)]
-    monkeypatch.setattr(sys, "argv", ["shape-check.py", "bf16", "32x4x8", "--head-products", "3xtf32"])
-    with pytest.raises(SystemExit) as stopped:
-        check.main()
-    assert stopped.value.code == 2 and "bf16 runs its output layer's products as bf16" in capsys.readouterr().err
+    # --streams: the last kernel benched again with each schedule, the present one included, and
+    # the tests that hold the schedules to one stream's bits run too; the variable restored
+    calls.clear()
+    monkeypatch.delenv("DISTREP_CUDA_STREAMS", raising=False)
+    monkeypatch.setattr(check, "run_bench", lambda *a, **k: calls.append(
+        ("bench", fused.HEAD_PRODUCTS["fp32"], os.environ.get("DISTREP_CUDA_STREAMS"))))
+    monkeypatch.setattr(check.pytest, "main", lambda args: calls.append(
+        ("tests", "concurrent_streams and fused and fp32" in args[-1])) or 0)
+    monkeypatch.setattr(sys, "argv", ["shape-check.py", "fp32", present, "--streams", "1,pipeline"])
+    assert check.main() == 0 and "DISTREP_CUDA_STREAMS" not in os.environ
+    assert calls == [("bench", "ieee", None), ("bench", "ieee", "1"), ("bench", "ieee", "pipeline"), ("tests", True)]
+    for argv in (["bf16", "32x4x8", "--head-products", "3xtf32"], ["fp32", present, "--streams", "2"]):
+        monkeypatch.setattr(sys, "argv", ["shape-check.py", *argv])
+        with pytest.raises(SystemExit) as stopped:
+            check.main()
+        assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "bf16 runs its output layer's products as bf16" in err and "'2': give some of 0, 1, pipeline" in err
     assert shape("32x1x8") == (32, 1, 8, 3)          # the stages Triton takes by default
     with pytest.raises(ValueError):
         shape("32x4")
