@@ -522,8 +522,9 @@ def test_flop_count_by_hand():
 
 def _chains():
     """Every activation, ordered pair and triple of the grammar's activations, between two linear layers, and
-    every pair after the output layer, before an OffsetL2 head and after one, and each activation
-    before an OffsetL2 head with each after it."""
+    every pair around the output layer (with and without its bias; the first layer's bias dropped
+    in every other one), before an OffsetL2 head and after one, and each activation before an
+    OffsetL2 head with each after it."""
     from itertools import product
 
     from distrep.layers import ACTIVATIONS
@@ -532,6 +533,8 @@ def _chains():
     specs += [f"linear-{a}-{b}-linear" for a, b in product(acts, repeat=2)]
     specs += [f"linear-{a}-{b}-{c}-linear" for a, b, c in product(acts, repeat=3)]
     specs += [f"linear-{a}-linear-{b}" for a, b in product(acts, repeat=2)]
+    specs += [f"linear{'+nobias' if i % 2 else ''}-{a}-linear+bias-{b}"
+              for i, (a, b) in enumerate(product(acts, repeat=2))]
     specs += [f"linear-{a}-{b}-offsetl2" for a, b in product(acts, repeat=2)]
     specs += [f"linear-relu-offsetl2-{a}-{b}" for a, b in product(acts, repeat=2)]
     specs += [f"linear-{a}-offsetl2-{b}" for a, b in product(acts, repeat=2)]
