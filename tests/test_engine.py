@@ -344,7 +344,8 @@ def test_a_graphed_step_with_concurrent_groups_forks_each_onto_its_own_stream(mo
 
 def test_a_stream_per_variant_is_the_default_only_where_it_was_measured_to_pay(monkeypatch):
     """Unset (or ``auto``), a graphed step gives each variant its own stream for the fused step
-    in TF32 and bf16 only (faster there on an H200; fp32 slower, hand-written not timed);
+    in TF32, 3xTF32 and bf16 only (faster there on an H200; fp32 slower, hand-written not timed;
+    graphs.FUSED_STREAMS, per precision);
     DISTREP_CUDA_STREAMS=1/0/pipeline forces a schedule (the pipeline only for fused groups);
     one variant never forks; any other value is refused."""
     import types
@@ -365,6 +366,8 @@ def test_a_stream_per_variant_is_the_default_only_where_it_was_measured_to_pay(m
     assert schedule("bf16", fused) == "one"
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "auto")
     assert schedule("bf16", fused, fused) == "per-variant"
+    monkeypatch.setitem(graphs.FUSED_STREAMS, "fp32", "pipeline")     # one table decides, per precision
+    assert schedule("fp32", fused, fused) == "pipeline" and schedule("fp32", hand, hand) == "one"
     monkeypatch.setenv("DISTREP_CUDA_STREAMS", "1")
     assert schedule("fp32", hand, hand) == "per-variant"
     assert schedule("fp32", hand) == "one"

@@ -34,15 +34,18 @@ CUDA_GRAPHS_VARIABLE = "DISTREP_CUDA_GRAPHS"
 # DISTREP_CUDA_STREAMS=0 (one stream), 1 (per-variant), pipeline, or auto (unset: as measured).
 CUDA_STREAMS_VARIABLE = "DISTREP_CUDA_STREAMS"
 STREAM_SCHEDULES = {"0": "one", "1": "per-variant", "pipeline": "pipeline"}
+# The schedule ``auto`` takes for a step whose variants are all fused, per precision (any other
+# step takes one stream), as measured above.
+FUSED_STREAMS = {"fp32": "one", "3xtf32": "per-variant", "tf32": "per-variant", "bf16": "per-variant"}
 
 
 def stream_schedule(trainer: Trainer) -> str:
     """How a graphed step of ``trainer`` uses CUDA streams: ``"one"``, ``"per-variant"`` or
-    ``"pipeline"`` (:data:`CUDA_STREAMS_VARIABLE`; ``auto``, the default, gives each variant a
-    stream of its own for the fused step on tensor cores, TF32, 3xTF32 and bf16, and one stream
-    otherwise: IEEE fp32's SIMT products fill the GPU and slow each other side by side; measured
-    on an H200, docs/engine-h200-fused/ and docs/engine-h200-3xtf32/). A single group always
-    takes one stream."""
+    ``"pipeline"`` (:data:`CUDA_STREAMS_VARIABLE`; ``auto``, the default, takes
+    :data:`FUSED_STREAMS` for the fused step, a stream per variant on tensor cores, TF32, 3xTF32
+    and bf16, and one stream otherwise: IEEE fp32's SIMT products fill the GPU and slow each
+    other side by side; measured on an H200, docs/engine-h200-fused/ and
+    docs/engine-h200-3xtf32/). A single group always takes one stream."""
     setting = os.environ.get(CUDA_STREAMS_VARIABLE, "auto")
     if setting != "auto" and setting not in STREAM_SCHEDULES:
         raise DistrepError(f"{CUDA_STREAMS_VARIABLE}={setting!r}: use 1 (a stream per variant), "
@@ -51,7 +54,7 @@ def stream_schedule(trainer: Trainer) -> str:
     if len(trainer.groups) < 2:
         return "one"
     if setting == "auto":
-        return "per-variant" if fused and trainer.precision != "fp32" else "one"
+        return FUSED_STREAMS[trainer.precision] if fused else "one"
     if setting == "pipeline" and not fused:
         raise DistrepError(f"{CUDA_STREAMS_VARIABLE}=pipeline needs the fused step for every "
                            "variant (--engine fused)")
