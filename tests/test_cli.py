@@ -439,7 +439,9 @@ def test_reduced_precision_is_judged_run_by_run_against_fp32(tmp_path, mnist):
     """`bench --accuracy`: every Table 1 and Table 3 model in fp32 and bf16 from the same seeds,
     a paired interval and a verdict per model, every run's accuracy on file."""
     import json
-    from distrep.bench import equivalence
+    from distrep.bench import equivalence, interval
+    assert interval([-0.01, 0.02]) == "[-0.010, +0.020]"
+    assert interval([float("nan")] * 2) == "(no interval)"        # one pair, or runs that do not pair
     assert equivalence([0.01, -0.02, 0.0, 0.03])[1] == "equivalent within ±0.1"
     assert equivalence([0.5, 0.6, 0.55, 0.62])[1] == "different (beyond ±0.1)"
     assert equivalence([0.3, -0.3, 0.1, -0.05])[1].startswith("inconclusive")

@@ -530,8 +530,15 @@ def describe_row(row: dict, other: str, reference: str) -> str:
     """One line for a row of :func:`paired_rows`: the difference ``other - reference``, its
     interval, the verdict."""
     return (f"{row['model']:<12} {other} - {reference}: {row['diff']:+.3f} points "
-            f"[{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}] over {row['pairs']} paired runs, largest "
+            f"{interval(row['ci'])} over {row['pairs']} paired runs, largest "
             f"|difference| {row['max_abs']:.2f}: {row['verdict']}")
+
+
+def interval(ci) -> str:
+    """``[lo, hi]`` in points, or what stands in for it where there is none (fewer than two
+    pairs, or runs that do not pair)."""
+    lo, hi = ci
+    return f"[{lo:+.3f}, {hi:+.3f}]" if np.isfinite(lo) and np.isfinite(hi) else "(no interval)"
 
 
 def accuracy_check(device_name: str = "cpu", precisions: tuple[str, ...] = ("bf16",), runs: int = 5,
@@ -619,7 +626,7 @@ def write_accuracy(directory: Path, out: dict) -> None:
              "largest per-run | verdict |", "|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         lines.append(f"| {r['precision']} | {r['model']} | {r['fp32']:.2f} | {r['other']:.2f} | "
-                     f"{r['diff']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['max_abs']:.2f} | "
+                     f"{r['diff']:+.3f} | {interval(r['ci'])} | {r['max_abs']:.2f} | "
                      f"{r['verdict']} |")
     lines += ["", "Wall time: " + ", ".join(f"{p} {s:.0f} s" for p, s in out["seconds"].items()), ""]
     atomic_write_bytes(directory / "accuracy.json", json.dumps(out, indent=1).encode())
