@@ -84,6 +84,55 @@ def test_auto_takes_the_fused_step_on_cuda_where_it_covers_the_model(monkeypatch
     assert engine_path(parse("ReLU"), "auto", "cuda") == "hand-written"
 
 
+def test_the_fused_step_takes_only_models_the_gpu_has_room_for(monkeypatch):
+    """Its shared memory grows with the width: up to MAX_WIDTH units and MAX_CLASSES classes,
+    and on a GPU only what its shared memory holds, the fused step; past that `auto` takes the
+    hand-written step and `--engine fused` says why in one line. Here a GPU with 99 KB per block
+    (an RTX 4090's), which holds the paper's width (60 KB) but not 256 units (117 KB)."""
+    assert engine_path(parse("ReLU", fused.MAX_WIDTH), "auto", "cuda") == "fused"
+    for wide in (parse("ReLU", fused.MAX_WIDTH + 1), parse("ReLU-L2", 128, num_classes=fused.MAX_CLASSES + 1)):
+        assert engine_path(wide, "auto", "cuda") == "hand-written"
+        with pytest.raises(DistrepError, match=r"takes hidden layers of up to 256 units and up to 16 classes"):
+            engine_path(wide, "fused", "cuda")
+    assert fused.shared_memory_bound(128, 10) == 59_904 and fused.shared_memory_bound(256, 10) == 117_248
+    monkeypatch.setattr(fused, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fused, "max_shared_memory", lambda device: 101_376)
+    assert engine_path(parse("ReLU", 128), "auto", "cuda") == "fused"
+    assert engine_path(parse("ReLU", 256), "auto", "cuda") == "hand-written"
+    assert engine_path(parse("ReLU", 256), "auto", "cpu") == "hand-written"
+    with pytest.raises(DistrepError, match=r"at width 256 needs up to 117,248 bytes of shared memory "
+                                           r"per block, more than this GPU's 101,376; use --engine hand-written"):
+        engine_path(parse("ReLU", 256), "fused", "cuda")
+    # and config.json, the memory plan and the precision checks read the model at its width
+    monkeypatch.setattr("distrep.sweep.check_protocol", lambda config: torch.device("cuda"))
+    with pytest.raises(DistrepError, match=r"ReLU \(hand-written\)"):
+        SweepConfig(models=["ReLU"], width=256, precision="3xtf32", device="cuda").validate()
+    SweepConfig(models=["ReLU"], width=128, precision="3xtf32", device="cuda").validate()
+    entry = describe_model(SweepConfig(models=["ReLU"], width=256, device="cuda"), "ReLU", torch.device("cuda"))
+    assert entry["engine_path"] == "hand-written"
+    from distrep.sweep import bytes_per_run
+    monkeypatch.setattr("distrep.sweep.resolve_device", lambda device: torch.device("cuda"))
+    data = load_dataset("mnist", "standardized").subset(64)
+    plan = Sweep(SweepConfig(models=["ReLU"], width=256, device="cuda"), data, progress=False).memory_plan()[1]
+    assert plan == [bytes_per_run("ReLU", 256, len(data.y_test), 784, 10, "hand-written", "cuda", "fp32")]
+
+
+@interpreted
+def test_a_kernel_the_gpu_cannot_hold_is_a_one_line_error(data, monkeypatch):
+    """Should a GPU or a Triton refuse the kernel at its launch all the same (Triton raises
+    OutOfResources there), the fused step says so in one line, not a traceback."""
+    def refuse(*args, **kwargs):
+        raise fused.OutOfResources(300_000, 232_448, "shared memory")
+
+    group = FusedRuns.from_state(parse("ReLU", 20), stack_parameters([create_model("ReLU", 20, seed=0)]))
+    monkeypatch.setattr(fused, "_head_kernel", {(1, 1): refuse})
+    with pytest.raises(DistrepError, match=r"^the fused kernel at width 20 with 10 classes in fp32 needs "
+                                           r"300,000 of shared memory where this GPU has 232,448; "
+                                           r"use --engine hand-written$"):
+        group.gradients(data.x_train[:40].t().contiguous(), data.y_train[:40])
+
+
 @interpreted
 @pytest.mark.parametrize("names", [list(ALIASES)[:9], list(ALIASES)[9:] + EXTRA])
 def test_every_covered_model_matches_the_hand_written_step(names, data):
@@ -673,6 +722,14 @@ fused.HEAD_PRODUCTS["fp32"] = "3xtf32"                # fp32's output layer in t
 ptx = compile_for_gpu(parse("Abs2-Neg"), "fp32", True).asm["ptx"]
 print("fp32 3xtf32-head products:", sorted(set(re.findall(products, ptx))), len(re.findall(products, ptx)))
 fused.HEAD_PRODUCTS["fp32"] = "ieee"
+over = []                   # shared memory against its bound, every mode and output layer, at the widest
+for precision, model, train in itertools.product(fused.SHAPES, ("ReLU", "ReLU-L2"), (True, False)):
+    shared = compile_for_gpu(parse(model, fused.MAX_WIDTH), precision, train).metadata.shared
+    if shared > fused.shared_memory_bound(fused.MAX_WIDTH, 10):
+        over.append((precision, model, train, shared))
+exact = [compile_for_gpu(parse("ReLU", w), "fp32", True).metadata.shared == fused.shared_memory_bound(w, 10)
+         for w in (20, 128, 256)]
+print("shared memory over the bound:", over, "fp32's to the byte:", exact)
 fused.MAX_REGISTERS["bf16"] = 128
 capped = compile_for_gpu(parse("ReLU2"), "bf16", True)
 print("capped:", re.findall(r"[.]maxnreg \\d+", capped.asm["ptx"]), capped.metadata.num_warps)
@@ -725,7 +782,9 @@ def test_the_kernel_compiles_for_an_h100_without_one(triton_install, compiling_f
     another (`pip install --no-deps --target DIR triton==3.6.0`), with that one. The expanded
     kernel in bf16 runs every product in bf16 (exact operands, one pass each): no TF32 product
     is in its PTX; fp32's output layer runs IEEE FMAs, or, with HEAD_PRODUCTS["fp32"] =
-    "3xtf32", as many TF32 products as 3xtf32's."""
+    "3xtf32", as many TF32 products as 3xtf32's. At the widest hidden layer the kernel takes,
+    no mode and neither output layer needs more shared memory than fused.shared_memory_bound,
+    which is fp32's with a linear output layer to the byte."""
     if compiling_for_sm90[triton_install] is None:
         pytest.skip(f"{GPU_TRITON_VARIABLE} names no Triton install (.ci/run sets it)")
     folder, process = compiling_for_sm90[triton_install]
@@ -739,6 +798,8 @@ def test_the_kernel_compiles_for_an_h100_without_one(triton_install, compiling_f
     assert "fp32 products: [] 0" in stdout, stdout
     three = re.search(r"3xtf32 products: \['tf32'\] (\d+)", stdout)
     assert three and f"fp32 3xtf32-head products: ['tf32'] {three.group(1)}" in stdout, stdout
+    # fused.shared_memory_bound, which keeps models the GPU cannot hold off the fused step
+    assert "shared memory over the bound: [] fp32's to the byte: [True, True, True]" in stdout, stdout
     assert "capped: ['.maxnreg 128'] 4" in stdout, stdout     # MAX_REGISTERS reaches ptxas
     assert "fp32 at 32x1x8x1: 1 1 True 3" in stdout, stdout   # and SHAPES, stages too
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from distrep.constant_features import FirstLayerInput
 from distrep.errors import DistrepError
-from distrep.fused import FusedRuns, fused_layout, unavailable
+from distrep.fused import FusedRuns, fused_layout, too_large, unavailable
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec, Net
 
@@ -597,14 +597,17 @@ def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto",
                 device: torch.device | str = "cpu") -> str:
     """Which of the engine's paths trains a model with these layers on ``device`` (the one place
     that decides). ``auto``: on CUDA "fused" (:mod:`distrep.fused`, a Triton kernel) where it
-    covers the model and Triton is installed; else "hand-written" when every layer has a
-    hand-written batched gradient, else "autograd". "compiled" (the autograd step fused by
-    ``torch.compile``) and "autograd" take any model when asked for; "hand-written" and "fused"
-    (the paper's two-layer family) only the models they cover."""
+    covers the model (its grammar, its widths and classes, the GPU's shared memory) and Triton
+    is installed; else "hand-written" when every layer has a hand-written batched gradient,
+    else "autograd". "compiled" (the autograd step fused by ``torch.compile``) and "autograd"
+    take any model when asked for; "hand-written" and "fused" (the paper's two-layer family)
+    only the models they cover. ``specs`` carry the model's sizes (:func:`~distrep.models.parse`
+    with its width), which the fused step's cover depends on."""
     covered = all(s.kind in HAND_WRITTEN for s in specs)
     if engine == "auto":
         device = torch.device(device)
-        if device.type == "cuda" and unavailable(device) is None and fused_layout(specs):
+        if (device.type == "cuda" and unavailable(device) is None and fused_layout(specs)
+                and too_large(specs, device) is None):
             return "fused"
         return "hand-written" if covered else "autograd"
     if engine not in PATHS:
@@ -616,6 +619,8 @@ def engine_path(specs: tuple[LayerSpec, ...], engine: str = "auto",
     if engine == "fused" and fused_layout(specs) is None:
         raise DistrepError("the fused engine covers linear-[relu|abs]-linear|offsetl2 followed by at "
                            "most two of relu/abs/neg; use --engine auto, autograd or compiled")
+    if engine == "fused" and (reason := too_large(specs, device)):
+        raise DistrepError(reason)
     return engine
 
 

@@ -40,6 +40,7 @@ mode (the interpreter's bf16 products are wrong in Triton 3.6-3.9).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -52,8 +53,12 @@ from distrep.models import LayerSpec
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:            # the fused step is optional: everything else runs without it
     triton = None
+
+    class OutOfResources(Exception):
+        """Stands in for Triton's, which nothing raises without Triton."""
 
 HIDDEN = {"identity": 0, "relu": 1, "abs": 2}          # activation codes inside the kernel
 POST = {"identity": 0, "relu": 1, "abs": 2, "neg": 3}
@@ -471,6 +476,58 @@ if triton is not None:
 
 # --------------------------------------------------------------------------- a model's runs
 
+# The widest hidden layer and the most classes the kernel takes (padded to powers of two). It
+# holds a block's [BLOCK_N, HP] hidden layer in registers and STAGES tiles of P in shared memory,
+# whose size grows with the width: fp32, 32 x 4 x 8 x 3, sm_90, Triton 3.6: 60 KB at 128 units
+# and 10 classes, 117 KB at 256, 232 KB at 512 (all of an H100's 227 KB) and 461 KB at 1,024;
+# and with more than 16 classes, more in some modes than others (TF32 with OffsetL2 at 128
+# units: 54 KB for 10 classes, 263 KB for 40). Wider models and more classes take the
+# hand-written step.
+MAX_WIDTH, MAX_CLASSES = 256, 16
+
+
+def shared_memory_bound(H: int, C: int) -> int:
+    """Bytes of shared memory a program of the kernel needs at most, for width ``H`` and ``C``
+    classes within :data:`MAX_WIDTH` and :data:`MAX_CLASSES`, in any mode and with either output
+    layer: ``STAGES BN HP 4 + CP HP 4 + BN CP 4 + 512`` (the pipeline's tiles of P, the output
+    layer's weight and a tile of logits, in fp32), with the largest shape of any mode. It is
+    what fp32's kernel with a linear output layer takes, to the byte, and no mode or output
+    layer takes more (tested against the sm_90 compile of each)."""
+    HP, CP = _padded(H), _padded(C)
+    return max(stages * bn * HP * 4 + CP * HP * 4 + bn * CP * 4 + 512 for bn, _, _, stages in SHAPES.values())
+
+
+def too_large(specs: tuple[LayerSpec, ...], device: torch.device | str | None = None) -> str | None:
+    """Why the kernel cannot take a model the grammar covers (:func:`fused_layout`), one line,
+    or None: a hidden layer wider than :data:`MAX_WIDTH` or more classes than
+    :data:`MAX_CLASSES`, or, on a CUDA ``device``, more shared memory
+    (:func:`shared_memory_bound`) than it has per block."""
+    layout = fused_layout(specs)
+    H, C = specs[0].out_features, specs[layout["head_index"]].out_features
+    if H > MAX_WIDTH or C > MAX_CLASSES:
+        return (f"the fused engine takes hidden layers of up to {MAX_WIDTH} units and up to "
+                f"{MAX_CLASSES} classes (this model: {H} and {C}); use --engine hand-written")
+    device = torch.device(device) if device is not None else None
+    if (device is not None and device.type == "cuda" and triton is not None and not interpreting()
+            and torch.cuda.is_available()):
+        need, limit = shared_memory_bound(H, C), max_shared_memory(device)
+        if need > limit:
+            return (f"the fused kernel at width {H} needs up to {need:,} bytes of shared memory per "
+                    f"block, more than this GPU's {limit:,}; use --engine hand-written or a narrower model")
+    return None
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """The shared memory a block may take on the CUDA ``device``, bytes, as Triton reads it
+    (and checks a kernel against at its first launch)."""
+    return _max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_memory(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
 def _padded(x: int) -> int:
     """The next power of two, at least 16 (the smallest side of a Triton product)."""
     return max(16, 1 << (x - 1).bit_length())
@@ -662,11 +719,16 @@ class FusedRuns:
         meta = kernel_constants(self.layout, self.form, H, C, train, self.precision)
         if meta["SPLIT_DP"]:                         # dP's low TF32 half (its high half over P)
             parts["dP lo"] = self._buffer("train dP lo", (R, H, n), torch.float32)
-        _head_kernel[(R, splits)](
-            P, P, parts.get("dP lo", dummy), W, B2 if B2 is not None else dummy,
-            MU if MU is not None else dummy, y if train else dummy, logits if logits is not None else dummy,
-            *(parts.get(k, dummy) for k in ("a", "b", "db2", "loss", "correct")),
-            n, 1.0 / n, CODED_CLAMP, **meta, **compile_options(self.precision))
+        try:
+            _head_kernel[(R, splits)](
+                P, P, parts.get("dP lo", dummy), W, B2 if B2 is not None else dummy,
+                MU if MU is not None else dummy, y if train else dummy, logits if logits is not None else dummy,
+                *(parts.get(k, dummy) for k in ("a", "b", "db2", "loss", "correct")),
+                n, 1.0 / n, CODED_CLAMP, **meta, **compile_options(self.precision))
+        except OutOfResources as e:      # a GPU or a Triton that too_large() did not foresee
+            raise DistrepError(f"the fused kernel at width {H} with {C} classes in {self.precision} "
+                               f"needs {e.required:,} of {e.name} where this GPU has {e.limit:,}; "
+                               f"use --engine hand-written") from None
         return parts
 
     def gradients(self, x_t: torch.Tensor, y: torch.Tensor, x_bf16: torch.Tensor | None = None

@@ -105,7 +105,7 @@ class SweepConfig:
             raise DistrepError(f"max runs per chunk must be at least 1, got {self.max_runs_per_chunk}")
         if self.max_memory <= 0:
             raise DistrepError(f"max memory must be positive, got {self.max_memory}")
-        paths = {m: engine_path(parse(m), self.engine, device) for m in self.models}
+        paths = {m: engine_path(parse(m, self.width), self.engine, device) for m in self.models}
         if self.precision == "bf16" and "autograd" in paths.values():
             raise DistrepError("bf16 is a precision of the engine's hand-written and compiled paths; "
                                "models on its autograd path (" + ", ".join(
@@ -395,7 +395,8 @@ class Sweep:
         # a test pass holds at most EVAL_BATCH examples at once, of the test images or, for the
         # final pass, of the training images
         n_eval = min(EVAL_BATCH, max(n_train, n_test))
-        fused = [engine_path(parse(s), c.engine, self.device) == "fused" for s in self.specs]
+        fused = [engine_path(parse(s, c.width, d.num_features, d.num_classes), c.engine, self.device) == "fused"
+                 for s in self.specs]
         per_run = [bytes_per_run(s, c.width, n_train if f else max(n_train, n_test), d.num_features,
                                  d.num_classes, c.engine, self.device, c.precision,
                                  n_eval=n_eval if f else 0) for s, f in zip(self.specs, fused)]
@@ -713,7 +714,7 @@ def describe_model(config: SweepConfig, model: str, device: torch.device) -> dic
     on ``device`` and, on the fused path, how the kernel computes the output layer in this
     precision: an OffsetL2 layer's form (:data:`distrep.fused.OFFSETL2_KERNEL`), a linear
     layer's products (:data:`distrep.fused.HEAD_PRODUCTS`)."""
-    specs = parse(model)
+    specs = parse(model, config.width)
     entry = {"name": display_name(model), "spec": canonical_spec(model), "seeds": config.seeds(model),
              "engine_path": engine_path(specs, config.engine, device)}
     if entry["engine_path"] == "fused":
