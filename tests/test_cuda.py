@@ -148,6 +148,23 @@ def test_fused_step_on_cuda_matches_the_cpu(standardized):
             assert 0 < value < 3e-2, (a.name, p)
 
 
+def test_fused_step_on_cuda_takes_the_widths_the_gpu_holds():
+    """The shared memory per block Triton allows on this GPU (232,448 bytes on an H100 or H200)
+    decides which widths take the fused step: the paper's width on any GPU of the last years,
+    past MAX_WIDTH none; a model past its GPU's figure goes to the hand-written step."""
+    from distrep import fused
+    from distrep.engine import engine_path
+    from distrep.models import parse
+    limit = fused.max_shared_memory(torch.device("cuda"))
+    print(f"\n{torch.cuda.get_device_name()}: {limit:,} bytes of shared memory per block")
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert limit == 232_448
+    assert engine_path(parse("ReLU"), "auto", "cuda") == "fused"
+    fits = fused.shared_memory_bound(fused.MAX_WIDTH, 10) <= limit
+    assert engine_path(parse("ReLU", fused.MAX_WIDTH), "auto", "cuda") == ("fused" if fits else "hand-written")
+    assert engine_path(parse("ReLU", 4 * fused.MAX_WIDTH), "auto", "cuda") == "hand-written"
+
+
 # (precision, fp32's output-layer products: distrep.fused.HEAD_PRODUCTS["fp32"]) by case
 THREE_PASS_CASES = {"fp32": ("fp32", "ieee"), "3xtf32": ("3xtf32", "ieee"),
                     "fp32 3xTF32 head": ("fp32", "3xtf32"), "tf32": ("tf32", "ieee")}
