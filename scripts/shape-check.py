@@ -30,6 +30,7 @@ import argparse
 import os
 import re
 import sys
+from unittest import mock
 
 import pytest
 
@@ -112,17 +113,9 @@ def main() -> int:
 def bench(args, streams: str | None = None) -> None:
     """`distrep bench` of the fused step in ``args.precision`` on Table 1's and Table 3's
     variants, with the CUDA stream schedule ``streams`` (None: the one it takes by default)."""
-    saved = os.environ.get(CUDA_STREAMS_VARIABLE)
-    if streams is not None:
-        os.environ[CUDA_STREAMS_VARIABLE] = streams
-    try:
+    with mock.patch.dict(os.environ, {CUDA_STREAMS_VARIABLE: streams} if streams else {}):   # restored after
         run_bench(args.device, args.runs, args.epochs, 40 * GiB, args.train_subset, engines=("fused",),
                   precisions=(args.precision,))
-    finally:
-        if saved is None:
-            os.environ.pop(CUDA_STREAMS_VARIABLE, None)
-        else:
-            os.environ[CUDA_STREAMS_VARIABLE] = saved
 
 
 def schedules(text: str) -> list[str]:
