@@ -459,12 +459,12 @@ def fused_grammar() -> list[str]:
 
 @interpreted
 @pytest.mark.parametrize("products", ["ieee", "3xtf32"])
-def test_every_model_the_fused_step_covers_matches_autograd(products, monkeypatch):
+def test_every_model_the_fused_step_covers_matches_autograd(products, data, monkeypatch):
     """One fused fp32 step of each model of the fused step's grammar (fused_grammar: 126, all of
     them, not the paper's 18) against PyTorch's autograd in float64 on the same nn.Module: the
     loss, the correct count and every parameter's gradient, and the test pass's logits. The
     kernel picks its code per model at compile time and reuses its registers and its buffers
-    (dL/dP over P) within a step, so any chain could go wrong alone. 3 classes (padded to 4)
+    (dL/dP over P) within a step, so any chain could go wrong alone. 3 classes (padded to 16)
     and 40 examples (a block and a part) keep the interpreter to ~12 s; OffsetL2 in the paper's
     and the coded form in turn. With a linear output layer's products in three TF32 passes
     (HEAD_PRODUCTS, linear heads only: OffsetL2's step does not change) too. Measured, every
@@ -475,8 +475,7 @@ def test_every_model_the_fused_step_covers_matches_autograd(products, monkeypatc
     assert len(specs) == 3 * 3 * (2 + 3 + 9) and all(fused_layout(parse(s)) for s in specs)
     if products != "ieee":
         specs = [spec for spec in specs if "offsetl2" not in spec]
-    d = load_dataset("mnist", "standardized")
-    x, y = d.x_train[:40], d.y_train[:40] % 3
+    x, y = data.x_train[:40], data.y_train[:40] % 3
     x_t = x.t().contiguous()
     for i, spec in enumerate(specs):
         form = "coded" if "offsetl2" in spec and i % 2 else "paper"
