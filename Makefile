@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make quick   the main job: a quick, real reproduction of the paper and its analyses on the CPU (~11 min)
+#   make quick   the main job: a quick, real reproduction of the paper and its analyses on the CPU (~7 min on 2 cores)
 #   make test    the test suite
 # Both create .venv on first use and reinstall only when pyproject.toml changes.
 
