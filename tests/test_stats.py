@@ -25,6 +25,10 @@ def test_hand_computed_values():
     assert S.cohens_d(a, b) == pytest.approx(-1 / np.sqrt(8 / 3))
     # 95% interval of [1, 2, 3, 4]: 2.5 ± 3.182446 * 1.290994 / 2
     assert S.t_interval(a) == pytest.approx([2.5 - 2.0542603, 2.5 + 2.0542603], abs=1e-6)
+    # the report's row: the sample and the population std (the author's code printed the latter)
+    row = S.summarize(a)
+    assert row["std"] == pytest.approx(np.sqrt(5 / 3)) and row["std_pop"] == pytest.approx(np.sqrt(5 / 4))
+    assert (row["n"], row["min"], row["max"]) == (4, 1.0, 4.0)
 
 
 def test_against_scipy(samples):
@@ -55,7 +59,8 @@ def test_holm_matches_a_worked_example():
     # p sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06 by the running max), 0.5 (x1)
     got = S.holm([0.03, 0.5, 0.01, 0.02])
     assert got == pytest.approx([0.06, 0.5, 0.04, 0.06])
-    assert S.holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])         # capped and monotone
+    assert S.holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])         # monotone: 0.6 x 1 raised to 0.8
+    assert S.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])         # capped: 0.6 x 2 = 1.2
     got = S.holm([0.01, np.nan, 0.04])
     assert got[0] == pytest.approx(0.02) and np.isnan(got[1]) and got[2] == pytest.approx(0.04)
 
@@ -63,6 +68,7 @@ def test_holm_matches_a_worked_example():
 def test_zero_spread_gives_infinite_t_not_an_error():
     same = S.paired_t([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])                # d constant 0.5
     assert same.t == np.inf and same.p == 0.0
+    assert S.paired_t([0.5, 1.5, 2.5], [1.0, 2.0, 3.0]).t == -np.inf      # the limit keeps its sign
     assert np.isnan(S.paired_t([1.0, 2.0], [1.0, 2.0]).t)
 
 
