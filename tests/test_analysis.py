@@ -33,6 +33,9 @@ def test_known_dead_always_and_rarely_active_units():
     assert census["below_1%"].tolist() == [2, 0]
     assert census["below_5%"].tolist() == [3, 0]
     assert census["units"].tolist() == [4, 4]
+    # "below t" is strictly below: a unit active on exactly 1 % of inputs is not rarely active
+    at = unit_census(torch.tensor([[0.0, 0.01, 0.05, 0.2]], dtype=torch.float64))
+    assert (at["never"].tolist(), at["below_1%"].tolist(), at["below_5%"].tolist()) == ([1], [1], [2])
 
 
 def test_output_rectifiers_are_counted_and_abs_units_are_live():
@@ -89,6 +92,8 @@ def test_half_drop_on_synthetic_curves():
     assert np.isnan(A.half_drop(p, flat, 0.9, "floor"))
     step = np.where(p >= 30, 0.2, 0.9)                  # drops between 20 and 30: interpolated
     assert A.half_drop(p, step, 0.9, "floor") == pytest.approx(20 + 10 * (0.45 - 0.9) / (0.2 - 0.9))
+    plateau = np.where(p < 10, 0.9, np.where(p < 30, 0.45, 0.1))   # exactly half from p = 10
+    assert A.half_drop(p, plateau, 0.9, "floor") == pytest.approx(10)
     both = np.stack([falling, flat])                    # vectorised over runs
     out = A.half_drop(p, both, np.array([0.9, 0.9]), "floor")
     assert out[0] == pytest.approx(56.25) and np.isnan(out[1])
@@ -114,6 +119,28 @@ def test_one_unit_clamping_matches_a_loop(test_data, name):
                 expected = A.accuracy(head.forward(b)[-1], y).numpy()
                 # the change is added to z rather than z recomputed: rounding may flip a near-tie
                 np.testing.assert_allclose(curves[f"unit_{kind}"][:, unit, i], expected, atol=1.01 / len(y))
+
+
+def test_clamp_levels_run_from_each_units_own_minimum_to_its_maximum():
+    """L_p = min + p/100 (max - min) per run and unit, the minimum below zero here."""
+    a = torch.tensor([[[-2.0, 0.0, 6.0], [1.0, 3.0, 2.0]]], dtype=torch.float64)     # [R=1, H=2, n=3]
+    levels = A.clamp_levels(a, np.array([0, 50, 100]))
+    assert levels.shape == (3, 1, 2, 1)
+    assert levels[:, 0, :, 0].tolist() == [[-2.0, 1.0], [2.0, 2.0], [6.0, 3.0]]
+
+
+def test_hyperplane_summary_by_hand():
+    """One unit, two classes of two examples: class 0 at z = -1, +1 (mean 0, mean |z| 1), class 1
+    at 2, 3. Histogram of 4 bins over [-1, 3], each 1 wide: -1 in bin 0, +1 in bin 2, 2 in bin 3,
+    and the maximum 3 in the last bin."""
+    z = torch.tensor([[[-1.0, 1.0, 2.0, 3.0]]])
+    y = torch.tensor([0, 0, 1, 1])
+    out = A.hyperplane_summary(z, y, 2, bins=4)
+    np.testing.assert_allclose(out["class_mean"][0, 0], [0.0, 2.5])
+    np.testing.assert_allclose(out["class_abs_mean"][0, 0], [1.0, 2.5])
+    assert out["target_rank_abs"].tolist() == [[1]] and out["target_rank_signed"].tolist() == [[2]]
+    assert out["hist"][0, 0].tolist() == [[1, 0, 1, 0], [0, 0, 0, 2]]
+    np.testing.assert_allclose(out["edges"][0, 0], [-1.0, 0.0, 1.0, 2.0, 3.0])
 
 
 def test_hyperplane_summary_tells_distance_from_intensity():

@@ -15,10 +15,11 @@ X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0]])
 Y = torch.tensor([0, 1, 0, 1])
 
 
-def hand_built(spec="linear-relu-linear", scale=1.0) -> StackedRuns:
+def hand_built(spec="linear-relu-linear", scale=1.0, tiny=0.0) -> StackedRuns:
+    """``tiny``: a3 = tiny * x0 instead of 0 (its output weights stay 0)."""
     model = create_model(spec, 4, in_features=2, num_classes=2, seed=0)
     with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0], [0.0, 0.0]]))
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0], [tiny, 0.0]]))
         model[0].bias.zero_()
         model[2].weight.copy_(scale * torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
     return StackedRuns.from_models([model])
@@ -46,6 +47,11 @@ def test_abs_models_range_includes_the_final_output():
     assert A.author_hooked_layers(hand_built("linear-abs-linear-abs-neg")) == [1, 3, 4]
     np.testing.assert_array_equal(A.author_layer_clamping(relu, X.t().contiguous(), Y)["range"], [[0, 6 / 3]])
     np.testing.assert_array_equal(A.author_layer_clamping(absm, X.t().contiguous(), Y)["range"], [[0, 6]])
+    # output weights -3: the final output reaches -6 (examples 2 and 3); the range is taken over
+    # every batch, the minimum here in the first of two
+    order = [2, 3, 0, 1]
+    c = A.author_layer_clamping(hand_built("linear-abs-linear", -3.0), X[order].t().contiguous(), Y[order], batch=2)
+    np.testing.assert_array_equal(c["range"], [[-6, 2]])
 
 
 def test_dead_units_as_the_author_counts_them():
@@ -55,6 +61,9 @@ def test_dead_units_as_the_author_counts_them():
     assert d["layer0/never"].tolist() == [1] and d["layer1/never"].tolist() == [2]
     assert d["layer2/never"].tolist() == [0] and d["layer1/units"].tolist() == [4]
     assert d["layer1/below_1%"].tolist() == [2]
+    # active means |a| > 1e-6: a3 = 1e-7 x0 (at most 2e-7) still counts as dead
+    d = A.author_dead_units(hand_built(tiny=1e-7), X.t().contiguous())
+    assert d["layer0/never"].tolist() == [1] and d["layer1/never"].tolist() == [2]
 
 
 def test_equilibrium_points_by_the_authors_bisection():
