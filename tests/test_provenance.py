@@ -187,6 +187,36 @@ def test_claim_verdicts():
     assert found["ReLU2 fails far below ReLU"].verdict == "not comparable"
 
 
+def test_claim_verdicts_by_hand():
+    """Runs built so that each statistic is known: the claim's direction, the 5 % level, the
+    paired test where the design is paired (Welch's otherwise), a diverged run dropping its
+    pair, and "less spread" as strictly less."""
+    verdict = lambda values, paired=True: {v.claim.text: v for v in claims.verdicts(values, paired)}  # noqa: E731
+    base = np.array([94.0, 95.0, 96.0, 97.0, 98.0, 99.0])           # spread 1.87 across runs
+    # significant, but the wrong way round for "less" and for "greater"
+    found = verdict({"ReLU": base, "ReLU2": base + 1.0 + np.array([0, .1, 0, .1, 0, .1]),
+                     "ReLU2-Neg": base})
+    assert found["ReLU2 fails far below ReLU"].verdict == "does not hold"
+    assert found["ReLU2-Neg recovers from ReLU2"].verdict == "does not hold"
+    # a paired difference with p ~ 0.37 (t(5) = 1, d_z ~ 0.41): not significant at 5 %
+    d = np.array([0.1, -0.1, 0.2, -0.2, 0.3, 0.0])
+    d = d - d.mean() + d.std(ddof=1) / np.sqrt(6)                  # mean = s_d / sqrt(n): t = 1
+    found = verdict({"ReLU": base + d, "Abs": base})
+    assert found["ReLU and Abs perform alike"].verdict == "holds"
+    assert "paired t(5) = 1.00" in found["ReLU and Abs perform alike"].ours
+    # a shift of 0.3 in every pair: the paired test sees it (p < 0.001), Welch's does not (p ~ 0.8)
+    shifted = {"ReLU": base + 0.3 + np.array([0, .01, 0, .01, 0, .01]), "Abs": base}
+    assert verdict(shifted)["ReLU and Abs perform alike"].verdict == "does not hold"
+    assert verdict(shifted, paired=False)["ReLU and Abs perform alike"].verdict == "holds"
+    # a diverged run (NaN) drops its pair: 5 pairs, t(4)
+    gone = dict(shifted, Abs=np.where(np.arange(6) == 0, np.nan, base))
+    assert "paired t(4)" in verdict(gone)["ReLU and Abs perform alike"].ours
+    # better in every pair by 5 points with the same spread (1.87): not "with less spread"
+    found = verdict({"ReLU-L2": base + 5.0, "ReLU": base})
+    assert found["OffsetL2 models beat every baseline, with less spread"].verdict == "does not hold"
+    assert "ReLU-L2 vs ReLU" in found["OffsetL2 models beat every baseline, with less spread"].why
+
+
 def test_claims_are_tested_across_experiments_made_under_one_protocol(tmp_path, mnist):
     """`distrep claims A B`: Table 1's models trained in one experiment and the OffsetL2 models
     in another (paired, one protocol) are tested together, as one experiment holding all of
@@ -216,6 +246,17 @@ def test_claims_are_tested_across_experiments_made_under_one_protocol(tmp_path, 
     assert_one_line_error(distrep("claims", a, sweep(tmp_path / "C", "Abs2", epochs=21)),
                           "differ in epochs (21 against 20)")
     assert_one_line_error(distrep("claims", a, a), "ReLU is in more than one")
+    # every field of the protocol is compared, the dataset first; the design is read, not assumed
+    import json, shutil
+    for field, value, says in (("dataset", "fashion-mnist", "differ in dataset"),
+                               ("paired", False, "differ in paired")):
+        other = tmp_path / f"other-{field}"
+        shutil.copytree(b, other)
+        config = json.loads((other / "config.json").read_text())
+        config["config"][field] = value
+        (other / "config.json").write_text(json.dumps(config))
+        assert_one_line_error(distrep("claims", a, other), says)
+    assert claims.pooled_values([tmp_path / "other-paired"])[1] is False
     (b / "summary.csv").write_text("model,run\nReLU-L2,0\n")
     assert_one_line_error(distrep("claims", a, b), "does not hold the files distrep wrote", "diverged")
     assert_one_line_error(distrep("claims", tmp_path / "none"), "no finished experiment")
