@@ -70,10 +70,16 @@ def _corrupt_byte(path: Path, offset=100):
     path.write_bytes(bytes(b))
 
 
+def _one_more_example_in_header(data: bytes) -> bytes:
+    """The same bytes but for the header's first dimension, one larger."""
+    return data[:4] + (int.from_bytes(data[4:8], "big") + 1).to_bytes(4, "big") + data[8:]
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: _corrupt_byte(p), "md5 mismatch"),
     (lambda p: p.write_bytes(p.read_bytes()[:-50]), r"truncated \(\d+ bytes, expected \d+\)"),
     (lambda p: p.write_bytes(b"\x00\x00\x08\x01" + p.read_bytes()[4:]), "wrong magic number 0x00000801"),
+    (lambda p: p.write_bytes(_one_more_example_in_header(p.read_bytes())), r"header shape \(\d+, 28, 28\) is not"),
 ])
 def test_bad_file_is_refused_and_cache_untouched(tmp_path, damage, message):
     spec, _ = make_synthetic(tmp_path / "src")
