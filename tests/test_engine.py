@@ -600,6 +600,59 @@ def test_every_activation_chain_matches_autograd_in_fp32_on_onednns_path():
     _assert_every_chain_matches_autograd(torch.float32, tol=1e-3)
 
 
+# Models with a derivative taken at exactly zero (exact_zeros), both steps test them
+EXACT_ZEROS = [("linear-abs-linear", "paper"), ("linear-relu-linear-abs", "paper"),
+               ("linear-abs-linear+bias-relu-neg", "paper"), ("linear-relu-offsetl2-neg", "paper"),
+               ("linear-abs-offsetl2", "coded")]
+
+
+def exact_zeros(spec: str, form: str = "paper", seed: int = 0, in_features: int = 784) -> torch.nn.Module:
+    """A model of ``spec`` (20 hidden units, 3 classes) arranged so that a derivative is taken
+    at exactly zero: hidden unit 0's weights and bias zero (its pre-activation 0 on every
+    example); with a linear output layer, output 0's weights zero (its output 0); with OffsetL2,
+    every first-layer weight zero (h the same for every example) and prototype 0 at that h
+    (distance 0)."""
+    model = create_model(spec, 20, in_features=in_features, num_classes=3, offsetl2_form=form, seed=seed)
+    first, head = model[0], model[2]
+    with torch.no_grad():
+        first.weight[0], first.bias[0] = 0.0, 0.0
+        if hasattr(head, "mu"):
+            first.weight.zero_()
+            head.mu[0] = model[1](first.bias)
+        else:
+            head.weight[0] = 0.0
+    return model
+
+
+@pytest.mark.parametrize("spec, form", EXACT_ZEROS)
+def test_derivatives_at_exactly_zero_are_autograds(spec, form):
+    """The hand-written step where an activation or a distance is exactly 0 (exact_zeros): the
+    subgradients autograd takes (abs and relu 0, OffsetL2 0 at its prototype), so a unit whose
+    pre-activation is 0 gets no gradient. One fp32 step against autograd (the CPU's OffsetL2
+    distances are direct in fp32: exactly 0 at the prototype, where float64's expanded form
+    leaves ~1e-8 of cancellation), and exactly 0 where autograd's is; the coded form's distance
+    at its prototype is its clamp's sqrt(1e-12), the paper's 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 6, generator=g)
+    y = torch.arange(24) % 3
+    models = [exact_zeros(spec, form, seed, in_features=6) for seed in (0, 1)]
+    assert not _mismatches_with_autograd(spec, models, x, y, tol=1e-5)
+    group = StackedRuns.from_models(models)
+    before = {k: v.clone() for k, v in group.state().items()}
+    Trainer([group], "fp32").step(x.t().contiguous(), y, 1.0, [torch.zeros(2, dtype=torch.bool)], None)
+    moved = {k: before[k] - v for k, v in group.state().items()}          # lr 1: the gradient
+    assert moved["0.weight"].any()
+    if "offsetl2" in spec:
+        distance = StackedRuns.from_models(models).forward(x.t().contiguous())[2][:, 0]   # [runs, n]
+        assert torch.allclose(distance, torch.full_like(distance, 1e-6 if form == "coded" else 0.0),
+                              rtol=1e-3, atol=0)
+        assert not moved["2.mu"][:, 0].any() and not moved["2.alpha"][:, 0].any()
+    else:
+        assert not moved["0.weight"][:, 0].any() and not moved["0.bias"][:, 0].any()
+        if spec == "linear-relu-linear-abs":                  # output 0 is 0: abs' = 0 there
+            assert not moved["2.weight"][:, 0].any()
+
+
 def test_offsetl2_matches_autograd_with_its_gradient_over_its_input():
     """OffsetL2 builds dL/dx in its float64 work buffer and copies it to its fp32 destination,
     which may be its own input (after relu, abs) or a buffer of its own (after tanh); the input

@@ -20,6 +20,7 @@ from distrep.errors import DistrepError
 from distrep.fused import fused_layout, interpreting, triton
 from distrep.models import ALIASES, create_model, parse
 from distrep.sweep import Sweep, SweepConfig, describe_model
+from tests.test_engine import EXACT_ZEROS, exact_zeros
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed")
 # On the CPU the kernel runs under Triton's interpreter (conftest switches it on where there is
@@ -493,6 +494,36 @@ def test_every_model_the_fused_step_covers_matches_autograd(products, data, monk
             assert close(logits[r].t(), out.detach()), (spec, r, "logits")
             for name, p in model.named_parameters():
                 assert close(runs.grads[name][r], p.grad), (spec, form, r, name)
+
+
+@interpreted
+@pytest.mark.parametrize("spec, form", EXACT_ZEROS)
+def test_derivatives_at_exactly_zero_are_autograds(spec, form, data):
+    """Where an activation or a distance is exactly 0 the fused step takes the subgradient
+    autograd takes: abs and relu 0 (a unit whose pre-activation is 0 gets no gradient; the
+    hand-written step's sign(h) too), OffsetL2's 0 at its prototype; and the coded form's
+    distance there is its clamp's sqrt(1e-12), the paper's 0."""
+    x, y = data.x_train[:40], data.y_train[:40] % 3
+    nets = [exact_zeros(spec, form, seed) for seed in (0, 1)]
+    runs = FusedRuns.from_state(nets[0].layer_specs, stack_parameters(nets), form)
+    runs.gradients(x.t().contiguous(), y)
+    logits = runs.forward(x.t().contiguous())[0]
+    for r, model in enumerate(nets):
+        model.double()
+        out = model(x.double())
+        torch.nn.functional.cross_entropy(out, y).backward()
+        assert close(logits[r].t(), out.detach()), (spec, r)
+        for name, p in model.named_parameters():
+            assert close(runs.grads[name][r], p.grad), (spec, r, name)
+        if "offsetl2" in spec:
+            distance = logits[r][0].abs()                    # after neg or not: |logit 0|
+            expected = 0.0 if form == "paper" else 1e-6
+            assert torch.allclose(distance, torch.full_like(distance, expected), rtol=1e-3, atol=0)
+            assert not runs.grads["2.mu"][r][0].any() and not runs.grads["2.alpha"][r][0].any()
+        else:
+            assert not runs.grads["0.weight"][r][0].any() and runs.grads["0.bias"][r][0] == 0
+            if "linear-relu-linear-abs" == spec:         # output 0 is 0: abs' = 0 there
+                assert not runs.grads["2.weight"][r][0].any()
 
 
 def close(a, b, tol: float = 5e-6) -> bool:
