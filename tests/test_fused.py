@@ -522,7 +522,7 @@ def test_derivatives_at_exactly_zero_are_autograds(spec, form, data):
             assert not runs.grads["2.mu"][r][0].any() and not runs.grads["2.alpha"][r][0].any()
         else:
             assert not runs.grads["0.weight"][r][0].any() and runs.grads["0.bias"][r][0] == 0
-            if "linear-relu-linear-abs" == spec:         # output 0 is 0: abs' = 0 there
+            if spec == "linear-relu-linear-abs":         # output 0 is 0: abs' = 0 there
                 assert not runs.grads["2.weight"][r][0].any()
 
 
