@@ -27,6 +27,46 @@ def test_table1_numbers_are_compared_only_with_50000_epoch_runs():
     assert at_stated.reasons == ("model ReLU here, ReLU-Bias there",)
 
 
+def _runs_of(model: str, epochs: int, final: list[float], diverged_epoch: list[int]) -> dict:
+    """An experiment's files as report.load_experiment reads them: one model, full MNIST, raw
+    pixels, the paper's lr and width; test passes at epochs 10, 20, ... up to ``epochs``."""
+    tested = np.arange(10, epochs + 1, 10)
+    m = {"final_test_acc": np.array(final), "diverged_epoch": np.array(diverged_epoch),
+         "test_epochs": tested, "test_acc": np.tile(np.array(final)[:, None], (1, len(tested)))}
+    cfg = {"paired": True, "epochs": epochs, "dataset": "mnist", "preprocess": "raw", "lr": 1e-3,
+           "width": 128, "train_subset": None, "offsetl2_form": "coded"}
+    return {"models": [model], "metrics": {model: m}, "config": {"config": cfg}, "specs": {model: model}}
+
+
+def test_a_comparable_run_is_tested_against_the_published_sample_std():
+    """ReLU at 50,000 epochs against Table 1's 96.62 ± 0.17, a population std of 20 runs (the
+    author's code printed ddof 0): Welch's t from the sample std 0.17 sqrt(20/19); Δ is ours
+    minus the paper's. At 5,000 epochs the same runs are not compared, and the table says why."""
+    from distrep import stats
+    from distrep.report import main_table, summary_rows
+    runs = [0.9650, 0.9660, 0.9670, 0.9655]
+    row = summary_rows(_runs_of("ReLU", 50000, runs, [0, 0, 0, 0]))[0]
+    expected = stats.welch_from_stats(96.5875, row["std"], 4, 96.62, 0.17 * np.sqrt(20 / 19), 20)
+    assert row["mean"] == pytest.approx(96.5875)
+    assert row["versus"].t == pytest.approx(expected.t) and row["versus"].df == pytest.approx(expected.df)
+    cells = lambda row: dict(zip(main_table([row])[0], main_table([row])[1][0]))   # noqa: E731
+    assert cells(row)["Δ mean"] == "-0.03" and cells(row)["comparable?"] == "yes"
+    row = summary_rows(_runs_of("ReLU", 5000, runs, [0, 0, 0, 0]))[0]
+    assert row["versus"] is None and cells(row)["Δ mean"] == "—"
+    assert cells(row)["comparable?"] == "no: model ReLU here, ReLU-Bias there"
+
+
+def test_a_run_read_at_an_epoch_counts_as_diverged_from_the_epoch_it_diverged():
+    """A run that diverged at epoch 20 is in the statistics read at epoch 10, out of them from
+    epoch 20 on (and at the end), its accuracy shown only among all runs."""
+    from distrep.report import summary_rows
+    exp = _runs_of("ReLU", 40, [0.95, 0.10, 0.96], [0, 20, 0])
+    assert [summary_rows(exp, e)[0]["n"] for e in (10, 20, 30, None)] == [3, 2, 2, 2]
+    early, late = summary_rows(exp, 10)[0], summary_rows(exp, 20)[0]
+    assert early["mean"] == pytest.approx(67.0) and late["mean"] == pytest.approx(95.5)
+    assert late["diverged"] == 1 and late["all_mean"] == pytest.approx(67.0)
+
+
 def test_every_field_that_changes_results_must_match():
     assert match(Protocol("ReLU2-Neg-Bias", 5000)).comparable
     assert match(Protocol("ReLU2-Neg-Bias", 5000)).number.label == "ReLU2_Neg", "as printed"
