@@ -191,3 +191,34 @@ def test_every_analysis_runs_on_every_model_type(name, mnist):
         for key, value in arrays.items():
             if not key.endswith(("_half", "_dropoff")):                 # NaN there means "never"
                 assert np.isfinite(value).all(), (name, analysis, key)
+
+
+def test_the_reports_analysis_tables_by_hand():
+    """The report's tables of the analyses from arrays whose summaries are worked out here:
+    percentages of a layer's units as mean ± sample std over runs (train before test), the
+    own class's ranks and |z| ratio with the reading they imply, and the clamping summaries."""
+    from distrep.report import clamping_table, dead_unit_table, hyperplane_table, reading
+    runs = lambda *v: np.array(v, dtype=float)                                       # noqa: E731
+    census = {"ReLU2": {f"{split}/layer1/{key}": value for split in ("test", "train") for key, value in (
+        ("units", np.array([64, 64])), ("never", runs(16, 32)), ("below_1%", runs(32, 32)), ("below_5%", runs(64, 48)))}}
+    head, body = dead_unit_table(census)
+    assert [row[:4] for row in body] == [["ReLU2", "train", "layer 1", "64"], ["ReLU2", "test", "layer 1", "64"]]
+    assert body[0][4:] == ["37.5 ± 17.7", "50.0 ± 0.0", "87.5 ± 17.7"]       # 25 and 50 %, ...
+    # one run, four classes: unit j's own class j at mean |z| 1, the others at 2, 3, 4 (distance),
+    # or the own class farthest (intensity)
+    near = np.array([[[1.0, 2, 3, 4], [2, 1, 3, 4], [3, 4, 1, 2], [2, 3, 4, 1]]])
+    far = np.array([[[4.0, 1, 2, 3], [1, 4, 2, 3], [1, 2, 4, 3], [1, 2, 3, 4]]])
+    found = {name: {"class_abs_mean": z, "target_rank_abs": rank, "target_rank_signed": rank}
+             for name, z, rank in (("Dist", near, np.ones((1, 4))), ("Int", far, np.full((1, 4), 4.0)))}
+    head, body = hyperplane_table(found)
+    assert body[0][1:] == ["1.00 ± 0.00", "1.00 ± 0.00", "0.33 ± 0.00", "distance (own class nearest 0)"]
+    assert body[1][1:] == ["4.00 ± 0.00", "4.00 ± 0.00", "2.00 ± 0.00", "intensity (own class farthest from 0)"]
+    assert [reading(r, 10) for r in (2.0, 2.1, 8.9, 9.0)] == [
+        "distance (own class nearest 0)", "neither", "neither", "intensity (own class farthest from 0)"]
+    # two runs, two units, three clamp levels
+    unit_floor = np.array([[[0.9, 0.8, 0.5], [0.9, 0.9, 0.7]], [[0.8, 0.8, 0.8], [0.8, 0.6, 0.2]]])
+    c = {"unclamped": runs(0.9, 0.8), "floor_half": runs(30, 40), "ceiling_half": runs(5, np.nan),
+         "unit_unclamped": runs(0.9, 0.8), "unit_floor": unit_floor, "unit_ceiling": unit_floor[:, :, ::-1]}
+    head, body = clamping_table({"ReLU": c})
+    # largest drops at the end level: 90 - 50 = 40 and 80 - 20 = 60 points
+    assert body[0][1:] == ["85.00 ± 7.07", "35.0 ± 7.1", "5.0 ± 0.0", "50.0 ± 14.1", "50.0 ± 14.1"]
