@@ -1,7 +1,9 @@
 """What produced each published number, and comparing like for like: provenance matching,
 reading a run at another epoch, the presets' plans, the time estimate, and the paper's claims."""
 
+import json
 import re
+import shutil
 import time
 
 import numpy as np
@@ -28,7 +30,7 @@ def test_table1_numbers_are_compared_only_with_50000_epoch_runs():
 
 
 def _runs_of(model: str, epochs: int, final: list[float], diverged_epoch: list[int]) -> dict:
-    """An experiment's files as report.load_experiment reads them: one model, full MNIST, raw
+    """An experiment as report.load_experiment returns it: one model, full MNIST, raw
     pixels, the paper's lr and width; test passes at epochs 10, 20, ... up to ``epochs``."""
     tested = np.arange(10, epochs + 1, 10)
     m = {"final_test_acc": np.array(final), "diverged_epoch": np.array(diverged_epoch),
@@ -287,7 +289,6 @@ def test_claims_are_tested_across_experiments_made_under_one_protocol(tmp_path, 
                           "differ in epochs (21 against 20)")
     assert_one_line_error(distrep("claims", a, a), "ReLU is in more than one")
     # every field of the protocol is compared, the dataset first; the design is read, not assumed
-    import json, shutil
     for field, value, says in (("dataset", "fashion-mnist", "differ in dataset"),
                                ("paired", False, "differ in paired")):
         other = tmp_path / f"other-{field}"
