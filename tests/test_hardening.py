@@ -366,6 +366,31 @@ def test_15_19_21_sizes_and_numbers_are_checked_first(tmp_path, args, fragment):
     assert not (tmp_path / "x" / "config.json").exists()
 
 
+def test_every_field_that_changes_a_result_is_compared_and_no_other(finished):
+    """A sweep into a finished experiment with any result field changed is refused, naming the
+    field; one that changes only the device, engine path, memory budget or checkpoint interval
+    (rounding at most) reads the finished experiment."""
+    base = ["sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished]
+    for flag, says in ((["--lr", "0.01"], "lr: 0.001 there, 0.01 here"),
+                       (["--width", "64"], "width: 128 there, 64 here"),
+                       (["--train-subset", "99"], "train_subset: 100 there, 99 here"),
+                       (["--eval-every", "2"], "eval_every: 1 there, 2 here"),
+                       (["--preprocess", "standardized"], "preprocess: 'raw' there, 'standardized' here"),
+                       (["--precision", "bf16"], "precision: 'fp32' there, 'bf16' here"),
+                       (["--base-seed", "5"], "base_seed: 0 there, 5 here"),
+                       (["--unpaired"], "paired: True there, False here")):
+        assert_one_line_error(distrep(*base, *flag), "different config", says)
+    for flag in (["--engine", "autograd"], ["--max-memory", "512M"], ["--checkpoint-every", "10"],
+                 ["--max-runs-per-chunk", "1"], ["--device", "cpu"]):
+        r = distrep(*base, *flag)
+        assert r.returncode == 0, (flag, r.stderr)
+    # a field the saved config lacks (an experiment made before the field existed) differs too
+    config = read_json(finished / "config.json")
+    del config["result_fields"]["eval_every"]
+    write_json(finished / "config.json", config)
+    assert_one_line_error(distrep(*base), "different config", "eval_every: None there, 1 here")
+
+
 # --------------------------------------------------------------------------- messages (23)
 
 def test_23_refusals_say_what_differs_and_model_order_does_not_matter(finished):
