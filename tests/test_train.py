@@ -38,9 +38,18 @@ def test_one_epoch_is_one_plain_sgd_step_on_the_mean_cross_entropy(mnist_small):
     loss = F.cross_entropy(model(mnist_small.x_train), mnist_small.y_train)
     loss.backward()
     assert r.train_loss[0] == pytest.approx(loss.item(), rel=1e-6)
+    x, y = mnist_small.x_train, mnist_small.y_train
     with torch.no_grad():
+        # the epoch's loss and accuracy are those of its forward pass, before the update
+        assert r.train_acc[0] == (model(x).argmax(1) == y).double().mean().item()
         for name, p in model.named_parameters():
             assert torch.equal(r.state[name], p.add(p.grad, alpha=-lr)), name
+            p.sub_(lr * p.grad)
+        # the final figures are the updated model's, on the training and on the test data
+        assert r.final["train_acc"] == pytest.approx((model(x).argmax(1) == y).double().mean().item())
+        assert r.final["train_loss"] == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+        test_acc = (model(mnist_small.x_test).argmax(1) == mnist_small.y_test).double().mean().item()
+        assert r.final["test_acc"] == pytest.approx(test_acc) and r.test_acc[0] == pytest.approx(test_acc)
 
 
 def test_divergence_is_detected_and_run_frozen(mnist_small):
@@ -48,6 +57,14 @@ def test_divergence_is_detected_and_run_frozen(mnist_small):
     assert r.diverged and r.diverged_epoch is not None and r.diverged_epoch < 30
     e = r.diverged_epoch
     assert np.isnan(r.train_loss[e - 1:]).all() and np.isfinite(r.train_loss[:e - 1]).all()
+
+
+def test_a_step_that_overflows_the_parameters_freezes_the_run_at_that_epoch(mnist_small):
+    """lr 3e38 (the largest fp32 lr allowed): epoch 1's loss is finite, its update is not.
+    The run diverges at epoch 1, its entry NaN, and no later epoch runs."""
+    r = train(TrainConfig("ReLU", epochs=5, seed=0, lr=3e38), mnist_small, progress=False)
+    assert r.diverged and r.diverged_epoch == 1
+    assert np.isnan(r.train_loss).all() and np.isnan(r.train_acc).all()
 
 
 def test_run_directory_holds_config_metrics_and_weights(tmp_path, mnist_small):
