@@ -460,6 +460,8 @@ def test_paired_and_unpaired_designs():
     # a model's seeds do not depend on which other models are in the sweep
     assert replace(unpaired, models=["Abs-L2"]).seeds("Abs-L2") == seeds["Abs-L2"]
     assert seeds["ReLU"][1] - seeds["ReLU"][0] == 1
+    # ... nor on how the model was named: an alias and its spec draw the same seeds
+    assert unpaired.seeds("linear-relu-linear") == seeds["ReLU"]
 
 
 def test_cross_entropy_and_argmax_match_pytorch():
@@ -489,6 +491,9 @@ def test_bf16_trains_close_to_fp32(raw):
 
 def test_memory_plan_and_errors(raw):
     assert plan_chunks([(0, 0), (0, 1), (1, 0), (1, 1)], [3, 5], 8) == [[(0, 0), (0, 1)], [(1, 0)], [(1, 1)]]
+    assert plan_chunks([(0, 0), (0, 1)], [4], 8) == [[(0, 0), (0, 1)]], "exactly the budget fits"
+    runs = [(0, r) for r in range(5)]
+    assert plan_chunks(runs, [1], 100, max_runs=2) == [runs[:2], runs[2:4], runs[4:]]
     tiny = SweepConfig(models=["ReLU"], runs=2, epochs=2, max_memory=1 << 20)
     with pytest.raises(DistrepError, match="--max-memory 0.00 GiB is too small"):
         Sweep(tiny, raw, progress=False).run()
