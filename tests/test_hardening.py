@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from distrep import data as data_mod
 from distrep.errors import DistrepError
@@ -188,6 +189,22 @@ def test_13_a_damaged_checkpoint_is_refused_and_force_recovers(finished, damage)
     r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished, "--force")
     assert r.returncode == 0, r.stderr
     assert read_json(finished / "run.json")["finished"]
+
+
+def test_13_a_checkpoint_of_another_experiment_is_refused(finished, tmp_path):
+    """An intact checkpoint made with another config (here another lr), copied over this
+    experiment's, is refused: its recorded config is compared, not only its checksum; and the
+    checksum covers each tensor's name, dtype and shape, not only its bytes."""
+    from distrep.sweep import tensor_digest
+    other = tmp_path / "other"
+    assert distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--lr", "0.01", "--out", other).returncode == 0
+    unfinish(finished)
+    (finished / "checkpoint.safetensors").write_bytes((other / "checkpoint.safetensors").read_bytes())
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert_one_line_error(r, "checkpoint", "different config", "--force")
+    t = torch.arange(6, dtype=torch.float32)
+    digests = {tensor_digest(d) for d in ({"a": t}, {"b": t}, {"a": t.view(2, 3)}, {"a": t.view(torch.int32)})}
+    assert len(digests) == 4
 
 
 # --------------------------------------------------------------------------- files (8, 16, 17, 20)
