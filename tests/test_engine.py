@@ -647,15 +647,23 @@ def test_derivatives_at_exactly_zero_are_autograds(spec, form):
     Trainer([group], "fp32").step(x.t().contiguous(), y, 1.0, [torch.zeros(2, dtype=torch.bool)], None)
     moved = {k: before[k] - v for k, v in group.state().items()}          # lr 1: the gradient
     assert moved["0.weight"].any()
+    distances = StackedRuns.from_models(models).forward(x.t().contiguous())[2]    # OffsetL2's, if any
+    assert_zero_where_autograds_is(spec, form, moved, distances[:, 0])
+
+
+def assert_zero_where_autograds_is(spec: str, form: str, grads: dict, distance: torch.Tensor) -> None:
+    """What :func:`exact_zeros` makes exactly zero stays so in a step's gradients ``grads``
+    (name -> ``[runs, ...]``): with OffsetL2, prototype 0's and its metric's (``distance``,
+    ``[runs, n]``, is then its distance: 0 in the paper's form, sqrt(1e-12) in the coded one);
+    else hidden unit 0's weights and bias, and output 0's weights where an abs follows it."""
     if "offsetl2" in spec:
-        distance = StackedRuns.from_models(models).forward(x.t().contiguous())[2][:, 0]   # [runs, n]
         assert torch.allclose(distance, torch.full_like(distance, 1e-6 if form == "coded" else 0.0),
                               rtol=1e-3, atol=0)
-        assert not moved["2.mu"][:, 0].any() and not moved["2.alpha"][:, 0].any()
+        assert not grads["2.mu"][:, 0].any() and not grads["2.alpha"][:, 0].any()
     else:
-        assert not moved["0.weight"][:, 0].any() and not moved["0.bias"][:, 0].any()
+        assert not grads["0.weight"][:, 0].any() and not grads["0.bias"][:, 0].any()
         if spec == "linear-relu-linear-abs":                  # output 0 is 0: abs' = 0 there
-            assert not moved["2.weight"][:, 0].any()
+            assert not grads["2.weight"][:, 0].any()
 
 
 def test_offsetl2_matches_autograd_with_its_gradient_over_its_input():

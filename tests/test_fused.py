@@ -20,7 +20,7 @@ from distrep.errors import DistrepError
 from distrep.fused import fused_layout, interpreting, triton
 from distrep.models import ALIASES, create_model, parse
 from distrep.sweep import Sweep, SweepConfig, describe_model
-from tests.test_engine import EXACT_ZEROS, exact_zeros
+from tests.test_engine import EXACT_ZEROS, assert_zero_where_autograds_is, exact_zeros
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed")
 # On the CPU the kernel runs under Triton's interpreter (conftest switches it on where there is
@@ -515,15 +515,7 @@ def test_derivatives_at_exactly_zero_are_autograds(spec, form, data):
         assert close(logits[r].t(), out.detach()), (spec, r)
         for name, p in model.named_parameters():
             assert close(runs.grads[name][r], p.grad), (spec, r, name)
-        if "offsetl2" in spec:
-            distance = logits[r][0].abs()                    # after neg or not: |logit 0|
-            expected = 0.0 if form == "paper" else 1e-6
-            assert torch.allclose(distance, torch.full_like(distance, expected), rtol=1e-3, atol=0)
-            assert not runs.grads["2.mu"][r][0].any() and not runs.grads["2.alpha"][r][0].any()
-        else:
-            assert not runs.grads["0.weight"][r][0].any() and runs.grads["0.bias"][r][0] == 0
-            if spec == "linear-relu-linear-abs":         # output 0 is 0: abs' = 0 there
-                assert not runs.grads["2.weight"][r][0].any()
+    assert_zero_where_autograds_is(spec, form, runs.grads, logits[:, 0].abs())   # |logit 0|: neg or not
 
 
 def close(a, b, tol: float = 5e-6) -> bool:
