@@ -59,7 +59,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--operand", choices=["columns", "rows"], default=None,
                         help="also bench the kernel tried with this GRADIENT_OPERAND")
-    parser.add_argument("--head-products", choices=["ieee", "3xtf32"], default=None,
+    parser.add_argument("--head-products", default=None,
+                        choices=sorted({p for ps in fused.HEAD_PRODUCT_CHOICES.values() for p in ps}),
                         help="the output layer's products to try (distrep.fused.HEAD_PRODUCTS)")
     parser.add_argument("--streams", type=schedules, default=[],
                         help="also bench the last kernel with these DISTREP_CUDA_STREAMS, e.g. 1,pipeline")

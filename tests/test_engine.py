@@ -11,6 +11,7 @@ from distrep.data import load_dataset
 from distrep.engine import (StackedRuns, Trainer, cross_entropy_backward, first_argmax,
                             first_linear, onednn_cpu)
 from distrep.errors import DistrepError
+from distrep.layers import OffsetL2
 from distrep.models import ALIASES, create_model
 from distrep.sweep import Sweep, SweepConfig, bytes_per_run, plan_chunks, verify_fp32_matmul
 from distrep.train import TrainConfig, train
@@ -549,6 +550,19 @@ def _chains():
     return specs
 
 
+def alpha_off_its_start(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``model`` with its OffsetL2 scales drawn from U(0.5, 1.5), the first feature's negated,
+    instead of their start at 1: there alpha^2 = alpha, so the paper's form and the coded one
+    weigh alike and a step that took one form's weight for the other's would pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, OffsetL2):
+                layer.alpha.copy_(torch.empty(layer.alpha.shape).uniform_(0.5, 1.5, generator=g))
+                layer.alpha[:, 0] *= -1
+    return model
+
+
 def _mismatches_with_autograd(label: str, models: list, x: torch.Tensor, y: torch.Tensor,
                               lrs=(1.0,), tol: float = 1e-9, bf16: bool = False) -> list[str]:
     """Train ``models`` stacked, one engine step per learning rate in ``lrs`` (all but the
@@ -590,7 +604,8 @@ def _assert_every_chain_matches_autograd(dtype: torch.dtype, tol: float) -> None
     y = torch.arange(24) % 3
     failures = []
     for spec in _chains():
-        models = [create_model(spec, 5, in_features=6, num_classes=3, seed=s).to(dtype) for s in (0, 1)]
+        models = [alpha_off_its_start(create_model(spec, 5, in_features=6, num_classes=3, seed=s), s).to(dtype)
+                  for s in (0, 1)]
         failures += _mismatches_with_autograd(spec, models, x, y, tol=tol)
     assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
 
@@ -677,8 +692,8 @@ def test_offsetl2_matches_autograd_with_its_gradient_over_its_input():
     failures = []
     for spec in ("linear-relu-offsetl2", "linear-abs-offsetl2-neg", "linear-tanh-offsetl2", "offsetl2-neg"):
         for form in ("paper", "coded"):
-            models = [create_model(spec, 7, in_features=7, num_classes=3, offsetl2_form=form, seed=s).double()
-                      for s in (0, 1, 2)]
+            models = [alpha_off_its_start(create_model(spec, 7, in_features=7, num_classes=3,
+                                                       offsetl2_form=form, seed=s), s).double() for s in (0, 1, 2)]
             failures += _mismatches_with_autograd(f"{spec} {form}", models, x, y, lrs=(0.0, 1.0))
     assert not failures, f"{len(failures)} mismatches, e.g. " + "; ".join(failures[:5])
 

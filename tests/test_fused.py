@@ -20,7 +20,7 @@ from distrep.errors import DistrepError
 from distrep.fused import fused_layout, interpreting, triton
 from distrep.models import ALIASES, create_model, parse
 from distrep.sweep import Sweep, SweepConfig, describe_model
-from tests.test_engine import EXACT_ZEROS, assert_zero_where_autograds_is, exact_zeros
+from tests.test_engine import EXACT_ZEROS, alpha_off_its_start, assert_zero_where_autograds_is, exact_zeros
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed")
 # On the CPU the kernel runs under Triton's interpreter (conftest switches it on where there is
@@ -480,7 +480,8 @@ def test_every_model_the_fused_step_covers_matches_autograd(products, data, monk
     x_t = x.t().contiguous()
     for i, spec in enumerate(specs):
         form = "coded" if "offsetl2" in spec and i % 2 else "paper"
-        nets = [create_model(spec, 20, num_classes=3, offsetl2_form=form, seed=seed) for seed in (0, 1)]
+        nets = [alpha_off_its_start(create_model(spec, 20, num_classes=3, offsetl2_form=form, seed=seed), seed)
+                for seed in (0, 1)]
         runs = FusedRuns.from_state(nets[0].layer_specs, stack_parameters(nets), form)
         loss, correct = runs.gradients(x_t, y)
         logits = runs.forward(x_t)[0]

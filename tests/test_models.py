@@ -6,8 +6,9 @@ from torch import nn
 
 from distrep.errors import DistrepError
 from distrep.layers import OffsetL2
-from distrep.models import (ALIASES, TABLE1, TABLE2, TABLE3, canonical_spec, create_model,
-                            describe, display_name, layer_generator, parameter_count, parse)
+from distrep.models import (ALIASES, HEAD_ALIASES, TABLE1, TABLE2, TABLE3, canonical_spec,
+                            create_model, describe, display_name, layer_generator, parameter_count,
+                            parse, register_layer, resolve)
 
 EXTRA_SPECS = ["linear-relu-linear-relu-linear", "linear+nobias-abs-linear+bias",
                "linear-tanh-offsetl2", "linear-gelu-linear-softplus-neg"]
@@ -111,3 +112,48 @@ def test_seed_gives_identical_models_regardless_of_global_rng():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     assert torch.all(b[2].alpha == 1) and abs(float(b[2].mu.detach().std()) - 0.1) < 0.01
+
+
+def test_a_seed_means_the_same_weights_in_every_version():
+    """Seed s of a run is a promise: the same s gives the same starting weights in every version
+    of distrep (so a published run can be redone from its config), and each affine layer draws
+    from its own stream. These numbers were drawn once and are pinned."""
+    relu = create_model("ReLU", seed=0)
+    assert torch.equal(relu[0].weight[0, :3], torch.tensor([0.015763258561491966, 0.008383376523852348,
+                                                             0.019594168290495872]))
+    assert torch.equal(relu[0].bias[:2], torch.tensor([-0.0034525864757597446, -0.03492242842912674]))
+    assert torch.equal(relu[2].weight[0, :3], torch.tensor([7.651760097360238e-05, -0.04599948227405548,
+                                                             0.017158614471554756]))
+    assert torch.equal(create_model("ReLU-L2", seed=5)[2].mu[0, :3],
+                       torch.tensor([-0.08247494697570801, -0.14542777836322784, -0.12203476577997208]))
+    first, second = (torch.empty(1000).uniform_(generator=layer_generator(0, k)) for k in (0, 1))
+    assert not torch.isclose(first, second).any(), "layers of one run share no stream"
+    with pytest.raises(DistrepError, match="non-negative, got -1"):
+        create_model("ReLU", seed=-1)
+
+
+def test_the_grammar_by_its_edges():
+    """What the grammar's docstring promises at its edges: +nobias on a hidden layer, +bias on
+    the output, a dash out of place named where it is, sizes that must be positive, and the
+    heads' short names read back."""
+    sizes = [(l.out_features, l.bias) for l in parse("linear+nobias-relu-linear+bias") if l.affine]
+    assert sizes == [(128, False), (10, True)]
+    assert canonical_spec("linear+nobias-relu-linear+bias") == "linear+nobias-relu-linear+bias"
+    for spec, where in (("linear-relu-", "a trailing"), ("-linear", "a leading"), ("linear--relu", "a doubled")):
+        with pytest.raises(DistrepError, match=f"empty layer .*{where} '-'"):
+            parse(spec)
+    for sizes in ((0, 784, 10), (128, 0, 10), (128, 784, 0)):
+        with pytest.raises(DistrepError, match="must be positive"):
+            parse("ReLU", *sizes)
+    for alias, spec in HEAD_ALIASES.items():
+        assert display_name(spec) == alias and resolve(alias.upper()) == (alias, spec)
+
+
+def test_a_layer_name_the_grammar_cannot_read_or_already_has_is_refused():
+    for bad in ("Cauchy", "my-layer", "my_layer", "cauchy+", "\u00e4"):
+        with pytest.raises(DistrepError, match="lower-case letters and digits"):
+            register_layer(bad, nn.Identity, affine=False)
+    for taken in ("relu", "neg", "linear", "offsetl2", "rbf"):       # activations, affine, heads
+        for affine in (False, True):
+            with pytest.raises(DistrepError, match="exists already"):
+                register_layer(taken, nn.Identity, affine=affine)
