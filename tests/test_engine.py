@@ -66,6 +66,9 @@ def assert_matches_reference(results, data, preprocess, epochs, tol, drift=DRIFT
                 assert relative(res.params[name][i], p) < max(tol, drift), (res.name, name)
             assert abs(res.arrays["final_test_acc"][i] - ref.final["test_acc"]) <= 0.004, res.name
             np.testing.assert_allclose(res.arrays["test_acc"][i], ref.test_acc, atol=0.004)
+            assert relative(res.arrays["test_loss"][i], ref.test_loss) < max(tol, drift), res.name
+            for split in ("train", "test"):
+                assert relative(res.arrays[f"final_{split}_loss"][i], ref.final[f"{split}_loss"]) < max(tol, drift)
 
 
 @pytest.mark.parametrize("names", [list(ALIASES)[:9], list(ALIASES)[9:], EXTRA])
@@ -450,6 +453,36 @@ def test_diverged_run_is_frozen_and_others_continue(raw):
         assert torch.equal(res.params["0.weight"][r], clean.params["0.weight"][r])
 
 
+def test_a_step_that_overflows_the_parameters_freezes_the_run_at_that_epoch(raw):
+    """lr 3e38: epoch 1's loss is finite and its update overflows the parameters. The run is
+    frozen at epoch 1 by the parameters' check (as the reference trainer is), not an epoch later
+    by the loss the overflowed parameters give, and its parameters stay as that update left them."""
+    res = sweep(raw, ["ReLU"], runs=2, epochs=5, eval_every=5, lr=3e38)[0]
+    ref = train(TrainConfig("ReLU", epochs=5, seed=0, lr=3e38), raw, progress=False)
+    assert ref.diverged_epoch == 1 and res.diverged.all() and res.diverged_epoch.tolist() == [1, 1]
+    assert np.isnan(res.arrays["train_loss"]).all()
+    for name, p in ref.state.items():
+        assert torch.equal(res.params[name][0].isfinite(), p.isfinite()), name
+
+
+def test_the_test_pass_in_batches_weighs_every_example_once():
+    """Trainer.evaluate in uneven batches (7 of 7 examples and one of 3 here; 10,000 at a time
+    in a sweep) gives every example's loss its weight once, as one batch does, and counts every
+    example right once."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(31, 6, generator=g), torch.arange(31) % 3
+    models = [create_model("ReLU2-Neg", 5, in_features=6, num_classes=3, seed=s) for s in (0, 1)]
+    trainer = Trainer([StackedRuns.from_models(models)], "fp32")
+    (loss, correct), = trainer.evaluate(x.t().contiguous(), y, batch=7)
+    (whole, right), = trainer.evaluate(x.t().contiguous(), y, batch=31)
+    with torch.no_grad():
+        expected = [F.cross_entropy(m(x), y) for m in models]
+        hits = [int((m(x).argmax(1) == y).sum()) for m in models]
+    torch.testing.assert_close(loss, torch.stack(expected), rtol=1e-6, atol=0)
+    torch.testing.assert_close(whole, loss, rtol=1e-6, atol=0)
+    assert correct.tolist() == right.tolist() == hits
+
+
 def test_paired_and_unpaired_designs():
     paired = SweepConfig(models=["ReLU", "Abs2-Neg", "Abs-L2"], runs=3)
     assert paired.seeds("ReLU") == paired.seeds("Abs-L2") == [0, 1, 2]
@@ -481,6 +514,12 @@ def test_cross_entropy_and_argmax_match_pytorch():
         assert correct[r].item() == (zr.argmax(1) == y).sum().item()
     z[2, 4, 7] = float("nan")
     assert torch.equal(first_argmax(z), z.argmax(1))
+    # past 255 classes a loop over them: the first of tied maxima, the first NaN, as argmax
+    wide = torch.randint(0, 3, (2, 300, 50), generator=g).double()      # many ties at 2
+    wide[0, 280, 3] = wide[1, 17, 4] = wide[1, 290, 4] = float("nan")
+    wide[0, 5, 3] = 9.0                                                 # before the NaN: NaN wins
+    assert torch.equal(first_argmax(wide), wide.argmax(1))
+    assert first_argmax(wide)[0, 3] == 280 and first_argmax(wide)[1, 4] == 17
 
 
 def test_bf16_trains_close_to_fp32(raw):
