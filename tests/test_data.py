@@ -56,6 +56,12 @@ def test_synthetic_dataset_fetched_cached_and_loaded(tmp_path, compress):
     assert data.y_train.dtype == torch.int64 and data.y_test.shape == (8,)
     expected = D.read_idx(raw["train-images-idx3-ubyte"]).reshape(20, 784)
     np.testing.assert_array_equal(data.x_train.numpy(), expected)
+    # a subset is the first n training examples, all 20 of them included; the test set stays whole
+    assert torch.equal(data.subset(20).x_train, data.x_train)
+    assert torch.equal(data.subset(3).y_train, data.y_train[:3]) and len(data.subset(3).y_test) == 8
+    for bad in (0, 21):
+        with pytest.raises(DistrepError, match=f"train subset must be in 1..20, got {bad}"):
+            data.subset(bad)
 
 
 def test_torchvision_layout_is_found(tmp_path):
