@@ -457,7 +457,8 @@ def test_diverged_run_is_frozen_and_others_continue(raw):
 def test_a_step_that_overflows_the_parameters_freezes_the_run_at_that_epoch(raw):
     """lr 3e38: epoch 1's loss is finite and its update overflows the parameters. The run is
     frozen at epoch 1 by the parameters' check (as the reference trainer is), not an epoch later
-    by the loss the overflowed parameters give, and its parameters stay as that update left them."""
+    by the loss the overflowed parameters give; its parameters overflowed where the reference
+    trainer's did."""
     res = sweep(raw, ["ReLU"], runs=2, epochs=5, eval_every=5, lr=3e38)[0]
     ref = train(TrainConfig("ReLU", epochs=5, seed=0, lr=3e38), raw, progress=False)
     assert ref.diverged_epoch == 1 and res.diverged.all() and res.diverged_epoch.tolist() == [1, 1]
