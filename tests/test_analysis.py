@@ -179,6 +179,41 @@ def test_offsetl2_prototypes_at_the_class_means_are_nearest_their_own_class(mnis
     assert A.prototype_summary(stacked("ReLU2"), x, y, 10) is None
 
 
+def test_prototype_summary_by_hand():
+    """One example per class (so the class means are the examples): m_0 = (0, 0), m_1 = (2, 0),
+    m_2 = (0, 4); prototypes mu_0 = (0, 0), mu_1 = (0, 3), mu_2 = (0, 5), unit weights. Distances
+    d[j, c] = |m_c - mu_j|: rows [0, 2, 4], [3, sqrt 13, 1], [5, sqrt 29, 1]. mu_1 is farther from
+    its own class than from classes 0 and 2 (own rank 3); from m_1, mu_0 is nearer than mu_1
+    (own prototype rank 2). A negative weight (the coded form's alpha) counts as 0 in the
+    weighted distance: with w_1 = (1, -1), row 1 becomes [0, 2, 0]."""
+    model = create_model("offsetl2", in_features=2, num_classes=3, offsetl2_form="coded", seed=0)
+    with torch.no_grad():
+        model[0].mu.copy_(torch.tensor([[0.0, 0.0], [0.0, 3.0], [0.0, 5.0]]))
+        model[0].alpha.fill_(1.0)
+    x, y = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 4.0]]), torch.tensor([0, 1, 2])
+    group = StackedRuns.from_models([model])
+    out = A.prototype_summary(group, x, y, 3)
+    expected = np.array([[0, 2, 4], [3, 13 ** 0.5, 1], [5, 29 ** 0.5, 1]])
+    np.testing.assert_allclose(out["distance"][0], expected, rtol=1e-6)
+    np.testing.assert_allclose(out["weighted_distance"][0], expected, rtol=1e-6)
+    assert out["own_rank"].tolist() == out["own_rank_euclidean"].tolist() == [[1, 3, 1]]
+    assert out["own_prototype_rank"].tolist() == [[1, 2, 1]]
+    group.layers[0].alpha[0, 1, 1] = -1.0
+    out = A.prototype_summary(group, x, y, 3)
+    np.testing.assert_allclose(out["weighted_distance"][0, 1], [0, 2, 0], atol=1e-6)
+    np.testing.assert_allclose(out["distance"][0], expected, rtol=1e-6)
+    assert out["weight"][0, 1].tolist() == [1.0, -1.0]
+
+
+def test_one_unit_clamping_of_some_units_is_theirs_in_the_order_asked(test_data):
+    x, y = test_data
+    clamper = A.UnitClamp(stacked("ReLU", runs=2), x, y)
+    levels = A.clamp_levels(clamper.a, np.array([30]))[0]
+    every = clamper.accuracy(levels, "ceiling")
+    which = torch.tensor([5, 2, 90])
+    np.testing.assert_array_equal(clamper.accuracy(levels, "ceiling", which), every[:, which.numpy()])
+
+
 @pytest.mark.parametrize("name", list(ALIASES) + EXTRA + ["linear-offsetl2", "offsetl2-relu-linear"])
 def test_every_analysis_runs_on_every_model_type(name, mnist):
     group = stacked(name)

@@ -83,6 +83,27 @@ def test_equilibrium_points_by_the_authors_bisection():
     np.testing.assert_allclose(shares[0, 1], [[1, 0], [0.5, 0.5]])
 
 
+def test_the_bisections_limits_and_fallback():
+    """Unit 0 meets at its second evaluation (above): allowed two, it still does; allowed one, it
+    gives up there and falls back to its minimum, 0 %, not to where it stopped (0.5). With no
+    tolerance unit 1 still meets at mid 1, where floor and ceiling agree exactly. Shifted by a
+    hidden bias of 1 and an output bias of -1 (the same logits), unit 0 runs over [1, 3]: its
+    point moves to 1.5, still 25 % of its own range."""
+    x = X.t().contiguous()
+    eq = A.author_equilibrium(hand_built(), x, Y, max_evaluations=2)
+    assert eq["threshold"][0, 0] == 0.5 and eq["met"][0, 0] and eq["evaluations"][0, 0] == 2
+    eq = A.author_equilibrium(hand_built(), x, Y, max_evaluations=1)
+    assert eq["threshold"][0, 0] == 0.0 and eq["percentage"][0, 0] == 0 and not eq["met"][0, 0]
+    assert eq["evaluations"][0, 0] == 2 and eq["threshold"][0, 1] == 1.0
+    eq = A.author_equilibrium(hand_built(), x, Y, tolerance=0.0)
+    assert eq["threshold"][0, 1] == 1.0 and eq["met"][0, 1]
+    shifted = hand_built("linear-relu-linear+bias")
+    shifted.layers[0].bias[0, 0] = 1.0
+    shifted.layers[2].bias[0] = torch.tensor([-1.0, 0.0])
+    eq = A.author_equilibrium(shifted, x, Y)
+    assert eq["threshold"][0, 0] == 1.5 and eq["percentage"][0, 0] == 25.0
+
+
 def test_author_readings_bundle():
     out = A.author_readings(hand_built(), X.t().contiguous(), Y, 2)
     assert float(out["clamping/floor_dropoff"]) == 100 and float(out["clamping/ceiling_dropoff"]) == 0
