@@ -108,6 +108,48 @@ def test_5_14_a_second_process_is_refused_while_the_first_holds_the_directory(tm
     assert r.returncode == 0, r.stderr
 
 
+def test_5_the_lock_and_the_directory_it_guards(tmp_path):
+    """The lock file names only its holder (a stale, longer pid is overwritten, not left as a
+    tail); a failed command removes the directory only if it created it (empty), never one the
+    user made; an interrupted atomic write's temporary file is not a foreign entry."""
+    from distrep.experiment import LOCK_FILE, entries
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / LOCK_FILE).write_text("123456789\n")
+    with pytest.raises(RuntimeError):
+        with experiment_lock(mine):
+            assert (mine / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+            raise RuntimeError
+    assert mine.is_dir(), "a directory the user made stays"
+    new = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with experiment_lock(new):
+            raise RuntimeError
+    assert not new.exists(), "a directory the failed command made goes"
+    (mine / ".config.json.abc123.tmp").write_text("{")
+    assert entries(mine) == []
+
+
+def test_11_force_keeps_what_a_link_points_to_and_epoch_reports_belong_to_experiments(tmp_path):
+    """--force unlinks a link distrep's name leads to, not the directory it points at; an epoch
+    report is distrep's in an experiment directory and no one else's, and only by its exact name."""
+    from distrep.experiment import EXPERIMENT_ENTRIES, RUN_ENTRIES, is_own, remove_own
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.png").write_text("png")
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "figures").symlink_to(elsewhere, target_is_directory=True)
+    (out / "report-epoch-30.md").write_text("#")
+    remove_own(out, EXPERIMENT_ENTRIES)
+    assert not (out / "figures").exists() and (elsewhere / "keep.png").read_text() == "png"
+    assert not (out / "report-epoch-30.md").exists()
+    assert is_own("table-epoch-5000.tex", EXPERIMENT_ENTRIES) and is_own("report-epoch-7.html", EXPERIMENT_ENTRIES)
+    assert not is_own("report-epoch-30.md", RUN_ENTRIES)
+    for name in ("report-epoch-30.md.bak", "report-epoch-final.md", "report-epoch-.md"):
+        assert not is_own(name, EXPERIMENT_ENTRIES), name
+
+
 def test_6_a_refused_sweep_writes_nothing_and_force_recovers(finished):
     (finished / "config.json").unlink()                 # the config is gone, the checkpoint is not
     before = sorted(p.name for p in finished.iterdir())
@@ -189,6 +231,22 @@ def test_13_a_damaged_checkpoint_is_refused_and_force_recovers(finished, damage)
     r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished, "--force")
     assert r.returncode == 0, r.stderr
     assert read_json(finished / "run.json")["finished"]
+
+
+def test_13_a_finished_experiment_does_not_need_its_checkpoint(finished):
+    """Once finished, an experiment's results are its files (models/<name>/): the same command
+    again rebuilds nothing, and neither reads a damaged checkpoint beside them nor needs one.
+    (It once looked for the results one folder too high, so it always rebuilt them from the
+    checkpoint, and failed without one.)"""
+    summary = (finished / "summary.csv").read_bytes()
+    (finished / "checkpoint.safetensors").write_bytes(b"damaged")
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert r.returncode == 0 and "rebuilding" not in r.stderr, r.stderr
+    assert (finished / "checkpoint.safetensors").read_bytes() == b"damaged"
+    (finished / "checkpoint.safetensors").unlink()
+    r = distrep("sweep", "--models", "ReLU,Abs", *SMALL, "--out", finished)
+    assert r.returncode == 0 and "rebuilding" not in r.stderr, r.stderr
+    assert (finished / "summary.csv").read_bytes() == summary
 
 
 def test_13_a_checkpoint_of_another_experiment_is_refused(finished, tmp_path):

@@ -23,7 +23,7 @@ import torch
 from distrep.engine import StackedActivation, StackedOffsetL2, StackedRuns, engine_path, first_argmax
 from distrep.models import parse
 from distrep.storage import read_arrays, read_json, read_tensors, write_arrays
-from distrep.sweep import model_dir
+from distrep.sweep import model_dir, results_dir
 
 # Rectifying activations, whose units can be "dead" (output exactly 0 on an input).
 RECTIFIERS = ("relu", "abs")
@@ -518,7 +518,7 @@ def analyze(directory: Path, unit_examples: int = 2000, log=lambda m: None) -> d
             log(f"skipping {name}: the analyses cover models of linear, OffsetL2 and activation layers")
             continue
         log(f"analysing {name}")
-        params = read_tensors(directory / "models" / model_dir(name) / "params.safetensors")
+        params = read_tensors(results_dir(directory, name) / "params.safetensors")
         group = StackedRuns.from_state(specs, params, cfg["offsetl2_form"])
         found = analyze_runs(group, train, test, data.num_classes, unit_examples)
         for analysis, arrays in found.items():

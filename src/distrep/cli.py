@@ -331,7 +331,7 @@ def cmd_sweep(args) -> None:
     from distrep.experiment import run_experiment
     from distrep.report import final_accuracy
     from distrep.storage import read_arrays
-    from distrep.sweep import SweepConfig, model_dir
+    from distrep.sweep import SweepConfig, results_dir
 
     config = SweepConfig(
         models=args.models, runs=args.runs, epochs=args.epochs, lr=args.lr, width=args.width,
@@ -345,7 +345,7 @@ def cmd_sweep(args) -> None:
     out: Path = args.out
     config, _, _ = run_experiment(out, config, args.force, progress=not args.quiet, executor=executor)
     for name in config.models:
-        m = read_arrays(out / "models" / model_dir(display_name(name)) / "metrics.npz")
+        m = read_arrays(results_dir(out, display_name(name)) / "metrics.npz")
         acc = final_accuracy(m)
         ok = acc[~np.isnan(acc)]
         spread = f"{ok.std(ddof=1):.2f}" if len(ok) > 1 else "-"

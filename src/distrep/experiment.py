@@ -255,10 +255,10 @@ def require_finished(out: Path) -> None:
 def results_missing(out: Path, config) -> list[str]:
     """The result files of a finished experiment that are not there."""
     from distrep.models import display_name
-    from distrep.sweep import model_dir
+    from distrep.sweep import results_dir
     need = [out / SUMMARY_FILE]
     for m in config.models:
-        folder = out / model_dir(display_name(m))
+        folder = results_dir(out, display_name(m))
         need += [folder / "metrics.npz", folder / "params.safetensors"]
     return [str(p.relative_to(out)) for p in need if not p.exists()]
 

@@ -22,7 +22,7 @@ from distrep.paper import CLAMP_DROPOFF, DISCREPANCIES, RUNS, match, run_protoco
 from distrep.plots import (_log_y, plot_clamping, plot_first_layer, plot_hyperplanes,
                            plot_prototypes, save_figure)
 from distrep.storage import atomic_write_bytes, read_arrays, read_json, read_tensors
-from distrep.sweep import model_dir
+from distrep.sweep import model_dir, results_dir
 
 FIGURES = {"curves": "figures/test_error_curves.png", "final": "figures/final_accuracy.png",
            "pairs": "figures/pairs.png", "clamping": "figures/clamping.png"}
@@ -65,7 +65,7 @@ def load_experiment(directory: Path) -> dict:
                            f"command to rebuild it from the checkpoint")
     metrics = {}
     for m in models:
-        path = directory / "models" / model_dir(m) / "metrics.npz"
+        path = results_dir(directory, m) / "metrics.npz"
         metrics[m] = read_arrays(path)
         absent = [key for key in METRIC_ARRAYS if key not in metrics[m]]
         if absent:
@@ -599,7 +599,7 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
     cfg = exp["config"]["config"]
     for entry in exp["config"]["models"]:
         model = entry["name"]
-        weight = read_tensors(directory / "models" / model_dir(model) / "params.safetensors").get("0.weight")
+        weight = read_tensors(results_dir(directory, model) / "params.safetensors").get("0.weight")
         if weight is None or int(round(np.sqrt(weight.shape[2]))) ** 2 != weight.shape[2]:
             continue
         initial = create_model(entry["spec"], cfg["width"], in_features=weight.shape[2],

@@ -752,6 +752,11 @@ def model_dir(name: str) -> str:
     return f"{prefix}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
+def results_dir(out_dir: str | os.PathLike, name: str) -> Path:
+    """Where an experiment keeps a model's results: ``models/<model_dir(name)>``."""
+    return Path(out_dir) / "models" / model_dir(name)
+
+
 def save_results(results: list[VariantResult], config: SweepConfig, out_dir: str | os.PathLike) -> None:
     """Write ``summary.csv`` (one row per run) and, per model, ``models/<name>/metrics.npz``
     (``train_loss``/``train_acc`` ``[runs, epochs]``, ``test_loss``/``test_acc`` ``[runs, k]``,
@@ -761,7 +766,7 @@ def save_results(results: list[VariantResult], config: SweepConfig, out_dir: str
     out = Path(out_dir)
     lines = [",".join(SUMMARY_COLUMNS)]
     for res in results:
-        folder = out / "models" / model_dir(res.name)
+        folder = results_dir(out, res.name)
         write_arrays(folder / "metrics.npz", {**res.arrays, "test_epochs": config.test_epochs(),
                                               "seeds": res.seeds, "diverged_epoch": res.diverged_epoch})
         write_tensors(folder / "params.safetensors", res.params, metadata={"spec": res.spec})
