@@ -179,6 +179,40 @@ def test_offsetl2_prototypes_at_the_class_means_are_nearest_their_own_class(mnis
     assert A.prototype_summary(stacked("ReLU2"), x, y, 10) is None
 
 
+def test_the_reports_author_and_prototype_tables_by_hand():
+    """The author table and the prototype table from arrays whose summaries are worked out here:
+    two runs of a model with four hidden units and two classes."""
+    from distrep.report import author_table, prototype_table
+    author = {"ReLU": {
+        "dead/layer1/units": np.array([4, 4]), "dead/layer1/never": np.array([1.0, 3.0]),
+        "dead/layer1/below_1%": np.array([2.0, 2.0]),
+        "clamping/floor": np.zeros((2, 3)), "clamping/range": np.array([[0.0, 4.0], [-2.0, 6.0]]),
+        "clamping/unclamped": np.array([0.9, 0.8]), "clamping/floor_dropoff": np.array(40.0),
+        "clamping/ceiling_dropoff": np.array(5.0),
+        # equilibrium points 0, 50, 50, 100 and 0, 0, 100, 100 (%): mean 50, population std 43.3
+        # pooled over units and runs, as the script pools them; median 50; 3 of 8 without one
+        "equilibrium/percentage": np.array([[0.0, 50, 50, 100], [0.0, 0, 100, 100]]),
+        "equilibrium/met": np.array([[False, True, True, True], [False, False, True, True]]),
+        # classes with at least half their examples below each unit's point: 2, 1, 1, 0 and 0 x 4
+        "boundaries": np.stack([np.array([[[1.0, 0.5], [1, 0], [0, 1], [0, 0.4]], [[0.0, 0.2]] * 4]),
+                                np.zeros((2, 4, 2))], 3)}}
+    head, body = author_table(author)
+    row = dict(zip(head, body[0]))
+    assert body[0][0] == "ReLU" and len(body[0]) == len(head) == 11
+    assert row["unclamped train acc. (%)"] == "85.00 ± 7.07" and row["range [min, max]"] == "[-1, 5]"
+    assert body[0][3:7] == ["40", "9", "5", "1"]                     # ours beside the notes' ReLU figures
+    assert row["equilibrium point (%): mean ± std, median"] == "50.0 ± 43.3, 50.0"
+    assert row["units without one (%)"] == "37.5"
+    assert row["classes mostly below it, per unit"] == "0.5 ± 0.7 of 2"
+    assert body[0][-1] == "L1: 2 ± 1 / 2 ± 0 of 4"
+    prototypes = {"ReLU-L2-Neg": {
+        "own_prototype_rank": np.array([[1, 1, 3], [1, 2, 3]]), "weighted_distance": np.zeros((2, 3, 3)),
+        "own_rank": np.array([[1, 2, 3], [3, 3, 3]]), "own_rank_euclidean": np.array([[1, 1, 1], [1, 1, 1]])}}
+    head, body = prototype_table(prototypes)
+    # seen ranks: means 5/3 and 2; nearest in 2/3 and 1/3 of the classes, farthest (3) in 1/3 each
+    assert body == [["ReLU-L2-Neg", "1.83 ± 0.24", "50.0 ± 23.6", "33.3 ± 0.0", "2.50 ± 0.71", "1.00 ± 0.00"]]
+
+
 def test_prototype_summary_by_hand():
     """One example per class (so the class means are the examples): m_0 = (0, 0), m_1 = (2, 0),
     m_2 = (0, 4); prototypes mu_0 = (0, 0), mu_1 = (0, 3), mu_2 = (0, 5), unit weights. Distances
