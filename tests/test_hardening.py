@@ -16,7 +16,8 @@ import torch
 
 from distrep import data as data_mod
 from distrep.errors import DistrepError
-from distrep.experiment import experiment_lock
+from distrep.experiment import (EXPERIMENT_ENTRIES, LOCK_FILE, RUN_ENTRIES, entries, experiment_lock,
+                                 is_own, remove_own)
 from distrep.report import comparison_table, summary_rows
 from distrep.storage import atomic_write_bytes, read_arrays, read_json, write_json
 from tests.conftest import make_synthetic
@@ -112,7 +113,6 @@ def test_5_the_lock_and_the_directory_it_guards(tmp_path):
     """The lock file names only its holder (a stale, longer pid is overwritten, not left as a
     tail); a failed command removes the directory only if it created it (empty), never one the
     user made; an interrupted atomic write's temporary file is not a foreign entry."""
-    from distrep.experiment import LOCK_FILE, entries
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / LOCK_FILE).write_text("123456789\n")
@@ -133,7 +133,6 @@ def test_5_the_lock_and_the_directory_it_guards(tmp_path):
 def test_11_force_keeps_what_a_link_points_to_and_epoch_reports_belong_to_experiments(tmp_path):
     """--force unlinks a link distrep's name leads to, not the directory it points at; an epoch
     report is distrep's in an experiment directory and no one else's, and only by its exact name."""
-    from distrep.experiment import EXPERIMENT_ENTRIES, RUN_ENTRIES, is_own, remove_own
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "keep.png").write_text("png")

@@ -97,19 +97,19 @@ def test_expanded_agrees_with_direct_in_fp32_at_raw_pixel_scale():
 
 def test_squared_distances_at_their_prototypes_are_never_negative():
     """At x = mu_j the expanded forms' three terms cancel and rounding leaves either sign (59 of
-    these 200 in OffsetL2's float64 sum, 50 in RBF's fp32 one); a squared distance below 0 would be a negative distance
-    for RBF's logits and the root of a negative number for anyone calling these directly, so both
-    floor it at 0."""
+    these 200 in OffsetL2's float64 sum, 50 in RBF's fp32 one); a squared distance below 0 would
+    be a negative distance for RBF's logits and the root of a negative number for anyone calling
+    these directly, so both floor it at 0."""
     from distrep.heads import squared_euclidean
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(10, 128, generator=g) * 3
     x = mu[torch.randint(0, 10, (200,), generator=g)]
     weight = torch.rand(10, 128, generator=g) * 2
-    for s in (L.squared_distance(x, mu, weight, "expanded"), L.squared_distance(x.double(), mu.double(),
-                                                                                    weight.double(), "expanded"),
-              squared_euclidean(x, mu), squared_euclidean(x.double(), mu.double())):
-        assert (s >= 0).all()
-        assert s.min() == 0 or float(s.min()) < 1e-9 * float(s.max())
+    for dtype in (torch.float32, torch.float64):
+        a, m, w = x.to(dtype), mu.to(dtype), weight.to(dtype)
+        for s in (L.squared_distance(a, m, w, "expanded"), squared_euclidean(a, m)):
+            assert (s >= 0).all()
+            assert s.min() == 0 or float(s.min()) < 1e-9 * float(s.max())
 
 
 def test_auto_method_avoids_the_big_tensor(monkeypatch):

@@ -43,8 +43,8 @@ def test_one_epoch_is_one_plain_sgd_step_on_the_mean_cross_entropy(mnist_small):
         # the epoch's loss and accuracy are those of its forward pass, before the update
         assert r.train_acc[0] == (model(x).argmax(1) == y).double().mean().item()
         for name, p in model.named_parameters():
-            assert torch.equal(r.state[name], p.add(p.grad, alpha=-lr)), name
-            p.sub_(lr * p.grad)
+            p.add_(p.grad, alpha=-lr)
+            assert torch.equal(r.state[name], p), name
         # the final figures are the updated model's, on the training and on the test data
         assert r.final["train_acc"] == pytest.approx((model(x).argmax(1) == y).double().mean().item())
         assert r.final["train_loss"] == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
