@@ -15,6 +15,7 @@ before any activation or negation after it, is the *pre-activation* ``z [R, C, n
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -498,6 +499,12 @@ def analyze_runs(group: StackedRuns, train: tuple[torch.Tensor, torch.Tensor],
     return found
 
 
+def analysis_path(directory: str | os.PathLike, name: str, analysis: str) -> Path:
+    """Where an experiment keeps one analysis of a model: ``analysis/<model_dir(name)>/<analysis>.npz``
+    (beside ``models/<model_dir(name)>/``, see :func:`distrep.sweep.results_dir`)."""
+    return Path(directory) / "analysis" / model_dir(name) / f"{analysis}.npz"
+
+
 def analyze(directory: Path, unit_examples: int = 2000, log=lambda m: None) -> dict[str, dict[str, dict]]:
     """:func:`analyze_runs` for every model of an experiment directory, on the data it was
     trained on; saved as ``analysis/<model>/<analysis>.npz`` and returned."""
@@ -522,7 +529,7 @@ def analyze(directory: Path, unit_examples: int = 2000, log=lambda m: None) -> d
         group = StackedRuns.from_state(specs, params, cfg["offsetl2_form"])
         found = analyze_runs(group, train, test, data.num_classes, unit_examples)
         for analysis, arrays in found.items():
-            write_arrays(directory / "analysis" / model_dir(name) / f"{analysis}.npz", arrays)
+            write_arrays(analysis_path(directory, name, analysis), arrays)
         results[name] = found
     return results
 
@@ -533,7 +540,7 @@ def load_analyses(directory: Path, models: list[str]) -> dict[str, dict[str, dic
     out: dict[str, dict] = {}
     for name in models:
         for analysis in ANALYSES:
-            path = Path(directory, "analysis", model_dir(name), f"{analysis}.npz")
+            path = analysis_path(directory, name, analysis)
             if path.exists():
                 out.setdefault(analysis, {})[name] = read_arrays(path)
     return out
