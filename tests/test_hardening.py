@@ -276,6 +276,55 @@ def test_8_written_files_respect_the_umask(tmp_path, umask, mode):
     assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
+def test_8_a_write_that_fails_leaves_the_old_file_whole_and_no_temporary(tmp_path, monkeypatch):
+    """A write that fails before its rename (here the disk is full at the flush) leaves the
+    previous file as it was and takes its temporary file away with it."""
+    path = write_json(tmp_path / "config.json", {"epochs": 5000})
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("distrep.storage.os.fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"epochs": 50000})
+    assert read_json(path) == {"epochs": 5000}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_8_json_is_written_indented_with_sorted_keys(tmp_path):
+    """Result JSON reads and diffs line by line: two-space indents, keys in order, a final newline."""
+    path = write_json(tmp_path / "c.json", {"width": 128, "models": ["ReLU"], "lr": 0.001})
+    assert path.read_text() == '{\n  "lr": 0.001,\n  "models": [\n    "ReLU"\n  ],\n  "width": 128\n}\n'
+
+
+def test_20_an_array_file_that_needs_unpickling_is_refused(tmp_path):
+    """read_arrays never unpickles: an .npz holding a Python object (which loading would run
+    code for) is refused in one line like any file distrep did not write."""
+    path = tmp_path / "metrics.npz"
+    np.savez(path, test_acc=np.array([{"not": "an array"}], dtype=object))
+    with pytest.raises(DistrepError, match="metrics.npz is damaged or not the file distrep wrote"):
+        read_arrays(path)
+
+
+def test_a_device_this_process_cannot_use_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A device name torch does not know, one distrep does not train on, CUDA where none is
+    seen and a GPU past the ones seen (which CUDA itself reports only at its first call, after
+    the data is loaded) are each refused by name, before anything is written."""
+    from distrep.provenance import resolve_device
+    r = distrep("sweep", "--models", "ReLU", "--device", "tpu", *SMALL, "--out", tmp_path / "a")
+    assert_one_line_error(r, "unknown device 'tpu'")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(DistrepError, match="unsupported device 'meta'"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DistrepError, match="sees no CUDA GPU"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cuda").index is None
+    with pytest.raises(DistrepError, match="device cuda:2 requested but this process sees only cuda:0, cuda:1$"):
+        resolve_device("cuda:2")
+
+
 def test_16_a_very_long_spec_gets_a_safe_directory(tmp_path, mnist):
     spec = "linear" + "-identity" * 40 + "-relu-linear"
     assert len(spec) > 255

@@ -14,17 +14,24 @@ from distrep.errors import DistrepError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA if available else CPU; ``cpu``; ``cuda`` / ``cuda:N`` (checked)."""
+    """``auto`` -> CUDA if available else CPU; ``cpu``; ``cuda`` / ``cuda:N`` (checked: a GPU this
+    process sees, N below their count)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise DistrepError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DistrepError("device cuda requested but this PyTorch build sees no CUDA GPU")
     if device.type not in ("cpu", "cuda"):
         raise DistrepError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistrepError("device cuda requested but this PyTorch build sees no CUDA GPU")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            # else the first CUDA call fails, after the data is loaded, with "invalid device ordinal"
+            seen = ", ".join(f"cuda:{i}" for i in range(count))
+            raise DistrepError(f"device {name} requested but this process sees only {seen}")
     return device
 
 
