@@ -75,12 +75,64 @@ def test_unknown_model_lists_the_valid_ones(tmp_path):
     ("--lr", "0", "--lr: must be a positive finite number"),
     ("--lr", "-0.01", "--lr: must be a positive finite number"),
     ("--lr", "nan", "--lr: must be a positive finite number"),
+    ("--lr", "inf", "--lr: must be a positive finite number"),
     ("--train-subset", "0", "--train-subset: must be a positive integer"),
+    ("--seed", "-1", "--seed: must be a non-negative integer, got -1"),
+    ("--seed", "0.5", "--seed: expected a non-negative integer, got '0.5'"),
+    ("--out", " ", "--out: must name a directory, got an empty string"),
 ])
 def test_bad_numbers_are_refused(tmp_path, flag, value, fragment):
     r = distrep("train", "--model", "ReLU", "--out", tmp_path / "x", flag, value)
     assert_one_line_error(r, fragment)
     assert not (tmp_path / "x").exists()
+
+
+def test_memory_sizes_are_read_in_binary_units():
+    import argparse
+
+    from distrep.cli import memory_size
+    for text, size in (("8G", 8 << 30), ("8GiB", 8 << 30), ("8gb", 8 << 30), ("512M", 512 << 20),
+                       ("1.5g", 3 << 29), ("2T", 2 << 40), ("1024k", 1 << 20), ("1048576", 1 << 20)):
+        assert memory_size(text) == size, text
+    for text in ("1048575", "1023K", "G", "8 X", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            memory_size(text)
+
+
+def test_progress_off_a_terminal_prints_a_line_per_step_crossed_and_the_last():
+    from distrep.progress import LineProgress
+
+    def lines(total, step, updates, postfix=None):
+        out = io.StringIO()
+        bar = LineProgress(total, "training", "run-epochs", step=step, file=out)
+        for n in updates:
+            bar.update(n)
+            if postfix:
+                bar.set_postfix(**postfix)
+        return out.getvalue().splitlines()
+
+    # 22.5 % (a step), 85 % (past three at once: one line), 90 % (no step), 100 %
+    said = lines(40, 20.0, (9, 25, 2, 4), postfix={"loss": 0.5})
+    assert [line.split(" (")[0] for line in said] == ["training:  22%", "training:  85%", "training: 100%"]
+    assert said[-1].startswith("training: 100% (40 of 40 run-epochs") and said[-1].endswith(", loss=0.5)")
+    # the last line even where 100 % is no step (steps of 40 %: 85 % crossed 40 and 80)
+    assert [line.split(" (")[0] for line in lines(20, 40.0, (17, 3))] == ["training:  85%", "training: 100%"]
+    assert lines(0, 5.0, (0,))[0].startswith("training: 100% (0 of 0 run-epochs")   # no work: done
+
+
+def test_model_lists_ignore_blanks_and_a_trailing_comma():
+    import argparse
+
+    from distrep.cli import comma_list
+    assert comma_list(" ReLU, Abs2-Neg ,") == ["ReLU", "Abs2-Neg"]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a comma-separated list"):
+        comma_list(" , ")
+
+
+def test_durations_read_in_the_unit_that_suits_them():
+    from distrep.reproduce import format_duration
+    assert [format_duration(s) for s in (5, 119.4, 120, 7199, 7200, 45000)] == \
+        ["5 s", "119 s", "2 min", "120 min", "2.0 h", "12.5 h"]
 
 
 def test_unknown_dataset(tmp_path):
@@ -245,6 +297,28 @@ def test_deferred_stop_holds_the_first_signal_and_not_the_second():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)     # a second signal stops at once
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_deferred_stop_off_the_main_thread_leaves_the_signals_alone():
+    """Only the main thread may set signal handlers (a sweep in a Ray worker's or a user's
+    thread): there the request is never set and nothing is installed."""
+    import signal
+    import threading
+
+    from distrep.stopping import deferred_stop
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def sweep_in_a_thread():
+        try:
+            with deferred_stop() as stop:
+                seen.append((bool(stop), signal.getsignal(signal.SIGTERM) is before))
+        except Exception as e:                    # signal.signal's ValueError off the main thread
+            seen.append(e)
+    worker = threading.Thread(target=sweep_in_a_thread)
+    worker.start()
+    worker.join()
+    assert seen == [(False, True)]
 
 
 def test_deferred_stop_leaves_a_handler_installed_outside_python_alone(monkeypatch):
