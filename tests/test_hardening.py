@@ -399,6 +399,27 @@ def test_20_analyze_refuses_before_analysing_what_its_report_could_not_read(fini
     assert not (finished / "analysis").exists()
 
 
+def test_a_directory_that_holds_no_experiment_is_refused_by_what_it_holds(tmp_path, mnist):
+    """report, analyze and claims read experiments: given anything else, the one-line error
+    says what is there instead (a `distrep train` run among them, whose own config.json
+    read as 'no distrep config.json')."""
+    run = tmp_path / "run"
+    assert distrep("train", "--model", "ReLU", "--epochs", 1, "--train-subset", 50, "--quiet",
+                   "--out", run).returncode == 0
+    (tmp_path / "file").write_text("")
+    for name, config in (("empty", None), ("foreign", '{"lr": 0.1}'), ("unreadable", "{")):
+        (tmp_path / name).mkdir()
+        if config:
+            (tmp_path / name / "config.json").write_text(config)
+    for name, why in (("run", "it holds one run of `distrep train`"), ("file", "not a directory"),
+                      ("absent", "no such directory"), ("empty", "no distrep config.json"),
+                      ("foreign", "its config.json is not distrep's"),
+                      ("unreadable", "its config.json is damaged")):
+        for command in ("report", "analyze", "claims"):
+            assert_one_line_error(distrep(command, tmp_path / name), f"{name} holds no finished experiment ({why}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "foreign", "run", "unreadable"]
+
+
 def test_20_damaged_analysis_file_gives_a_one_line_error(finished):
     assert distrep("analyze", finished).returncode == 0
     (finished / "analysis" / "ReLU" / "clamping.npz").write_bytes(b"PK\x03\x04broken")

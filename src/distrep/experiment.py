@@ -239,9 +239,18 @@ _RECOVER = "rerun with --force to start over"
 
 
 def require_experiment(out: Path) -> None:
-    """Refuse (one line) a directory that holds no distrep experiment."""
-    if not Path(out).is_dir() or directory_kind(Path(out)) != "experiment":
-        raise DistrepError(f"{out} holds no finished experiment (no distrep config.json)")
+    """Refuse (one line) a directory that holds no distrep experiment, saying what it holds."""
+    out = Path(out)
+    kind = directory_kind(out) if out.is_dir() else None
+    if kind == "experiment":
+        return
+    why = {None: "no such directory" if not out.exists() else
+                 "not a directory" if not out.is_dir() else "no distrep config.json",
+           "run": "it holds one run of `distrep train`, whose results are its result.json, "
+                  "metrics.npz and curves.png; report and analyze read what sweep and reproduce write",
+           "foreign": "its config.json is not distrep's",
+           "unreadable": "its config.json is damaged"}[kind]
+    raise DistrepError(f"{out} holds no finished experiment ({why})")
 
 
 def require_finished(out: Path) -> None:
