@@ -325,16 +325,25 @@ def test_a_device_this_process_cannot_use_is_refused_in_one_line(tmp_path, monke
         resolve_device("cuda:2")
 
 
-def test_16_a_very_long_spec_gets_a_safe_directory(tmp_path, mnist):
+@pytest.mark.filterwarnings("error:constrained_layout not applied:UserWarning")
+def test_16_a_very_long_spec_gets_a_safe_directory_and_figures_with_room_to_draw(tmp_path, mnist):
+    """Its folder name is cut to a safe length, and its figures show it cut too: the whole
+    name as a legend entry or tick label took the plots' room (matplotlib's 'axes sizes
+    collapsed to zero', here an error) and left them unreadable."""
+    from distrep.plots import figure_label
     spec = "linear" + "-identity" * 40 + "-relu-linear"
     assert len(spec) > 255
     out = tmp_path / "long"
-    r = distrep("sweep", "--models", spec, *SMALL, "--out", out)
+    r = distrep("sweep", "--models", f"{spec},ReLU", *SMALL, "--out", out)
     assert r.returncode == 0, r.stderr
-    (folder,) = (out / "models").iterdir()
-    assert len(folder.name) < 100 and (folder / "metrics.npz").exists()
+    folders = sorted(f.name for f in (out / "models").iterdir())
+    assert "ReLU" in folders and all(len(f) < 100 for f in folders)
+    assert all((out / "models" / f / "metrics.npz").exists() for f in folders)
     assert distrep("report", out).returncode == 0
     assert distrep("analyze", out).returncode == 0
+    label = figure_label(spec)
+    assert label == "linear-identity-ide…identity-relu-linear" and len(label) == 40
+    assert figure_label("linear-relu-linear+bias-abs-neg") == "linear-relu-linear+bias-abs-neg"
 
 
 def test_17_unwritable_outputs_are_refused_before_training(tmp_path, mnist):

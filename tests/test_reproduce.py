@@ -196,4 +196,7 @@ def test_a_sweep_directory_can_be_reported_and_analysed(tmp_path, mnist):
     assert distrep("analyze", out).returncode == 0
     report = (out / "report.md").read_text()
     assert "# distrep experiment: sweep" in report and "## Activation clamping" in report
+    # one model: no pair to compare, so neither the pairs' figure nor their sections
+    assert "Pairwise comparisons" not in report and "All pairwise comparisons" not in report
+    assert not (out / "figures" / "pairs.png").exists() and (out / "figures" / "test_error_curves.png").exists()
     assert (out / "analysis" / "linear-relu-linear+bias-abs-neg" / "hyperplanes.npz").exists()

@@ -241,15 +241,19 @@ _RECOVER = "rerun with --force to start over"
 def require_experiment(out: Path) -> None:
     """Refuse (one line) a directory that holds no distrep experiment, saying what it holds."""
     out = Path(out)
-    kind = directory_kind(out) if out.is_dir() else None
-    if kind == "experiment":
+    if not out.exists():
+        why = "no such directory"
+    elif not out.is_dir():
+        why = "not a directory"
+    elif (kind := directory_kind(out)) == "experiment":
         return
-    why = {None: "no such directory" if not out.exists() else
-                 "not a directory" if not out.is_dir() else "no distrep config.json",
-           "run": "it holds one run of `distrep train`, whose results are its result.json, "
-                  "metrics.npz and curves.png; report and analyze read what sweep and reproduce write",
-           "foreign": "its config.json is not distrep's",
-           "unreadable": "its config.json is damaged"}[kind]
+    else:
+        why = {None: "no distrep config.json",
+               "run": "it holds one run of `distrep train`, whose results are its result.json, "
+                      "metrics.npz and curves.png; report, analyze and claims read what sweep and "
+                      "reproduce write",
+               "foreign": "its config.json is not distrep's",
+               "unreadable": "its config.json is damaged"}[kind]
     raise DistrepError(f"{out} holds no finished experiment ({why})")
 
 

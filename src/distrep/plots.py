@@ -18,6 +18,16 @@ from distrep.storage import atomic_write_bytes  # noqa: E402
 _PLAIN = FuncFormatter(lambda value, _: f"{value:g}")   # 20, not 2×10^1, on log axes
 
 
+def figure_label(name: str, limit: int = 40) -> str:
+    """A model's name as a figure shows it: whole up to ``limit`` characters, else its head and
+    tail around an ellipsis (a spec of many layers as a legend entry or tick label would crowd
+    the plot out; the report's tables give it whole)."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return f"{name[:head]}…{name[len(name) - (limit - 1 - head):]}"
+
+
 def _log_y(ax) -> None:
     """A log y axis, where the axes hold something positive and finite to show on one (a plot
     of runs that all diverged holds only NaN: it keeps its linear axis and says so)."""
@@ -106,7 +116,7 @@ def plot_clamping(curves: dict[str, dict[str, np.ndarray]]):
         for name, c in curves.items():
             acc = 100 * c[kind]
             mu, sd = acc.mean(0), acc.std(0)
-            line, = ax.plot(c["percents"], mu, label=name)
+            line, = ax.plot(c["percents"], mu, label=figure_label(name))
             ax.fill_between(c["percents"], mu - sd, mu + sd, color=line.get_color(), alpha=0.15)
         ax.set(xlabel=f"{kind} level p (% of the way from each unit's min to its max)",
                title=f"hidden layer clamped to a {kind}")

@@ -19,7 +19,7 @@ from distrep.errors import DistrepError
 from distrep.models import create_model
 from distrep.claims import BEYOND_CLAIMS, CLAIMS, claims_for, verdicts
 from distrep.paper import CLAMP_DROPOFF, DISCREPANCIES, RUNS, match, run_protocol
-from distrep.plots import (_log_y, plot_clamping, plot_first_layer, plot_hyperplanes,
+from distrep.plots import (_log_y, figure_label, plot_clamping, plot_first_layer, plot_hyperplanes,
                            plot_prototypes, save_figure)
 from distrep.storage import atomic_write_bytes, read_arrays, read_json, read_tensors
 from distrep.sweep import model_dir, results_dir
@@ -109,7 +109,7 @@ def plot_curves(metrics: dict[str, dict], ax=None, until: int | None = None):
         with warnings.catch_warnings():                        # an all-NaN column is expected
             warnings.simplefilter("ignore", RuntimeWarning)
             mu, sd = np.nanmean(err, 0), np.nanstd(err, 0)
-        line, = ax.plot(m["test_epochs"][keep], mu, label=name)
+        line, = ax.plot(m["test_epochs"][keep], mu, label=figure_label(name))
         ax.fill_between(m["test_epochs"][keep], np.clip(mu - sd, 1e-2, None), mu + sd,
                         color=line.get_color(), alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test error (%)", title="test error, mean ± std over runs")
@@ -128,7 +128,7 @@ def plot_final(metrics: dict[str, dict], ax=None, epoch: int | None = None):
     rng = np.random.default_rng(0)                             # fixed jitter: same picture each time
     for i, v in enumerate(values, start=1):
         ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=12, alpha=0.7, zorder=3)
-    ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
+    ax.set_xticks(range(1, len(names) + 1), [figure_label(n) for n in names], rotation=30, ha="right")
     when = "final" if epoch is None else f"epoch {epoch:,}"
     ax.set(ylabel=f"test accuracy, {when} (%)", title=f"test accuracy per run, {when}")
     ax.grid(True, axis="y", alpha=0.3)
@@ -147,7 +147,11 @@ def plot_pairs(pairs: list[dict], models: list[str], paired: bool):
         e = r.get(key, np.nan)
         effect[i, j], effect[j, i] = e, -e if np.isfinite(e) else e
         star[i, j] = star[j, i] = r.get(f"{test}_holm", np.nan) < 0.05
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.5 * k), layout="constrained")
+    # room for the rotated model names below and the names on the left, at ~0.06 in a character
+    labels = [figure_label(m) for m in models]
+    label = 0.06 * max(len(m) for m in labels)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * k + label, 1.4 + 0.5 * k + 0.75 * label),
+                           layout="constrained")
     finite = np.abs(effect[np.isfinite(effect)])
     limit = min(float(finite.max()), 10.0) if finite.size else 1.0
     image = ax.imshow(np.clip(effect, -limit, limit), cmap="RdBu_r", vmin=-limit, vmax=limit)
@@ -157,8 +161,8 @@ def plot_pairs(pairs: list[dict], models: list[str], paired: bool):
                 dark = abs(effect[i, j]) > 0.6 * limit
                 ax.text(j, i, f"{effect[i, j]:.1f}" + ("*" if star[i, j] else ""), ha="center",
                         va="center", fontsize=7, color="white" if dark else "black")
-    ax.set_xticks(range(k), models, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), models, fontsize=8)
+    ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
     fig.colorbar(image, ax=ax, label=("d_z" if paired else "Cohen's d") + " (row − column)")
     ax.set_title("effect size of every pair (* significant, Holm)", fontsize=9)
     return fig
@@ -575,7 +579,7 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
         images = []
         for model, h in found["hyperplanes"].items():
             path = f"figures/hyperplanes_{model_dir(model)}.png"
-            save_figure(plot_hyperplanes(h["hist"][0], h["edges"][0], classes, model), directory / path, dpi=72)
+            save_figure(plot_hyperplanes(h["hist"][0], h["edges"][0], classes, figure_label(model)), directory / path, dpi=72)
             images.append((f"{model}: class distributions along the output units", path))
         sections.append(Section("Class distributions along the output hyperplanes", HYPERPLANE_NOTE,
                                 hyperplane_table(found["hyperplanes"]), images))
@@ -587,7 +591,7 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
         images = []
         for model, p in found["prototypes"].items():
             path = f"figures/prototypes_{model_dir(model)}.png"
-            fig = plot_prototypes(p["weight"][0], p["weighted_distance"].mean(0), classes, model)
+            fig = plot_prototypes(p["weight"][0], p["weighted_distance"].mean(0), classes, figure_label(model))
             save_figure(fig, directory / path, dpi=90)
             images.append((f"{model}: metric weights and prototype distances", path))
         sections.append(Section("OffsetL2 prototypes", PROTOTYPE_NOTE, prototype_table(found["prototypes"]),
@@ -607,7 +611,7 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
                                seed=entry["seeds"][0])[0].weight.detach()
         path = f"figures/first_layer_{model_dir(model)}.png"
         fig = plot_first_layer((weight[0] - initial).numpy(),
-                               f"{model}: first-layer weights, change from initialisation, run 0")
+                               f"{figure_label(model)}: first-layer weights, change from initialisation, run 0")
         save_figure(fig, directory / path, dpi=80)
         images.append((f"{model}: first-layer weights", path))
     if images:
@@ -695,7 +699,8 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
     plot_final(exp["metrics"], ax, epoch=at_epoch)
     save_figure(fig, directory / figures["final"])
     pairs = stats.pairwise(comparison_values(exp, at_epoch), is_paired(exp))
-    save_figure(plot_pairs(pairs, exp["models"], is_paired(exp)), directory / figures["pairs"])
+    if pairs:                                       # one model: no pair to compare or picture
+        save_figure(plot_pairs(pairs, exp["models"], is_paired(exp)), directory / figures["pairs"])
 
     reading = "final" if at_epoch is None or at_epoch == epochs else f"epoch {at_epoch:,}"
     rows = summary_rows(exp, at_epoch)
@@ -714,11 +719,14 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
                                 "states", STATED_NOTE, main_table(summary_rows(exp, STATED_EPOCHS))))
     if (at_epoch is None or reached < epochs) and (table := epochs_table(exp, until=at_epoch)) is not None:
         sections.append(Section("Test accuracy along training (%)", ALONG_NOTE, table))
+    if pairs:
+        sections += [
+            Section("Pairwise comparisons at a glance", PAIRS_NOTE,
+                    images=[("effect sizes of every pair", figures["pairs"])]),
+            Section(f"All pairwise comparisons ({len(pairs)} pairs)", TESTS_NOTE,
+                    comparison_table(exp, at_epoch), folded=True),
+        ]
     sections += [
-        Section("Pairwise comparisons at a glance", PAIRS_NOTE,
-                images=[("effect sizes of every pair", figures["pairs"])]),
-        Section(f"All pairwise comparisons ({len(pairs)} pairs)", TESTS_NOTE,
-                comparison_table(exp, at_epoch), folded=True),
         Section("Learning curves", images=[("test error curves", figures["curves"])]),
         Section("Accuracy per run", images=[("accuracy per run", figures["final"])]),
         *(analysis_sections(directory, exp) if at_epoch is None else []),
