@@ -177,7 +177,9 @@ def test_train_writes_a_run_and_refuses_to_mix(tmp_path, mnist):
     again = distrep(*args)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     other = distrep(*[a if a != 4 else 5 for a in args])
-    assert_one_line_error(other, "holds a finished run with a different config", "--force")
+    assert_one_line_error(other, "holds a finished run with a different config (seed: 4 there, 5 here)", "--force")
+    # the device changes no more than rounding: the same run, as for a sweep
+    assert "nothing to do" in distrep(*args, "--device", "auto").stdout
     assert read_json(out / "config.json")["config"]["seed"] == 4, "earlier result must survive"
     forced = distrep(*[a if a != 4 else 5 for a in args], "--force")
     assert forced.returncode == 0 and read_json(out / "config.json")["config"]["seed"] == 5

@@ -7,7 +7,6 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -302,7 +301,7 @@ def cmd_models(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from distrep.experiment import RUN_ENTRIES, experiment_lock, refuse_foreign
+    from distrep.experiment import RUN_ENTRIES, config_differences, experiment_lock, refuse_foreign
     from distrep.train import TrainConfig, existing_config, save_run, train
 
     config = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -314,11 +313,13 @@ def cmd_train(args) -> None:
         refuse_foreign(args.out, RUN_ENTRIES, "run")
         previous = existing_config(args.out)
         if previous is not None and not args.force:
-            if previous == asdict(config):
+            ours = config.result_fields
+            differ = config_differences({k: previous.get(k) for k in ours}, ours)
+            if not differ:
                 print(f"{args.out} already holds this finished run; nothing to do")
                 return
-            raise DistrepError(f"{args.out} holds a finished run with a different config; "
-                               f"use another --out or --force")
+            raise DistrepError(f"{args.out} holds a finished run with a different config "
+                               f"({'; '.join(differ)}); use another --out or --force")
         data = data_mod.load_dataset(config.dataset, config.preprocess)
         result = train(config, data, progress=not args.quiet)
         save_run(result, args.out)

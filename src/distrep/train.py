@@ -52,6 +52,14 @@ class TrainConfig:
     offsetl2_form: str = "paper"
     device: str = "cpu"
 
+    @property
+    def result_fields(self) -> dict:
+        """The fields that change a result: all but the device (which differs only in rounding,
+        as a sweep's does)."""
+        d = asdict(self)
+        d.pop("device")
+        return d
+
     def validate(self) -> "TrainConfig":
         """Check every field; raise a one-line :class:`DistrepError` naming the bad one."""
         canonical_spec(self.model)  # unknown names raise with the list of valid ones
