@@ -341,6 +341,14 @@ def test_16_a_very_long_spec_gets_a_safe_directory_and_figures_with_room_to_draw
     assert all((out / "models" / f / "metrics.npz").exists() for f in folders)
     assert distrep("report", out).returncode == 0
     assert distrep("analyze", out).returncode == 0
+    run = tmp_path / "run"
+    assert distrep("train", "--model", spec, "--epochs", 1, "--train-subset", 50, "--quiet",
+                   "--out", run).returncode == 0
+    # the whole name in a title widened a run's curves.png to 3,966 pixels around tiny plots
+    for png in (run / "curves.png", out / "figures" / "test_error_curves.png", out / "figures" / "pairs.png",
+                out / "figures" / "final_accuracy.png", out / "figures" / "clamping.png"):
+        width = int.from_bytes(png.read_bytes()[16:20], "big")        # the PNG header's width
+        assert width < 1600, (png.name, width)
     label = figure_label(spec)
     assert label == "linear-identity-ide…identity-relu-linear" and len(label) == 40
     assert figure_label("linear-relu-linear+bias-abs-neg") == "linear-relu-linear+bias-abs-neg"

@@ -213,7 +213,7 @@ def save_run(result: RunResult, out_dir) -> None:
     """Write a run directory: ``config.json``, ``metrics.npz``, ``model.safetensors``,
     ``curves.png`` and, last, ``result.json`` (its presence marks a complete run). Every file is
     written atomically."""
-    from distrep.plots import run_figure, save_figure
+    from distrep.plots import figure_label, run_figure, save_figure
 
     cfg = result.config
     device = resolve_device(cfg.device)
@@ -235,7 +235,7 @@ def save_run(result: RunResult, out_dir) -> None:
                   metadata={"spec": canonical_spec(cfg.model), "offsetl2_form": cfg.offsetl2_form})
     metrics = {"train_loss": result.train_loss, "test_epochs": result.test_epochs,
                "test_acc": result.test_acc}
-    save_figure(run_figure(metrics, f"{display_name(cfg.model)}, seed {cfg.seed}, "
+    save_figure(run_figure(metrics, f"{figure_label(display_name(cfg.model))}, seed {cfg.seed}, "
                                     f"{result.data['n_train']} training images, "
                                     f"{result.data['preprocess']} pixels"),
                 f"{out_dir}/{CURVES_FILE}")
