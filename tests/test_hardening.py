@@ -325,6 +325,35 @@ def test_a_device_this_process_cannot_use_is_refused_in_one_line(tmp_path, monke
         resolve_device("cuda:2")
 
 
+@pytest.mark.parametrize("models", [10, 12, 30])
+def test_figures_of_many_models_tell_every_line_apart_and_keep_the_legend_off_them(models):
+    """Past matplotlib's ten colours a line repeats an earlier one's colour: it is dashed (then
+    dotted) instead, and the legend moves beside the axes, where it covers no line (24 models'
+    legend inside covered most of the plot); the figure widens for it."""
+    import matplotlib.pyplot as plt
+
+    from distrep.plots import legend_width, plot_clamping
+    from distrep.report import plot_curves
+    rng = np.random.default_rng(0)
+    names = [f"linear-relu-linear{'-neg' * (i % 2)}-m{i}" for i in range(models)]
+    metrics = {n: {"test_epochs": np.array([1, 2, 3]), "test_acc": rng.uniform(0.5, 0.9, (2, 3))}
+               for n in names}
+    clamping = {n: {"percents": np.array([0.0, 50.0]), "floor": rng.uniform(0, 1, (2, 2)),
+                    "ceiling": rng.uniform(0, 1, (2, 2))} for n in names}
+    fig, ax = plt.subplots(figsize=(8 + legend_width(models), 5), layout="constrained")
+    plot_curves(metrics, ax)
+    for axes in (ax, plot_clamping(clamping).axes[1]):
+        lines = [line for line in axes.get_lines() if line.get_label() in names]
+        assert [line.get_linestyle() for line in lines] == (["-"] * 10 + ["--"] * 10 + [":"] * 10)[:models]
+        styled = {(line.get_color(), line.get_linestyle()) for line in lines}
+        assert len(styled) == models, "two models drawn alike"
+        axes.figure.canvas.draw()
+        beside = axes.get_legend().get_window_extent().x0 >= axes.get_window_extent().x1
+        assert beside == (models > 10)
+    assert legend_width(10) == 0 and legend_width(12) == 3.5 and legend_width(30) == 7.0
+    plt.close("all")
+
+
 @pytest.mark.filterwarnings("error:constrained_layout not applied:UserWarning")
 def test_16_a_very_long_spec_gets_a_safe_directory_and_figures_with_room_to_draw(tmp_path, mnist):
     """Its folder name is cut to a safe length, and its figures show it cut too: the whole

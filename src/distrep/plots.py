@@ -18,6 +18,29 @@ from distrep.storage import atomic_write_bytes  # noqa: E402
 _PLAIN = FuncFormatter(lambda value, _: f"{value:g}")   # 20, not 2×10^1, on log axes
 
 
+COLOURS = 10          # matplotlib's default colour cycle: the eleventh line repeats the first's colour
+
+
+def line_style(i: int) -> str:
+    """The dash pattern of a figure's ``i``-th model: solid for the first ten (a colour each),
+    then dashed, dotted and dash-dotted, so that lines sharing a colour are told apart."""
+    return ("-", "--", ":", "-.")[i // COLOURS % 4]
+
+
+def model_legend(ax, entries: int) -> None:
+    """Up to ten models in two columns inside the axes; more beside them, where they would
+    otherwise cover the lines (a column per 25; :func:`legend_width` widens the figure for it)."""
+    if entries <= COLOURS:
+        ax.legend(fontsize=8, ncol=2)
+    else:
+        ax.legend(fontsize=8, ncol=-(-entries // 25), loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def legend_width(entries: int) -> float:
+    """Inches a figure needs beside its axes for :func:`model_legend` of ``entries`` models."""
+    return 3.5 * -(-entries // 25) if entries > COLOURS else 0.0
+
+
 def figure_label(name: str, limit: int = 40) -> str:
     """A model's name as a figure shows it: whole up to ``limit`` characters, else its head and
     tail around an ellipsis (a spec of many layers as a legend entry or tick label would crowd
@@ -111,18 +134,19 @@ def plot_hyperplanes(hist: np.ndarray, edges: np.ndarray, classes, title: str):
 
 def plot_clamping(curves: dict[str, dict[str, np.ndarray]]):
     """Test accuracy against the clamp level p (mean ± std over runs), floor and ceiling."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained", sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11 + legend_width(len(curves)), 4), layout="constrained",
+                             sharey=True)
     for ax, kind in zip(axes, ("floor", "ceiling")):
-        for name, c in curves.items():
+        for i, (name, c) in enumerate(curves.items()):
             acc = 100 * c[kind]
             mu, sd = acc.mean(0), acc.std(0)
-            line, = ax.plot(c["percents"], mu, label=figure_label(name))
+            line, = ax.plot(c["percents"], mu, line_style(i), label=figure_label(name))
             ax.fill_between(c["percents"], mu - sd, mu + sd, color=line.get_color(), alpha=0.15)
         ax.set(xlabel=f"{kind} level p (% of the way from each unit's min to its max)",
                title=f"hidden layer clamped to a {kind}")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=8, ncol=2)
+    model_legend(axes[1], len(curves))
     return fig
 
 

@@ -19,8 +19,8 @@ from distrep.errors import DistrepError
 from distrep.models import create_model
 from distrep.claims import BEYOND_CLAIMS, CLAIMS, claims_for, verdicts
 from distrep.paper import CLAMP_DROPOFF, DISCREPANCIES, RUNS, match, run_protocol
-from distrep.plots import (_log_y, figure_label, plot_clamping, plot_first_layer, plot_hyperplanes,
-                           plot_prototypes, save_figure)
+from distrep.plots import (_log_y, figure_label, legend_width, line_style, model_legend, plot_clamping,
+                           plot_first_layer, plot_hyperplanes, plot_prototypes, save_figure)
 from distrep.storage import atomic_write_bytes, read_arrays, read_json, read_tensors
 from distrep.sweep import model_dir, results_dir
 
@@ -103,18 +103,18 @@ def plot_curves(metrics: dict[str, dict], ax=None, until: int | None = None):
     """Test error (%) against epoch per model (up to epoch ``until``): mean over runs, band of
     ± one std."""
     ax = ax or plt.figure().add_subplot()
-    for name, m in metrics.items():
+    for i, (name, m) in enumerate(metrics.items()):
         keep = m["test_epochs"] <= (until or m["test_epochs"].max())
         err = 100 * (1 - m["test_acc"][:, keep])              # [runs, k], NaN where diverged
         with warnings.catch_warnings():                        # an all-NaN column is expected
             warnings.simplefilter("ignore", RuntimeWarning)
             mu, sd = np.nanmean(err, 0), np.nanstd(err, 0)
-        line, = ax.plot(m["test_epochs"][keep], mu, label=figure_label(name))
+        line, = ax.plot(m["test_epochs"][keep], mu, line_style(i), label=figure_label(name))
         ax.fill_between(m["test_epochs"][keep], np.clip(mu - sd, 1e-2, None), mu + sd,
                         color=line.get_color(), alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test error (%)", title="test error, mean ± std over runs")
     _log_y(ax)
-    ax.legend(fontsize=8, ncol=2)
+    model_legend(ax, len(metrics))
     return ax
 
 
@@ -692,7 +692,7 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
     suffix = "" if at_epoch is None else f"-epoch-{at_epoch}"
     figures = {k: v if at_epoch is None else v.replace("figures/", f"figures/epoch-{at_epoch}/")
                for k, v in FIGURES.items()}
-    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(8 + legend_width(len(exp["models"])), 5), layout="constrained")
     plot_curves(exp["metrics"], ax, until=at_epoch)
     save_figure(fig, directory / figures["curves"])
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(exp["models"])), 4.5), layout="constrained")
