@@ -149,8 +149,8 @@ def plot_pairs(pairs: list[dict], models: list[str], paired: bool):
         star[i, j] = star[j, i] = r.get(f"{test}_holm", np.nan) < 0.05
     # room for the rotated model names below and the names on the left, at ~0.06 in a character
     labels = [figure_label(m) for m in models]
-    label = 0.06 * max(len(m) for m in labels)
-    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * k + label, 1.4 + 0.5 * k + 0.75 * label),
+    room = 0.06 * max(len(m) for m in labels)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * k + room, 1.4 + 0.5 * k + 0.75 * room),
                            layout="constrained")
     finite = np.abs(effect[np.isfinite(effect)])
     limit = min(float(finite.max()), 10.0) if finite.size else 1.0
@@ -579,7 +579,8 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
         images = []
         for model, h in found["hyperplanes"].items():
             path = f"figures/hyperplanes_{model_dir(model)}.png"
-            save_figure(plot_hyperplanes(h["hist"][0], h["edges"][0], classes, figure_label(model)), directory / path, dpi=72)
+            fig = plot_hyperplanes(h["hist"][0], h["edges"][0], classes, figure_label(model))
+            save_figure(fig, directory / path, dpi=72)
             images.append((f"{model}: class distributions along the output units", path))
         sections.append(Section("Class distributions along the output hyperplanes", HYPERPLANE_NOTE,
                                 hyperplane_table(found["hyperplanes"]), images))
