@@ -379,7 +379,10 @@ def test_16_a_very_long_spec_gets_a_safe_directory_and_figures_with_room_to_draw
         width = int.from_bytes(png.read_bytes()[16:20], "big")        # the PNG header's width
         assert width < 1600, (png.name, width)
     label = figure_label(spec)
-    assert label == "linear-identity-ide…identity-relu-linear" and len(label) == 40
+    folder_hash = [f for f in folders if f != "ReLU"][0][-12:]        # the tag starts it
+    assert label == f"linear-identity…ity-relu-linear ({folder_hash[:6]})" and len(label) == 40, label
+    deeper = spec.replace("linear-", "linear-identity-", 1)             # differs only in the middle
+    assert figure_label(deeper) != label and len(figure_label(deeper)) == 40
     assert figure_label("linear-relu-linear+bias-abs-neg") == "linear-relu-linear+bias-abs-neg"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import matplotlib
@@ -43,12 +44,16 @@ def legend_width(entries: int) -> float:
 
 def figure_label(name: str, limit: int = 40) -> str:
     """A model's name as a figure shows it: whole up to ``limit`` characters, else its head and
-    tail around an ellipsis (a spec of many layers as a legend entry or tick label would crowd
-    the plot out; the report's tables give it whole)."""
+    tail around an ellipsis and a tag from its SHA-256 (a spec of many layers as a legend entry
+    or tick label would crowd the plot out; the tag keeps apart specs that differ only in the
+    middle, e.g. in depth, and starts the hash that names such a spec's folder; the report's
+    tables give the name whole)."""
     if len(name) <= limit:
         return name
-    head = (limit - 1) // 2
-    return f"{name[:head]}…{name[len(name) - (limit - 1 - head):]}"
+    tag = hashlib.sha256(name.encode()).hexdigest()[:6]
+    keep = limit - len(tag) - 4                          # the ellipsis, " (" and ")"
+    head = keep // 2
+    return f"{name[:head]}…{name[len(name) - (keep - head):]} ({tag})"
 
 
 def _log_y(ax) -> None:
