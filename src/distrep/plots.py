@@ -46,8 +46,8 @@ def figure_label(name: str, limit: int = 40) -> str:
     """A model's name as a figure shows it: whole up to ``limit`` characters, else its head and
     tail around an ellipsis and a tag from its SHA-256 (a spec of many layers as a legend entry
     or tick label would crowd the plot out; the tag keeps apart specs that differ only in the
-    middle, e.g. in depth, and starts the hash that names such a spec's folder; the report's
-    tables give the name whole)."""
+    middle, e.g. in depth, and is the start of the hash in the folder name of a spec too long
+    for a file name, :func:`distrep.sweep.model_dir`; the report's tables give the name whole)."""
     if len(name) <= limit:
         return name
     tag = hashlib.sha256(name.encode()).hexdigest()[:6]
