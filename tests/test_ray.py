@@ -228,3 +228,25 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
     with pytest.raises(DistrepError, match=r"pip install 'distrep\[ray\]'"):
         make_executor("ray")
     assert make_executor("local").name == "local"          # the default never needs Ray
+
+
+def test_a_ray_address_is_checked_before_ray_waits_on_it():
+    """Ray itself retries an address where nothing answers for minutes: distrep refuses one
+    that is not host:port, or where nothing listens, in one line at once; and the local
+    executor refuses Ray's options by name."""
+    from distrep.errors import DistrepError
+    from distrep.executors import _check_reachable, make_executor
+    for address in ("localhost", "head-node:port"):
+        with pytest.raises(DistrepError, match=f"--ray-address '{address}' is not host:port"):
+            _check_reachable(address)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        _check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")        # something answers
+        _check_reachable(f":{listening.getsockname()[1]}")                  # no host: this one
+    with pytest.raises(DistrepError, match="--checkpoint-dir, --gpus-per-chunk only applies to --executor ray"):
+        make_executor("local", checkpoint_dir=Path("shared"), gpus_per_chunk=1)
+    with pytest.raises(DistrepError, match="--gpus-per-chunk only applies"):
+        make_executor("local", gpus_per_chunk=0)                     # given, though 0
+    with pytest.raises(DistrepError, match="unknown executor 'slurm'; choose one of: local, ray"):
+        make_executor("slurm")
