@@ -36,6 +36,7 @@ distributions are PyTorch's ``nn.Linear`` defaults (weight and bias ~ U(-1/sqrt(
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass
 
@@ -181,6 +182,12 @@ def display_name(name_or_spec: str) -> str:
     """The paper's name if the spec has one, else the canonical spec."""
     spec = canonical_spec(name_or_spec)
     return next((alias for alias, s in NAMES.items() if s == spec), spec)
+
+
+def name_digest(name: str) -> str:
+    """The SHA-256 of a model's name, in hex: what tags a name too long to show whole, in its
+    folder (:func:`distrep.sweep.model_dir`) and in figures (:func:`distrep.plots.figure_label`)."""
+    return hashlib.sha256(name.encode()).hexdigest()
 
 
 class Net(nn.Sequential):

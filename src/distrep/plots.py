@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import matplotlib
@@ -14,6 +13,7 @@ import numpy as np  # noqa: E402
 
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from distrep.models import name_digest  # noqa: E402
 from distrep.storage import atomic_write_bytes  # noqa: E402
 
 _PLAIN = FuncFormatter(lambda value, _: f"{value:g}")   # 20, not 2×10^1, on log axes
@@ -28,18 +28,25 @@ def line_style(i: int) -> str:
     return ("-", "--", ":", "-.")[i // COLOURS % 4]
 
 
+def legend_columns(entries: int) -> int:
+    """Columns of a legend of ``entries`` models beside the axes, a column per 25; 0 for up to
+    ten, which sit inside them (more would cover the lines)."""
+    return -(-entries // 25) if entries > COLOURS else 0
+
+
 def model_legend(ax, entries: int) -> None:
-    """Up to ten models in two columns inside the axes; more beside them, where they would
-    otherwise cover the lines (a column per 25; :func:`legend_width` widens the figure for it)."""
-    if entries <= COLOURS:
-        ax.legend(fontsize=8, ncol=2)
+    """The legend of ``entries`` models: in two columns inside the axes, or beside them
+    (:func:`legend_columns`; :func:`legend_width` widens the figure for it)."""
+    beside = legend_columns(entries)
+    if beside:
+        ax.legend(fontsize=8, ncol=beside, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
-        ax.legend(fontsize=8, ncol=-(-entries // 25), loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize=8, ncol=2)
 
 
 def legend_width(entries: int) -> float:
     """Inches a figure needs beside its axes for :func:`model_legend` of ``entries`` models."""
-    return 3.5 * -(-entries // 25) if entries > COLOURS else 0.0
+    return 3.5 * legend_columns(entries)
 
 
 def figure_label(name: str, limit: int = 40) -> str:
@@ -50,7 +57,7 @@ def figure_label(name: str, limit: int = 40) -> str:
     for a file name, :func:`distrep.sweep.model_dir`; the report's tables give the name whole)."""
     if len(name) <= limit:
         return name
-    tag = hashlib.sha256(name.encode()).hexdigest()[:6]
+    tag = name_digest(name)[:6]
     keep = limit - len(tag) - 4                          # the ellipsis, " (" and ")"
     head = keep // 2
     return f"{name[:head]}…{name[len(name) - (keep - head):]} ({tag})"

@@ -34,7 +34,7 @@ from distrep.engine import (CUDA_PRECISIONS, EVAL_BATCH, PRECISIONS, AutogradRun
 from distrep.errors import DistrepError
 from distrep.fused import example_major_input, head_products, offsetl2_kernel, partial_sums_bytes, unavailable
 from distrep.graphs import step_function
-from distrep.models import canonical_spec, create_model, display_name, parse
+from distrep.models import canonical_spec, create_model, display_name, name_digest, parse
 from distrep.progress import progress
 from distrep.provenance import describe_device, resolve_device, software_versions
 from distrep.stopping import StopRequest
@@ -749,7 +749,7 @@ def model_dir(name: str) -> str:
     if _SAFE_NAME.fullmatch(name) and name not in (".", ".."):
         return name
     prefix = re.sub(r"[^A-Za-z0-9+._-]", "_", name)[:64]
-    return f"{prefix}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return f"{prefix}-{name_digest(name)[:12]}"
 
 
 def results_dir(out_dir: str | os.PathLike, name: str) -> Path:
