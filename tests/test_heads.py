@@ -187,3 +187,15 @@ def test_chunk_memory_counts_a_heads_intermediates():
     n = 20000
     assert bytes_per_run("linear-relu-mahalanobis-neg", 128, n, 784, 10) >= 4 * 4 * n * 10 * 128
     assert bytes_per_run("linear-relu-rbf-neg", 128, n, 784, 10) > bytes_per_run("ReLU", 128, n, 784, 10)
+
+
+@pytest.mark.parametrize("name", list(heads.HEADS))
+def test_each_head_takes_any_leading_dimensions(name):
+    layer = heads.HEADS[name](5, 3).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    rows = torch.randn(12, 5, dtype=torch.float64)
+    expected = _loop(layer, rows)
+    torch.testing.assert_close(layer(rows.reshape(2, 2, 3, 5)), expected.reshape(2, 2, 3, 3))
+    torch.testing.assert_close(layer(rows[4]), expected[4])

@@ -167,3 +167,27 @@ def test_the_in_place_root_gives_the_roots_values_bit_for_bit(paper):
         got = offsetl2_root_(s.clone(), paper)
         assert torch.equal(got.isnan(), expected.isnan())
         assert torch.equal(got.nan_to_num(-1.0), expected.nan_to_num(-1.0)), (got, expected)
+
+
+@pytest.mark.parametrize("form", ["paper", "coded"])
+@pytest.mark.parametrize("method", ["direct", "expanded"])
+def test_any_leading_dimensions_as_nn_linear_takes(form, method):
+    # [batch, tokens, features] with as many tokens as outputs: broadcasting the leading
+    # dimensions against the prototypes gave a [3, 1, 4] result of the wrong distances
+    x, mu, alpha = random_problem(n=12, out=4, negative_alpha=True)
+    expected = loop_reference(x, mu, alpha, form)
+    y = offset_l2(x.reshape(3, 4, 5), mu, alpha, form, method)
+    assert y.shape == (3, 4, 4)
+    torch.testing.assert_close(y.reshape(12, 4), expected, rtol=1e-7, atol=1e-9)
+    one = offset_l2(x[7], mu, alpha, form, method)                  # one example, [in] -> [out]
+    assert one.shape == (4,)
+    torch.testing.assert_close(one, expected[7], rtol=1e-7, atol=1e-9)
+    layer = OffsetL2(5, 4, form=form, method=method).double()
+    assert layer(x.reshape(2, 2, 3, 5)).shape == (2, 2, 3, 4)
+
+
+def test_inputs_of_another_width_are_refused_by_name():
+    layer = OffsetL2(5, 4)
+    for shape in [(3, 6), (5, 3), ()]:
+        with pytest.raises(ValueError, match=rf"OffsetL2 takes inputs of 5 features .*got shape \[{', '.join(map(str, shape))}\]"):
+            layer(torch.randn(shape))

@@ -1,11 +1,12 @@
 """The prior-art distance layers the paper's related work names, as layers of the model family.
 
-Each maps ``[n, in_features] -> [n, out_features]`` and, like OffsetL2, gives a *distance*-style
-output (small = near the unit's prototype) except ``cosine``, a similarity (large = alike). A
-model reads them as logits directly, or through ``neg`` (logit_j = -d_j), exactly as the paper's
-OffsetL2 models do: ``linear-relu-rbf-neg`` is a Gaussian RBF classifier on a learned hidden
-layer. All are trained by cross-entropy on the model's outputs; none has a hand-written batched
-gradient, so the engine trains them on its autograd path (:class:`distrep.engine.AutogradRuns`).
+Each maps ``[*, in_features] -> [*, out_features]`` (any leading dimensions, as ``nn.Linear``)
+and, like OffsetL2, gives a *distance*-style output (small = near the unit's prototype) except
+``cosine``, a similarity (large = alike). A model reads them as logits directly, or through
+``neg`` (logit_j = -d_j), exactly as the paper's OffsetL2 models do: ``linear-relu-rbf-neg`` is
+a Gaussian RBF classifier on a learned hidden layer. All are trained by cross-entropy on the
+model's outputs; none has a hand-written batched gradient, so the engine trains them on its
+autograd path (:class:`distrep.engine.AutogradRuns`).
 
 Initialisation (``reset_parameters(generator)``, seeded per layer by the model family):
 prototypes mu ~ N(0, 0.1^2) as OffsetL2's; metrics start at the identity, widths at 1, the
@@ -86,7 +87,7 @@ class Mahalanobis(_LearnedMetric):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Omega_j (x - mu_j) = Omega_j x - Omega_j mu_j: one product for every j at once
-        projected = torch.einsum("jri,ni->njr", self.omega, x) - torch.einsum("jri,ji->jr", self.omega, self.mu)
+        projected = torch.einsum("jri,...i->...jr", self.omega, x) - torch.einsum("jri,ji->jr", self.omega, self.mu)
         return projected.square().sum(-1).clamp_min(CODED_CLAMP).sqrt()
 
 
@@ -136,7 +137,7 @@ class Cosine(nn.Module):
 
 
 def squared_euclidean(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """||x_n - mu_j||^2 for ``x [n, in]``, ``mu [out, in]`` -> ``[n, out]``, by the expansion
+    """||x_n - mu_j||^2 for ``x [*, in]``, ``mu [out, in]`` -> ``[*, out]``, by the expansion
     ||x||^2 - 2 x.mu + ||mu||^2 (one product, no ``[n, out, in]`` tensor), floored at 0 where
     rounding makes it negative."""
     return (x.square().sum(-1, keepdim=True) - 2 * x @ mu.t() + mu.square().sum(-1)).clamp_min(0.0)

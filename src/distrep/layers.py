@@ -95,21 +95,27 @@ def offset_l2(x: torch.Tensor, mu: torch.Tensor, alpha: torch.Tensor, form: str 
     paper: y_nj = ||alpha_j * (x_n - mu_j)||_2 = sqrt(sum_i alpha_ji^2 (x_ni - mu_ji)^2)
     coded: y_nj = sqrt(max(sum_i alpha_ji (x_ni - mu_ji)^2, 1e-12))   (the author's code)
 
-    x: ``[n, in]``; mu, alpha: ``[out, in]``; returns ``[n, out]``. The gradient is finite
-    everywhere: at x = mu_j the paper form returns the subgradient 0 (:func:`safe_sqrt`), the
-    coded form the zero gradient of its clamp.
+    x: ``[*, in]`` (any leading dimensions, as ``nn.Linear`` takes); mu, alpha: ``[out, in]``;
+    returns ``[*, out]``. The gradient is finite everywhere: at x = mu_j the paper form returns
+    the subgradient 0 (:func:`safe_sqrt`), the coded form the zero gradient of its clamp.
     """
+    if form not in OFFSETL2_FORMS:
+        raise ValueError(f"unknown OffsetL2 form {form!r}; use one of {OFFSETL2_FORMS}")
+    if x.dim() == 0 or x.shape[-1] != mu.shape[-1]:
+        raise ValueError(f"OffsetL2 takes inputs of {mu.shape[-1]} features (the last dimension), "
+                         f"got shape {list(x.shape)}")
+    rows = x.reshape(-1, x.shape[-1])      # the distances are per row: [*, in] -> [rows, in]
     if form == "paper":
-        return safe_sqrt(squared_distance(x, mu, alpha * alpha, method))
-    if form == "coded":
-        return torch.sqrt(squared_distance(x, mu, alpha, method).clamp_min(CODED_CLAMP))
-    raise ValueError(f"unknown OffsetL2 form {form!r}; use one of {OFFSETL2_FORMS}")
+        y = safe_sqrt(squared_distance(rows, mu, alpha * alpha, method))
+    else:
+        y = torch.sqrt(squared_distance(rows, mu, alpha, method).clamp_min(CODED_CLAMP))
+    return y.reshape(*x.shape[:-1], mu.shape[0])
 
 
 class OffsetL2(nn.Module):
     """Learned prototypes ``mu`` and scales ``alpha``, both ``[out_features, in_features]``.
 
-    Maps ``[n, in_features] -> [n, out_features]`` with :func:`offset_l2`. Initialised as in the
+    Maps ``[*, in_features] -> [*, out_features]`` with :func:`offset_l2`. Initialised as in the
     author's code: mu ~ N(0, 0.1^2), alpha = 1.
     """
 
