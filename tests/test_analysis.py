@@ -291,3 +291,48 @@ def test_the_reports_analysis_tables_by_hand():
     head, body = clamping_table({"ReLU": c})
     # largest drops at the end level: 90 - 50 = 40 and 80 - 20 = 60 points
     assert body[0][1:] == ["85.00 ± 7.07", "35.0 ± 7.1", "5.0 ± 0.0", "50.0 ± 14.1", "50.0 ± 14.1"]
+
+
+def test_the_analyses_take_a_model_built_by_hand(test_data):
+    """An nn.Sequential of the family's layers, written without create_model (and sliced past
+    its Flatten, which keeps its modules' old names), stacks as the Net it equals and gives the
+    same analyses; models that differ, or layers the engine has no batched form of, are
+    refused by name instead of being read with the first model's layers."""
+    from torch import nn
+
+    from distrep.errors import DistrepError
+    from distrep.layers import Neg, OffsetL2
+    x, y = test_data
+    nets = [create_model("ReLU-L2-Neg", width=16, seed=s) for s in range(2)]
+    mine = []
+    for net in nets:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(inplace=True),
+                              OffsetL2(16, 10), Neg())
+        for layer, theirs in zip(model[1:], net):
+            layer.load_state_dict(theirs.state_dict())
+        mine.append(model[1:])
+    ours, theirs = StackedRuns.from_models(mine), StackedRuns.from_models(nets)
+    assert ours.specs == theirs.specs
+    for name, tensor in theirs.state().items():
+        assert torch.equal(ours.state()[name], tensor)
+    np.testing.assert_array_equal(A.clamping_curves(ours, x, y)["floor"],
+                                  A.clamping_curves(theirs, x, y)["floor"])
+    refusals = {
+        "no models to stack": [],
+        r"model 1 is Linear\(784→16\) → Abs .* but model 0 is Linear\(784→16\) → ReLU":
+            [create_model("ReLU", 16, seed=0), create_model("Abs", 16, seed=1)],
+        "model 1's OffsetL2 computes the coded form, model 0's the paper form":
+            [nets[0], create_model("ReLU-L2-Neg", 16, seed=1, offsetl2_form="coded")],
+        "no batched form of rbf": [create_model("ReLU-RBF-Neg", 16, seed=0)],
+        r"layer 0 of the model, Flatten.*pass model\[1:\]": [nn.Sequential(nn.Flatten(), *mine[0])],
+        r"layer 1 of the model, ELU\(alpha=0.5\), is not a layer of the family":
+            [nn.Sequential(nn.Linear(784, 16), nn.ELU(alpha=0.5), nn.Linear(16, 10))],
+        "layer 2 of the model takes 8 features but the layer before it gives 16":
+            [nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(8, 10))],
+        "got a Linear": [nn.Linear(784, 10)],
+    }
+    for message, models in refusals.items():
+        with pytest.raises(DistrepError, match=message):
+            StackedRuns.from_models(models)
+    relu = nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10, bias=False))
+    assert StackedRuns.from_models([relu]).specs == parse("ReLU", 16)

@@ -41,7 +41,7 @@ from distrep.constant_features import FirstLayerInput
 from distrep.errors import DistrepError
 from distrep.fused import FusedRuns, fused_layout, too_large, unavailable
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
-from distrep.models import LayerSpec, Net
+from distrep.models import LayerSpec, Net, describe_layers, layer_specs_of
 
 PRECISIONS = ("fp32", "bf16", "tf32", "3xtf32")
 # precisions of CUDA's tensor cores, and of those the one only the fused step computes
@@ -523,10 +523,26 @@ class StackedRuns:
         return cls(layers, specs)
 
     @classmethod
-    def from_models(cls, models: list[Net], device: torch.device | str = "cpu") -> "StackedRuns":
-        """Stack the parameters of R identically built models (each initialised on its own)."""
-        return cls.from_state(models[0].layer_specs, stack_parameters(models, device),
-                              models[0].offsetl2_form)
+    def from_models(cls, models: list[nn.Module], device: torch.device | str = "cpu") -> "StackedRuns":
+        """Stack the parameters of R models of one architecture (each initialised on its own):
+        the family's :class:`~distrep.models.Net` models or ``nn.Sequential`` ones of its layers
+        built by hand (:func:`~distrep.models.layer_specs_of`). Raises :class:`DistrepError` for
+        no models, models that differ, or layers with no hand-written batched form."""
+        if not models:
+            raise DistrepError("no models to stack")
+        specs, form = layer_specs_of(models[0])
+        for r, model in enumerate(models[1:], 1):
+            other_specs, other_form = layer_specs_of(model)
+            if other_specs != specs:
+                raise DistrepError(f"model {r} is {describe_layers(other_specs)} but model 0 is "
+                                   f"{describe_layers(specs)}: stacked runs share one architecture")
+            if other_form != form:
+                raise DistrepError(f"model {r}'s OffsetL2 computes the {other_form} form, model 0's "
+                                   f"the {form} form: stacked runs share one architecture")
+        if missing := sorted({s.kind for s in specs} - HAND_WRITTEN):
+            raise DistrepError(f"stacked runs (and the analyses) have no batched form of "
+                               f"{', '.join(missing)}; such models train on the autograd path")
+        return cls.from_state(specs, stack_parameters(models, device), form)
 
     def state(self) -> dict[str, torch.Tensor]:
         """``{"0.weight": [R, out, in], ...}``: the stacked parameters by their model names."""
@@ -637,11 +653,14 @@ def reads_varying_features(path: str) -> bool:
     return path in ("hand-written", "fused")
 
 
-def stack_parameters(models: list[nn.Module], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """``{"0.weight": [R, ...], ...}``: the parameters of R identically built models, stacked."""
-    names = [name for name, _ in models[0].named_parameters()]
-    return {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(device)
-            for name in names}
+def stack_parameters(models: list[nn.Sequential], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """``{"0.weight": [R, ...], ...}``: the parameters of R identically built models, stacked,
+    named by each layer's position (a slice ``model[1:]`` keeps its modules' old names)."""
+    def named(model: nn.Sequential) -> dict[str, torch.Tensor]:
+        return {f"{k}.{name}": p.detach() for k, layer in enumerate(model)
+                for name, p in layer.named_parameters()}
+    per_model = [named(m) for m in models]
+    return {name: torch.stack([p[name] for p in per_model]).to(device) for name in per_model[0]}
 
 
 class AutogradRuns:

@@ -282,7 +282,60 @@ def init_parameters(model: Net, seed: int) -> Net:
 def describe(name_or_spec: str, width: int = 128, in_features: int = 784,
              num_classes: int = 10) -> str:
     """``Linear(784→128) → ReLU → Linear(128→10, no bias) → ReLU``."""
-    return " → ".join(layer.describe() for layer in parse(name_or_spec, width, in_features, num_classes))
+    return describe_layers(parse(name_or_spec, width, in_features, num_classes))
+
+
+def describe_layers(layers: tuple[LayerSpec, ...]) -> str:
+    """The layers as :func:`describe` shows them."""
+    return " → ".join(layer.describe() for layer in layers)
+
+
+def layer_specs_of(model: nn.Module) -> tuple[tuple[LayerSpec, ...], str]:
+    """``(layer specs, OffsetL2 form)`` of a model of the family: a :class:`Net`, or an
+    ``nn.Sequential`` of the family's layer modules built by hand (``nn.Linear``, ``OffsetL2``,
+    the heads, the activations with their default settings; ``inplace`` changes no value).
+
+    So a model written without :func:`create_model` can be stacked for the analyses. Raises
+    :class:`DistrepError` naming the first module that is not such a layer, or a layer whose
+    input width is not its predecessor's output width."""
+    if isinstance(model, Net):
+        return model.layer_specs, model.offsetl2_form
+    if not isinstance(model, nn.Sequential):
+        raise DistrepError(f"a model of the family is an nn.Sequential of its layers, "
+                           f"got a {type(model).__name__}")
+    names = {cls: name for name, cls in ACTIVATIONS.items()}
+    layers, forms, width = [], set(), None
+    for k, module in enumerate(model):
+        kind = next((name for name, cls in AFFINE_LAYERS.items() if type(module) is cls), None)
+        if kind is None:
+            kind = names.get(type(module))
+            if kind is None or _settings(module) != _settings(ACTIVATIONS[kind]()):
+                hint = ("; the analyses take flat inputs: pass model[1:]"
+                        if k == 0 and isinstance(module, nn.Flatten) else "")
+                raise DistrepError(f"layer {k} of the model, {module}, is not a layer of the family "
+                                   f"({'/'.join(tuple(AFFINE_LAYERS) + tuple(ACTIVATIONS))}, "
+                                   f"activations with their default settings){hint}")
+            layers.append(LayerSpec(kind))
+            continue
+        if width is not None and module.in_features != width:
+            raise DistrepError(f"layer {k} of the model takes {module.in_features} features but "
+                               f"the layer before it gives {width}")
+        bias = kind == "linear" and module.bias is not None
+        layers.append(LayerSpec(kind, module.in_features, module.out_features, bias))
+        width = module.out_features
+        if kind == "offsetl2":
+            forms.add(module.form)
+    if width is None:
+        raise DistrepError("the model has no layer with parameters (linear, offsetl2 or a head)")
+    if len(forms) > 1:
+        raise DistrepError("the model's OffsetL2 layers compute different forms (paper and coded)")
+    return tuple(layers), forms.pop() if forms else "paper"
+
+
+def _settings(module: nn.Module) -> str:
+    """A module's settings as its repr shows them, less ``inplace`` (which changes no value)."""
+    return ", ".join(part for part in module.extra_repr().split(", ")
+                     if part and not part.startswith("inplace="))
 
 
 def parameter_count(name_or_spec: str, width: int = 128, in_features: int = 784,
