@@ -8,6 +8,7 @@ need a real process (signals, a closed stream, the interpreter's encoding) start
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -536,3 +537,45 @@ def test_reduced_precision_is_judged_run_by_run_against_fp32(tmp_path, mnist):
     for model in TABLE1 + TABLE3:
         assert f"| bf16 | {model} |" in table
     assert "chaotic: runs do not pair" in table
+
+
+def test_trained_models_read_back_give_the_recorded_accuracies(tmp_path, mnist):
+    """experiment.trained_models rebuilds each run as a create_model net with its final
+    parameters: evaluated on the test set preprocessed as the runs were, every run gives the
+    test accuracy the experiment recorded for it (a wrong run order, width, form or input
+    scaling would not)."""
+    from distrep.data import load_dataset
+    from distrep.errors import DistrepError
+    from distrep.experiment import trained_models
+    exp, run = tmp_path / "exp", tmp_path / "run"
+    r = distrep("sweep", "--models", "ReLU,ReLU-L2-Neg", "--runs", 2, "--epochs", 4, "--width", 24,
+                "--train-subset", 300, "--preprocess", "standardized", "--offsetl2-form", "coded",
+                "--base-seed", 3, "--quiet", "--out", exp)
+    assert r.returncode == 0, r.stderr
+    r = distrep("train", "--model", "Abs2", "--epochs", 3, "--seed", 2, "--width", 20,
+                "--train-subset", 200, "--quiet", "--out", run)
+    assert r.returncode == 0, r.stderr
+    data = load_dataset("mnist", "standardized")
+
+    def accuracy(net, x, y):
+        with torch.no_grad():
+            return (net(x).argmax(1) == y).double().mean().item()
+    for name, folder in [("ReLU", "ReLU"), ("relu-l2-neg", "ReLU-L2-Neg")]:
+        nets = trained_models(exp, name)
+        recorded = read_arrays(exp / "models" / folder / "metrics.npz")["final_test_acc"]
+        assert len(nets) == 2 and nets[0][0].out_features == 24
+        got = [accuracy(net, data.x_test, data.y_test) for net in nets]
+        assert got == pytest.approx(recorded.tolist(), abs=1e-4)
+    assert trained_models(exp, "ReLU-L2-Neg")[0][2].form == "coded"
+    single = trained_models(run)
+    assert len(single) == 1 and single[0].spec == "linear-abs-linear-abs"
+    raw = load_dataset("mnist", "raw")
+    assert accuracy(single[0], raw.x_test, raw.y_test) == pytest.approx(
+        read_json(run / "result.json")["test_acc"], abs=1e-4)
+    refusals = {"holds 2 models (ReLU, ReLU-L2-Neg); say which": (exp,),
+                "holds no model 'Abs'; it holds ReLU, ReLU-L2-Neg": (exp, "Abs"),
+                "holds no model 'ReLU'; it holds Abs2": (run, "ReLU"),
+                "holds no finished experiment (no such directory)": (tmp_path / "none",)}
+    for message, args in refusals.items():
+        with pytest.raises(DistrepError, match=re.escape(message)):
+            trained_models(*args)

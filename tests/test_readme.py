@@ -125,14 +125,24 @@ def test_every_inline_option_exists():
 
 def test_readme_python_snippets_run(mnist, tmp_path):
     """The README's Python blocks, in order, in one fresh process, with the few names they take
-    as given (``h``; two models of one spec for the analyses) defined, and the sweep the custom
-    layer's comment promises run for real on a few examples."""
+    as given (``h``; two models of one spec for the analyses; the experiments read back) made,
+    and the sweep the custom layer's comment promises run for real on a few examples."""
     blocks = [text for _, text in fenced("python")]
     assert len(blocks) >= 5
     given = {   # what a block uses without defining it, by the first line that needs it
         "y = layer(h)": "h = torch.randn(7, 128)\n",
         "runs = StackedRuns": "model_a, model_b = create_model('ReLU', seed=0), create_model('ReLU', seed=1)\n"
                               "x_test, y_test = x_test[:500], y_test[:500]\n",
+        "nets = trained_models": textwrap.dedent("""
+            import distrep.cli
+            small = ["--epochs", "2", "--train-subset", "50", "--quiet"]
+            assert distrep.cli.main(["sweep", "--models", "ReLU2-Neg", "--runs", "2", *small,
+                                     "--out", "runs/quick"]) == 0
+            assert distrep.cli.main(["train", "--model", "ReLU2-Neg", *small, "--out", "runs/one"]) == 0
+            """),
+    }
+    checks = {  # what a block promises, checked right after it
+        "nets = trained_models": "assert len(nets) == 2 and one.spec == nets[0].spec\n",
     }
     program = ["import torch", "from distrep.models import create_model"]
     for block in blocks:
@@ -140,6 +150,7 @@ def test_readme_python_snippets_run(mnist, tmp_path):
             if marker in block:
                 program.append(setup)
         program.append(block)
+        program += [check for marker, check in checks.items() if marker in block]
         if "register_layer(" in block:
             program.append(textwrap.dedent(f"""
                 import distrep.cli

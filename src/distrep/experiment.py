@@ -369,3 +369,49 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
                        wall_time_s=total_wall - wall, ended="finished")
         write_json(out / RUN_FILE, {"finished": True, "wall_time_s": total_wall, "sessions": sessions})
         return config, results, True
+
+
+# --------------------------------------------------------------------------- reading back
+
+def trained_models(directory: str | os.PathLike, model: str | None = None) -> list:
+    """The trained runs of one model of a finished experiment (``sweep``, ``reproduce``), or the
+    model of a finished ``distrep train`` run, as :func:`~distrep.models.create_model` nets on
+    the CPU holding their final parameters: run i is ``seeds[i]`` of ``config.json``. They take
+    inputs preprocessed as the runs were (``load_dataset(dataset, preprocess)`` of its config).
+
+    ``model``: the model's paper name or spec, needed when the experiment has several. Anything
+    else (not finished, no such model, a foreign directory) is a one-line :class:`DistrepError`.
+    """
+    from distrep.data import get_spec
+    from distrep.models import create_model, display_name
+    from distrep.storage import read_tensors
+    from distrep.sweep import results_dir
+    directory = Path(directory)
+    single = directory.is_dir() and directory_kind(directory) == "run"
+    if single and not (directory / "result.json").exists():
+        raise DistrepError(f"{directory} holds an unfinished run of `distrep train`; rerun its "
+                           f"command to finish it")
+    if not single:
+        require_finished(directory)
+    config = read_json(directory / CONFIG_FILE)
+    cfg = config["config"]
+    specs = ({display_name(cfg["model"]): cfg["model"]} if single
+             else {m["name"]: m["spec"] for m in config["models"]})
+    if model is None and len(specs) > 1:
+        raise DistrepError(f"{directory} holds {len(specs)} models ({', '.join(specs)}); say which")
+    name = next(iter(specs)) if model is None else display_name(model)
+    if name not in specs:
+        raise DistrepError(f"{directory} holds no model {model!r}; it holds {', '.join(specs)}")
+    if single:
+        state = {k: v[None] for k, v in read_tensors(directory / "model.safetensors").items()}
+    else:
+        state = read_tensors(results_dir(directory, name) / "params.safetensors")
+    data = get_spec(cfg["dataset"])
+    in_features = data.train_images.shape[1] * data.train_images.shape[2]
+    nets = []
+    for run in range(next(iter(state.values())).shape[0]):
+        net = create_model(specs[name], cfg["width"], in_features=in_features,
+                           num_classes=len(data.classes), offsetl2_form=cfg["offsetl2_form"])
+        net.load_state_dict({k: v[run] for k, v in state.items()})
+        nets.append(net.eval())
+    return nets
