@@ -135,6 +135,10 @@ def test_module_parameters_init_and_repr():
     assert torch.equal(layer(x), offset_l2(x, layer.mu, layer.alpha))
     with pytest.raises(ValueError, match="unknown OffsetL2 form"):
         OffsetL2(3, 2, form="squared")
+    with pytest.raises(ValueError, match="unknown method 'exact'"):    # at once, not at the first call
+        OffsetL2(3, 2, method="exact")
+    with pytest.raises(ValueError, match="unknown method 'exact'"):
+        offset_l2(x, layer.mu, layer.alpha, method="exact")
 
 
 def test_abs_and_neg():

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 OFFSETL2_FORMS = ("paper", "coded")
+DISTANCE_METHODS = ("auto", "direct", "expanded")
 CODED_CLAMP = 1e-12               # the author's floor under the squared distance
 DIRECT_MAX_ELEMENTS = 1 << 22     # above this many n*out*in elements, use the expanded form
 
@@ -62,7 +63,7 @@ def squared_distance(x: torch.Tensor, mu: torch.Tensor, weight: torch.Tensor,
         return squared_distance_direct(x, mu, weight)
     if method == "expanded":
         return squared_distance_expanded(x, mu, weight)
-    raise ValueError(f"unknown method {method!r}; use 'auto', 'direct' or 'expanded'")
+    raise ValueError(f"unknown method {method!r}; use one of {DISTANCE_METHODS}")
 
 
 def safe_sqrt(s: torch.Tensor) -> torch.Tensor:
@@ -124,6 +125,8 @@ class OffsetL2(nn.Module):
         super().__init__()
         if form not in OFFSETL2_FORMS:
             raise ValueError(f"unknown OffsetL2 form {form!r}; use one of {OFFSETL2_FORMS}")
+        if method not in DISTANCE_METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of {DISTANCE_METHODS}")
         self.in_features, self.out_features, self.form, self.method = (
             in_features, out_features, form, method)
         kw = {"device": device, "dtype": dtype}
