@@ -336,3 +336,16 @@ def test_the_analyses_take_a_model_built_by_hand(test_data):
             StackedRuns.from_models(models)
     relu = nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10, bias=False))
     assert StackedRuns.from_models([relu]).specs == parse("ReLU", 16)
+
+
+def test_example_major_inputs_are_refused_with_the_fix(test_data):
+    """The analyses take feature-major inputs [in, n]; the usual [n, in] (500 x 784 here) gave
+    'mat1 and mat2 shapes cannot be multiplied' from deep inside the first layer."""
+    from distrep.errors import DistrepError
+    x, y = test_data
+    group = stacked("ReLU")
+    with pytest.raises(DistrepError, match=r"must be \[784, n\] or \[runs, 784, n\], got \[600, 784\]; pass x.t\(\)"):
+        A.clamping_curves(group, x.t(), y)
+    with pytest.raises(DistrepError, match=r"got \[784\]$"):
+        A.activation_rates(group, x[:, 0])
+    assert A.activation_rates(group, x)[1].shape == (2, 128)

@@ -33,8 +33,10 @@ ANALYSES = ("dead_units", "hyperplanes", "clamping", "prototypes", "author")
 
 
 def _batches(x_t: torch.Tensor, batch: int):
-    for start in range(0, x_t.shape[1], batch):
-        yield start, x_t[:, start:start + batch].contiguous()
+    """``(start, x_t[..., start:start + batch])`` over the examples, the last dimension of
+    ``[in, n]`` or per-run ``[R, in, n]``."""
+    for start in range(0, x_t.shape[-1], batch):
+        yield start, x_t[..., start:start + batch].contiguous()
 
 
 def output_layer(group: StackedRuns) -> int:
@@ -60,7 +62,7 @@ def activation_rates(group: StackedRuns, x_t: torch.Tensor, batch: int = 10000) 
             if isinstance(layer, StackedActivation) and layer.kind in RECTIFIERS:
                 active = (outputs[k] != 0).sum(2)
                 counts[k] = counts[k] + active if k in counts else active
-    return {k: c.double() / x_t.shape[1] for k, c in counts.items()}
+    return {k: c.double() / x_t.shape[-1] for k, c in counts.items()}
 
 
 def unit_census(rates: torch.Tensor, thresholds=THRESHOLDS) -> dict[str, np.ndarray]:
@@ -333,7 +335,7 @@ def author_dead_units(group: StackedRuns, x_t: torch.Tensor, batch: int = 10000)
     skipped by its own report.)"""
     counted = [k for k, spec in enumerate(group.specs) if spec.kind in ("linear", "relu", "abs", "neg")]
     counts: dict[int, torch.Tensor] = {}
-    n = x_t.shape[1]
+    n = x_t.shape[-1]
     for _, xs in _batches(x_t, batch):
         outputs = group.forward(xs)
         for k in counted:

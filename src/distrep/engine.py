@@ -558,11 +558,23 @@ class StackedRuns:
         """The outputs of layers ``start`` up to (not including) ``stop`` (default: the last),
         each ``[R, features, n]``, for ``x``, the input of layer ``start``: shared by every run
         ``[in, n]``, or per run ``[R, in, n]``. No gradient; nothing is kept for a backward pass."""
+        if start == 0:
+            self.check_input(x)
         outputs = []
         for layer in self.layers[start:stop]:
             x = layer.forward(x, shared=x.dim() == 2, keep=False)
             outputs.append(x)
         return outputs
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse (one line) an input that is not feature-major ``[in, n]`` or ``[R, in, n]``:
+        the analyses take the transpose of the usual ``[n, in]``, which is easy to forget."""
+        features = next(s.in_features for s in self.specs if s.affine)
+        if x.dim() not in (2, 3) or x.shape[-2] != features:
+            hint = ("; pass x.t(): the inputs are feature-major"
+                    if x.dim() == 2 and x.shape[1] == features else "")
+            raise DistrepError(f"inputs must be [{features}, n] or [runs, {features}, n], "
+                               f"got {list(x.shape)}{hint}")
 
     def tail(self, start: int) -> "StackedRuns":
         """Layers ``start`` onwards as their own stack (sharing their parameters)."""
