@@ -13,7 +13,6 @@ or cannot be judged here (and why).
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +100,7 @@ class Verdict:
     why: str = ""
 
 
-def _one_pair(a: np.ndarray, b: np.ndarray, paired: bool) -> dict:
+def one_pair(a: np.ndarray, b: np.ndarray, paired: bool) -> dict:
     """Difference, t-test (paired or Welch), effect size, rank test and bootstrap interval of
     accuracies ``a``, ``b`` ``[runs]`` (NaN: diverged, left out; pairs with a NaN drop out)."""
     if paired and len(a) == len(b):
@@ -149,7 +148,7 @@ def verdicts(values: dict[str, np.ndarray], paired: bool,
                                f"not in this experiment: {', '.join(missing[:4])}"
                                + (" …" if len(missing) > 4 else "")))
             continue
-        results = [(a, b, _one_pair(values[a], values[b], paired)) for a, b in present]
+        results = [(a, b, one_pair(values[a], values[b], paired)) for a, b in present]
         usable = [(a, b, r) for a, b, r in results if not np.isnan(r["t"].p)]
         if not usable:
             out.append(Verdict(claim, "not comparable", "—", "too few finished runs to test"))
@@ -191,40 +190,32 @@ def pooled_values(directories) -> tuple[dict[str, np.ndarray], bool]:
     finished experiment, a field of :data:`POOLED_FIELDS` (or the OffsetL2 form, between two
     experiments with OffsetL2 models) that differs, or a model in two of them is refused in one
     line (:class:`~distrep.errors.DistrepError`)."""
-    from distrep.experiment import require_finished
-    from distrep.storage import read_json
+    from distrep.experiment import final_accuracies
 
     values, first, form = {}, None, None
     for directory in map(Path, directories):
-        require_finished(directory)
+        fields, models = final_accuracies(directory)
         try:
-            config = read_json(directory / "config.json")
-            fields, models = config["config"], [(m["name"], m["spec"]) for m in config["models"]]
             [fields[key] for key in POOLED_FIELDS + ("offsetl2_form",)]
-            with open(directory / "summary.csv", newline="") as f:
-                rows = list(csv.DictReader(f))
-            mine = {name: np.array([100 * float(r["test_acc"]) if r["diverged"] == "False"
-                                    else np.nan for r in rows if r["model"] == name])
-                    for name, _ in models}
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            raise DistrepError(f"{directory} does not hold the files distrep wrote (config.json "
-                               f"or summary.csv: bad or missing {e})") from None
+        except (KeyError, TypeError) as e:
+            raise DistrepError(f"{directory} does not hold the files distrep wrote (config.json: "
+                               f"bad or missing {e})") from None
         first = first or (directory, fields)
         for key in POOLED_FIELDS:
             if fields[key] != first[1][key]:
                 raise DistrepError(f"{directory} and {first[0]} differ in {key} ({fields[key]} "
                                    f"against {first[1][key]}): their runs are not comparable")
-        if any("offsetl2" in spec for _, spec in models):
+        if any("offsetl2" in model["spec"] for model in models.values()):
             if form is not None and fields["offsetl2_form"] != form[1]:
                 raise DistrepError(f"{directory} and {form[0]} differ in offsetl2_form "
                                    f"({fields['offsetl2_form']} against {form[1]})")
             form = form or (directory, fields["offsetl2_form"])
-        for name, accuracies in mine.items():
+        for name, model in models.items():
             if name in values:
                 raise DistrepError(f"{name} is in more than one of these experiments: name each "
                                    f"model's runs once")
-            if len(accuracies) != fields["runs"]:
-                raise DistrepError(f"{directory / 'summary.csv'} holds {len(accuracies)} runs of "
-                                   f"{name}, not {fields['runs']}")
-            values[name] = accuracies
+            if len(model["accuracy"]) != fields["runs"]:
+                raise DistrepError(f"{directory / 'summary.csv'} holds {len(model['accuracy'])} "
+                                   f"runs of {name}, not {fields['runs']}")
+            values[name] = model["accuracy"]
     return values, bool(first[1]["paired"])

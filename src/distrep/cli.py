@@ -142,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="experiments under one protocol, each with its own models (e.g. "
                              "Table 1's and Table 3's OffsetL2 models, trained apart)")
 
+    compare = commands.add_parser(
+        "compare", help="the runs of several finished experiments side by side (a width, lr or "
+                        "dataset study), every pair tested")
+    compare.add_argument("directories", type=Path, nargs="+", metavar="directory")
+    compare.add_argument("--models", type=comma_list, default=None,
+                         help="only these models (names or specs, comma-separated)")
+    compare.add_argument("--out", type=Path, default=None, metavar="FILE",
+                         help="also write the comparison (Markdown) to FILE")
+
     analyze = commands.add_parser("analyze", help="geometric analyses of an experiment's runs")
     analyze.add_argument("directory", type=Path)
 
@@ -423,6 +432,15 @@ def cmd_claims(args) -> None:
     print(_md_table(["the paper's claim", "the paper printed", "these runs", "verdict"], body))
 
 
+def cmd_compare(args) -> None:
+    from distrep.compare import read_groups, render
+    from distrep.storage import atomic_write_bytes
+    text = render(read_groups(args.directories, args.models))
+    if args.out is not None:
+        atomic_write_bytes(args.out, text.encode())
+    print(text, end="")
+
+
 def cmd_analyze(args) -> None:
     from distrep.analysis import analyze
     from distrep.experiment import experiment_lock, require_finished
@@ -517,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sweep": cmd_sweep,
-         "reproduce": cmd_reproduce, "report": cmd_report, "claims": cmd_claims, "analyze": cmd_analyze,
+         "reproduce": cmd_reproduce, "report": cmd_report, "claims": cmd_claims, "compare": cmd_compare, "analyze": cmd_analyze,
          "bench": cmd_bench}[args.command](args)
     except DistrepError as e:
         print(f"distrep: error: {e}", file=sys.stderr)

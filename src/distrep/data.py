@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -109,6 +110,15 @@ class DatasetSpec:
     @property
     def files(self) -> tuple[IdxFile, ...]:
         return (self.train_images, self.train_labels, self.test_images, self.test_labels)
+
+    @property
+    def num_features(self) -> int:
+        """Pixels per image: a model's input features."""
+        return math.prod(self.train_images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 def _spec(name, md5s, n_train=60000, n_test=10000, **kw) -> DatasetSpec:

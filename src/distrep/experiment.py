@@ -24,6 +24,7 @@ What it guarantees:
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import os
@@ -407,11 +408,39 @@ def trained_models(directory: str | os.PathLike, model: str | None = None) -> li
     else:
         state = read_tensors(results_dir(directory, name) / "params.safetensors")
     data = get_spec(cfg["dataset"])
-    in_features = data.train_images.shape[1] * data.train_images.shape[2]
     nets = []
     for run in range(next(iter(state.values())).shape[0]):
-        net = create_model(specs[name], cfg["width"], in_features=in_features,
-                           num_classes=len(data.classes), offsetl2_form=cfg["offsetl2_form"])
+        net = create_model(specs[name], cfg["width"], in_features=data.num_features,
+                           num_classes=data.num_classes, offsetl2_form=cfg["offsetl2_form"])
         net.load_state_dict({k: v[run] for k, v in state.items()})
         nets.append(net.eval())
     return nets
+
+
+def final_accuracies(directory: str | os.PathLike) -> tuple[dict, dict[str, dict]]:
+    """What a finished experiment's ``config.json`` and ``summary.csv`` say of its runs:
+    ``(config fields, {model: {"spec", "seeds", "accuracy"}})``, ``accuracy`` the final test
+    accuracy in % per run (``[runs]``, NaN for a run that diverged), in the config's model
+    order. A directory that is not a finished experiment, or whose files are not those distrep
+    wrote, is a one-line :class:`DistrepError`."""
+    import numpy as np
+    directory = Path(directory)
+    require_finished(directory)
+    try:
+        config = read_json(directory / CONFIG_FILE)
+        fields = config["config"]
+        [fields[key] for key in ("dataset", "width", "paired", "runs", "offsetl2_form")]
+        with open(directory / SUMMARY_FILE, newline="") as f:
+            rows = list(csv.DictReader(f))
+        models = {m["name"]: {"spec": m["spec"], "seeds": tuple(m["seeds"]), "accuracy": np.array(
+                      [100 * float(r["test_acc"]) if r["diverged"] == "False" else np.nan
+                       for r in rows if r["model"] == m["name"]])}
+                  for m in config["models"]}
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise DistrepError(f"{directory} does not hold the files distrep wrote (config.json "
+                           f"or summary.csv: bad or missing {e})") from None
+    for name, model in models.items():
+        if len(model["accuracy"]) != len(model["seeds"]):
+            raise DistrepError(f"{directory / SUMMARY_FILE} holds {len(model['accuracy'])} runs "
+                               f"of {name}, not {len(model['seeds'])}")
+    return fields, models

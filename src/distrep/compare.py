@@ -1,0 +1,142 @@
+"""Runs of several finished experiments side by side: ``distrep compare DIR [DIR ...]``.
+
+An experiment's report compares its models under one protocol. A study of widths, learning
+rates, epochs, datasets or preprocessing runs one experiment per setting; this puts every model
+of every one of them in one table, named by the settings in which its experiment differs from
+the others (``ReLU (width 64)``), and tests every pair.
+
+Two groups of runs are compared run by run (paired t-test, Cohen's d_z, Wilcoxon signed-rank)
+where run i of both starts from the same first-layer weights: both experiments are paired
+designs, with the same seeds, dataset and first layer (kind, width and bias; a layer's initial
+weights depend on nothing else, :func:`distrep.models.init_parameters`). Otherwise they are
+independent samples (Welch's t-test, Cohen's d, Mann-Whitney U). Each pair also gets a
+bootstrap interval of its difference, and the p-values are Holm-adjusted over all pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from distrep import stats
+from distrep.claims import one_pair
+from distrep.errors import DistrepError
+from distrep.models import LayerSpec, display_name, parse
+
+# The settings that name a model's runs when experiments differ in them (the config's keys).
+SETTINGS = ("dataset", "preprocess", "train_subset", "width", "lr", "epochs", "precision",
+            "offsetl2_form", "runs", "base_seed", "paired")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One model's runs in one experiment."""
+
+    label: str                 # the model's name, with its experiment's distinguishing settings
+    directory: Path
+    accuracy: np.ndarray       # final test accuracy (%) per run, NaN where it diverged
+    seeds: tuple[int, ...]
+    first_layer: LayerSpec
+    dataset: str
+    paired_design: bool
+
+
+def pairs_run_by_run(a: Group, b: Group) -> bool:
+    """Whether run i of ``a`` and of ``b`` start from the same first-layer weights."""
+    return (a.paired_design and b.paired_design and a.seeds == b.seeds
+            and a.dataset == b.dataset and a.first_layer == b.first_layer)
+
+
+def _setting(key: str, value) -> str:
+    if key == "paired":
+        return "paired" if value else "unpaired"
+    return f"{key.replace('_', ' ')} {'all' if value is None else value}"
+
+
+def read_groups(directories, models: list[str] | None = None) -> list[Group]:
+    """Every model (or those of ``models``, by name or spec) of the finished experiments in
+    ``directories``, as :class:`Group` s labelled by the settings their experiment does not share
+    with all the others. A model none of them holds, or a directory given twice, is refused."""
+    from distrep.data import get_spec
+    from distrep.experiment import final_accuracies
+    directories = [Path(d) for d in directories]
+    if len({d.resolve() for d in directories}) < len(directories):
+        raise DistrepError("an experiment directory is named twice")
+    found = [(d, *final_accuracies(d)) for d in directories]
+    varying = [key for key in SETTINGS if len({repr(f.get(key)) for _, f, _ in found}) > 1]
+    wanted = None if models is None else [display_name(m) for m in models]
+    if wanted is not None:
+        absent = [m for m in wanted if not any(m in held for _, _, held in found)]
+        if absent:
+            raise DistrepError(f"no experiment here holds {', '.join(absent)}")
+    groups = []
+    for directory, fields, held in found:
+        tags = ", ".join(_setting(key, fields.get(key)) for key in varying)
+        data = get_spec(fields["dataset"])
+        for name, model in held.items():
+            if wanted is not None and name not in wanted:
+                continue
+            layers = parse(model["spec"], fields["width"], data.num_features, data.num_classes)
+            groups.append(Group(f"{name} ({tags})" if tags else name, directory, model["accuracy"],
+                                model["seeds"], next(s for s in layers if s.affine), data.name,
+                                bool(fields["paired"])))
+    labels = [g.label for g in groups]
+    # the same model under the same settings in two experiments: tell them apart by directory
+    return [replace(g, label=f"{g.label} [{g.directory}]") if labels.count(g.label) > 1 else g
+            for g in groups]
+
+
+def summary_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    """Per group: its experiment, runs finished of all, mean ± sample std, 95 % t-interval of
+    the mean and range of the final test accuracy (%), over the runs that finished."""
+    head = ["model", "experiment", "finished", "mean ± std", "95 % CI", "min – max"]
+    body = []
+    for g in groups:
+        done = g.accuracy[~np.isnan(g.accuracy)]
+        s = stats.summarize(done)
+        body.append([g.label, str(g.directory), f"{len(done)} of {len(g.accuracy)}",
+                     f"{s['mean']:.2f} ± {s['std']:.2f}", f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]",
+                     f"{s['min']:.2f} – {s['max']:.2f}"])
+    return head, body
+
+
+def _p(p: float) -> str:
+    return "—" if np.isnan(p) else (f"{p:.1e}" if p < 1e-3 else f"{p:.3f}")
+
+
+def pairs_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    """Every pair (a, b): mean difference a − b in points with its bootstrap 95 % interval, the
+    t-test (paired where :func:`pairs_run_by_run`, else Welch) with its p-value and the
+    Holm-adjusted one over all pairs, the effect size (d_z or d) and the rank test's p."""
+    head = ["a", "b", "a − b [95 % bootstrap]", "test", "p", "p (Holm)", "effect", "rank test p"]
+    results = [(a, b, one_pair(a.accuracy, b.accuracy, pairs_run_by_run(a, b)))
+               for a, b in combinations(groups, 2)]
+    adjusted = stats.holm([r["t"].p for _, _, r in results])
+    body = []
+    for (a, b, r), holm in zip(results, adjusted):
+        t, ci = r["t"], r["ci"]
+        test = f"{'paired' if r['effect_name'] == 'd_z' else 'Welch'} t({t.df:.0f}) = {t.t:.2f}"
+        body.append([a.label, b.label, f"{r['diff']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]", test,
+                     _p(t.p), _p(holm), f"{r['effect_name']} = {r['effect']:.2f}",
+                     f"{r['rank'].test.split()[0]} {_p(r['rank'].p)}"])
+    return head, body
+
+
+def render(groups: list[Group]) -> str:
+    """The comparison as Markdown: how the runs were matched, the summary and the pairs."""
+    from distrep.report import _md_table
+    directories = list(dict.fromkeys(str(g.directory) for g in groups))
+    paired = sum(pairs_run_by_run(a, b) for a, b in combinations(groups, 2))
+    total = len(groups) * (len(groups) - 1) // 2
+    lines = [f"# Final test accuracy (%) of {len(groups)} models in {', '.join(directories)}", "",
+             f"{paired} of {total} pairs are compared run by run (run i of both starts from the "
+             f"same first-layer weights: paired designs with the same seeds, dataset and first "
+             f"layer), the others as independent samples. Runs that diverged are left out (a "
+             f"paired comparison leaves out their pairs). p (Holm): adjusted over the "
+             f"{total} pair{'s' * (total != 1)}.", "", _md_table(*summary_table(groups)), ""]
+    if total:
+        lines += ["## Pairs", "", _md_table(*pairs_table(groups)), ""]
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""`distrep compare`: runs of several experiments side by side, each model named by the settings
+its experiment does not share, every pair tested (run by run only where the runs start alike)."""
+
+import re
+import shutil
+
+import pytest
+
+from distrep import stats
+from distrep.compare import pairs_run_by_run, read_groups
+from distrep.errors import DistrepError
+from distrep.experiment import final_accuracies
+from tests.test_cli import assert_one_line_error, distrep
+
+SMALL = ["--runs", 3, "--epochs", 4, "--train-subset", 300, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, mnist):
+    """A width study: ReLU and Abs at width 16 and 24, and ReLU at width 16 with another lr."""
+    root = tmp_path_factory.mktemp("study")
+    for name, extra in [("w16", ["--models", "ReLU,Abs", "--width", 16]),
+                        ("w24", ["--models", "ReLU,Abs", "--width", 24]),
+                        ("lr", ["--models", "ReLU", "--width", 16, "--lr", 0.002])]:
+        r = distrep("sweep", *extra, *SMALL, "--out", root / name)
+        assert r.returncode == 0, r.stderr
+    return root
+
+
+def rows(markdown: str, header: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header row starts with ``header``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header} |"))
+    body = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        body.append([cell.strip() for cell in line.strip("|").split("|")])
+    return body
+
+
+def test_models_are_named_by_what_differs_and_paired_only_where_runs_start_alike(study):
+    r = distrep("compare", study / "w16", study / "w24", "--out", study / "cmp.md")
+    assert r.returncode == 0, r.stderr
+    assert (study / "cmp.md").read_text() == r.stdout
+    summary = rows(r.stdout, "model")
+    assert [row[0] for row in summary] == ["ReLU (width 16)", "Abs (width 16)", "ReLU (width 24)",
+                                           "Abs (width 24)"]
+    accuracy = {f"{m} (width {w})": final_accuracies(study / f"w{w}")[1][m]["accuracy"]
+                for w in (16, 24) for m in ("ReLU", "Abs")}
+    for row in summary:
+        s = stats.summarize(accuracy[row[0]])
+        assert row[3] == f"{s['mean']:.2f} ± {s['std']:.2f}" and row[2] == "3 of 3"
+    pairs = rows(r.stdout, "a")
+    assert len(pairs) == 6 and "2 of 6 pairs are compared run by run" in r.stdout
+    ps = []
+    for a, b, _, test, p, holm, effect, _ in pairs:
+        same_width = a.split("(")[1] == b.split("(")[1]
+        expected = (stats.paired_t if same_width else stats.welch_t)(accuracy[a], accuracy[b])
+        assert test.startswith("paired" if same_width else "Welch")
+        assert effect.startswith("d_z" if same_width else "d =")
+        assert float(p) == pytest.approx(expected.p, rel=0.01, abs=5e-4)   # as printed
+        ps.append(expected.p)
+    holm = stats.holm(ps)
+    assert [float(row[5]) for row in pairs] == pytest.approx(list(holm), rel=0.01, abs=5e-4)
+
+
+def test_settings_are_named_only_where_they_differ(study, tmp_path):
+    text = distrep("compare", study / "w16", study / "lr", "--models", "relu").stdout
+    assert [row[0] for row in rows(text, "model")] == ["ReLU (lr 0.001)", "ReLU (lr 0.002)"]
+    # same seeds, dataset and first layer: another lr still starts each run from the same weights
+    assert rows(text, "a")[0][3].startswith("paired t(2)")
+    three = [row[0] for row in rows(distrep("compare", study / "w16", study / "w24", study / "lr",
+                                            "--models", "ReLU").stdout, "model")]
+    assert three == ["ReLU (width 16, lr 0.001)", "ReLU (width 24, lr 0.001)", "ReLU (width 16, lr 0.002)"]
+    shutil.copytree(study / "w16", tmp_path / "again")
+    same = [row[0] for row in rows(distrep("compare", study / "w16", tmp_path / "again").stdout, "model")]
+    assert same == [f"ReLU [{study / 'w16'}]", f"Abs [{study / 'w16'}]", f"ReLU [{tmp_path / 'again'}]",
+                    f"Abs [{tmp_path / 'again'}]"]
+
+
+def test_pairing_needs_paired_designs_the_same_seeds_and_the_same_first_layer(study):
+    groups = {g.label: g for g in read_groups([study / "w16", study / "w24"])}
+    relu16, abs16, relu24 = (groups[k] for k in ("ReLU (width 16)", "Abs (width 16)", "ReLU (width 24)"))
+    assert pairs_run_by_run(relu16, abs16) and not pairs_run_by_run(relu16, relu24)
+    from dataclasses import replace
+    assert not pairs_run_by_run(relu16, replace(abs16, seeds=(1, 2, 3)))
+    assert not pairs_run_by_run(relu16, replace(abs16, paired_design=False))
+    assert not pairs_run_by_run(relu16, replace(abs16, dataset="fashion-mnist"))
+
+
+def test_bad_requests_are_one_line_errors(study, tmp_path):
+    assert_one_line_error(distrep("compare", study / "w16", study / "w16"), "named twice")
+    assert_one_line_error(distrep("compare", study / "w16", "--models", "ReLU2"),
+                          "no experiment here holds ReLU2")
+    assert_one_line_error(distrep("compare", study / "w16", tmp_path / "none"),
+                          "holds no finished experiment (no such directory)")
+    with pytest.raises(DistrepError, match=re.escape("unknown model 'nonsense'")):
+        read_groups([study / "w16"], ["nonsense"])
+    assert not (tmp_path / "none").exists()
