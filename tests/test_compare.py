@@ -98,3 +98,8 @@ def test_bad_requests_are_one_line_errors(study, tmp_path):
     with pytest.raises(DistrepError, match=re.escape("unknown model 'nonsense'")):
         read_groups([study / "w16"], ["nonsense"])
     assert not (tmp_path / "none").exists()
+
+
+def test_out_names_a_file(study, tmp_path):
+    assert_one_line_error(distrep("compare", study / "w16", "--out", tmp_path),
+                          f"--out {tmp_path} is a directory; name the file to write")

@@ -435,6 +435,8 @@ def cmd_claims(args) -> None:
 def cmd_compare(args) -> None:
     from distrep.compare import read_groups, render
     from distrep.storage import atomic_write_bytes
+    if args.out is not None and args.out.is_dir():
+        raise DistrepError(f"--out {args.out} is a directory; name the file to write")
     text = render(read_groups(args.directories, args.models))
     if args.out is not None:
         atomic_write_bytes(args.out, text.encode())
