@@ -7,6 +7,7 @@ import math
 import os
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,9 @@ def add_protocol_arguments(parser, defaults: bool, eval_every: int | None = None
     parser.add_argument("--epochs", type=positive_int, default=d(5000))
     parser.add_argument("--lr", type=positive_float, default=d(1e-3))
     parser.add_argument("--width", type=positive_int, default=d(128))
-    parser.add_argument("--dataset", default=d("mnist"))
+    parser.add_argument("--dataset", default=d("mnist"),
+                        help=f"{', '.join(data_mod.DATASETS)}, or a directory of your own idx "
+                             f"files (a path with a '/', e.g. ./kmnist)")
     parser.add_argument("--preprocess", choices=data_mod.PREPROCESS_MODES, default=d("raw"))
     parser.add_argument("--train-subset", type=positive_int, default=None, metavar="N",
                         help="train on the first N training examples")
@@ -317,7 +320,7 @@ def cmd_train(args) -> None:
                          width=args.width, dataset=args.dataset, preprocess=args.preprocess,
                          train_subset=args.train_subset, eval_every=args.eval_every,
                          offsetl2_form=args.offsetl2_form, device=args.device).validate()
-    data_mod.get_spec(config.dataset)
+    config = replace(config, dataset=data_mod.dataset_name(config.dataset))   # checks it, too
     with experiment_lock(args.out):
         refuse_foreign(args.out, RUN_ENTRIES, "run")
         previous = existing_config(args.out)
@@ -350,7 +353,7 @@ def cmd_sweep(args) -> None:
         base_seed=args.base_seed, paired=not args.unpaired, device=args.device,
         max_memory=args.max_memory, checkpoint_every=args.checkpoint_every,
         max_runs_per_chunk=args.max_runs_per_chunk, engine=args.engine).validate()
-    data_mod.get_spec(config.dataset)
+    config = replace(config, dataset=data_mod.dataset_name(config.dataset))   # checks it, too
     executor = executor_from(args)
     out: Path = args.out
     config, _, _ = run_experiment(out, config, args.force, progress=not args.quiet, executor=executor)
@@ -378,7 +381,7 @@ def cmd_reproduce(args) -> None:
         "checkpoint_every", "max_runs_per_chunk", "engine")}
     overrides["paired"] = False if args.unpaired else None
     if overrides["dataset"] is not None:
-        data_mod.get_spec(overrides["dataset"])
+        overrides["dataset"] = data_mod.dataset_name(overrides["dataset"])
     out = args.out or Path("runs") / args.preset
     members = GROUPS.get(args.preset, {"": args.preset})     # {subdirectory: preset}
     if args.dataset is not None and len({resolve_preset(p, {}).dataset for p in members.values()}) > 1:

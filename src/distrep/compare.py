@@ -60,7 +60,6 @@ def read_groups(directories, models: list[str] | None = None) -> list[Group]:
     """Every model (or those of ``models``, by name or spec) of the finished experiments in
     ``directories``, as :class:`Group` s labelled by the settings their experiment does not share
     with all the others. A model none of them holds, or a directory given twice, is refused."""
-    from distrep.data import get_spec
     from distrep.experiment import final_accuracies
     directories = [Path(d) for d in directories]
     if len({d.resolve() for d in directories}) < len(directories):
@@ -75,14 +74,14 @@ def read_groups(directories, models: list[str] | None = None) -> list[Group]:
     groups = []
     for directory, fields, held in found:
         tags = ", ".join(_setting(key, fields.get(key)) for key in varying)
-        data = get_spec(fields["dataset"])
         for name, model in held.items():
             if wanted is not None and name not in wanted:
                 continue
-            layers = parse(model["spec"], fields["width"], data.num_features, data.num_classes)
+            # the first layer's kind, width and bias: its input size is the dataset's, compared
+            # apart (so that no data files are needed)
+            first = next(s for s in parse(model["spec"], fields["width"]) if s.affine)
             groups.append(Group(f"{name} ({tags})" if tags else name, directory, model["accuracy"],
-                                model["seeds"], next(s for s in layers if s.affine), data.name,
-                                bool(fields["paired"])))
+                                model["seeds"], first, fields["dataset"], bool(fields["paired"])))
     labels = [g.label for g in groups]
     # the same model under the same settings in two experiments: tell them apart by directory
     return [replace(g, label=f"{g.label} [{g.directory}]") if labels.count(g.label) > 1 else g

@@ -18,10 +18,12 @@ MNIST, which is what the paper's text describes).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,6 +108,7 @@ class DatasetSpec:
     mirrors: tuple[str, ...] = ()        # base URLs serving ``<file name>.gz``
     torchvision_name: str = ""           # torchvision keeps the files in ``<root>/<this>/raw``
     packaged: tuple[Callable[[], "Source"], ...] = field(default=(), compare=False)
+    directory: str = ""                  # a dataset of your own is read from here, not cached
 
     @property
     def files(self) -> tuple[IdxFile, ...]:
@@ -119,6 +122,11 @@ class DatasetSpec:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """``(height, width)`` of an image."""
+        return self.train_images.shape[1:]
 
 
 def _spec(name, md5s, n_train=60000, n_test=10000, **kw) -> DatasetSpec:
@@ -331,12 +339,88 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (MNIST, FASHION_MNIST)}
 
 
 def get_spec(name: str | DatasetSpec) -> DatasetSpec:
+    """A dataset by name (:data:`DATASETS`), or a directory of your own: any name with a ``/``
+    (``./kmnist``, ``/data/kmnist``, or as a run recorded it, ``/data/kmnist#1f0c9a2e``; see
+    :func:`directory_dataset`)."""
     if isinstance(name, DatasetSpec):
         return name
+    if "/" in name:
+        recorded = re.fullmatch(r"(.*)#([0-9a-f]{8})", name)
+        spec = directory_dataset(recorded[1] if recorded else name)
+        if recorded and spec.name != name:
+            raise DistrepError(f"the files in {recorded[1]} are not those a run recorded "
+                               f"(fingerprint {recorded[2]}, now {spec.name.rsplit('#', 1)[1]})")
+        return spec
     key = name.lower().replace("_", "-")
     if key in DATASETS:
         return DATASETS[key]
-    raise DistrepError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    raise DistrepError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}, or a "
+                       f"directory of your own idx files (a path with a '/', e.g. ./kmnist)")
+
+
+def dataset_name(name: str) -> str:
+    """The name a result records for ``name``: a directory of your own as its absolute path and
+    fingerprint, any other name as given."""
+    return get_spec(name).name if "/" in name else name
+
+
+# --------------------------------------------------------------------------- your own data
+
+_TEMPLATE = _spec("template", ("",) * 4, classes=())     # the four file names, MNIST's
+
+
+def directory_dataset(path: str | os.PathLike) -> DatasetSpec:
+    """A dataset of your own: a directory holding four idx files under MNIST's names
+    (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+    ``t10k-labels-idx1-ubyte``, each plain or ``.gz``, as KMNIST ships), images uint8
+    ``[n, h, w]`` and labels uint8 ``[n]`` in 0..K-1 (K, at least 2, from the labels seen).
+
+    Named by the directory's absolute path and a fingerprint of the four files' contents
+    (``/data/kmnist#1f0c9a2e``, the first 8 hex digits of a SHA-256 over their MD5s): a result
+    records which files it came from, and files changed since it are refused as not those."""
+    root = Path(path).expanduser().absolute()
+    if not root.is_dir():
+        raise DistrepError(f"dataset directory {path} is not a directory")
+    found = {}
+    for f in _TEMPLATE.files:
+        p = next((q for q in (root / f.name, root / f"{f.name}.gz") if q.is_file()), None)
+        if p is None:
+            raise DistrepError(f"dataset directory {path} has no {f.name}[.gz]")
+        stat = p.stat()
+        found[f.name] = (str(p), stat.st_size, stat.st_mtime_ns)
+    return _read_directory_spec(str(root), tuple(found.values()))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_directory_spec(root: str, files: tuple[tuple[str, int, int], ...]) -> DatasetSpec:
+    """:func:`directory_dataset` for ``files`` ((path, size, mtime) of each of the four, which
+    key the cache: a file rewritten since is read again)."""
+    arrays, idx = {}, {}
+    for f, (where, _, _) in zip(_TEMPLATE.files, files):
+        data = Path(where).read_bytes()
+        data = _gunzip(data, where) if where.endswith(".gz") else data
+        try:
+            arrays[f.name] = read_idx(data)
+        except DistrepError as e:
+            raise DistrepError(f"{where}: {e}") from None
+        expected_dims = 3 if "images" in f.name else 1
+        if arrays[f.name].dtype != np.uint8 or arrays[f.name].ndim != expected_dims:
+            raise DistrepError(f"{where}: expected uint8 {'images [n, h, w]' if expected_dims == 3 else 'labels [n]'}, "
+                               f"got {arrays[f.name].dtype} {list(arrays[f.name].shape)}")
+        idx[f.name] = IdxFile(f.name, arrays[f.name].shape, hashlib.md5(data).hexdigest())
+    train_x, train_y, test_x, test_y = (arrays[f.name] for f in _TEMPLATE.files)
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if len(x) != len(y) or len(x) == 0:
+            raise DistrepError(f"{root}: {len(x)} {split} images but {len(y)} labels")
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DistrepError(f"{root}: train images are {list(train_x.shape[1:])}, test images "
+                           f"{list(test_x.shape[1:])}")
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    if classes < 2:
+        raise DistrepError(f"{root}: every label is 0; a classifier needs at least two classes")
+    fingerprint = hashlib.sha256("".join(i.md5 for i in idx.values()).encode()).hexdigest()[:8]
+    return DatasetSpec(f"{root}#{fingerprint}", *idx.values(), tuple(map(str, range(classes))),
+                       directory=root)
 
 
 # --------------------------------------------------------------------------- verify, cache, fetch
@@ -378,7 +462,8 @@ def offline() -> bool:
 
 
 def cache_dir(spec: DatasetSpec, root: Path | None = None) -> Path:
-    return (root or cache_root()) / spec.name
+    """Where a dataset's verified files are: the cache, or a dataset of your own's directory."""
+    return Path(spec.directory) if spec.directory else (root or cache_root()) / spec.name
 
 
 def read_cached(spec: DatasetSpec, root: Path | None = None) -> dict[str, bytes]:
@@ -386,9 +471,13 @@ def read_cached(spec: DatasetSpec, root: Path | None = None) -> dict[str, bytes]
     out = {}
     for f in spec.files:
         p = cache_dir(spec, root) / f.name
-        if not p.is_file():
+        if spec.directory and not p.is_file() and p.with_name(f"{f.name}.gz").is_file():
+            p = p.with_name(f"{f.name}.gz")        # your own files may be gzipped
+            out[f.name] = _gunzip(p.read_bytes(), str(p))
+        elif not p.is_file():
             raise DistrepError(f"{p} is missing")
-        out[f.name] = p.read_bytes()
+        else:
+            out[f.name] = p.read_bytes()
         verify(f, out[f.name], str(p))
     return out
 
@@ -412,6 +501,12 @@ def fetch(name: str | DatasetSpec, from_dir: str | os.PathLike | None = None,
     spec = get_spec(name)
     log = log or (lambda msg: None)
     target = cache_dir(spec, root)
+    if spec.directory:              # your own files: read where they are, never copied
+        if from_dir is not None:
+            raise DistrepError(f"{spec.directory} is a dataset of your own; --from is for "
+                               f"{', '.join(DATASETS)}")
+        read_cached(spec)
+        return target
     if from_dir is not None:
         if not Path(from_dir).expanduser().is_dir():
             raise DistrepError(f"cannot read {spec.name}: --from {from_dir} is not a directory")
@@ -463,7 +558,7 @@ def fetch(name: str | DatasetSpec, from_dir: str | os.PathLike | None = None,
 class Dataset:
     """A train/test split as tensors.
 
-    ``x_*`` are ``[n, 784]`` (uint8 if ``preprocess`` is None, else float32), ``y_*`` are ``[n]``
+    ``x_*`` are ``[n, features]`` (uint8 if ``preprocess`` is None, else float32), ``y_*`` are ``[n]``
     int64 class indices. ``mean`` and ``std`` are the scalars that ``standardized`` used.
     """
 
@@ -476,6 +571,7 @@ class Dataset:
     classes: tuple[str, ...]
     mean: float = 0.0
     std: float = 1.0
+    image_shape: tuple[int, ...] = (28, 28)     # (height, width) of an image, as x_* flattens it
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.x_train, self.y_train, self.x_test, self.y_test))
@@ -501,7 +597,9 @@ class Dataset:
         """What a result must record about its data."""
         return {"dataset": self.name, "preprocess": self.preprocess, "n_train": len(self.y_train),
                 "n_test": len(self.y_test), "n_features": self.num_features,
-                "num_classes": self.num_classes, "pixel_mean": self.mean, "pixel_std": self.std}
+                "num_classes": self.num_classes, "classes": list(self.classes),
+                "image_shape": list(self.image_shape),
+                "pixel_mean": self.mean, "pixel_std": self.std}
 
 
 def pixel_moments(x: torch.Tensor) -> tuple[float, float]:
@@ -546,4 +644,5 @@ def load_dataset(name: str | DatasetSpec, preprocess: str | None = "raw", *, fet
     mean, std = pixel_moments(x_train)
     if preprocess is not None:
         x_train, x_test = (preprocess_images(x, preprocess, mean, std) for x in (x_train, x_test))
-    return Dataset(spec.name, preprocess, x_train, y_train, x_test, y_test, spec.classes, mean, std)
+    return Dataset(spec.name, preprocess, x_train, y_train, x_test, y_test, spec.classes, mean, std,
+                   spec.image_shape)

@@ -354,7 +354,9 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
         # from here a signal is deferred to the end of an epoch, which checkpoints (local
         # training; a test can wait for run.json and signal)
         with deferred_stop() if executor_name == "local" else nullcontext() as stop:
-            write_json(out / CONFIG_FILE, {**describe_sweep(config, device), **(extra or {})})
+            write_json(out / CONFIG_FILE, {**describe_sweep(config, device),
+                                           "data": data.subset(config.train_subset).describe(),
+                                           **(extra or {})})
             write_json(out / RUN_FILE, {"finished": False, "sessions": sessions})
             session["executor"] = executor_name
             session["chunks"] = []
@@ -383,7 +385,6 @@ def trained_models(directory: str | os.PathLike, model: str | None = None) -> li
     ``model``: the model's paper name or spec, needed when the experiment has several. Anything
     else (not finished, no such model, a foreign directory) is a one-line :class:`DistrepError`.
     """
-    from distrep.data import get_spec
     from distrep.models import create_model, display_name
     from distrep.storage import read_tensors
     from distrep.sweep import results_dir
@@ -407,14 +408,27 @@ def trained_models(directory: str | os.PathLike, model: str | None = None) -> li
         state = {k: v[None] for k, v in read_tensors(directory / "model.safetensors").items()}
     else:
         state = read_tensors(results_dir(directory, name) / "params.safetensors")
-    data = get_spec(cfg["dataset"])
+    data = recorded_data(config)
     nets = []
     for run in range(next(iter(state.values())).shape[0]):
-        net = create_model(specs[name], cfg["width"], in_features=data.num_features,
-                           num_classes=data.num_classes, offsetl2_form=cfg["offsetl2_form"])
+        net = create_model(specs[name], cfg["width"], in_features=data["n_features"],
+                           num_classes=len(data["classes"]), offsetl2_form=cfg["offsetl2_form"])
         net.load_state_dict({k: v[run] for k, v in state.items()})
         nets.append(net.eval())
     return nets
+
+
+def recorded_data(config: dict) -> dict:
+    """What a result's ``config.json`` says of its data (``n_features``, ``classes``, the class
+    names, and ``image_shape``), so that reading a result back needs no data files; for a
+    result written before distrep recorded it, the same from the dataset's own spec."""
+    data = config.get("data") or {}
+    if "classes" in data and "image_shape" in data:
+        return data
+    from distrep.data import get_spec
+    spec = get_spec(config["config"]["dataset"])
+    return {"n_features": spec.num_features, "classes": list(spec.classes),
+            "image_shape": list(spec.image_shape)}
 
 
 def final_accuracies(directory: str | os.PathLike) -> tuple[dict, dict[str, dict]]:

@@ -184,19 +184,20 @@ def plot_prototypes(weight: np.ndarray, distance: np.ndarray, classes, title: st
     return fig
 
 
-def plot_first_layer(weight: np.ndarray, title: str, columns: int = 16):
-    """First-layer weights ``[units, side*side]`` of one run as one mosaic of images (red > 0 >
-    blue, each unit scaled to its own largest |w|)."""
-    units, features = weight.shape
-    side = int(round(np.sqrt(features)))
+def plot_first_layer(weight: np.ndarray, title: str, image_shape: tuple[int, int] = (28, 28),
+                     columns: int = 16):
+    """First-layer weights ``[units, height*width]`` of one run as one mosaic of images (red > 0
+    > blue, each unit scaled to its own largest |w|)."""
+    units, _ = weight.shape
+    height, width = image_shape
     rows = -(-units // columns)
-    cell = side + 1                                         # one blank pixel between images
-    mosaic = np.full((rows * cell - 1, columns * cell - 1), np.nan)
+    mosaic = np.full((rows * (height + 1) - 1, columns * (width + 1) - 1), np.nan)   # 1 px gaps
     scale = np.abs(weight).max(1, keepdims=True)
     scaled = weight / np.where(scale > 0, scale, 1.0)
     for u in range(units):
         r, c = divmod(u, columns)
-        mosaic[r * cell:r * cell + side, c * cell:c * cell + side] = scaled[u].reshape(side, side)
+        top, left = r * (height + 1), c * (width + 1)
+        mosaic[top:top + height, left:left + width] = scaled[u].reshape(height, width)
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")     # gaps between units: white
     fig, ax = plt.subplots(figsize=(columns * 0.6, rows * 0.6 + 0.4), layout="constrained")
     ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")

@@ -548,7 +548,7 @@ PROTOTYPE_NOTE = ("For OffsetL2 output layers: the distance from each class's me
                   "diagonal: prototypes nearest their own class; red: farthest).")
 
 FIRST_LAYER_NOTE = ("What training wrote into run 0's first layer: its weights minus their initial "
-                    "values (rebuilt from the run's seed), one 28×28 image per hidden unit (red > 0 > "
+                    "values (rebuilt from the run's seed), one image per hidden unit (red > 0 > "
                     "blue, each unit scaled to its largest change). The trained weights themselves "
                     "are these plus the random initialisation, which dominates them in short runs; "
                     "they are in models/<name>/params.safetensors.")
@@ -570,8 +570,9 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
              for analysis, by_model in load_analyses(directory, exp["models"]).items()}
     if not found:
         return []
-    from distrep.data import get_spec
-    classes = list(get_spec(exp["config"]["config"]["dataset"]).classes)
+    from distrep.experiment import recorded_data
+    data = recorded_data(exp["config"])
+    classes = data["classes"]
     sections = []
     if "dead_units" in found:
         sections.append(Section("Dead and rarely active units", DEAD_NOTE, dead_unit_table(found["dead_units"])))
@@ -605,14 +606,15 @@ def analysis_sections(directory: Path, exp: dict) -> list[Section]:
     for entry in exp["config"]["models"]:
         model = entry["name"]
         weight = read_tensors(results_dir(directory, model) / "params.safetensors").get("0.weight")
-        if weight is None or int(round(np.sqrt(weight.shape[2]))) ** 2 != weight.shape[2]:
+        if weight is None or np.prod(data["image_shape"]) != weight.shape[2]:
             continue
         initial = create_model(entry["spec"], cfg["width"], in_features=weight.shape[2],
                                num_classes=len(classes), offsetl2_form=cfg["offsetl2_form"],
                                seed=entry["seeds"][0])[0].weight.detach()
         path = f"figures/first_layer_{model_dir(model)}.png"
         fig = plot_first_layer((weight[0] - initial).numpy(),
-                               f"{figure_label(model)}: first-layer weights, change from initialisation, run 0")
+                               f"{figure_label(model)}: first-layer weights, change from initialisation, run 0",
+                               tuple(data["image_shape"]))
         save_figure(fig, directory / path, dpi=80)
         images.append((f"{model}: first-layer weights", path))
     if images:

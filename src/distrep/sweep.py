@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from distrep.data import Dataset, load_dataset
+from distrep.data import Dataset, get_spec, load_dataset
 from distrep.engine import (CUDA_PRECISIONS, EVAL_BATCH, PRECISIONS, AutogradRuns, CompiledRuns,
                             FusedRuns, StackedRuns, Trainer, computes, engine_path, stack_parameters)
 from distrep.errors import DistrepError
@@ -105,7 +105,7 @@ class SweepConfig:
             raise DistrepError(f"max runs per chunk must be at least 1, got {self.max_runs_per_chunk}")
         if self.max_memory <= 0:
             raise DistrepError(f"max memory must be positive, got {self.max_memory}")
-        paths = {m: engine_path(parse(m, self.width), self.engine, device) for m in self.models}
+        paths = {m: engine_path(self.layers(m), self.engine, device) for m in self.models}
         if self.precision == "bf16" and "autograd" in paths.values():
             raise DistrepError("bf16 is a precision of the engine's hand-written and compiled paths; "
                                "models on its autograd path (" + ", ".join(
@@ -121,6 +121,12 @@ class SweepConfig:
         if self.precision == "tf32" and device.type != "cuda":
             raise DistrepError("tf32 is a CUDA precision; on the CPU use fp32 or bf16")
         return self
+
+    def layers(self, model: str):
+        """``model``'s layers with their sizes: the width, and the dataset's input features and
+        classes (which decide, on CUDA, whether the fused step covers it)."""
+        data = get_spec(self.dataset)
+        return parse(model, self.width, data.num_features, data.num_classes)
 
     def _seed_offset(self, model: str) -> int:
         return 0 if self.paired else 1_000_003 * (1 + zlib.crc32(canonical_spec(model).encode()) % 10_007)
@@ -714,7 +720,7 @@ def describe_model(config: SweepConfig, model: str, device: torch.device) -> dic
     on ``device`` and, on the fused path, how the kernel computes the output layer in this
     precision: an OffsetL2 layer's form (:data:`distrep.fused.OFFSETL2_KERNEL`), a linear
     layer's products (:data:`distrep.fused.HEAD_PRODUCTS`)."""
-    specs = parse(model, config.width)
+    specs = config.layers(model)
     entry = {"name": display_name(model), "spec": canonical_spec(model), "seeds": config.seeds(model),
              "engine_path": engine_path(specs, config.engine, device)}
     if entry["engine_path"] == "fused":
