@@ -540,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sweep": cmd_sweep,
-         "reproduce": cmd_reproduce, "report": cmd_report, "claims": cmd_claims, "compare": cmd_compare, "analyze": cmd_analyze,
-         "bench": cmd_bench}[args.command](args)
+         "reproduce": cmd_reproduce, "report": cmd_report, "claims": cmd_claims,
+         "compare": cmd_compare, "analyze": cmd_analyze, "bench": cmd_bench}[args.command](args)
     except DistrepError as e:
         print(f"distrep: error: {e}", file=sys.stderr)
         return 2

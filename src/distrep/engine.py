@@ -665,7 +665,8 @@ def reads_varying_features(path: str) -> bool:
     return path in ("hand-written", "fused")
 
 
-def stack_parameters(models: list[nn.Sequential], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def stack_parameters(models: list[nn.Sequential],
+                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """``{"0.weight": [R, ...], ...}``: the parameters of R identically built models, stacked,
     named by each layer's position (a slice ``model[1:]`` keeps its modules' old names)."""
     def named(model: nn.Sequential) -> dict[str, torch.Tensor]:

@@ -87,7 +87,8 @@ class Mahalanobis(_LearnedMetric):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Omega_j (x - mu_j) = Omega_j x - Omega_j mu_j: one product for every j at once
-        projected = torch.einsum("jri,...i->...jr", self.omega, x) - torch.einsum("jri,ji->jr", self.omega, self.mu)
+        projected = (torch.einsum("jri,...i->...jr", self.omega, x)
+                     - torch.einsum("jri,ji->jr", self.omega, self.mu))
         return projected.square().sum(-1).clamp_min(CODED_CLAMP).sqrt()
 
 
