@@ -43,6 +43,9 @@ def test_models_are_named_by_what_differs_and_paired_only_where_runs_start_alike
     r = distrep("compare", study / "w16", study / "w24", "--out", study / "cmp.md")
     assert r.returncode == 0, r.stderr
     assert (study / "cmp.md").read_text() == r.stdout
+    from PIL import Image
+    assert "![test accuracy per run](cmp.png)" in r.stdout and Image.open(study / "cmp.png").size[0] > 500
+    assert "cmp.png" not in distrep("compare", study / "w16", study / "w24").stdout   # no file: no figure
     summary = rows(r.stdout, "model")
     assert [row[0] for row in summary] == ["ReLU (width 16)", "Abs (width 16)", "ReLU (width 24)",
                                            "Abs (width 24)"]

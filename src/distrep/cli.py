@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--models", type=comma_list, default=None,
                          help="only these models (names or specs, comma-separated)")
     compare.add_argument("--out", type=Path, default=None, metavar="FILE",
-                         help="also write the comparison (Markdown) to FILE")
+                         help="also write the comparison (Markdown) to FILE, with its figure "
+                              "of the runs beside it (FILE with .png)")
 
     analyze = commands.add_parser("analyze", help="geometric analyses of an experiment's runs")
     analyze.add_argument("directory", type=Path)
@@ -436,13 +437,18 @@ def cmd_claims(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from distrep.compare import read_groups, render
+    from distrep.compare import read_groups, render, save_figure
     from distrep.storage import atomic_write_bytes
     if args.out is not None and args.out.is_dir():
         raise DistrepError(f"--out {args.out} is a directory; name the file to write")
-    text = render(read_groups(args.directories, args.models))
-    if args.out is not None:
-        atomic_write_bytes(args.out, text.encode())
+    groups = read_groups(args.directories, args.models)
+    if args.out is None:
+        print(render(groups), end="")
+        return
+    figure = args.out.with_suffix(".png")       # beside the Markdown, which shows it
+    save_figure(groups, figure)
+    text = render(groups, figure.name)
+    atomic_write_bytes(args.out, text.encode())
     print(text, end="")
 
 

@@ -124,8 +124,20 @@ def pairs_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def render(groups: list[Group]) -> str:
-    """The comparison as Markdown: how the runs were matched, the summary and the pairs."""
+def save_figure(groups: list[Group], path: str | Path) -> None:
+    """Every group's runs as points over its box plot (:func:`distrep.plots.plot_per_run`)."""
+    import matplotlib.pyplot as plt
+
+    from distrep import plots
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(groups)), 4.5), layout="constrained")
+    plots.plot_per_run({g.label: g.accuracy for g in groups}, "test accuracy, final (%)",
+                       "test accuracy per run, final", ax)
+    plots.save_figure(fig, path)
+
+
+def render(groups: list[Group], figure: str | None = None) -> str:
+    """The comparison as Markdown: how the runs were matched, the summary (and the ``figure``
+    file, if given) and the pairs."""
     from distrep.report import _md_table
     directories = list(dict.fromkeys(str(g.directory) for g in groups))
     paired = sum(pairs_run_by_run(a, b) for a, b in combinations(groups, 2))
@@ -136,6 +148,8 @@ def render(groups: list[Group]) -> str:
              f"layer), the others as independent samples. Runs that diverged are left out (a "
              f"paired comparison leaves out their pairs). p (Holm): adjusted over the "
              f"{total} pair{'s' * (total != 1)}.", "", _md_table(*summary_table(groups)), ""]
+    if figure:
+        lines += [f"![test accuracy per run]({figure})", ""]
     if total:
         lines += ["## Pairs", "", _md_table(*pairs_table(groups)), ""]
     return "\n".join(lines)

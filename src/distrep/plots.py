@@ -96,6 +96,22 @@ def plot_test_error(test_epochs: np.ndarray, test_acc: np.ndarray, ax=None, labe
     return ax
 
 
+def plot_per_run(values: dict[str, np.ndarray], ylabel: str, title: str, ax=None):
+    """One value per run of each model ``{name: [runs]}`` (NaN: left out) as points over the
+    model's box plot, the models along x."""
+    ax = ax or plt.figure().add_subplot()
+    kept = [v[~np.isnan(v)] for v in values.values()]
+    ax.boxplot(kept, showfliers=False, widths=0.5)
+    rng = np.random.default_rng(0)                             # fixed jitter: same picture each time
+    for i, v in enumerate(kept, start=1):
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=12, alpha=0.7, zorder=3)
+    ax.set_xticks(range(1, len(values) + 1), [figure_label(n) for n in values], rotation=30,
+                  ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(True, axis="y", alpha=0.3)
+    return ax
+
+
 def save_figure(fig, path, dpi: int = 120) -> None:
     """Save ``fig`` as PNG atomically and close it."""
     buf = io.BytesIO()

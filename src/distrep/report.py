@@ -20,7 +20,7 @@ from distrep.models import create_model
 from distrep.claims import BEYOND_CLAIMS, CLAIMS, claims_for, verdicts
 from distrep.paper import CLAMP_DROPOFF, DISCREPANCIES, RUNS, match, run_protocol
 from distrep.plots import (_log_y, figure_label, legend_width, line_style, model_legend, plot_clamping,
-                           plot_first_layer, plot_hyperplanes, plot_prototypes, save_figure)
+                           plot_first_layer, plot_hyperplanes, plot_per_run, plot_prototypes, save_figure)
 from distrep.storage import atomic_write_bytes, read_arrays, read_json, read_tensors
 from distrep.sweep import model_dir, results_dir
 
@@ -121,18 +121,9 @@ def plot_curves(metrics: dict[str, dict], ax=None, until: int | None = None):
 def plot_final(metrics: dict[str, dict], ax=None, epoch: int | None = None):
     """Test accuracy of every run that had not diverged (points), final or at ``epoch``, with
     each model's box plot."""
-    ax = ax or plt.figure().add_subplot()
-    names = list(metrics)
-    values = [a[~np.isnan(a)] for a in (accuracy_at(metrics[n], epoch) for n in names)]
-    ax.boxplot(values, showfliers=False, widths=0.5)
-    rng = np.random.default_rng(0)                             # fixed jitter: same picture each time
-    for i, v in enumerate(values, start=1):
-        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=12, alpha=0.7, zorder=3)
-    ax.set_xticks(range(1, len(names) + 1), [figure_label(n) for n in names], rotation=30, ha="right")
     when = "final" if epoch is None else f"epoch {epoch:,}"
-    ax.set(ylabel=f"test accuracy, {when} (%)", title=f"test accuracy per run, {when}")
-    ax.grid(True, axis="y", alpha=0.3)
-    return ax
+    return plot_per_run({name: accuracy_at(m, epoch) for name, m in metrics.items()},
+                        f"test accuracy, {when} (%)", f"test accuracy per run, {when}", ax)
 
 
 def plot_pairs(pairs: list[dict], models: list[str], paired: bool):
