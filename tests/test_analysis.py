@@ -330,12 +330,27 @@ def test_the_analyses_take_a_model_built_by_hand(test_data):
         "layer 2 of the model takes 8 features but the layer before it gives 16":
             [nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(8, 10))],
         "got a Linear": [nn.Linear(784, 10)],
+        "no layer with parameters": [nn.Sequential(nn.ReLU(), Neg())],
     }
     for message, models in refusals.items():
         with pytest.raises(DistrepError, match=message):
             StackedRuns.from_models(models)
     relu = nn.Sequential(nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10, bias=False))
     assert StackedRuns.from_models([relu]).specs == parse("ReLU", 16)
+    # a hand-built OffsetL2's form is read off the layer: coded runs are stacked as coded
+    coded = nn.Sequential(nn.Linear(784, 16), nn.ReLU(), OffsetL2(16, 10, form="coded"), Neg())
+    assert StackedRuns.from_models([coded]).layers[2].form == "coded"
+    with pytest.raises(DistrepError, match="different forms"):
+        StackedRuns.from_models([nn.Sequential(OffsetL2(784, 16), OffsetL2(16, 10, form="coded"))])
+
+
+def test_per_run_inputs_are_batched_by_example(test_data):
+    """Inputs of each run's own [R, in, n] give what the shared [in, n] gives when they agree."""
+    x, _ = test_data
+    group = stacked("ReLU", runs=2)
+    shared = A.activation_rates(group, x, batch=256)
+    own = A.activation_rates(group, x.expand(2, *x.shape).contiguous(), batch=256)
+    torch.testing.assert_close(own[1], shared[1])
 
 
 def test_example_major_inputs_are_refused_with_the_fix(test_data):

@@ -4,6 +4,7 @@ its experiment does not share, every pair tested (run by run only where the runs
 import re
 import shutil
 
+import numpy as np
 import pytest
 
 from distrep import stats
@@ -106,3 +107,19 @@ def test_bad_requests_are_one_line_errors(study, tmp_path):
 def test_out_names_a_file(study, tmp_path):
     assert_one_line_error(distrep("compare", study / "w16", "--out", tmp_path),
                           f"--out {tmp_path} is a directory; name the file to write")
+
+
+def test_a_diverged_run_is_left_out_and_a_short_summary_refused(study, tmp_path):
+    exp = tmp_path / "exp"
+    shutil.copytree(study / "w16", exp)
+    lines = (exp / "summary.csv").read_text().splitlines()
+    header, rows_ = lines[0].split(","), [line.split(",") for line in lines[1:]]
+    rows_[0][header.index("diverged")] = "True"               # ReLU's run 0 diverged
+    (exp / "summary.csv").write_text("\n".join([lines[0], *(",".join(r) for r in rows_)]) + "\n")
+    _, models = final_accuracies(exp)
+    assert np.isnan(models["ReLU"]["accuracy"][0]) and not np.isnan(models["ReLU"]["accuracy"][1:]).any()
+    text = distrep("compare", exp, "--models", "ReLU,Abs").stdout
+    assert rows(text, "model")[0][2] == "2 of 3"
+    assert rows(text, "a")[0][3].startswith("paired t(1)")     # the pair with the NaN drops out
+    (exp / "summary.csv").write_text("\n".join(lines[:-1]) + "\n")     # Abs's last run lost
+    assert_one_line_error(distrep("compare", exp), "summary.csv holds 2 runs of Abs, not 3")

@@ -145,3 +145,12 @@ def test_the_engine_is_chosen_for_the_datasets_classes(tmp_path):
                 "--width", 16, "--runs", 1, "--epochs", 1, "--out", tmp_path / "exp")
     assert_one_line_error(r, "up to 16 classes (this model: 16 and 17)")
     assert not (tmp_path / "exp").exists()
+
+
+def test_first_layer_images_keep_their_shape():
+    """A unit's weights [h*w] are drawn as an h x w image, not w x h."""
+    from distrep.plots import plot_first_layer
+    weight = np.arange(1.0, 61.0)[None]                          # one unit of 6 x 10 pixels
+    fig = plot_first_layer(weight, "one unit", (6, 10), columns=1)
+    drawn = np.asarray(fig.axes[0].images[0].get_array())
+    np.testing.assert_allclose(drawn, weight.reshape(6, 10) / 60.0)

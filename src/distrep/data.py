@@ -504,11 +504,10 @@ def fetch(name: str | DatasetSpec, from_dir: str | os.PathLike | None = None,
     spec = get_spec(name)
     log = log or (lambda msg: None)
     target = cache_dir(spec, root)
-    if spec.directory:              # your own files: read where they are, never copied
+    if spec.directory:              # your own files, read (by get_spec) where they are
         if from_dir is not None:
             raise DistrepError(f"{spec.directory} is a dataset of your own; --from is for "
                                f"{', '.join(DATASETS)}")
-        read_cached(spec)
         return target
     if from_dir is not None:
         if not Path(from_dir).expanduser().is_dir():
