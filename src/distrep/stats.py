@@ -9,6 +9,8 @@ the spread is exactly zero, and the degrees of freedom.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -47,6 +49,18 @@ class TTest:
     test: str
 
 
+@contextmanager
+def _constant_samples_allowed():
+    """SciPy warns of "catastrophic cancellation" whenever one sample is constant (its values all
+    equal: two runs at the same accuracy), though a pooled or Welch variance taken with the other
+    sample is exact; the cases where no spread is left at all are handled here before SciPy is
+    called (:func:`_ratio`). So that warning, and only it, is not passed on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Precision loss occurred in moment calculation",
+                                RuntimeWarning)
+        yield
+
+
 def _two_sided(t: float, df: float) -> float:
     if np.isnan(t) or df <= 0:
         return float("nan")
@@ -83,7 +97,8 @@ def student_t(a, b) -> TTest:
     if min(na, nb) < 1:
         return TTest(float("nan"), float("nan"), float("nan"), name)
     if pooled_std(a, b) > 0:
-        r = _sp.ttest_ind(a, b, equal_var=True)
+        with _constant_samples_allowed():
+            r = _sp.ttest_ind(a, b, equal_var=True)
         return TTest(float(r.statistic), float(df), float(r.pvalue), name)
     t = _ratio(mean(a) - mean(b), pooled_std(a, b) * np.sqrt(1 / na + 1 / nb))   # the limits
     return TTest(t, float(df), _two_sided(t, df), name)
@@ -99,7 +114,8 @@ def welch_t(a, b) -> TTest:
     denom = va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)
     df = (va + vb) ** 2 / denom if denom > 0 else float("nan")
     if va + vb > 0:
-        r = _sp.ttest_ind(a, b, equal_var=False)
+        with _constant_samples_allowed():
+            r = _sp.ttest_ind(a, b, equal_var=False)
         return TTest(float(r.statistic), float(df), float(r.pvalue), "Welch (unpaired, unequal variances)")
     t = _ratio(mean(a) - mean(b), np.sqrt(va + vb))
     return TTest(t, float(df), _two_sided(t, df), "Welch (unpaired, unequal variances)")
