@@ -123,3 +123,14 @@ def test_a_diverged_run_is_left_out_and_a_short_summary_refused(study, tmp_path)
     assert rows(text, "a")[0][3].startswith("paired t(1)")     # the pair with the NaN drops out
     (exp / "summary.csv").write_text("\n".join(lines[:-1]) + "\n")     # Abs's last run lost
     assert_one_line_error(distrep("compare", exp), "summary.csv holds 2 runs of Abs, not 3")
+
+
+def test_what_one_run_cannot_say_is_a_dash(study, tmp_path):
+    r = distrep("sweep", "--models", "ReLU", "--runs", 1, "--epochs", 2, "--train-subset", 300,
+                "--quiet", "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr
+    text = distrep("compare", tmp_path / "one", study / "w16", "--models", "ReLU").stdout
+    assert "nan" not in text
+    summary, pair = rows(text, "model")[0], rows(text, "a")[0]
+    assert summary[3].endswith("± —") and summary[4] == "—"
+    assert pair[3] == "—" and pair[4] == "—" and "[" not in pair[2]

@@ -96,10 +96,15 @@ def summary_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     for g in groups:
         done = g.accuracy[~np.isnan(g.accuracy)]
         s = stats.summarize(done)
+        ci = "—" if np.isnan(s["ci_low"]) else f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
         body.append([g.label, str(g.directory), f"{len(done)} of {len(g.accuracy)}",
-                     f"{s['mean']:.2f} ± {s['std']:.2f}", f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]",
-                     f"{s['min']:.2f} – {s['max']:.2f}"])
+                     f"{_f(s['mean'])} ± {_f(s['std'])}", ci, f"{_f(s['min'])} – {_f(s['max'])}"])
     return head, body
+
+
+def _f(x: float, spec: str = ".2f") -> str:
+    """``x`` formatted, or — where it is undefined (too few runs)."""
+    return "—" if np.isnan(x) else format(x, spec)
 
 
 def _p(p: float) -> str:
@@ -117,9 +122,11 @@ def pairs_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     body = []
     for (a, b, r), holm in zip(results, adjusted):
         t, ci = r["t"], r["ci"]
-        test = f"{'paired' if r['effect_name'] == 'd_z' else 'Welch'} t({t.df:.0f}) = {t.t:.2f}"
-        body.append([a.label, b.label, f"{r['diff']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]", test,
-                     _p(t.p), _p(holm), f"{r['effect_name']} = {r['effect']:.2f}",
+        kind = "paired" if r["effect_name"] == "d_z" else "Welch"
+        test = "—" if np.isnan(t.t) else f"{kind} t({t.df:.0f}) = {t.t:.2f}"
+        interval = "" if np.isnan(ci[0]) else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+        body.append([a.label, b.label, f"{_f(r['diff'], '+.2f')}{interval}", test, _p(t.p),
+                     _p(holm), f"{r['effect_name']} = {_f(r['effect'])}",
                      f"{r['rank'].test.split()[0]} {_p(r['rank'].p)}"])
     return head, body
 
