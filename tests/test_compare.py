@@ -134,3 +134,21 @@ def test_what_one_run_cannot_say_is_a_dash(study, tmp_path):
     summary, pair = rows(text, "model")[0], rows(text, "a")[0]
     assert summary[3].endswith("± —") and summary[4] == "—"
     assert pair[3] == "—" and pair[4] == "—" and "[" not in pair[2]
+
+
+def test_at_an_epoch_two_lengths_of_one_protocol_read_alike(tmp_path):
+    """A longer run read at the shorter one's last epoch is that run (same seeds, same steps):
+    compare --at-epoch reads each run's test pass there, and names the experiment without one."""
+    for name, epochs in [("short", 4), ("long", 8)]:
+        r = distrep("sweep", "--models", "ReLU", "--runs", 3, "--epochs", epochs, "--eval-every", 2,
+                    "--train-subset", 300, "--quiet", "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    text = distrep("compare", tmp_path / "short", tmp_path / "long", "--at-epoch", 4).stdout
+    assert text.startswith("# Test accuracy at epoch 4 (%)")
+    short, long = rows(text, "model")
+    assert (short[0], long[0]) == ("ReLU (epochs 4)", "ReLU (epochs 8)") and short[3:] == long[3:]
+    assert rows(text, "a")[0][2:4] == ["+0.00", "—"]          # no difference in any pair of runs
+    final = rows(distrep("compare", tmp_path / "short", tmp_path / "long").stdout, "model")
+    assert final[1][3] != long[3]                                   # epoch 8 is another reading
+    assert_one_line_error(distrep("compare", tmp_path / "short", tmp_path / "long", "--at-epoch", 6),
+                          f"{tmp_path / 'short'}: no test pass at epoch 6; tested at 2, 4")

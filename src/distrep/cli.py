@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("directories", type=Path, nargs="+", metavar="directory")
     compare.add_argument("--models", type=comma_list, default=None,
                          help="only these models (names or specs, comma-separated)")
+    compare.add_argument("--at-epoch", type=positive_int, default=None, metavar="N",
+                         help="the test accuracy at epoch N (a test pass every experiment made), "
+                              "not of the final parameters")
     compare.add_argument("--out", type=Path, default=None, metavar="FILE",
                          help="also write the comparison (Markdown) to FILE, with its figure "
                               "of the runs beside it (FILE with .png)")
@@ -441,13 +444,13 @@ def cmd_compare(args) -> None:
     from distrep.storage import atomic_write_bytes
     if args.out is not None and args.out.is_dir():
         raise DistrepError(f"--out {args.out} is a directory; name the file to write")
-    groups = read_groups(args.directories, args.models)
+    groups = read_groups(args.directories, args.models, args.at_epoch)
     if args.out is None:
-        print(render(groups), end="")
+        print(render(groups, at_epoch=args.at_epoch), end="")
         return
     figure = args.out.with_suffix(".png")       # beside the Markdown, which shows it
-    save_figure(groups, figure)
-    text = render(groups, figure.name)
+    save_figure(groups, figure, args.at_epoch)
+    text = render(groups, figure.name, args.at_epoch)
     atomic_write_bytes(args.out, text.encode())
     print(text, end="")
 

@@ -56,15 +56,22 @@ def _setting(key: str, value) -> str:
     return f"{key.replace('_', ' ')} {'all' if value is None else value}"
 
 
-def read_groups(directories, models: list[str] | None = None) -> list[Group]:
+def read_groups(directories, models: list[str] | None = None,
+                at_epoch: int | None = None) -> list[Group]:
     """Every model (or those of ``models``, by name or spec) of the finished experiments in
     ``directories``, as :class:`Group` s labelled by the settings their experiment does not share
-    with all the others. A model none of them holds, or a directory given twice, is refused."""
+    with all the others, with the test accuracy of their final parameters, or at epoch
+    ``at_epoch`` (a test pass every experiment made). A model none of them holds, or a directory
+    given twice, is refused."""
     from distrep.experiment import final_accuracies
     directories = [Path(d) for d in directories]
     if len({d.resolve() for d in directories}) < len(directories):
         raise DistrepError("an experiment directory is named twice")
     found = [(d, *final_accuracies(d)) for d in directories]
+    if at_epoch is not None:
+        for directory, _, held in found:
+            for name, accuracy in accuracies_at(directory, list(held), at_epoch).items():
+                held[name]["accuracy"] = accuracy
     varying = [key for key in SETTINGS if len({repr(f.get(key)) for _, f, _ in found}) > 1]
     wanted = None if models is None else [display_name(m) for m in models]
     if wanted is not None:
@@ -86,6 +93,18 @@ def read_groups(directories, models: list[str] | None = None) -> list[Group]:
     # the same model under the same settings in two experiments: tell them apart by directory
     return [replace(g, label=f"{g.label} [{g.directory}]") if labels.count(g.label) > 1 else g
             for g in groups]
+
+
+def accuracies_at(directory: Path, models: list[str], epoch: int) -> dict[str, np.ndarray]:
+    """Test accuracy (%) per run of each model at ``epoch``, NaN for a run diverged by then
+    (:func:`distrep.report.accuracy_at`); one line naming the directory where no test pass was
+    made at that epoch."""
+    from distrep.report import accuracy_at, load_experiment
+    metrics = load_experiment(directory)["metrics"]
+    try:
+        return {name: accuracy_at(metrics[name], epoch) for name in models}
+    except DistrepError as e:
+        raise DistrepError(f"{directory}: {e}") from None
 
 
 def summary_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
@@ -131,25 +150,30 @@ def pairs_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def save_figure(groups: list[Group], path: str | Path) -> None:
+def _reading(at_epoch: int | None) -> str:
+    return "final" if at_epoch is None else f"at epoch {at_epoch:,}"
+
+
+def save_figure(groups: list[Group], path: str | Path, at_epoch: int | None = None) -> None:
     """Every group's runs as points over its box plot (:func:`distrep.plots.plot_per_run`)."""
     import matplotlib.pyplot as plt
 
     from distrep import plots
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(groups)), 4.5), layout="constrained")
-    plots.plot_per_run({g.label: g.accuracy for g in groups}, "test accuracy, final (%)",
-                       "test accuracy per run, final", ax)
+    plots.plot_per_run({g.label: g.accuracy for g in groups}, f"test accuracy, {_reading(at_epoch)} (%)",
+                       f"test accuracy per run, {_reading(at_epoch)}", ax)
     plots.save_figure(fig, path)
 
 
-def render(groups: list[Group], figure: str | None = None) -> str:
+def render(groups: list[Group], figure: str | None = None, at_epoch: int | None = None) -> str:
     """The comparison as Markdown: how the runs were matched, the summary (and the ``figure``
-    file, if given) and the pairs."""
+    file, if given) and the pairs, of the final test accuracy or that at ``at_epoch``."""
     from distrep.report import _md_table
     directories = list(dict.fromkeys(str(g.directory) for g in groups))
     paired = sum(pairs_run_by_run(a, b) for a, b in combinations(groups, 2))
     total = len(groups) * (len(groups) - 1) // 2
-    lines = [f"# Final test accuracy (%) of {len(groups)} models in {', '.join(directories)}", "",
+    title = "Final test accuracy" if at_epoch is None else f"Test accuracy at epoch {at_epoch:,}"
+    lines = [f"# {title} (%) of {len(groups)} models in {', '.join(directories)}", "",
              f"{paired} of {total} pairs are compared run by run (run i of both starts from the "
              f"same first-layer weights: paired designs with the same seeds, dataset and first "
              f"layer), the others as independent samples. Runs that diverged are left out (a "
