@@ -569,7 +569,9 @@ class StackedRuns:
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse (one line) an input that is not feature-major ``[in, n]`` or ``[R, in, n]``:
         the analyses take the transpose of the usual ``[n, in]``, which is easy to forget."""
-        features = next(s.in_features for s in self.specs if s.affine)
+        features = next((s.in_features for s in self.specs if s.affine), None)
+        if features is None:              # activations only (a tail): any width goes through
+            return
         if x.dim() not in (2, 3) or x.shape[-2] != features:
             hint = ("; pass x.t(): the inputs are feature-major"
                     if x.dim() == 2 and x.shape[1] == features else "")
