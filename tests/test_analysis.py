@@ -364,3 +364,5 @@ def test_example_major_inputs_are_refused_with_the_fix(test_data):
     with pytest.raises(DistrepError, match=r"got \[784\]$"):
         A.activation_rates(group, x[:, 0])
     assert A.activation_rates(group, x)[1].shape == (2, 128)
+    activations = stacked("ReLU2-Neg").tail(3)                   # relu, neg: no width to check
+    assert activations.forward(torch.ones(2, 10, 5))[-1].shape == (2, 10, 5)
