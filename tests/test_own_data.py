@@ -154,3 +154,17 @@ def test_first_layer_images_keep_their_shape():
     fig = plot_first_layer(weight, "one unit", (6, 10), columns=1)
     drawn = np.asarray(fig.axes[0].images[0].get_array())
     np.testing.assert_allclose(drawn, weight.reshape(6, 10) / 60.0)
+
+
+def test_the_python_api_records_a_directory_as_the_command_line_does(tmp_path, monkeypatch):
+    """SweepConfig/TrainConfig.validate put a directory in its recorded form, so a sweep or run
+    made from Python records the same name (absolute, fingerprinted) as one made by the CLI."""
+    from distrep.sweep import SweepConfig
+    from distrep.train import TrainConfig, train
+    monkeypatch.chdir(tmp_path)
+    write_own(tmp_path / "own")
+    recorded = D.get_spec(str(tmp_path / "own")).name
+    assert SweepConfig(models=["ReLU"], dataset="./own").validate().dataset == recorded
+    assert SweepConfig(models=["ReLU"], dataset="mnist").validate().dataset == "mnist"
+    result = train(TrainConfig(model="ReLU", dataset="own/", epochs=1, width=8), progress=False)
+    assert result.config.dataset == recorded

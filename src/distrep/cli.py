@@ -7,7 +7,6 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -324,7 +323,6 @@ def cmd_train(args) -> None:
                          width=args.width, dataset=args.dataset, preprocess=args.preprocess,
                          train_subset=args.train_subset, eval_every=args.eval_every,
                          offsetl2_form=args.offsetl2_form, device=args.device).validate()
-    config = replace(config, dataset=data_mod.dataset_name(config.dataset))   # checks it, too
     with experiment_lock(args.out):
         refuse_foreign(args.out, RUN_ENTRIES, "run")
         previous = existing_config(args.out)
@@ -357,7 +355,6 @@ def cmd_sweep(args) -> None:
         base_seed=args.base_seed, paired=not args.unpaired, device=args.device,
         max_memory=args.max_memory, checkpoint_every=args.checkpoint_every,
         max_runs_per_chunk=args.max_runs_per_chunk, engine=args.engine).validate()
-    config = replace(config, dataset=data_mod.dataset_name(config.dataset))   # checks it, too
     executor = executor_from(args)
     out: Path = args.out
     config, _, _ = run_experiment(out, config, args.force, progress=not args.quiet, executor=executor)
@@ -385,7 +382,7 @@ def cmd_reproduce(args) -> None:
         "checkpoint_every", "max_runs_per_chunk", "engine")}
     overrides["paired"] = False if args.unpaired else None
     if overrides["dataset"] is not None:
-        overrides["dataset"] = data_mod.dataset_name(overrides["dataset"])
+        data_mod.get_spec(overrides["dataset"])
     out = args.out or Path("runs") / args.preset
     members = GROUPS.get(args.preset, {"": args.preset})     # {subdirectory: preset}
     if args.dataset is not None and len({resolve_preset(p, {}).dataset for p in members.values()}) > 1:

@@ -21,14 +21,14 @@ import re
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from distrep.data import Dataset, get_spec, load_dataset
+from distrep.data import Dataset, dataset_name, get_spec, load_dataset
 from distrep.engine import (CUDA_PRECISIONS, EVAL_BATCH, PRECISIONS, AutogradRuns, CompiledRuns,
                             FusedRuns, StackedRuns, Trainer, computes, engine_path, stack_parameters)
 from distrep.errors import DistrepError
@@ -120,7 +120,7 @@ class SweepConfig:
             raise DistrepError(unavailable(device))
         if self.precision == "tf32" and device.type != "cuda":
             raise DistrepError("tf32 is a CUDA precision; on the CPU use fp32 or bf16")
-        return self
+        return replace(self, dataset=dataset_name(self.dataset))     # a directory: as recorded
 
     def layers(self, model: str):
         """``model``'s layers with their sizes: the width, and the dataset's input features and

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distrep.data import PREPROCESS_MODES, Dataset, load_dataset
+from distrep.data import PREPROCESS_MODES, Dataset, dataset_name, load_dataset
 from distrep.errors import DistrepError
 from distrep.layers import OFFSETL2_FORMS
 from distrep.models import canonical_spec, create_model, describe, display_name
@@ -68,7 +68,7 @@ class TrainConfig:
             raise DistrepError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
         check_fits(run_bytes(self.model, self.width, self.epochs, self.eval_every),
                    f"{display_name(self.model)} at width {self.width} for {self.epochs} epochs would")
-        return self
+        return replace(self, dataset=dataset_name(self.dataset))     # a directory: as recorded
 
 
 MAX_SEED = 2**63 - 1                 # seeds are stored as int64
@@ -148,7 +148,7 @@ def train(config: TrainConfig, data: Dataset | None = None, progress: bool = Tru
     ``data`` defaults to ``load_dataset(config.dataset, config.preprocess)``; its training set
     is cut to ``config.train_subset`` examples here.
     """
-    config.validate()
+    config = config.validate()
     if data is None:
         data = load_dataset(config.dataset, config.preprocess)
     data = data.subset(config.train_subset)
