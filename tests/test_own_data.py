@@ -130,8 +130,11 @@ def test_fetch_and_verify_read_your_own_where_it_is(tmp_path):
     assert distrep("data", "fetch", f"{tmp_path}/own").returncode == 0
     assert_one_line_error(distrep("data", "fetch", f"{tmp_path}/own", "--from", tmp_path),
                           "is a dataset of your own; --from is for mnist")
-    assert_one_line_error(distrep("train", "--model", "ReLU", "--dataset", "kmnist", "--out", tmp_path / "r"),
-                          "unknown dataset 'kmnist'", "a directory of your own")
+    for command in ("train", "sweep"):
+        assert_one_line_error(distrep(command, "--model" + "s" * (command == "sweep"), "ReLU",
+                                      "--dataset", "kmnist", "--out", tmp_path / "r"),
+                              "unknown dataset 'kmnist'", "a directory of your own")
+        assert not (tmp_path / "r").exists()                    # refused before anything is written
 
 
 def test_the_engine_is_chosen_for_the_datasets_classes(tmp_path):
@@ -166,5 +169,7 @@ def test_the_python_api_records_a_directory_as_the_command_line_does(tmp_path, m
     recorded = D.get_spec(str(tmp_path / "own")).name
     assert SweepConfig(models=["ReLU"], dataset="./own").validate().dataset == recorded
     assert SweepConfig(models=["ReLU"], dataset="mnist").validate().dataset == "mnist"
+    with pytest.raises(DistrepError, match="unknown dataset 'kmnist'"):    # checked, not passed on
+        TrainConfig(model="ReLU", dataset="kmnist").validate()
     result = train(TrainConfig(model="ReLU", dataset="own/", epochs=1, width=8), progress=False)
     assert result.config.dataset == recorded

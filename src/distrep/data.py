@@ -363,9 +363,10 @@ def get_spec(name: str | DatasetSpec) -> DatasetSpec:
 
 
 def dataset_name(name: str) -> str:
-    """The name a result records for ``name``: a directory of your own as its absolute path and
-    fingerprint, any other name as given."""
-    return get_spec(name).name if "/" in name else name
+    """The name a result records for ``name`` (checked: an unknown one raises): a directory of
+    your own as its absolute path and fingerprint, any other name as given."""
+    spec = get_spec(name)
+    return spec.name if spec.directory else name
 
 
 # --------------------------------------------------------------------------- your own data
