@@ -156,13 +156,11 @@ def _reading(at_epoch: int | None) -> str:
 
 def save_figure(groups: list[Group], path: str | Path, at_epoch: int | None = None) -> None:
     """Every group's runs as points over its box plot (:func:`distrep.plots.plot_per_run`)."""
-    import matplotlib.pyplot as plt
-
     from distrep import plots
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(groups)), 4.5), layout="constrained")
-    plots.plot_per_run({g.label: g.accuracy for g in groups}, f"test accuracy, {_reading(at_epoch)} (%)",
-                       f"test accuracy per run, {_reading(at_epoch)}", ax)
-    plots.save_figure(fig, path)
+    ax = plots.plot_per_run({g.label: g.accuracy for g in groups},
+                            f"test accuracy, {_reading(at_epoch)} (%)",
+                            f"test accuracy per run, {_reading(at_epoch)}")
+    plots.save_figure(ax.figure, path)
 
 
 def render(groups: list[Group], figure: str | None = None, at_epoch: int | None = None) -> str:

@@ -388,9 +388,10 @@ def trained_models(directory: str | os.PathLike, model: str | None = None) -> li
     from distrep.models import create_model, display_name
     from distrep.storage import read_tensors
     from distrep.sweep import results_dir
+    from distrep.train import existing_config
     directory = Path(directory)
     single = directory.is_dir() and directory_kind(directory) == "run"
-    if single and not (directory / "result.json").exists():
+    if single and existing_config(directory) is None:
         raise DistrepError(f"{directory} holds an unfinished run of `distrep train`; rerun its "
                            f"command to finish it")
     if not single:

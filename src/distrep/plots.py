@@ -98,8 +98,10 @@ def plot_test_error(test_epochs: np.ndarray, test_acc: np.ndarray, ax=None, labe
 
 def plot_per_run(values: dict[str, np.ndarray], ylabel: str, title: str, ax=None):
     """One value per run of each model ``{name: [runs]}`` (NaN: left out) as points over the
-    model's box plot, the models along x."""
-    ax = ax or plt.figure().add_subplot()
+    model's box plot, the models along x; without ``ax``, on a figure of its own sized for the
+    models."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6, 0.8 * len(values)), 4.5), layout="constrained")
     kept = [v[~np.isnan(v)] for v in values.values()]
     ax.boxplot(kept, showfliers=False, widths=0.5)
     rng = np.random.default_rng(0)                             # fixed jitter: same picture each time

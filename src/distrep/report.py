@@ -689,9 +689,7 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(8 + legend_width(len(exp["models"])), 5), layout="constrained")
     plot_curves(exp["metrics"], ax, until=at_epoch)
     save_figure(fig, directory / figures["curves"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(exp["models"])), 4.5), layout="constrained")
-    plot_final(exp["metrics"], ax, epoch=at_epoch)
-    save_figure(fig, directory / figures["final"])
+    save_figure(plot_final(exp["metrics"], epoch=at_epoch).figure, directory / figures["final"])
     pairs = stats.pairwise(comparison_values(exp, at_epoch), is_paired(exp))
     if pairs:                                       # one model: no pair to compare or picture
         save_figure(plot_pairs(pairs, exp["models"], is_paired(exp)), directory / figures["pairs"])
