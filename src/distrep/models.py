@@ -313,7 +313,7 @@ def layer_specs_of(model: nn.Module) -> tuple[tuple[LayerSpec, ...], str]:
                 hint = ("; the analyses take flat inputs: pass model[1:]"
                         if k == 0 and isinstance(module, nn.Flatten) else "")
                 raise DistrepError(f"layer {k} of the model, {module}, is not a layer of the family "
-                                   f"({'/'.join(tuple(AFFINE_LAYERS) + tuple(ACTIVATIONS))}, "
+                                   f"({_layer_names()}, "
                                    f"activations with their default settings){hint}")
             layers.append(LayerSpec(kind))
             continue
@@ -348,4 +348,9 @@ def parameter_count(name_or_spec: str, width: int = 128, in_features: int = 784,
 def _unknown_message(name: str, token: str | None) -> str:
     what = f"unknown layer {token!r} in {name!r}" if token else f"unknown model {name!r}"
     return (f"{what}; valid names: {', '.join(NAMES)}; or a spec of layers "
-            f"{'/'.join(tuple(AFFINE_LAYERS) + tuple(ACTIVATIONS))} joined by '-' (see `distrep models`)")
+            f"{_layer_names()} joined by '-' (see `distrep models`)")
+
+
+def _layer_names() -> str:
+    """Every layer the grammar knows, a user's registered ones included: ``linear/offsetl2/...``."""
+    return "/".join(tuple(AFFINE_LAYERS) + tuple(ACTIVATIONS))
