@@ -173,3 +173,20 @@ def test_the_python_api_records_a_directory_as_the_command_line_does(tmp_path, m
         TrainConfig(model="ReLU", dataset="kmnist").validate()
     result = train(TrainConfig(model="ReLU", dataset="own/", epochs=1, width=8), progress=False)
     assert result.config.dataset == recorded
+
+
+def test_the_memory_check_counts_the_datasets_features_and_classes(tmp_path, monkeypatch):
+    """The check before anything is allocated counted every model's parameters at MNIST's 784
+    inputs and 10 classes: 40 runs of 100 x 100 images (20 MB of parameters and copies each) passed
+    a 0.5 GiB machine as 40 x 1.6 MB."""
+    from distrep import provenance
+    from distrep.sweep import SweepConfig
+    from distrep.train import TrainConfig
+    write_own(tmp_path / "big", shape=(100, 100), classes=12, n_train=24, n_test=12)
+    monkeypatch.setattr(provenance, "machine_memory", lambda: 2**29)
+    SweepConfig(models=["ReLU"], runs=40).validate()                       # MNIST's sizes fit
+    with pytest.raises(DistrepError, match="40 runs of 1 models .* need 0.7[0-9]* GiB"):
+        SweepConfig(models=["ReLU"], runs=40, dataset=f"{tmp_path}/big").validate()
+    with pytest.raises(DistrepError, match="ReLU at width 4096 .* need 0.61[0-9]* GiB"):
+        TrainConfig(model="ReLU", width=4096, dataset=f"{tmp_path}/big").validate()
+    TrainConfig(model="ReLU", width=4096).validate()

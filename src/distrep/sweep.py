@@ -90,7 +90,7 @@ class SweepConfig:
         device = check_protocol(self)
         if self.base_seed < 0:
             raise DistrepError(f"base seed must be non-negative, got {self.base_seed}")
-        check_fits(self.runs * sum(run_bytes(m, self.width, self.epochs, self.eval_every)
+        check_fits(self.runs * sum(run_bytes(m, self.width, self.epochs, self.eval_every, self.dataset)
                                    for m in self.models),
                    f"{self.runs} runs of {len(self.models)} models at width {self.width} for "
                    f"{self.epochs} epochs would")

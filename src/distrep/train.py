@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distrep.data import PREPROCESS_MODES, Dataset, dataset_name, load_dataset
+from distrep.data import PREPROCESS_MODES, Dataset, dataset_name, get_spec, load_dataset
 from distrep.errors import DistrepError
 from distrep.layers import OFFSETL2_FORMS
 from distrep.models import canonical_spec, create_model, describe, display_name
@@ -66,7 +66,7 @@ class TrainConfig:
         check_protocol(self)
         if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise DistrepError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
-        check_fits(run_bytes(self.model, self.width, self.epochs, self.eval_every),
+        check_fits(run_bytes(self.model, self.width, self.epochs, self.eval_every, self.dataset),
                    f"{display_name(self.model)} at width {self.width} for {self.epochs} epochs would")
         return replace(self, dataset=dataset_name(self.dataset))     # a directory: as recorded
 
@@ -111,10 +111,13 @@ def check_fits(needed: float, what: str) -> None:
                            f"{have / 2**30:.3g} GiB (use fewer runs, epochs or a smaller width)")
 
 
-def run_bytes(model: str, width: int, epochs: int, eval_every: int) -> float:
-    """Memory of one run's parameters (with gradient and copies) and its per-epoch metrics."""
+def run_bytes(model: str, width: int, epochs: int, eval_every: int, dataset: str = "mnist") -> float:
+    """Memory of one run's parameters (with gradient and copies; their sizes from the dataset's
+    features and classes) and its per-epoch metrics."""
     from distrep.models import parameter_count
-    return 4 * 4 * parameter_count(model, width) + 8 * (2 * epochs + 2 * (epochs // eval_every + 1))
+    spec = get_spec(dataset)
+    return (4 * 4 * parameter_count(model, width, spec.num_features, spec.num_classes)
+            + 8 * (2 * epochs + 2 * (epochs // eval_every + 1)))
 
 
 @dataclass
