@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -201,6 +202,47 @@ def test_estimate_times_the_first_chunk_and_scales_to_what_is_left(monkeypatch, 
     assert sweep.estimate_seconds() == pytest.approx(expected, rel=0.25)
     sweep.state["epochs_done"][:] = 50                      # half done: half left
     assert sweep.estimate_seconds() == pytest.approx(expected / 2, rel=0.25)
+
+
+def test_a_lent_device_is_checked_planned_and_recorded_as_the_workers_see_it(tmp_path, mnist):
+    """A Ray driver on a head node without the workers' GPUs borrows a worker's answer for the
+    device (provenance.lent_device): with it, on this CPU-only machine, `cuda` passes the checks,
+    the engine is chosen and the memory planned for that GPU (its shared memory deciding the
+    width the fused step takes), and config.json records the worker's GPU; without it, `cuda` is
+    refused here as before."""
+    import torch
+    from distrep.errors import DistrepError
+    from distrep.provenance import DeviceFacts, describe_device, lent_device, resolve_device
+    from distrep.sweep import Sweep, SweepConfig, describe_sweep
+    h200 = DeviceFacts("cuda", "cuda", "NVIDIA H200 (CUDA 12.8)", None, 232_448)
+    config = SweepConfig(models=["ReLU", "linear-relu-rbf"], runs=2, epochs=3, train_subset=100,
+                         device="cuda", precision="bf16", engine="auto")
+    with pytest.raises(DistrepError, match="sees no CUDA GPU"):
+        config.validate()
+    with lent_device(h200):
+        with pytest.raises(DistrepError, match=r"bf16 is a precision .* autograd path \(linear-relu-rbf\)"):
+            config.validate()                       # the checks run, with the worker's answers
+        config = replace(config, models=["ReLU", "ReLU-L2"]).validate()
+        assert resolve_device("cuda") == torch.device("cuda") and describe_device(torch.device("cpu")) != h200.description
+        recorded = describe_sweep(config, resolve_device("cuda"))
+        assert recorded["device"] == "NVIDIA H200 (CUDA 12.8)"
+        assert [m["engine_path"] for m in recorded["models"]] == ["fused", "fused"]
+        fused_plan = Sweep(config, mnist, progress=False).memory_plan()
+        wide = replace(config, width=256, precision="fp32")
+        assert [m["engine_path"] for m in describe_sweep(wide, torch.device("cuda"))["models"]] == ["fused", "fused"]
+    with lent_device(replace(h200, shared_memory=101_376)):     # 256 units need 117,248 bytes
+        assert [m["engine_path"] for m in describe_sweep(wide, torch.device("cuda"))["models"]] == [
+            "hand-written", "hand-written"]
+    no_triton = replace(h200, fused_unavailable="the fused engine needs Triton (pip install triton)",
+                        shared_memory=None)
+    with lent_device(no_triton):
+        assert [m["engine_path"] for m in describe_sweep(config, torch.device("cuda"))["models"]] == [
+            "hand-written", "hand-written"]
+        with pytest.raises(DistrepError, match="3xtf32 is a precision of the fused step .* ReLU \\(hand-written\\)"):
+            replace(config, precision="3xtf32").validate()
+        assert Sweep(replace(config, precision="fp32"), mnist, progress=False).memory_plan() != fused_plan
+    with pytest.raises(DistrepError, match="sees no CUDA GPU"):       # lent within, not after
+        resolve_device("cuda")
 
 
 def test_presets_follow_the_producing_protocols():

@@ -53,15 +53,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A Ray head node with 2 CPUs in a temporary directory of its own; every process of it
-    is gone after the module (checked)."""
+    """A Ray head node with 2 CPUs and one GPU it does not have (a resource Ray schedules by,
+    for a worker that then sees no CUDA GPU) in a temporary directory of its own; every process
+    of it is gone after the module (checked)."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")      # short: Ray's socket paths are limited
     port = _free_port()
     # a loopback-only test cluster: no token authentication, for it and the drivers that join it
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
                     "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
@@ -117,6 +118,12 @@ def test_ray_gives_the_local_results_bit_for_bit(tmp_path, mnist):
     assert all("Ray node" in c["node"] and c["device"] and c["seconds"] > 0 for c in session["chunks"])
     local_session = json.loads((local / "run.json").read_text())["sessions"][-1]
     assert local_session["executor"] == "local" and len(local_session["chunks"]) == 1
+    # the device as a worker saw it (one thread a chunk), not the driver's (2 here), and the
+    # time estimated on a worker
+    config = json.loads((remote / "config.json").read_text())
+    assert config["device"] == session["device"] == session["chunks"][0]["device"]
+    assert config["device"].endswith(", 1 threads") and local_session["device"].endswith(", 2 threads")
+    assert "estimated time on a ray worker, one chunk after another" in r.stderr
 
 
 # Four chunks of one run, each long enough (a few seconds on one thread) to be killed midway.
@@ -219,6 +226,27 @@ def test_ray_options_are_checked(tmp_path, mnist, cluster):
     r = distrep(*SMALL, "--out", tmp_path / "c", "--executor", "ray", "--ray-address", "127.0.0.1:1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "cannot join the Ray cluster at '127.0.0.1:1': nothing answers there" in r.stderr
+
+
+def test_the_device_is_checked_on_a_worker_not_on_the_driver(tmp_path, mnist, cluster):
+    """A head node without the workers' GPUs drives them: `--device cuda` is resolved and checked
+    by a worker with a chunk's resources (here one whose GPU is only declared, so it refuses it,
+    naming itself), not refused by the driver for the GPU it lacks; nothing is written."""
+    for command in (("sweep", "--models", "ReLU", "--runs", 1, "--epochs", 2),
+                    ("reproduce", "quick", "--dry-run", "--runs", 1)):
+        r = distrep(*command, "--train-subset", 100, "--device", "cuda", "--executor", "ray",
+                    "--ray-address", cluster, "--out", tmp_path / "never")
+        assert r.returncode == 2 and "Traceback" not in r.stderr       # Ray logs its joining first
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("distrep: error: --device cuda on a Ray worker with a chunk's "
+                               "resources (1 CPU, 1 GPU; ") and "(Ray node " in last, last
+        assert last.endswith("device cuda requested but this PyTorch build sees no CUDA GPU"), last
+        assert not (tmp_path / "never").exists()
+    r = distrep("reproduce", "quick", "--dry-run", "--runs", 1, "--train-subset", 100, "--executor",
+                "ray", "--ray-address", cluster, "--cpus-per-chunk", 2)
+    assert r.returncode == 0, r.stderr
+    assert ("on 100 mnist training images (raw pixels), lr 0.001, width 128, OffsetL2 form paper, "
+            "fp32 on cpu" in r.stdout and "estimated time on a ray worker" in r.stdout)
 
 
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch):

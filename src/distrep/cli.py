@@ -348,16 +348,18 @@ def cmd_sweep(args) -> None:
     from distrep.storage import read_arrays
     from distrep.sweep import SweepConfig, results_dir
 
-    config = SweepConfig(
-        models=args.models, runs=args.runs, epochs=args.epochs, lr=args.lr, width=args.width,
-        dataset=args.dataset, preprocess=args.preprocess, train_subset=args.train_subset,
-        eval_every=args.eval_every, offsetl2_form=args.offsetl2_form, precision=args.precision,
-        base_seed=args.base_seed, paired=not args.unpaired, device=args.device,
-        max_memory=args.max_memory, checkpoint_every=args.checkpoint_every,
-        max_runs_per_chunk=args.max_runs_per_chunk, engine=args.engine).validate()
     executor = executor_from(args)
     out: Path = args.out
-    config, _, _ = run_experiment(out, config, args.force, progress=not args.quiet, executor=executor)
+    with executor.session(args.device):       # Ray: the device as its workers see it
+        config = SweepConfig(
+            models=args.models, runs=args.runs, epochs=args.epochs, lr=args.lr, width=args.width,
+            dataset=args.dataset, preprocess=args.preprocess, train_subset=args.train_subset,
+            eval_every=args.eval_every, offsetl2_form=args.offsetl2_form, precision=args.precision,
+            base_seed=args.base_seed, paired=not args.unpaired, device=args.device,
+            max_memory=args.max_memory, checkpoint_every=args.checkpoint_every,
+            max_runs_per_chunk=args.max_runs_per_chunk, engine=args.engine).validate()
+        config, _, _ = run_experiment(out, config, args.force, progress=not args.quiet,
+                                      executor=executor)
     for name in config.models:
         m = read_arrays(results_dir(out, display_name(name)) / "metrics.npz")
         acc = final_accuracy(m)
@@ -372,7 +374,7 @@ def cmd_sweep(args) -> None:
 
 def cmd_reproduce(args) -> None:
     from distrep.experiment import experiment_lock
-    from distrep.reproduce import GROUPS, PRESET_NAMES, reproduce, resolve_preset
+    from distrep.reproduce import GROUPS, PRESET_NAMES, requested_device, reproduce, resolve_preset
 
     if args.preset not in PRESET_NAMES:
         raise DistrepError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESET_NAMES)}")
@@ -388,20 +390,21 @@ def cmd_reproduce(args) -> None:
     if args.dataset is not None and len({resolve_preset(p, {}).dataset for p in members.values()}) > 1:
         raise DistrepError(f"--dataset: {args.preset} runs on {' and '.join(members)} by design; "
                            f"name one of its presets ({', '.join(members.values())}) to change it")
-    if args.dry_run:
-        from distrep.reproduce import dry_run
-        for preset in members.values():
-            dry_run(preset, overrides)
-        return
-    # every dataset of a group present (or fetched) before its first member trains
-    for dataset in dict.fromkeys(resolve_preset(p, overrides).dataset for p in members.values()):
-        data_mod.fetch(dataset)
     executor = executor_from(args)
-    for label, preset in members.items():
-        target = out / label
-        reproduce(preset, target, overrides, force=args.force, progress=not args.quiet,
-                  executor=executor)
-        print(f"{preset}: report in {target / 'report.html'} and {target / 'report.md'}")
+    with executor.session(requested_device(overrides)):     # Ray: the device as its workers see it
+        if args.dry_run:
+            from distrep.reproduce import dry_run
+            for preset in members.values():
+                dry_run(preset, overrides, executor=executor)
+            return
+        # every dataset of a group present (or fetched) before its first member trains
+        for dataset in dict.fromkeys(resolve_preset(p, overrides).dataset for p in members.values()):
+            data_mod.fetch(dataset)
+        for label, preset in members.items():
+            target = out / label
+            reproduce(preset, target, overrides, force=args.force, progress=not args.quiet,
+                      executor=executor)
+            print(f"{preset}: report in {target / 'report.html'} and {target / 'report.md'}")
     if args.preset in GROUPS:
         from distrep.report import write_group_report
         with experiment_lock(out):

@@ -15,6 +15,12 @@ checkpoints and, in the end, writes the same files whichever executor ran.
   shared filesystem is needed; a worker that dies mid-chunk is retried by Ray (the chunk is
   deterministic, so the retry gives the same result), and with ``checkpoint_dir`` (a directory
   every node sees) a retried chunk resumes from its own checkpoint there.
+
+Both have a ``session(device)``, the context in which a sweep is checked, planned, trained and
+recorded: for Ray, the cluster joined and the device as a worker with a chunk's resources sees
+it, lent to the driver (:func:`distrep.provenance.lent_device`), so that a head node without
+the workers' GPUs drives them; and ``time_chunk(work, data)``, a chunk's seconds per run-epoch
+where its chunks train (the time estimate).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,6 +54,16 @@ class LocalExecutor:
     """Train the chunks one after another in this process."""
 
     name = "local"
+
+    def session(self, device: str):
+        """Nothing to join, and the device is this process's own."""
+        return nullcontext()
+
+    def time_chunk(self, work, data) -> float:
+        """Seconds per run-epoch of ``work`` here (:func:`distrep.sweep.time_chunk`)."""
+        from distrep.provenance import resolve_device
+        from distrep.sweep import time_chunk
+        return time_chunk(work, data, resolve_device(work.config.device))
 
     def run(self, works: list, data, finished: Callable, partial: Callable, advance: Callable,
             stop=None) -> None:
@@ -75,25 +92,82 @@ class RayExecutor:
     max_retries: int = 3
     name = "ray"
 
+    @contextmanager
+    def session(self, device: str):
+        """The cluster joined (or a local one started, and shut down at the end) for the calls
+        within, and ``device`` resolved, checked and described by a worker with a chunk's
+        resources, its answer lent to this process (:func:`distrep.provenance.lent_device`):
+        the sweep's checks, engine choice, memory plan and records are then the workers'."""
+        from distrep.provenance import lent_as, lent_device
+        ray = _import_ray()
+        if lent_as(device) and ray.is_initialized():      # within a session already (the CLI's)
+            yield
+            return
+        with self._joined(ray), lent_device(self._ask_worker(ray, device)):
+            yield
+
+    def time_chunk(self, work, data) -> float:
+        """Seconds per run-epoch of ``work`` on a worker with a chunk's resources (in a
+        :meth:`session`)."""
+        ray = _import_ray()
+        task = ray.remote(_time_on_worker).options(**self._resources(ray, work.config.device))
+        try:
+            return ray.get(task.remote(work, data, self.cpus_per_chunk))
+        except ray.exceptions.RayError as e:
+            raise DistrepError(f"timing a chunk on a Ray worker failed: {_last_line(e)}") from None
+
     def run(self, works: list, data, finished: Callable, partial: Callable, advance: Callable,
             stop=None) -> None:
         """(``stop`` is not used: a signal interrupts the driver at once, and Ray's workers keep
         their own checkpoints with ``checkpoint_dir``.)"""
-        try:
-            import ray
-        except ImportError:
-            raise DistrepError(RAY_MISSING) from None
+        ray = _import_ray()
         works = list(works)          # every chunk is submitted at once
-        if not works:
-            return
+        if works:
+            with self._joined(ray):
+                self._run(ray, works, data, finished, advance)
+
+    @contextmanager
+    def _joined(self, ray):
+        """Ray as it is (in a session), or this executor's cluster joined (a local one started)
+        for the calls within, and left (stopped) at the end."""
         started_here = not ray.is_initialized()
         if started_here:
             self._connect(ray)
         try:
-            self._run(ray, works, data, finished, advance)
+            yield
         finally:
             if started_here:
                 ray.shutdown()
+
+    def _resources(self, ray, device: str) -> dict:
+        """A chunk's Ray options (CPUs, GPUs: by default one for a CUDA device), checked against
+        the cluster's (else Ray would wait for them forever)."""
+        gpus = self.gpus_per_chunk
+        if gpus is None:
+            gpus = 1 if device.startswith("cuda") else 0
+        available = ray.cluster_resources()
+        for what, need in (("CPU", self.cpus_per_chunk), ("GPU", gpus)):
+            if need and available.get(what, 0) < need:
+                raise DistrepError(f"a chunk asks for {need:g} {what}(s) but the Ray cluster has "
+                                   f"{available.get(what, 0):g}; lower --{what.lower()}s-per-chunk "
+                                   f"or add nodes")
+        return {"num_cpus": self.cpus_per_chunk, "num_gpus": gpus}
+
+    def _ask_worker(self, ray, device: str):
+        """:func:`distrep.provenance.device_facts` of ``device`` on a worker with a chunk's
+        resources; what it could not use, one line naming the worker."""
+        options = self._resources(ray, device)
+        task = ray.remote(_device_on_worker).options(**options, max_retries=self.max_retries)
+        try:
+            facts, node = ray.get(task.remote(device, self.cpus_per_chunk))
+        except ray.exceptions.RayError as e:
+            raise DistrepError(f"asking a Ray worker for --device {device} failed: "
+                               f"{_last_line(e)}") from None
+        if isinstance(facts, str):
+            raise DistrepError(f"--device {device} on a Ray worker with a chunk's resources "
+                               f"({options['num_cpus']} CPU, {options['num_gpus']:g} GPU; {node}): "
+                               f"{facts}")
+        return facts
 
     def _connect(self, ray) -> None:
         import logging
@@ -111,18 +185,8 @@ class RayExecutor:
 
     def _run(self, ray, works, data, finished, advance) -> None:
         from distrep.sweep import chunk_key
-        config = works[0].config
-        gpus = self.gpus_per_chunk
-        if gpus is None:
-            gpus = 1 if config.device.startswith("cuda") else 0
-        available = ray.cluster_resources()
-        for what, need in (("CPU", self.cpus_per_chunk), ("GPU", gpus)):
-            if need and available.get(what, 0) < need:
-                raise DistrepError(f"a chunk asks for {need:g} {what}(s) but the Ray cluster has "
-                                   f"{available.get(what, 0):g}; lower --{what.lower()}s-per-chunk "
-                                   f"or add nodes")
         task = ray.remote(_train_on_worker).options(
-            num_cpus=self.cpus_per_chunk, num_gpus=gpus, max_retries=self.max_retries,
+            **self._resources(ray, works[0].config.device), max_retries=self.max_retries,
             retry_exceptions=False)
         progress = ray.remote(_ProgressBoard).options(num_cpus=0).remote()
         data_ref = ray.put(data)
@@ -147,9 +211,8 @@ class RayExecutor:
                 try:
                     trained, info = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                     raise DistrepError(f"chunk {i + 1} of {len(works)} failed on the Ray cluster "
-                                       f"after {self.max_retries} retries: {first}") from None
+                                       f"after {self.max_retries} retries: {_last_line(e)}") from None
                 total = sum(int(trained.state[f"{v}/epochs_done"].sum())
                             - int(works[i].state[f"{v}/epochs_done"].sum()) for v in trained.variants)
                 finished(trained, info)
@@ -158,6 +221,19 @@ class RayExecutor:
                     seen[i] = total
                 if path is not None:
                     Path(path).unlink(missing_ok=True)
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise DistrepError(RAY_MISSING) from None
+    return ray
+
+
+def _last_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
 
 
 def _check_reachable(address: str, seconds: float = 10.0) -> None:
@@ -190,7 +266,6 @@ class _ProgressBoard:
 def _train_on_worker(work, data, index: int, board, checkpoint: str | None, threads: int):
     """A Ray task: train one chunk on this worker (resuming from ``checkpoint`` if a previous
     attempt left one there) and return ``(trained work, run.json record)``."""
-    import ray
     import torch
     from distrep.provenance import describe_device, resolve_device
     from distrep.sweep import load_chunk, save_chunk, train_chunk
@@ -215,8 +290,33 @@ def _train_on_worker(work, data, index: int, board, checkpoint: str | None, thre
 
     began = time.perf_counter()
     trained = train_chunk(work, data, device, advance=advance, save=save)
-    node = f"{socket.gethostname()} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
-    return trained, chunk_info(trained, time.perf_counter() - began, describe_device(device), node)
+    return trained, chunk_info(trained, time.perf_counter() - began, describe_device(device), _node())
+
+
+def _node() -> str:
+    import ray
+    return f"{socket.gethostname()} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
+
+
+def _device_on_worker(requested: str, threads: int):
+    """A Ray task: ``(facts, node)``, :func:`distrep.provenance.device_facts` of ``requested``
+    on this worker with a chunk's threads, or ``(why not, node)``, the reason one line."""
+    import torch
+    from distrep.provenance import device_facts
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        return device_facts(requested), _node()
+    except DistrepError as e:
+        return str(e), _node()
+
+
+def _time_on_worker(work, data, threads: int) -> float:
+    """A Ray task: :func:`distrep.sweep.time_chunk` of ``work`` on this worker."""
+    import torch
+    from distrep.provenance import resolve_device
+    from distrep.sweep import time_chunk
+    torch.set_num_threads(max(1, int(threads)))
+    return time_chunk(work, data, resolve_device(work.config.device))
 
 
 def make_executor(name: str, address: str | None = None, cpus_per_chunk: int = 1,
@@ -230,10 +330,7 @@ def make_executor(name: str, address: str | None = None, cpus_per_chunk: int = 1
             raise DistrepError(f"{', '.join(given)} only applies to --executor ray")
         return LocalExecutor()
     if name == "ray":
-        try:
-            import ray  # noqa: F401  (checked now, before any data is loaded)
-        except ImportError:
-            raise DistrepError(RAY_MISSING) from None
+        _import_ray()                     # checked now, before any data is loaded
         return RayExecutor(address, cpus_per_chunk, gpus_per_chunk, checkpoint_dir)
     raise DistrepError(f"unknown executor {name!r}; choose one of: {', '.join(EXECUTORS)}")
 

@@ -297,7 +297,15 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
     ``extra`` is added to config.json (e.g. the preset); ``before_training(config,
     data, sweep)`` is called when training is about to start or resume (to print a plan). Returns
     ``(config, results, trained)``: the config run, one VariantResult per model, and whether
-    this call trained anything."""
+    this call trained anything. All of it in the executor's session (for Ray: the device as
+    its workers see it, :meth:`distrep.executors.RayExecutor.session`)."""
+    from distrep.executors import LocalExecutor
+    executor = executor or LocalExecutor()
+    with executor.session(config.device):
+        return _run_experiment(out, config, force, progress, extra, log, before_training, executor)
+
+
+def _run_experiment(out, config, force, progress, extra, log, before_training, executor):
     from distrep.data import load_dataset
     from distrep.sweep import Sweep, describe_sweep, save_results
 
@@ -350,7 +358,7 @@ def run_experiment(out: Path, config, force: bool = False, progress: bool = True
         if sessions and (warning := _session_warning(sessions[-1], session)):
             log(warning)
         sessions.append(session)
-        executor_name = getattr(executor, "name", "local")
+        executor_name = executor.name
         # from here a signal is deferred to the end of an epoch, which checkpoints (local
         # training; a test can wait for run.json and signal)
         with deferred_stop() if executor_name == "local" else nullcontext() as stop:

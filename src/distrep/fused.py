@@ -49,6 +49,7 @@ from distrep.constant_features import FirstLayerInput
 from distrep.errors import DistrepError
 from distrep.layers import CODED_CLAMP, alpha_gradient, metric_weight
 from distrep.models import LayerSpec
+from distrep.provenance import lent
 
 try:
     import triton
@@ -233,7 +234,10 @@ def fused_layout(specs: tuple[LayerSpec, ...]) -> dict | None:
 
 
 def unavailable(device: torch.device) -> str | None:
-    """Why the fused step cannot run on ``device`` (one line), or None if it can."""
+    """Why the fused step cannot run on ``device`` (one line), or None if it can (as the
+    process that trains there said, where the device is lent: :mod:`distrep.provenance`)."""
+    if facts := lent(device):
+        return facts.fused_unavailable
     if triton is None:
         return "the fused engine needs Triton (pip install triton)"
     if device.type != "cuda" and not interpreting():
@@ -507,19 +511,23 @@ def too_large(specs: tuple[LayerSpec, ...], device: torch.device | str | None = 
     if H > MAX_WIDTH or C > MAX_CLASSES:
         return (f"the fused engine takes hidden layers of up to {MAX_WIDTH} units and up to "
                 f"{MAX_CLASSES} classes (this model: {H} and {C}); use --engine hand-written")
-    device = torch.device(device) if device is not None else None
-    if (device is not None and device.type == "cuda" and triton is not None and not interpreting()
-            and torch.cuda.is_available()):
-        need, limit = shared_memory_bound(H, C), max_shared_memory(device)
+    limit = max_shared_memory(torch.device(device)) if device is not None else None
+    if limit is not None:
+        need = shared_memory_bound(H, C)
         if need > limit:
             return (f"the fused kernel at width {H} needs up to {need:,} bytes of shared memory per "
                     f"block, more than this GPU's {limit:,}; use --engine hand-written or a narrower model")
     return None
 
 
-def max_shared_memory(device: torch.device) -> int:
+def max_shared_memory(device: torch.device) -> int | None:
     """The shared memory a block may take on the CUDA ``device``, bytes, as Triton reads it
-    (and checks a kernel against at its first launch)."""
+    (and checks a kernel against at its first launch), or as the process that trains there
+    read it (a lent device); None where there is no GPU to read it from."""
+    if facts := lent(device):
+        return facts.shared_memory
+    if device.type != "cuda" or triton is None or interpreting() or not torch.cuda.is_available():
+        return None
     return _max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distrep.data import Dataset, load_dataset
 from distrep.errors import DistrepError
+from distrep.executors import LocalExecutor
 from distrep.models import HEAD_MODELS, TABLE1, TABLE2, TABLE3
 from distrep.experiment import experiment_lock, run_experiment
 from distrep.sweep import Sweep, SweepConfig
@@ -75,20 +76,27 @@ def resolve_preset(preset: str, overrides: dict) -> SweepConfig:
     return SweepConfig(**values).validate()
 
 
-def estimate_seconds(config: SweepConfig, data: Dataset) -> float:
-    """Wall time of training ``config`` from scratch on this device (see
-    :meth:`Sweep.estimate_seconds`: one timed step of the first chunk, scaled)."""
-    return Sweep(config, data, progress=False).estimate_seconds()
-
-
-def plan_text(preset: str, config: SweepConfig, data: Dataset, seconds: float) -> str:
+def plan_text(preset: str, config: SweepConfig, data: Dataset, seconds: float,
+              where: str = "this device") -> str:
     n = config.train_subset or len(data.y_train)
     return (f"{preset}: {len(config.models)} models x {config.runs} runs x {config.epochs} epochs "
             f"on {n} {config.dataset} training images ({config.preprocess} pixels), lr {config.lr}, "
             f"width {config.width}, OffsetL2 form {config.offsetl2_form}, {config.precision} on "
             f"{config.device}, {'paired' if config.paired else 'unpaired'} seeds from "
             f"{config.base_seed}\n  models: {', '.join(config.models)}\n"
-            f"  estimated time on this device: {format_duration(seconds)}")
+            f"  estimated time on {where}: {format_duration(seconds)}")
+
+
+def requested_device(overrides: dict) -> str:
+    """The device a preset with ``overrides`` asks for (the presets leave it to the caller)."""
+    return overrides.get("device") or SweepConfig.device
+
+
+def timed_on(executor) -> str:
+    """Where :meth:`Sweep.estimate_seconds` timed a chunk with ``executor``."""
+    if executor.name == "local":
+        return "this device"
+    return f"a {executor.name} worker, one chunk after another"
 
 
 def format_duration(seconds: float) -> str:
@@ -99,13 +107,17 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def dry_run(preset: str, overrides: dict, log=print) -> SweepConfig:
+def dry_run(preset: str, overrides: dict, log=print, executor=None) -> SweepConfig:
     """Print what ``preset`` with ``overrides`` would train (models, runs, epochs, run-epochs)
-    and the estimated time on this device; train nothing."""
-    config = resolve_preset(preset, overrides)
-    data = load_dataset(config.dataset, config.preprocess)
+    and the estimated time where ``executor`` trains (default: here; for Ray, in its session,
+    on a worker); train nothing."""
+    executor = executor or LocalExecutor()
+    with executor.session(requested_device(overrides)):
+        config = resolve_preset(preset, overrides)
+        data = load_dataset(config.dataset, config.preprocess)
+        seconds = Sweep(config, data, progress=False).estimate_seconds(executor)
     total = config.runs * config.epochs * len(config.models)
-    log(plan_text(preset, config, data, estimate_seconds(config, data)))
+    log(plan_text(preset, config, data, seconds, timed_on(executor)))
     log(f"  total: {total:,} run-epochs")
     return config
 
@@ -116,18 +128,19 @@ def reproduce(preset: str, out: Path, overrides: dict, force: bool = False,
     """Train (or resume) one preset into ``out``, write its results and report; return ``out``."""
     from distrep.report import write_report
 
-    config = resolve_preset(preset, overrides)
+    executor = executor or LocalExecutor()
 
     def plan(config, data, sweep):
-        log(plan_text(preset, config, data, sweep.estimate_seconds()))
-        if getattr(executor, "name", "local") != "local":
-            log(f"  ({len(sweep.chunks())} chunks on {executor.name}; the estimate is for one "
-                f"chunk after another here: a cluster divides it)")
+        log(plan_text(preset, config, data, sweep.estimate_seconds(executor), timed_on(executor)))
+        if executor.name != "local":
+            log(f"  ({len(sweep.chunks())} chunks on {executor.name}: a cluster divides the time)")
 
-    with experiment_lock(out):
-        _, _, trained = run_experiment(out, config, force, progress, extra={"preset": preset},
-                                       log=log, before_training=plan, executor=executor)
-        if not trained:
-            log(f"{out}: already finished; regenerating the report")
-        write_report(out)
+    with executor.session(requested_device(overrides)):
+        config = resolve_preset(preset, overrides)
+        with experiment_lock(out):
+            _, _, trained = run_experiment(out, config, force, progress, extra={"preset": preset},
+                                           log=log, before_training=plan, executor=executor)
+            if not trained:
+                log(f"{out}: already finished; regenerating the report")
+            write_report(out)
     return out

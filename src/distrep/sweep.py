@@ -504,28 +504,16 @@ class Sweep:
         :class:`StackedRuns` on the device, over copies of the stored parameters."""
         return build_trainer(self.chunk_work(chunk), self.data, self.device)
 
-    def estimate_seconds(self) -> float:
-        """Wall time of the training left: one step and one test pass of the first chunk, each
-        timed after warm-ups (buffers allocated, kernels compiled, as in training), per
-        run-epoch, times the run-epochs left. Trains nothing that is kept."""
-        c, dev, d = self.config, self.device, self.data
+    def estimate_seconds(self, executor=None) -> float:
+        """Wall time of the training left, one chunk after another: the first chunk's seconds per
+        run-epoch (:func:`time_chunk`, where ``executor`` trains: default this process) times
+        the run-epochs left. Trains nothing that is kept."""
+        from distrep.executors import LocalExecutor
         chunks = self.chunks()
         if not chunks:
             return 0.0
-        trainer, groups = self.chunk_trainer(chunks[0])
-        x_t, y = d.x_train.t().contiguous().to(dev), d.y_train.to(dev)
-        x_test_t, y_test = d.x_test.t().contiguous().to(dev), d.y_test.to(dev)
-        frozen = [torch.zeros(g.runs, dtype=torch.bool, device=dev) for g in groups]
-        with matmul_precision(c.precision, dev):
-            step = step_function(trainer, x_t, y, c.lr, frozen, x_t.bfloat16() if c.precision == "bf16" else None)
-            # two warm-ups (measured: one left a 13-min estimate of an 8-min run), then the
-            # best of three (a CUDA graph's replays from the fourth)
-            timings = [timed(step, dev, 1, warmup=0) for _ in range(5)]
-            # after a warm-up: the first test pass compiles (or loads) the fused kernel's test
-            # form, seconds on a GPU, which, counted in every tenth epoch, made a 5-min run read
-            # 2.9 h (docs/paper-h200-bf16)
-            test = timed(lambda: trainer.evaluate(x_test_t, y_test), dev, 1, warmup=1)
-        per_run_epoch = (min(timings[2:]) + test / c.eval_every) / len(chunks[0])
+        per_run_epoch = (executor or LocalExecutor()).time_chunk(self.chunk_work(chunks[0]), self.data)
+        c = self.config
         left = sum(c.epochs - int(self.state["epochs_done"][u]) for chunk in chunks for u in chunk)
         return per_run_epoch * left
 
@@ -605,6 +593,27 @@ def build_trainer(work: ChunkWork, data: Dataset, device: torch.device):
         groups.append(runs.from_state(specs, {name: p.to(device, copy=True)
                                               for name, p in work.params[v].items()}, c.offsetl2_form))
     return Trainer(groups, c.precision), groups
+
+
+def time_chunk(work: ChunkWork, data: Dataset, device: torch.device) -> float:
+    """Seconds per run-epoch of training ``work`` on ``device``: one step and one test pass,
+    each timed after warm-ups (buffers allocated, kernels compiled, as in training), the test
+    pass counted once per ``eval_every`` epochs. ``work`` itself is not changed."""
+    c = work.config
+    trainer, groups = build_trainer(work, data, device)
+    x_t, y = data.x_train.t().contiguous().to(device), data.y_train.to(device)
+    x_test_t, y_test = data.x_test.t().contiguous().to(device), data.y_test.to(device)
+    frozen = [torch.zeros(g.runs, dtype=torch.bool, device=device) for g in groups]
+    with matmul_precision(c.precision, device):
+        step = step_function(trainer, x_t, y, c.lr, frozen, x_t.bfloat16() if c.precision == "bf16" else None)
+        # two warm-ups (measured: one left a 13-min estimate of an 8-min run), then the
+        # best of three (a CUDA graph's replays from the fourth)
+        timings = [timed(step, device, 1, warmup=0) for _ in range(5)]
+        # after a warm-up: the first test pass compiles (or loads) the fused kernel's test
+        # form, seconds on a GPU, which, counted in every tenth epoch, made a 5-min run read
+        # 2.9 h (docs/paper-h200-bf16)
+        test = timed(lambda: trainer.evaluate(x_test_t, y_test), device, 1, warmup=1)
+    return (min(timings[2:]) + test / c.eval_every) / len(work.units)
 
 
 def train_chunk(work: ChunkWork, data: Dataset, device: torch.device,
