@@ -165,6 +165,24 @@ def test_fused_step_on_cuda_takes_the_widths_the_gpu_holds():
     assert engine_path(parse("ReLU", 4 * fused.MAX_WIDTH), "auto", "cuda") == "hand-written"
 
 
+def test_a_gpus_facts_lent_to_a_driver_are_what_it_reads_itself():
+    """What a Ray worker tells a driver without its GPU (provenance.device_facts): the GPU's
+    name, that the fused step runs, its shared memory; lent, they decide as the GPU itself does."""
+    from distrep import fused
+    from distrep.engine import engine_path
+    from distrep.models import parse
+    from distrep.provenance import describe_device, device_facts, lent_device
+    facts = device_facts("cuda")
+    cuda = torch.device("cuda")
+    assert (facts.device, facts.fused_unavailable) == ("cuda", None)
+    assert facts.description == describe_device(cuda) and torch.cuda.get_device_name() in facts.description
+    assert facts.shared_memory == fused.max_shared_memory(cuda) > 0
+    wide = parse("ReLU", fused.MAX_WIDTH)
+    with lent_device(replace(facts, shared_memory=fused.shared_memory_bound(fused.MAX_WIDTH, 10) - 1)):
+        assert engine_path(wide, "auto", "cuda") == "hand-written"
+    assert device_facts("auto").device == "cuda"
+
+
 # (precision, fp32's output-layer products: distrep.fused.HEAD_PRODUCTS["fp32"]) by case
 THREE_PASS_CASES = {"fp32": ("fp32", "ieee"), "3xtf32": ("3xtf32", "ieee"),
                     "fp32 3xTF32 head": ("fp32", "3xtf32"), "tf32": ("tf32", "ieee")}

@@ -102,7 +102,7 @@ def test_own_data_through_sweep_report_compare_and_back(tmp_path, monkeypatch):
     from PIL import Image
     assert Image.open(exp / "figures" / "first_layer_ReLU.png").size[0] > 100
     report = (exp / "report.md").read_text()
-    assert "First-layer weights" in report and recorded in report
+    assert "First-layer weights" in report and f"dataset: {recorded}, 240 training images" in report
     # what the runs learnt: the three row blocks tell the classes apart
     nets = trained_models(exp, "ReLU")
     data = D.load_dataset(recorded, "standardized")
@@ -190,3 +190,11 @@ def test_the_memory_check_counts_the_datasets_features_and_classes(tmp_path, mon
     with pytest.raises(DistrepError, match="ReLU at width 4096 .* need 0.61[0-9]* GiB"):
         TrainConfig(model="ReLU", width=4096, dataset=f"{tmp_path}/big").validate()
     TrainConfig(model="ReLU", width=4096).validate()
+
+
+def test_results_written_before_the_data_was_recorded_read_its_sizes_from_the_spec():
+    """(The report's protocol said 60,000 training images whatever the dataset held.)"""
+    from distrep.experiment import recorded_data
+    for subset, n in ((2000, 2000), (None, 60000), (10**6, 60000)):
+        data = recorded_data({"config": {"dataset": "fashion-mnist", "train_subset": subset}})
+        assert data["n_train"] == n and data["image_shape"] == [28, 28] and data["classes"][0] == "T-shirt/top"

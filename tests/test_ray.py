@@ -242,6 +242,14 @@ def test_the_device_is_checked_on_a_worker_not_on_the_driver(tmp_path, mnist, cl
                                "resources (1 CPU, 1 GPU; ") and "(Ray node " in last, last
         assert last.endswith("device cuda requested but this PyTorch build sees no CUDA GPU"), last
         assert not (tmp_path / "never").exists()
+    from distrep.errors import DistrepError
+    from distrep.executors import RayExecutor
+    from distrep.experiment import run_experiment
+    from distrep.sweep import SweepConfig
+    config = SweepConfig(models=["ReLU"], runs=1, epochs=2, train_subset=100, device="cuda")
+    with pytest.raises(DistrepError, match="--device cuda on a Ray worker .* sees no CUDA GPU"):
+        run_experiment(tmp_path / "never", config, executor=RayExecutor(cluster))   # the Python API too
+    assert not (tmp_path / "never").exists()
     r = distrep("reproduce", "quick", "--dry-run", "--runs", 1, "--train-subset", 100, "--executor",
                 "ray", "--ray-address", cluster, "--cpus-per-chunk", 2)
     assert r.returncode == 0, r.stderr

@@ -428,15 +428,19 @@ def trained_models(directory: str | os.PathLike, model: str | None = None) -> li
 
 
 def recorded_data(config: dict) -> dict:
-    """What a result's ``config.json`` says of its data (``n_features``, ``classes``, the class
-    names, and ``image_shape``), so that reading a result back needs no data files; for a
-    result written before distrep recorded it, the same from the dataset's own spec."""
+    """What a result's ``config.json`` says of its data (``n_train``, the training images used;
+    ``n_features``, ``classes``, the class names, and ``image_shape``), so that reading a result
+    back needs no data files; for a result written before distrep recorded it, the same from
+    the dataset's own spec."""
     data = config.get("data") or {}
     if "classes" in data and "image_shape" in data:
         return data
     from distrep.data import get_spec
-    spec = get_spec(config["config"]["dataset"])
-    return {"n_features": spec.num_features, "classes": list(spec.classes),
+    cfg = config["config"]
+    spec = get_spec(cfg["dataset"])
+    available = spec.train_images.shape[0]
+    return {"n_train": min(cfg.get("train_subset") or available, available),
+            "n_features": spec.num_features, "classes": list(spec.classes),
             "image_shape": list(spec.image_shape)}
 
 

@@ -355,8 +355,9 @@ def latex_table(rows: list[dict]) -> str:
 
 
 def protocol_lines(exp: dict) -> list[str]:
+    from distrep.experiment import recorded_data
     c, cfg = exp["config"], exp["config"]["config"]
-    n = cfg["train_subset"] or 60000
+    n = recorded_data(c)["n_train"]
     lines = [
         f"dataset: {cfg['dataset']}, {n} training images, full test set",
         f"preprocessing: {cfg['preprocess']}" + (" (pixel values 0–255, as the author's code trained)"
