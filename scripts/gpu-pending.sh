@@ -19,6 +19,7 @@
 #      ~2-4 min;
 #   3. `distrep reproduce table1 --dry-run` in bf16: the time estimate, since it warms up the
 #      test pass (it said 2.9 h for a run that took 5.2 min; it should now say about 5 min);
+#      and the GPU's facts as a Ray worker tells them to a driver without one (a CUDA test);
 #   4. scripts/fp32-products.py: fp32's two first-layer products as the step runs them against
 #      other layouts, all variants in one product and cuBLASLt; ~1 min;
 #   5. the study beyond the paper at full scale (scripts/gpu-paper.sh with PARTS="beyond-mnist
@@ -61,6 +62,7 @@ fi
 if ! skip 3; then
     step "$(upto 60)" "$python" -m distrep.cli reproduce table1 --dry-run --device "$device" \
         --precision bf16 --max-memory 40G ${EXTRA_ARGS:-}
+    step "$(upto 40)" "$python" -m pytest -q -s -p no:cacheprovider tests/test_cuda.py -k facts_lent
 fi
 if ! skip 4; then
     step "$(upto 90)" "$python" scripts/fp32-products.py ${PRODUCTS_ARGS:-}
