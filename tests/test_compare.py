@@ -151,4 +151,48 @@ def test_at_an_epoch_two_lengths_of_one_protocol_read_alike(tmp_path):
     final = rows(distrep("compare", tmp_path / "short", tmp_path / "long").stdout, "model")
     assert final[1][3] != long[3]                                   # epoch 8 is another reading
     assert_one_line_error(distrep("compare", tmp_path / "short", tmp_path / "long", "--at-epoch", 6),
-                          f"{tmp_path / 'short'}: no test pass at epoch 6; tested at 2, 4")
+                          f"--at-epoch 6 is outside {tmp_path / 'short'}'s 1..4 epochs")
+    assert_one_line_error(distrep("compare", tmp_path / "short", tmp_path / "long", "--at-epoch", 3),
+                          f"{tmp_path / 'short'}: no test pass at epoch 3; tested at 2, 4")
+
+
+def test_an_experiment_still_training_is_compared_at_an_epoch_its_runs_reached(tmp_path, monkeypatch):
+    """An experiment stopped at epoch 4 of 8 (read, as one still training is, from its
+    checkpoint) compares at epoch 4 exactly as its finished twin does; read at the end, or past
+    epoch 4, it is refused in one line naming the command that reads it."""
+    from distrep import sweep as sweep_module
+    from distrep.cli import main
+    from distrep.progress import progress as real_progress
+    args = ["sweep", "--models", "ReLU,Abs", "--runs", "3", "--epochs", "8", "--eval-every", "2",
+            "--train-subset", "300", "--quiet", "--checkpoint-every", "0"]
+    done, stopped = tmp_path / "done", tmp_path / "stopped"
+    assert main([*args, "--out", str(done)]) == 0
+
+    class StopAfter4:                       # the progress bar sees every epoch of every run
+        def __init__(self, bar):
+            self.bar, self.done = bar, 0
+
+        def update(self, n):
+            self.done += n
+            if self.done > 4 * 6:           # 2 models x 3 runs in one chunk
+                raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.bar, name)
+
+    monkeypatch.setattr(sweep_module, "progress", lambda *a, **k: StopAfter4(real_progress(*a, **k)))
+    assert main([*args, "--out", str(stopped)]) == 130
+    text = distrep("compare", done, stopped, "--at-epoch", 4).stdout
+    assert f"Unfinished, read from its checkpoint (training goes on, or stopped, past epoch 4): {stopped}." in text
+    table = {row[0]: row[2:] for row in rows(text, "model")}
+    for model in ("ReLU", "Abs"):
+        assert table[f"{model} [{done}]"] == table[f"{model} [{stopped}]"]
+    pairs = {(row[0], row[1]): row[2:4] for row in rows(text, "a")}
+    assert pairs[(f"ReLU [{done}]", f"ReLU [{stopped}]")] == ["+0.00", "—"]     # every pair of runs alike
+    assert_one_line_error(distrep("compare", done, stopped),
+                          f"{stopped}: training stopped at epoch 4 of 8 (rerun its command to "
+                          f"resume); `distrep compare {done} {stopped} --at-epoch 4` reads it where it is")
+    assert_one_line_error(distrep("compare", done, stopped, "--at-epoch", 6),
+                          f"--at-epoch 6: {stopped}'s training stopped at epoch 4 of 8")
+    assert_one_line_error(distrep("compare", done, stopped, "--at-epoch", 3),
+                          f"{done}: no test pass at epoch 3; tested at 2, 4, 6, 8")

@@ -143,7 +143,7 @@ def test_report_at_an_epoch_reads_the_saved_curves(table1_60):
     assert (table1_60 / "figures" / "epoch-30" / "test_error_curves.png").exists()
     assert (table1_60 / "table-epoch-30.tex").exists() and (table1_60 / "report.md").exists()
     assert_one_line_error(distrep("report", table1_60, "--at-epoch", 35), "no test pass at epoch 35")
-    assert_one_line_error(distrep("report", table1_60, "--at-epoch", 61), "outside the experiment's 1..60")
+    assert_one_line_error(distrep("report", table1_60, "--at-epoch", 61), f"is outside {table1_60}'s 1..60")
 
 
 def test_report_leads_with_the_claims_and_folds_the_wall_of_pairs(table1_60):

@@ -143,14 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "Table 1's and Table 3's OffsetL2 models, trained apart)")
 
     compare = commands.add_parser(
-        "compare", help="the runs of several finished experiments side by side (a width, lr or "
-                        "dataset study), every pair tested")
+        "compare", help="the runs of several experiments side by side (a width, lr or dataset "
+                        "study), every pair tested; unfinished ones at an epoch they reached")
     compare.add_argument("directories", type=Path, nargs="+", metavar="directory")
     compare.add_argument("--models", type=comma_list, default=None,
                          help="only these models (names or specs, comma-separated)")
     compare.add_argument("--at-epoch", type=positive_int, default=None, metavar="N",
-                         help="the test accuracy at epoch N (a test pass every experiment made), "
-                              "not of the final parameters")
+                         help="the test accuracy at epoch N (a test pass every experiment made, "
+                              "and every run reached: so an experiment still training can be "
+                              "read), not of the final parameters")
     compare.add_argument("--out", type=Path, default=None, metavar="FILE",
                          help="also write the comparison (Markdown) to FILE, with its figure "
                               "of the runs beside it (FILE with .png)")

@@ -1,4 +1,4 @@
-"""Runs of several finished experiments side by side: ``distrep compare DIR [DIR ...]``.
+"""Runs of several experiments side by side: ``distrep compare DIR [DIR ...]``.
 
 An experiment's report compares its models under one protocol. A study of widths, learning
 rates, epochs, datasets or preprocessing runs one experiment per setting; this puts every model
@@ -15,6 +15,7 @@ bootstrap interval of its difference, and the p-values are Holm-adjusted over al
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
@@ -42,6 +43,7 @@ class Group:
     first_layer: LayerSpec
     dataset: str
     paired_design: bool
+    finished: bool = True      # False: an experiment still training (or stopped), read at an epoch
 
 
 def pairs_run_by_run(a: Group, b: Group) -> bool:
@@ -58,20 +60,16 @@ def _setting(key: str, value) -> str:
 
 def read_groups(directories, models: list[str] | None = None,
                 at_epoch: int | None = None) -> list[Group]:
-    """Every model (or those of ``models``, by name or spec) of the finished experiments in
+    """Every model (or those of ``models``, by name or spec) of the experiments in
     ``directories``, as :class:`Group` s labelled by the settings their experiment does not share
     with all the others, with the test accuracy of their final parameters, or at epoch
-    ``at_epoch`` (a test pass every experiment made). A model none of them holds, or a directory
-    given twice, is refused."""
-    from distrep.experiment import final_accuracies
+    ``at_epoch`` (a test pass every experiment made; an unfinished one is read there:
+    :func:`read_runs`). A model none of them holds, or a directory given twice, is refused."""
     directories = [Path(d) for d in directories]
     if len({d.resolve() for d in directories}) < len(directories):
         raise DistrepError("an experiment directory is named twice")
-    found = [(d, *final_accuracies(d)) for d in directories]
-    if at_epoch is not None:
-        for directory, _, held in found:
-            for name, accuracy in accuracies_at(directory, list(held), at_epoch).items():
-                held[name]["accuracy"] = accuracy
+    command = "distrep compare " + " ".join(shlex.quote(str(d)) for d in directories)
+    found = [(d, *read_runs(d, at_epoch, command)) for d in directories]
     varying = [key for key in SETTINGS if len({repr(f.get(key)) for _, f, _ in found}) > 1]
     wanted = None if models is None else [display_name(m) for m in models]
     if wanted is not None:
@@ -88,23 +86,40 @@ def read_groups(directories, models: list[str] | None = None,
             # apart (so that no data files are needed)
             first = next(s for s in parse(model["spec"], fields["width"]) if s.affine)
             groups.append(Group(f"{name} ({tags})" if tags else name, directory, model["accuracy"],
-                                model["seeds"], first, fields["dataset"], bool(fields["paired"])))
+                                model["seeds"], first, fields["dataset"], bool(fields["paired"]),
+                                fields["finished"]))
     labels = [g.label for g in groups]
     # the same model under the same settings in two experiments: tell them apart by directory
     return [replace(g, label=f"{g.label} [{g.directory}]") if labels.count(g.label) > 1 else g
             for g in groups]
 
 
-def accuracies_at(directory: Path, models: list[str], epoch: int) -> dict[str, np.ndarray]:
-    """Test accuracy (%) per run of each model at ``epoch``, NaN for a run diverged by then
-    (:func:`distrep.report.accuracy_at`); one line naming the directory where no test pass was
-    made at that epoch."""
-    from distrep.report import accuracy_at, load_experiment
-    metrics = load_experiment(directory)["metrics"]
-    try:
-        return {name: accuracy_at(metrics[name], epoch) for name in models}
-    except DistrepError as e:
-        raise DistrepError(f"{directory}: {e}") from None
+def read_runs(directory: Path, at_epoch: int | None,
+              command: str = "distrep compare ...") -> tuple[dict, dict[str, dict]]:
+    """An experiment's config fields and ``{model: {"spec", "seeds", "accuracy"}}``, accuracy
+    the test accuracy (%) per run of its final parameters
+    (:func:`distrep.experiment.final_accuracies`) or at ``at_epoch``, NaN for a run diverged by
+    then (:func:`distrep.report.accuracy_at`). At an epoch, an experiment still training (or
+    stopped) is read from its checkpoint, where every run has reached it; unfinished and read
+    at the end, or at an epoch without a test pass, it is refused in one line naming it (and
+    the epoch at which ``command`` would read it). ``fields["finished"]`` says which it was."""
+    from distrep.experiment import final_accuracies, require_experiment, run_state
+    from distrep.report import accuracy_at, check_reading, load_experiment
+    require_experiment(directory)
+    finished = run_state(directory).get("finished")
+    if at_epoch is None and finished:
+        fields, held = final_accuracies(directory)
+        return {**fields, "finished": True}, held
+    exp = load_experiment(directory)
+    check_reading(exp, directory, at_epoch, command)
+    if finished:
+        fields, held = final_accuracies(directory)      # (and its files checked)
+    else:
+        fields = exp["config"]["config"]
+        held = {m["name"]: {"spec": m["spec"], "seeds": tuple(m["seeds"])} for m in exp["config"]["models"]}
+    for name in held:
+        held[name]["accuracy"] = accuracy_at(exp["metrics"][name], at_epoch)
+    return {**fields, "finished": bool(finished)}, held
 
 
 def summary_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
@@ -176,7 +191,12 @@ def render(groups: list[Group], figure: str | None = None, at_epoch: int | None 
              f"same first-layer weights: paired designs with the same seeds, dataset and first "
              f"layer), the others as independent samples. Runs that diverged are left out (a "
              f"paired comparison leaves out their pairs). p (Holm): adjusted over the "
-             f"{total} pair{'s' * (total != 1)}.", "", _md_table(*summary_table(groups)), ""]
+             f"{total} pair{'s' * (total != 1)}."]
+    unfinished = list(dict.fromkeys(str(g.directory) for g in groups if not g.finished))
+    if unfinished:
+        lines[-1] += (f" Unfinished, read from {'their checkpoints' if len(unfinished) > 1 else 'its checkpoint'}"
+                      f" (training goes on, or stopped, past epoch {at_epoch:,}): {', '.join(unfinished)}.")
+    lines += ["", _md_table(*summary_table(groups)), ""]
     if figure:
         lines += [f"![test accuracy per run]({figure})", ""]
     if total:

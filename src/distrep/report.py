@@ -661,6 +661,32 @@ TESTS_NOTE = ("Every pair of models is compared on final test accuracy (%) with 
 STATED_EPOCHS = 5000       # the epochs the paper's text states for Tables 1 and 2
 
 
+def check_reading(exp: dict, directory: Path, at_epoch: int | None, command: str) -> None:
+    """Refuse (one line) reading the experiment ``exp`` (:func:`load_experiment`) at
+    ``at_epoch`` (None: its final parameters) where its runs have not been: an unfinished one
+    (training stopped, or still going) reads only at a tested epoch every run has reached, which
+    the message names with ``command`` (the command that reads it there, without the option)."""
+    epochs, reached = int(exp["config"]["config"]["epochs"]), exp["reached"]
+    tested = exp["metrics"][exp["models"][0]]["test_epochs"]
+    if reached < epochs:
+        last = tested[tested <= reached]
+        hint = (f"`{command} --at-epoch {int(last[-1])}` reads it where it is"
+                if len(last) else "no test pass has happened yet")
+        if at_epoch is None:
+            raise DistrepError(f"{directory}: training stopped at epoch {reached:,} of {epochs:,} "
+                               f"(rerun its command to resume); {hint}")
+        if at_epoch > reached:
+            raise DistrepError(f"--at-epoch {at_epoch}: {directory}'s training stopped at epoch "
+                               f"{reached:,} of {epochs:,}; {hint}")
+    if at_epoch is not None:
+        if not 1 <= at_epoch <= epochs:
+            raise DistrepError(f"--at-epoch {at_epoch} is outside {directory}'s 1..{epochs} epochs")
+        try:
+            accuracy_at(exp["metrics"][exp["models"][0]], at_epoch)      # an untested epoch
+        except DistrepError as e:
+            raise DistrepError(f"{directory}: {e}") from None
+
+
 def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
     """Write figures, ``report.md``, ``report.html`` and ``table.tex`` into ``directory``; with
     ``at_epoch``, the same from the saved state at that epoch (a test pass must exist there)
@@ -668,22 +694,8 @@ def write_report(directory, at_epoch: int | None = None) -> dict[str, Path]:
     directory = Path(directory)
     exp = load_experiment(directory)
     epochs, reached = int(exp["config"]["config"]["epochs"]), exp["reached"]
+    check_reading(exp, directory, at_epoch, f"distrep report {shlex.quote(str(directory))}")
     tested = exp["metrics"][exp["models"][0]]["test_epochs"]
-    if reached < epochs:
-        last = tested[tested <= reached]
-        hint = (f"`distrep report {shlex.quote(str(directory))} --at-epoch {int(last[-1])}` reads "
-                f"it where it is"
-                if len(last) else "no test pass has happened yet")
-        if at_epoch is None:
-            raise DistrepError(f"{directory}: training stopped at epoch {reached:,} of {epochs:,} "
-                               f"(rerun its command to resume); {hint}")
-        if at_epoch > reached:
-            raise DistrepError(f"--at-epoch {at_epoch}: training stopped at epoch {reached:,} of "
-                               f"{epochs:,}; {hint}")
-    if at_epoch is not None:
-        if not 1 <= at_epoch <= epochs:
-            raise DistrepError(f"--at-epoch {at_epoch} is outside the experiment's 1..{epochs} epochs")
-        accuracy_at(exp["metrics"][exp["models"][0]], at_epoch)      # refuses an untested epoch
     suffix = "" if at_epoch is None else f"-epoch-{at_epoch}"
     figures = {k: v if at_epoch is None else v.replace("figures/", f"figures/epoch-{at_epoch}/")
                for k, v in FIGURES.items()}
