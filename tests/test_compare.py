@@ -183,7 +183,8 @@ def test_an_experiment_still_training_is_compared_at_an_epoch_its_runs_reached(t
     monkeypatch.setattr(sweep_module, "progress", lambda *a, **k: StopAfter4(real_progress(*a, **k)))
     assert main([*args, "--out", str(stopped)]) == 130
     text = distrep("compare", done, stopped, "--at-epoch", 4).stdout
-    assert f"Unfinished, read from its checkpoint (training goes on, or stopped, past epoch 4): {stopped}." in text
+    assert (f"Unfinished (still training, or stopped), read from its checkpoint, where every run "
+            f"has reached epoch 4: {stopped}.") in text
     table = {row[0]: row[2:] for row in rows(text, "model")}
     for model in ("ReLU", "Abs"):
         assert table[f"{model} [{done}]"] == table[f"{model} [{stopped}]"]

@@ -194,8 +194,9 @@ def render(groups: list[Group], figure: str | None = None, at_epoch: int | None 
              f"{total} pair{'s' * (total != 1)}."]
     unfinished = list(dict.fromkeys(str(g.directory) for g in groups if not g.finished))
     if unfinished:
-        lines[-1] += (f" Unfinished, read from {'their checkpoints' if len(unfinished) > 1 else 'its checkpoint'}"
-                      f" (training goes on, or stopped, past epoch {at_epoch:,}): {', '.join(unfinished)}.")
+        lines[-1] += (f" Unfinished (still training, or stopped), read from "
+                      f"{'their checkpoints' if len(unfinished) > 1 else 'its checkpoint'}, where "
+                      f"every run has reached epoch {at_epoch:,}: {', '.join(unfinished)}.")
     lines += ["", _md_table(*summary_table(groups)), ""]
     if figure:
         lines += [f"![test accuracy per run]({figure})", ""]
