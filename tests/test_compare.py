@@ -58,10 +58,12 @@ def test_models_are_named_by_what_differs_and_paired_only_where_runs_start_alike
     pairs = rows(r.stdout, "a")
     assert len(pairs) == 6 and "2 of 6 pairs are compared run by run" in r.stdout
     ps = []
-    for a, b, _, test, p, holm, effect, _ in pairs:
+    for a, b, _, test, p, holm, effect, _, improve in pairs:
         same_width = a.split("(")[1] == b.split("(")[1]
         expected = (stats.paired_t if same_width else stats.welch_t)(accuracy[a], accuracy[b])
         assert test.startswith("paired" if same_width else "Welch")
+        assert float(improve) == pytest.approx(stats.probability_of_improvement(
+            accuracy[a], accuracy[b], same_width), abs=0.005)
         assert effect.startswith("d_z" if same_width else "d =")
         assert float(p) == pytest.approx(expected.p, rel=0.01, abs=5e-4)   # as printed
         ps.append(expected.p)

@@ -72,6 +72,9 @@ def test_3_diverged_runs_stay_out_of_the_statistics():
     row = dict(zip(head, body[0]))
     assert row["Student t (df)"].endswith("(3)"), "2 + 3 runs: df 3"
     assert row["paired t (df)"].endswith("(1)"), "the diverged run's pair drops out: 2 pairs"
+    assert row["P(A > B)"] == "1.00", "A's two finished runs each beat their twin"
+    head, body = comparison_table(_experiment(False, [0, 0, 7]))
+    assert dict(zip(head, body[0]))["P(A > B)"] == "0.83", "90 and 92 against 89, 91 and 10: 5 of 6"
 
 
 def test_4_unpaired_experiments_get_no_paired_test():

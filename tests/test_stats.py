@@ -136,3 +136,25 @@ def test_a_constant_sample_is_tested_without_scipys_cancellation_warning():
     sp = np.sqrt(np.var(varied, ddof=1) * 2 / 3)                    # (n_b - 1) s_b^2 / (n_a + n_b - 2)
     assert student.t == pytest.approx((constant.mean() - varied.mean()) / (sp * np.sqrt(1 / 2 + 1 / 3)))
     assert welch.t == pytest.approx((constant.mean() - varied.mean()) / np.sqrt(np.var(varied, ddof=1) / 3))
+
+
+def test_probability_of_improvement_by_hand_and_against_mann_whitney():
+    """a = [1, 2, 3], b = [2, 2, 0]: over all nine pairs of runs a wins 1 (1 > 0), 2 + two ties
+    (2 against 2, 2, 0) and 3 times (3): (1 + 2 + 3) / 9; over the matched runs a loses, ties and
+    wins: 1.5 / 3. Unpaired it is Mann-Whitney's U of a over n_a n_b; it is 1 - P(b > a)."""
+    a, b = [1.0, 2.0, 3.0], [2.0, 2.0, 0.0]
+    assert S.probability_of_improvement(a, b, paired=False) == pytest.approx(6 / 9)
+    assert S.probability_of_improvement(a, b, paired=True) == pytest.approx(0.5)
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(80, 90, 11).astype(float), rng.integers(82, 92, 7).astype(float)
+    u = sp.mannwhitneyu(x, y, alternative="two-sided").statistic
+    assert S.probability_of_improvement(x, y, paired=False) == pytest.approx(u / (11 * 7))
+    assert S.probability_of_improvement(y, x, paired=False) == pytest.approx(1 - u / (11 * 7))
+    assert np.isnan(S.probability_of_improvement([], y, paired=False))
+    # pairwise takes it over the runs its other statistics use: the matched, finished ones
+    (row,) = S.pairwise({"a": np.array([1.0, 2.0, np.nan, 3.0]), "b": np.array([2.0, 2.0, 9.0, 0.0])},
+                        paired=True)
+    assert row["p_improve"] == pytest.approx(0.5)
+    (row,) = S.pairwise({"a": np.array([1.0, 2.0, np.nan, 3.0]), "b": np.array([2.0, 2.0, 0.0])},
+                        paired=False)
+    assert row["p_improve"] == pytest.approx(6 / 9)

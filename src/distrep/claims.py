@@ -101,8 +101,8 @@ class Verdict:
 
 
 def one_pair(a: np.ndarray, b: np.ndarray, paired: bool) -> dict:
-    """Difference, t-test (paired or Welch), effect size, rank test and bootstrap interval of
-    accuracies ``a``, ``b`` ``[runs]`` (NaN: diverged, left out; pairs with a NaN drop out)."""
+    """Difference, t-test (paired or Welch), effect size, rank test, probability of improvement
+    and bootstrap interval of accuracies ``a``, ``b`` ``[runs]`` (NaN: diverged, left out; pairs with a NaN drop out)."""
     if paired and len(a) == len(b):
         both = ~np.isnan(a) & ~np.isnan(b)
         a, b = a[both], b[both]
@@ -114,6 +114,7 @@ def one_pair(a: np.ndarray, b: np.ndarray, paired: bool) -> dict:
     diff = stats.mean(a) - stats.mean(b) if len(a) and len(b) else float("nan")
     return {"diff": diff, "t": t, "effect": effect, "effect_name": name,
             "rank": stats.rank_test(a, b, paired), "ci": stats.bootstrap_diff(a, b, paired),
+            "p_improve": stats.probability_of_improvement(a, b, paired),
             "std_a": stats.std(a), "std_b": stats.std(b), "n": (len(a), len(b))}
 
 

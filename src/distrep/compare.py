@@ -10,7 +10,8 @@ where run i of both starts from the same first-layer weights: both experiments a
 designs, with the same seeds, dataset and first layer (kind, width and bias; a layer's initial
 weights depend on nothing else, :func:`distrep.models.init_parameters`). Otherwise they are
 independent samples (Welch's t-test, Cohen's d, Mann-Whitney U). Each pair also gets a
-bootstrap interval of its difference, and the p-values are Holm-adjusted over all pairs.
+bootstrap interval of its difference and the probability that a run of one beats a run of the
+other (over matched runs where paired), and the p-values are Holm-adjusted over all pairs.
 """
 
 from __future__ import annotations
@@ -148,8 +149,10 @@ def _p(p: float) -> str:
 def pairs_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     """Every pair (a, b): mean difference a − b in points with its bootstrap 95 % interval, the
     t-test (paired where :func:`pairs_run_by_run`, else Welch) with its p-value and the
-    Holm-adjusted one over all pairs, the effect size (d_z or d) and the rank test's p."""
-    head = ["a", "b", "a − b [95 % bootstrap]", "test", "p", "p (Holm)", "effect", "rank test p"]
+    Holm-adjusted one over all pairs, the effect size (d_z or d), the rank test's p and the
+    probability that a run of a beats one of b (:func:`distrep.stats.probability_of_improvement`)."""
+    head = ["a", "b", "a − b [95 % bootstrap]", "test", "p", "p (Holm)", "effect", "rank test p",
+            "P(a > b)"]
     results = [(a, b, one_pair(a.accuracy, b.accuracy, pairs_run_by_run(a, b)))
                for a, b in combinations(groups, 2)]
     adjusted = stats.holm([r["t"].p for _, _, r in results])
@@ -161,7 +164,7 @@ def pairs_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
         interval = "" if np.isnan(ci[0]) else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
         body.append([a.label, b.label, f"{_f(r['diff'], '+.2f')}{interval}", test, _p(t.p),
                      _p(holm), f"{r['effect_name']} = {_f(r['effect'])}",
-                     f"{r['rank'].test.split()[0]} {_p(r['rank'].p)}"])
+                     f"{r['rank'].test.split()[0]} {_p(r['rank'].p)}", _f(r["p_improve"])])
     return head, body
 
 
@@ -191,7 +194,8 @@ def render(groups: list[Group], figure: str | None = None, at_epoch: int | None 
              f"same first-layer weights: paired designs with the same seeds, dataset and first "
              f"layer), the others as independent samples. Runs that diverged are left out (a "
              f"paired comparison leaves out their pairs). p (Holm): adjusted over the "
-             f"{total} pair{'s' * (total != 1)}."]
+             f"{total} pair{'s' * (total != 1)}. P(a > b): the chance that a run of a beats one "
+             f"of b, ties counting half (over matched runs where compared run by run)."]
     unfinished = list(dict.fromkeys(str(g.directory) for g in groups if not g.finished))
     if unfinished:
         lines[-1] += (f" Unfinished (still training, or stopped), read from "

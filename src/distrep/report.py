@@ -266,7 +266,7 @@ def comparison_table(exp: dict, epoch: int | None = None) -> tuple[list[str], li
             "p", "p Holm", "Cohen's d"]
     if paired:
         head += ["paired t (df)", "p", "p Holm", "d_z"]
-    head += ["Wilcoxon p" if paired else "Mann-Whitney p", "p Holm"]
+    head += ["Wilcoxon p" if paired else "Mann-Whitney p", "p Holm", "P(A > B)"]
     body = []
     for r in stats.pairwise(values, paired):
         st, we, ci = r["student"], r["welch"], r["bootstrap"]
@@ -276,7 +276,7 @@ def comparison_table(exp: dict, epoch: int | None = None) -> tuple[list[str], li
         if paired:
             pt = r["paired"]
             row += [f"{pt.t:.2f} ({pt.df:.0f})", _p(pt.p), _p(r["paired_holm"]), _fmt(r["dz"])]
-        row += [_p(r["rank"].p), _p(r["rank_holm"])]
+        row += [_p(r["rank"].p), _p(r["rank_holm"]), _fmt(r["p_improve"])]
         body.append(row)
     return head, body
 
@@ -652,7 +652,10 @@ TESTS_NOTE = ("Every pair of models is compared on final test accuracy (%) with 
               "correction is applied across all pairs, separately for each test. Cohen's d uses "
               "the pooled std; d_z is the mean paired difference over its std. The rank test is "
               "Wilcoxon's signed-rank test on matched runs (paired design) or the Mann-Whitney U "
-              "test, for distributions far from normal; the bootstrap interval resamples runs "
+              "test, for distributions far from normal; P(A > B) is the chance that a run of A "
+              "beats one of B, ties counting half (over matched runs where paired, else over "
+              "every pair of runs): a mean hides it where a model's runs split into a good and "
+              "a failed group. The bootstrap interval resamples runs "
               "(in pairs where paired), 4,999 times, seed 0. Diverged runs "
               "take part in no statistic (their pairs drop out of the paired test); the main "
               "table gives the all-runs mean separately.")

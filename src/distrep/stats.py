@@ -169,6 +169,21 @@ def rank_test(a, b, paired: bool) -> TTest:
     return TTest(float(r.statistic), float("nan"), float(r.pvalue), name)
 
 
+def probability_of_improvement(a, b, paired: bool) -> float:
+    """P(A > B) + ½ P(A = B), the chance that a run of ``a`` beats a run of ``b`` (ties count
+    half): over matched runs when ``paired`` (the share of pairs i with a_i > b_i), else over
+    every pair of a run of each, U_a / (n_a n_b) with U_a the Mann-Whitney statistic of ``a``
+    (rliable's probability of improvement). It reads what a mean hides where the runs are
+    bimodal (ReLU2's: one at 85 %, the rest at 30-45 %). NaN when a side has no runs."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if min(len(a), len(b)) < 1:
+        return float("nan")
+    if paired:
+        return float(np.mean((a > b) + 0.5 * (a == b)))
+    x, y = a[:, None], b[None, :]
+    return float(np.mean((x > y) + 0.5 * (x == y)))
+
+
 def bootstrap_diff(a, b, paired: bool, confidence: float = 0.95, resamples: int = 4999,
                    seed: int = 0) -> np.ndarray:
     """Percentile bootstrap interval ``[2]`` for mean(a) - mean(b) (runs resampled in matched
@@ -234,8 +249,9 @@ def summarize(x) -> dict[str, float]:
 
 def pairwise(values: dict[str, np.ndarray], paired: bool) -> list[dict]:
     """Every pair of models: Student, Welch and (if ``paired``) paired t-tests with Cohen's d and
-    d_z, a rank test (Wilcoxon signed-rank if paired, else Mann-Whitney U) and a bootstrap
-    interval of the mean difference; Holm-adjusted p-values across all pairs, separately for
+    d_z, a rank test (Wilcoxon signed-rank if paired, else Mann-Whitney U), the probability of
+    improvement (``p_improve``, over the same runs) and a bootstrap interval of the mean
+    difference; Holm-adjusted p-values across all pairs, separately for
     each test.
 
     NaN marks a run without a result (it diverged): unpaired statistics leave it out, paired
@@ -253,9 +269,11 @@ def pairwise(values: dict[str, np.ndarray], paired: bool) -> list[dict]:
             row["n_pairs"] = int(both.sum())
             row["rank"] = rank_test(x[both], y[both], paired=True)
             row["bootstrap"] = bootstrap_diff(x[both], y[both], paired=True)
+            row["p_improve"] = probability_of_improvement(x[both], y[both], paired=True)
         else:
             row["rank"] = rank_test(xs, ys, paired=False)
             row["bootstrap"] = bootstrap_diff(xs, ys, paired=False)
+            row["p_improve"] = probability_of_improvement(xs, ys, paired=False)
         rows.append(row)
     for test in ("student", "welch", "paired", "rank"):
         have = [r for r in rows if test in r]
