@@ -158,3 +158,8 @@ def test_probability_of_improvement_by_hand_and_against_mann_whitney():
     (row,) = S.pairwise({"a": np.array([1.0, 2.0, np.nan, 3.0]), "b": np.array([2.0, 2.0, 0.0])},
                         paired=False)
     assert row["p_improve"] == pytest.approx(6 / 9)
+    # and so does compare's pair (claims.one_pair): matched runs where paired
+    from distrep.claims import one_pair
+    a, b = np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 0.0])
+    assert one_pair(a, b, paired=True)["p_improve"] == pytest.approx(0.5)
+    assert one_pair(a, b, paired=False)["p_improve"] == pytest.approx(6 / 9)
