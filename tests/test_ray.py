@@ -124,6 +124,9 @@ def test_ray_gives_the_local_results_bit_for_bit(tmp_path, mnist):
     assert config["device"] == session["device"] == session["chunks"][0]["device"]
     assert config["device"].endswith(", 1 threads") and local_session["device"].endswith(", 2 threads")
     assert "estimated time on a ray worker, one chunk after another" in r.stderr
+    # the same command again, the cluster gone: a finished experiment needs none (as before)
+    r = distrep(*SMALL, "--out", remote, "--executor", "ray", "--ray-address", "127.0.0.1:1")
+    assert r.returncode == 0 and "already finished; regenerating the report" in r.stderr, r.stderr
 
 
 # Four chunks of one run, each long enough (a few seconds on one thread) to be killed midway.

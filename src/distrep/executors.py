@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -97,24 +97,38 @@ class RayExecutor:
         """The cluster joined (or a local one started, and shut down at the end) for the calls
         within, and ``device`` resolved, checked and described by a worker with a chunk's
         resources, its answer lent to this process (:func:`distrep.provenance.lent_device`):
-        the sweep's checks, engine choice, memory plan and records are then the workers'."""
+        the sweep's checks, engine choice, memory plan and records are then the workers'.
+        Where the cluster cannot be joined but this process can use ``device`` itself, the
+        calls within go on with it: a finished experiment needs nothing more (its report is
+        rebuilt), and training tries to join again, and says why it cannot."""
         from distrep.provenance import lent_as, lent_device
         ray = _import_ray()
         if lent_as(device) and ray.is_initialized():      # within a session already (the CLI's)
             yield
             return
-        with self._joined(ray), lent_device(self._ask_worker(ray, device)):
+        stack = ExitStack()
+        try:
+            stack.enter_context(self._joined(ray))
+            joined = True
+        except DistrepError:
+            if not _usable_here(device):
+                raise
+            joined = False
+        with stack:
+            if joined:
+                stack.enter_context(lent_device(self._ask_worker(ray, device)))
             yield
 
     def time_chunk(self, work, data) -> float:
         """Seconds per run-epoch of ``work`` on a worker with a chunk's resources (in a
         :meth:`session`)."""
         ray = _import_ray()
-        task = ray.remote(_time_on_worker).options(**self._resources(ray, work.config.device))
-        try:
-            return ray.get(task.remote(work, data, self.cpus_per_chunk))
-        except ray.exceptions.RayError as e:
-            raise DistrepError(f"timing a chunk on a Ray worker failed: {_last_line(e)}") from None
+        with self._joined(ray):      # (Ray would start a local instance of its own)
+            task = ray.remote(_time_on_worker).options(**self._resources(ray, work.config.device))
+            try:
+                return ray.get(task.remote(work, data, self.cpus_per_chunk))
+            except ray.exceptions.RayError as e:
+                raise DistrepError(f"timing a chunk on a Ray worker failed: {_last_line(e)}") from None
 
     def run(self, works: list, data, finished: Callable, partial: Callable, advance: Callable,
             stop=None) -> None:
@@ -229,6 +243,15 @@ def _import_ray():
     except ImportError:
         raise DistrepError(RAY_MISSING) from None
     return ray
+
+
+def _usable_here(device: str) -> bool:
+    from distrep.provenance import resolve_device
+    try:
+        resolve_device(device)
+    except DistrepError:
+        return False
+    return True
 
 
 def _last_line(error: Exception) -> str:
