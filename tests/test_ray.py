@@ -260,6 +260,26 @@ def test_the_device_is_checked_on_a_worker_not_on_the_driver(tmp_path, mnist, cl
             "fp32 on cpu" in r.stdout and "estimated time on a ray worker" in r.stdout)
 
 
+def test_a_chunk_asks_for_a_gpu_for_cuda_and_for_auto_on_a_gpu_cluster():
+    """`auto` means CUDA where there is one: on a cluster with GPUs a chunk asks for one (else
+    Ray hides them from its task, which would then train on the CPU)."""
+    from distrep.executors import RayExecutor
+
+    class Cluster:
+        def __init__(self, **resources):
+            self.resources = resources
+
+        def cluster_resources(self):
+            return self.resources
+    gpu, cpu = Cluster(CPU=8, GPU=2), Cluster(CPU=8)
+    for device, on_gpus, on_cpus in (("cuda", 1, None), ("cuda:0", 1, None), ("auto", 1, 0), ("cpu", 0, 0)):
+        assert RayExecutor()._resources(gpu, device) == {"num_cpus": 1, "num_gpus": on_gpus}
+        if on_cpus is not None:
+            assert RayExecutor()._resources(cpu, device) == {"num_cpus": 1, "num_gpus": on_cpus}
+    assert RayExecutor(gpus_per_chunk=0.5, cpus_per_chunk=4)._resources(gpu, "auto") == {
+        "num_cpus": 4, "num_gpus": 0.5}
+
+
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
     from distrep.errors import DistrepError
     from distrep.executors import make_executor

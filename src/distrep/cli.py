@@ -257,7 +257,8 @@ def add_engine_arguments(parser, defaults: bool) -> None:
     cluster.add_argument("--cpus-per-chunk", type=positive_int, default=1, metavar="N",
                          help="CPUs a Ray chunk asks for and trains with (default 1)")
     cluster.add_argument("--gpus-per-chunk", type=non_negative_float, default=None, metavar="N",
-                         help="GPUs a Ray chunk asks for (default: 1 with --device cuda, else 0)")
+                         help="GPUs a Ray chunk asks for (default: 1 with --device cuda, and with "
+                              "--device auto on a cluster with GPUs; else 0)")
     cluster.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
                          help="a directory every Ray node sees: a retried chunk resumes from its "
                               "own checkpoint there")

@@ -83,7 +83,8 @@ class RayExecutor:
     """Each chunk a Ray task. ``address``: None starts a local Ray instance (shut down at the
     end), ``"auto"`` or ``"host:port"`` joins a running cluster. A chunk asks for
     ``cpus_per_chunk`` CPUs (and trains with that many threads) and ``gpus_per_chunk`` GPUs
-    (None: one when the sweep's device is CUDA, else none)."""
+    (None: one when the sweep's device is CUDA, or ``auto`` on a cluster with GPUs; else none:
+    Ray hides the GPUs from a task that asks for none)."""
 
     address: str | None = None
     cpus_per_chunk: int = 1
@@ -154,12 +155,14 @@ class RayExecutor:
                 ray.shutdown()
 
     def _resources(self, ray, device: str) -> dict:
-        """A chunk's Ray options (CPUs, GPUs: by default one for a CUDA device), checked against
-        the cluster's (else Ray would wait for them forever)."""
+        """A chunk's Ray options (CPUs, GPUs: by default one for a CUDA device, and for ``auto``
+        where the cluster has GPUs), checked against the cluster's (else Ray would wait for them
+        forever)."""
+        available = ray.cluster_resources()
         gpus = self.gpus_per_chunk
         if gpus is None:
-            gpus = 1 if device.startswith("cuda") else 0
-        available = ray.cluster_resources()
+            cuda = device.startswith("cuda") or (device == "auto" and available.get("GPU", 0) >= 1)
+            gpus = 1 if cuda else 0
         for what, need in (("CPU", self.cpus_per_chunk), ("GPU", gpus)):
             if need and available.get(what, 0) < need:
                 raise DistrepError(f"a chunk asks for {need:g} {what}(s) but the Ray cluster has "
