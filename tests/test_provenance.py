@@ -327,6 +327,15 @@ def test_claims_are_tested_across_experiments_made_under_one_protocol(tmp_path, 
         row = rows[v.claim.text]
         assert v.verdict in row and v.ours in row
     assert "not comparable" not in rows["OffsetL2 models beat every baseline, with less spread"]
+    # at an epoch: the claims on the test passes there, as each experiment's own reading
+    r = distrep("claims", a, b, "--at-epoch", 10)
+    assert r.returncode == 0 and r.stdout.startswith("# The paper's claims on the test accuracy at epoch 10 of")
+    at_10 = {**comparison_values(load_experiment(a), 10), **comparison_values(load_experiment(b), 10)}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    for v in claims.verdicts(at_10, True):
+        assert v.verdict in rows[v.claim.text] and v.ours in rows[v.claim.text]
+    assert any(v.ours != w.ours for v, w in zip(claims.verdicts(at_10, True), claims.verdicts(separately, True)))
+    assert_one_line_error(distrep("claims", a, b, "--at-epoch", 15), f"{a}: no test pass at epoch 15")
     assert_one_line_error(distrep("claims", a, sweep(tmp_path / "C", "Abs2", epochs=21)),
                           "differ in epochs (21 against 20)")
     assert_one_line_error(distrep("claims", a, a), "ReLU is in more than one")

@@ -183,19 +183,24 @@ POOLED_FIELDS = ("dataset", "preprocess", "train_subset", "epochs", "lr", "width
                  "runs", "paired", "base_seed")
 
 
-def pooled_values(directories) -> tuple[dict[str, np.ndarray], bool]:
+def pooled_values(directories, at_epoch: int | None = None) -> tuple[dict[str, np.ndarray], bool]:
     """Final test accuracies (%) per run of finished experiments made under one protocol, read
-    from their ``summary.csv``: ``({model: [runs]}, paired)``, NaN for a diverged run. For an
-    experiment split in parts (Table 1's models in one, Table 3's OffsetL2 models in another),
-    whose paired runs start from the same first-layer weights. A directory that is not a
-    finished experiment, a field of :data:`POOLED_FIELDS` (or the OffsetL2 form, between two
-    experiments with OffsetL2 models) that differs, or a model in two of them is refused in one
-    line (:class:`~distrep.errors.DistrepError`)."""
-    from distrep.experiment import final_accuracies
+    from their ``summary.csv``, or those at ``at_epoch`` (where an experiment still training is
+    read too: :func:`distrep.experiment.run_accuracies`): ``({model: [runs]}, paired)``, NaN for
+    a diverged run. For an experiment split in parts (Table 1's models in one, Table 3's OffsetL2
+    models in another), whose paired runs start from the same first-layer weights. A directory
+    that is not a finished experiment (or not read at an epoch it reached), a field of
+    :data:`POOLED_FIELDS` (or the OffsetL2 form, between two experiments with OffsetL2 models)
+    that differs, or a model in two of them is refused in one line
+    (:class:`~distrep.errors.DistrepError`)."""
+    import shlex
+    from distrep.experiment import run_accuracies
 
+    directories = [Path(d) for d in directories]
+    command = "distrep claims " + " ".join(shlex.quote(str(d)) for d in directories)
     values, first, form = {}, None, None
-    for directory in map(Path, directories):
-        fields, models = final_accuracies(directory)
+    for directory in directories:
+        fields, models = run_accuracies(directory, at_epoch, command)
         try:
             [fields[key] for key in POOLED_FIELDS + ("offsetl2_form",)]
         except (KeyError, TypeError) as e:

@@ -137,10 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "exist there): report-epoch-N.md/.html")
 
     claims = commands.add_parser(
-        "claims", help="the paper's claims tested on the runs of several finished experiments")
+        "claims", help="the paper's claims tested on the runs of several experiments")
     claims.add_argument("directories", type=Path, nargs="+", metavar="directory",
                         help="experiments under one protocol, each with its own models (e.g. "
                              "Table 1's and Table 3's OffsetL2 models, trained apart)")
+    claims.add_argument("--at-epoch", type=positive_int, default=None, metavar="N",
+                        help="on the test accuracy at epoch N (a test pass every experiment made, "
+                             "and every run reached), not of the final parameters")
 
     compare = commands.add_parser(
         "compare", help="the runs of several experiments side by side (a width, lr or dataset "
@@ -432,10 +435,11 @@ def cmd_report(args) -> None:
 def cmd_claims(args) -> None:
     from distrep.claims import pooled_values, verdicts
     from distrep.report import CLAIMS_NOTE, _md_table
-    values, paired = pooled_values(args.directories)
+    values, paired = pooled_values(args.directories, args.at_epoch)
     body = [[v.claim.text, v.claim.printed, v.ours, v.verdict + (f" ({v.why})" if v.why else "")]
             for v in verdicts(values, paired)]
-    print(f"# The paper's claims on the final test accuracy of {', '.join(values)} "
+    reading = "final test accuracy" if args.at_epoch is None else f"test accuracy at epoch {args.at_epoch:,}"
+    print(f"# The paper's claims on the {reading} of {', '.join(values)} "
           f"({'paired' if paired else 'unpaired'} runs of {', '.join(map(str, args.directories))})"
           f"\n\n{CLAIMS_NOTE}\n")
     print(_md_table(["the paper's claim", "the paper printed", "these runs", "verdict"], body))

@@ -65,12 +65,13 @@ def read_groups(directories, models: list[str] | None = None,
     ``directories``, as :class:`Group` s labelled by the settings their experiment does not share
     with all the others, with the test accuracy of their final parameters, or at epoch
     ``at_epoch`` (a test pass every experiment made; an unfinished one is read there:
-    :func:`read_runs`). A model none of them holds, or a directory given twice, is refused."""
+    :func:`distrep.experiment.run_accuracies`). A model none of them holds, or a directory given twice, is refused."""
+    from distrep.experiment import run_accuracies
     directories = [Path(d) for d in directories]
     if len({d.resolve() for d in directories}) < len(directories):
         raise DistrepError("an experiment directory is named twice")
     command = "distrep compare " + " ".join(shlex.quote(str(d)) for d in directories)
-    found = [(d, *read_runs(d, at_epoch, command)) for d in directories]
+    found = [(d, *run_accuracies(d, at_epoch, command)) for d in directories]
     varying = [key for key in SETTINGS if len({repr(f.get(key)) for _, f, _ in found}) > 1]
     wanted = None if models is None else [display_name(m) for m in models]
     if wanted is not None:
@@ -93,34 +94,6 @@ def read_groups(directories, models: list[str] | None = None,
     # the same model under the same settings in two experiments: tell them apart by directory
     return [replace(g, label=f"{g.label} [{g.directory}]") if labels.count(g.label) > 1 else g
             for g in groups]
-
-
-def read_runs(directory: Path, at_epoch: int | None,
-              command: str = "distrep compare ...") -> tuple[dict, dict[str, dict]]:
-    """An experiment's config fields and ``{model: {"spec", "seeds", "accuracy"}}``, accuracy
-    the test accuracy (%) per run of its final parameters
-    (:func:`distrep.experiment.final_accuracies`) or at ``at_epoch``, NaN for a run diverged by
-    then (:func:`distrep.report.accuracy_at`). At an epoch, an experiment still training (or
-    stopped) is read from its checkpoint, where every run has reached it; unfinished and read
-    at the end, or at an epoch without a test pass, it is refused in one line naming it (and
-    the epoch at which ``command`` would read it). ``fields["finished"]`` says which it was."""
-    from distrep.experiment import final_accuracies, require_experiment, run_state
-    from distrep.report import accuracy_at, check_reading, load_experiment
-    require_experiment(directory)
-    finished = run_state(directory).get("finished")
-    if at_epoch is None and finished:
-        fields, held = final_accuracies(directory)
-        return {**fields, "finished": True}, held
-    exp = load_experiment(directory)
-    check_reading(exp, directory, at_epoch, command)
-    if finished:
-        fields, held = final_accuracies(directory)      # (and its files checked)
-    else:
-        fields = exp["config"]["config"]
-        held = {m["name"]: {"spec": m["spec"], "seeds": tuple(m["seeds"])} for m in exp["config"]["models"]}
-    for name in held:
-        held[name]["accuracy"] = accuracy_at(exp["metrics"][name], at_epoch)
-    return {**fields, "finished": bool(finished)}, held
 
 
 def summary_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
