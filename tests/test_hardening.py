@@ -452,7 +452,7 @@ def test_20_analyze_refuses_before_analysing_what_its_report_could_not_read(fini
 
 
 def test_a_directory_that_holds_no_experiment_is_refused_by_what_it_holds(tmp_path, mnist):
-    """report, analyze and claims read experiments: given anything else, the one-line error
+    """report, analyze, claims and compare read experiments: given anything else, the one-line error
     says what is there instead (a `distrep train` run among them, whose own config.json
     read as 'no distrep config.json')."""
     run = tmp_path / "run"
@@ -467,8 +467,9 @@ def test_a_directory_that_holds_no_experiment_is_refused_by_what_it_holds(tmp_pa
                       ("absent", "no such directory"), ("empty", "no distrep config.json"),
                       ("foreign", "its config.json is not distrep's"),
                       ("unreadable", "its config.json is damaged")):
-        for command in ("report", "analyze", "claims"):
+        for command in ("report", "analyze", "claims", "compare"):
             assert_one_line_error(distrep(command, tmp_path / name), f"{name} holds no finished experiment ({why}")
+    assert_one_line_error(distrep("compare", run, "--at-epoch", 1), "claims and compare read what sweep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "foreign", "run", "unreadable"]
 
 

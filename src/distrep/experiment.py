@@ -251,8 +251,8 @@ def require_experiment(out: Path) -> None:
     else:
         why = {None: "no distrep config.json",
                "run": "it holds one run of `distrep train`, whose results are its result.json, "
-                      "metrics.npz and curves.png; report, analyze and claims read what sweep and "
-                      "reproduce write",
+                      "metrics.npz and curves.png; report, analyze, claims and compare read what "
+                      "sweep and reproduce write",
                "foreign": "its config.json is not distrep's",
                "unreadable": "its config.json is damaged"}[kind]
     raise DistrepError(f"{out} holds no finished experiment ({why})")
