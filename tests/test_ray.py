@@ -226,9 +226,11 @@ def test_ray_options_are_checked(tmp_path, mnist, cluster):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("distrep: error: a chunk asks for 3 CPU(s) but the "
                                                 "Ray cluster has 2; lower --cpus-per-chunk or add nodes")
-    r = distrep(*SMALL, "--out", tmp_path / "c", "--executor", "ray", "--ray-address", "127.0.0.1:1")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "cannot join the Ray cluster at '127.0.0.1:1': nothing answers there" in r.stderr
+    for device in ("cpu", "cuda"):     # usable here (training joins, and says why not) or not
+        r = distrep(*SMALL, "--out", tmp_path / "c", "--executor", "ray", "--ray-address",
+                    "127.0.0.1:1", "--device", device)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "cannot join the Ray cluster at '127.0.0.1:1': nothing answers there" in r.stderr
 
 
 def test_the_device_is_checked_on_a_worker_not_on_the_driver(tmp_path, mnist, cluster):
