@@ -13,6 +13,7 @@ or cannot be judged here (and why).
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,8 @@ class Verdict:
 
 def one_pair(a: np.ndarray, b: np.ndarray, paired: bool) -> dict:
     """Difference, t-test (paired or Welch), effect size, rank test, probability of improvement
-    and bootstrap interval of accuracies ``a``, ``b`` ``[runs]`` (NaN: diverged, left out; pairs with a NaN drop out)."""
+    and bootstrap interval of accuracies ``a``, ``b`` ``[runs]`` (NaN: diverged, left out; pairs
+    with a NaN drop out)."""
     if paired and len(a) == len(b):
         both = ~np.isnan(a) & ~np.isnan(b)
         a, b = a[both], b[both]
@@ -193,7 +195,6 @@ def pooled_values(directories, at_epoch: int | None = None) -> tuple[dict[str, n
     :data:`POOLED_FIELDS` (or the OffsetL2 form, between two experiments with OffsetL2 models)
     that differs, or a model in two of them is refused in one line
     (:class:`~distrep.errors.DistrepError`)."""
-    import shlex
     from distrep.experiment import run_accuracies
 
     directories = [Path(d) for d in directories]

@@ -438,7 +438,8 @@ def cmd_claims(args) -> None:
     values, paired = pooled_values(args.directories, args.at_epoch)
     body = [[v.claim.text, v.claim.printed, v.ours, v.verdict + (f" ({v.why})" if v.why else "")]
             for v in verdicts(values, paired)]
-    reading = "final test accuracy" if args.at_epoch is None else f"test accuracy at epoch {args.at_epoch:,}"
+    reading = ("final test accuracy" if args.at_epoch is None
+               else f"test accuracy at epoch {args.at_epoch:,}")
     print(f"# The paper's claims on the {reading} of {', '.join(values)} "
           f"({'paired' if paired else 'unpaired'} runs of {', '.join(map(str, args.directories))})"
           f"\n\n{CLAIMS_NOTE}\n")

@@ -65,7 +65,8 @@ def read_groups(directories, models: list[str] | None = None,
     ``directories``, as :class:`Group` s labelled by the settings their experiment does not share
     with all the others, with the test accuracy of their final parameters, or at epoch
     ``at_epoch`` (a test pass every experiment made; an unfinished one is read there:
-    :func:`distrep.experiment.run_accuracies`). A model none of them holds, or a directory given twice, is refused."""
+    :func:`distrep.experiment.run_accuracies`). A model none of them holds, or a directory
+    given twice, is refused."""
     from distrep.experiment import run_accuracies
     directories = [Path(d) for d in directories]
     if len({d.resolve() for d in directories}) < len(directories):

@@ -476,9 +476,8 @@ def final_accuracies(directory: str | os.PathLike) -> tuple[dict, dict[str, dict
 def run_accuracies(directory: str | os.PathLike, at_epoch: int | None = None,
                    command: str = "distrep ...") -> tuple[dict, dict[str, dict]]:
     """An experiment's config fields and ``{model: {"spec", "seeds", "accuracy"}}``, accuracy
-    the test accuracy (%) per run of its final parameters
-    (:func:`final_accuracies`) or at ``at_epoch``, NaN for a run diverged by
-    then (:func:`distrep.report.accuracy_at`). At an epoch, an experiment still training (or
+    the test accuracy (%) per run of its final parameters (:func:`final_accuracies`) or at
+    ``at_epoch``, NaN for a run diverged by then (:func:`distrep.report.accuracy_at`). At an epoch, an experiment still training (or
     stopped) is read from its checkpoint, where every run has reached it; unfinished and read
     at the end, or at an epoch without a test pass, it is refused in one line naming it (and
     the epoch at which ``command`` would read it). ``fields["finished"]`` says which it was."""
@@ -495,7 +494,8 @@ def run_accuracies(directory: str | os.PathLike, at_epoch: int | None = None,
         fields, held = final_accuracies(directory)      # (and its files checked)
     else:
         fields = exp["config"]["config"]
-        held = {m["name"]: {"spec": m["spec"], "seeds": tuple(m["seeds"])} for m in exp["config"]["models"]}
+        held = {m["name"]: {"spec": m["spec"], "seeds": tuple(m["seeds"])}
+                for m in exp["config"]["models"]}
     for name in held:
         held[name]["accuracy"] = accuracy_at(exp["metrics"][name], at_epoch)
     return {**fields, "finished": bool(finished)}, held
