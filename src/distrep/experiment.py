@@ -477,10 +477,11 @@ def run_accuracies(directory: str | os.PathLike, at_epoch: int | None = None,
                    command: str = "distrep ...") -> tuple[dict, dict[str, dict]]:
     """An experiment's config fields and ``{model: {"spec", "seeds", "accuracy"}}``, accuracy
     the test accuracy (%) per run of its final parameters (:func:`final_accuracies`) or at
-    ``at_epoch``, NaN for a run diverged by then (:func:`distrep.report.accuracy_at`). At an epoch, an experiment still training (or
-    stopped) is read from its checkpoint, where every run has reached it; unfinished and read
-    at the end, or at an epoch without a test pass, it is refused in one line naming it (and
-    the epoch at which ``command`` would read it). ``fields["finished"]`` says which it was."""
+    ``at_epoch``, NaN for a run diverged by then (:func:`distrep.report.accuracy_at`). At an
+    epoch, an experiment still training (or stopped) is read from its checkpoint, where every
+    run has reached it; unfinished and read at the end, or at an epoch without a test pass, it
+    is refused in one line naming it (and the epoch at which ``command`` would read it).
+    ``fields["finished"]`` says which it was."""
     from distrep.report import accuracy_at, check_reading, load_experiment
     directory = Path(directory)
     require_experiment(directory)

@@ -251,8 +251,7 @@ def pairwise(values: dict[str, np.ndarray], paired: bool) -> list[dict]:
     """Every pair of models: Student, Welch and (if ``paired``) paired t-tests with Cohen's d and
     d_z, a rank test (Wilcoxon signed-rank if paired, else Mann-Whitney U), the probability of
     improvement (``p_improve``, over the same runs) and a bootstrap interval of the mean
-    difference; Holm-adjusted p-values across all pairs, separately for
-    each test.
+    difference; Holm-adjusted p-values across all pairs, separately for each test.
 
     NaN marks a run without a result (it diverged): unpaired statistics leave it out, paired
     ones leave out its pair. ``n_a``, ``n_b`` and ``n_pairs`` say how many runs each used."""
