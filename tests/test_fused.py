@@ -313,8 +313,9 @@ def test_fp32_may_run_its_output_layer_in_three_tf32_passes(data, monkeypatch):
     step's gradients within 5e-6 relative of IEEE fp32's in every tensor (measured: at most
     3.4e-7), and 4 epochs as the hand-written fp32 step. fp32 takes no other value."""
     names = ["ReLU", "Abs2-Neg", "ReLU2-Neg-Bias", "linear+nobias-relu-linear+bias-neg", "ReLU-L2"]
+    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "ieee")
     ieee = one_step_gradients(data, names, "fp32")
-    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "3xtf32")
+    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "3xtf32")             # the default
     meta = {m: fused.kernel_constants(fused_layout(parse(m)), "paper", 128, 10, True, "fp32")
             for m in ("ReLU", "ReLU-L2")}
     assert (meta["ReLU"]["DOT"], meta["ReLU"]["SPLIT_DP"], meta["ReLU-L2"]["DOT"]) == (3, False, 0)
@@ -333,7 +334,9 @@ def test_3xtf32_is_the_fused_steps_and_splits_every_product():
         return fused.kernel_constants(layout, "paper", 128, 10, train, precision)
 
     assert meta("ReLU", "3xtf32")["DOT"] == meta("Abs2-Neg-Bias", "3xtf32")["DOT"] == 3
-    assert meta("ReLU", "fp32")["DOT"] == 0 and meta("ReLU-L2", "3xtf32")["DOT"] == 0   # direct
+    assert meta("ReLU-L2", "3xtf32")["DOT"] == 0                                         # direct
+    # fp32's output layer in three TF32 passes by default (HEAD_PRODUCTS), its dP whole
+    assert meta("ReLU", "fp32")["DOT"] == 3 and not meta("ReLU", "fp32")["SPLIT_DP"]
     assert meta("ReLU-L2", "3xtf32")["HEAD"] == 1 and meta("ReLU", "3xtf32")["ROUND"] == 0
     assert meta("ReLU", "3xtf32")["SPLIT_DP"] and meta("ReLU-L2", "3xtf32")["SPLIT_DP"]
     assert not meta("ReLU", "3xtf32", train=False)["SPLIT_DP"] and not meta("ReLU", "tf32")["SPLIT_DP"]
@@ -650,9 +653,9 @@ def test_config_json_records_how_the_kernel_computes_a_fused_models_output_layer
     assert describe_model(config, "ReLU-L2", cuda)["offsetl2_kernel"] == "direct"
     fp32 = replace(config, precision="fp32")
     assert describe_model(fp32, "ReLU-L2", cuda)["offsetl2_kernel"] == "direct"
+    assert describe_model(fp32, "ReLU", cuda)["head_products"] == "3xtf32"     # measured faster
+    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "ieee")
     assert describe_model(fp32, "ReLU", cuda)["head_products"] == "ieee"
-    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "3xtf32")
-    assert describe_model(fp32, "ReLU", cuda)["head_products"] == "3xtf32"
     on_cpu = describe_model(config, "ReLU-L2", torch.device("cpu"))
     assert on_cpu["engine_path"] == "hand-written" and "offsetl2_kernel" not in on_cpu
     assert "head_products" not in describe_model(config, "ReLU", torch.device("cpu"))
@@ -738,6 +741,7 @@ for kernel, model, precision, train in kernels:
 print("compiled", len(cases) + len(kernels))
 products = r"mma[.]sync[.]aligned[.]\\w+[.]row[.]col[.]f32[.](\\w+)"
 print("expanded bf16 products:", sorted(set(re.findall(products, ptx))))
+fused.HEAD_PRODUCTS["fp32"] = "ieee"                  # fp32's output layer in IEEE FMAs
 for precision in ("fp32", "3xtf32"):
     compile_for_gpu(parse("ReLU"), precision, False)                  # the test pass
     compile_for_gpu(parse("ReLU-L2"), precision, True)
@@ -754,6 +758,10 @@ for precision, model, train in itertools.product(fused.SHAPES, ("ReLU", "ReLU-L2
         over.append((precision, model, train, shared))
 exact = [compile_for_gpu(parse("ReLU", w), "fp32", True).metadata.shared == fused.shared_memory_bound(w, 10)
          for w in (20, 128, 256)]
+fused.HEAD_PRODUCTS["fp32"] = "3xtf32"                # and fp32's default, three TF32 passes
+over += [("fp32 3xtf32-head", model, train, shared) for model, train in itertools.product(("ReLU", "ReLU-L2"), (True, False))
+         if (shared := compile_for_gpu(parse(model, fused.MAX_WIDTH), "fp32", train).metadata.shared)
+         > fused.shared_memory_bound(fused.MAX_WIDTH, 10)]
 print("shared memory over the bound:", over, "fp32's to the byte:", exact)
 fused.MAX_REGISTERS["bf16"] = 128
 capped = compile_for_gpu(parse("ReLU2"), "bf16", True)
@@ -879,6 +887,8 @@ def test_shape_check_picks_the_fastest_shape_fused_tune_logged(monkeypatch, caps
     assert check.main() == 0 and "nothing to try" in capsys.readouterr().out
     # the benches first (the present kernel, the tried one, the tried one reading rows), then
     # the CUDA tests with every change, the three-pass test among them; the tables restored
+    # (the present kernel here: IEEE products, columns)
+    monkeypatch.setitem(fused.HEAD_PRODUCTS, "fp32", "ieee")
     calls = []
     monkeypatch.setattr(check, "run_bench", lambda *a, **k: calls.append(
         ("bench", fused.HEAD_PRODUCTS["fp32"], fused.GRADIENT_OPERAND["fp32"])))
